@@ -1,0 +1,80 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""overlay's fast path: VXLAN encapsulation, decapsulation and forwarding lookups in batches.
+
+The pipeline, one stage per function (the agent's IO shell moves the batches in and out):
+
+  TAP -> encap:   TAP reads fill FrameBatch slots at HEADROOM
+                  -> encap_batch: per frame, FDB lookup (VNI, dst MAC) -> VTEP, or the VNI's
+                     flood list for group/unknown MACs; VXLAN header written in front of the
+                     frame; UDP source port from the inner flow hash; one output per VTEP
+                  -> sendmmsg of the outputs (one buffer, many destinations when flooding)
+
+  UDP -> decap:   recvmmsg fills FrameBatch slots at HEADROOM - 8, with the source address
+                  -> decap_batch: receive rules (codec.pxi = overlay/wire.py), VNI served,
+                     inner VLAN policy; learning: source MAC seen from a new VTEP is queued
+                     for overlay/fdb.py (take_learned), one already known is marked (take_hits)
+                  -> TAP writes of the passing frames
+
+Files, assembled here by include like uvloop's: hashmap.pxi (the one hash table), codec.pxi
+(header and flow hash, the C copy of overlay/wire.py), table.pxi (ForwardingCore: VNIs, VTEPs,
+FDB and flood lists), batch.pxi (FrameBatch and the two stages). overlay/_fastpath.pyi types it.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy, memset
+
+cdef extern from "<stdlib.h>":
+    void* aligned_alloc(size_t alignment, size_t size) nogil
+
+cdef extern from *:
+    void __builtin_prefetch(const void* addr) noexcept nogil
+
+include "hashmap.pxi"
+include "codec.pxi"
+include "table.pxi"
+include "batch.pxi"
+
+HEADROOM_BYTES = HEADROOM
+TAILROOM_BYTES = TAILROOM
+DROP_REASONS = {
+    "TOO_SHORT": DROP_TOO_SHORT,
+    "NO_I_FLAG": DROP_NO_I_FLAG,
+    "INNER_TOO_SHORT": DROP_INNER_TOO_SHORT,
+    "UNKNOWN_VNI": DROP_UNKNOWN_VNI,
+    "INNER_VLAN": DROP_INNER_VLAN,
+    "NO_PEERS": DROP_NO_PEERS,
+    "OUT_OF_ROOM": DROP_OUT_OF_ROOM,
+}
+
+
+def encap(ForwardingCore core, FrameBatch batch, uint32_t vni, Py_ssize_t start=0, Py_ssize_t stop=-1):
+    """Encapsulate frames start..stop-1 (stop=-1: all slots); return the next slot to do.
+    The datagrams to send are ``batch.outputs()`` (or, in C, the out_* arrays)."""
+    if stop < 0:
+        stop = batch.slots
+    if not 0 <= start <= stop <= batch.slots:
+        raise IndexError(f"bad slot range {start}..{stop} for {batch.slots} slots")
+    cdef Py_ssize_t nxt
+    with nogil:
+        nxt = encap_batch(core, batch, vni, start, stop)
+    return nxt
+
+
+def decap(ForwardingCore core, FrameBatch batch, Py_ssize_t n=-1):
+    """Decapsulate the first n datagrams (n=-1: all slots); return how many passed."""
+    if n < 0:
+        n = batch.slots
+    if n > batch.slots:
+        raise IndexError(f"{n} datagrams for {batch.slots} slots")
+    cdef Py_ssize_t passed
+    with nogil:
+        passed = decap_batch(core, batch, n)
+    return passed
+
+
+def flow_source_port(const uint8_t[:] frame):
+    """wire.source_port, in C: for the differential tests."""
+    if frame.shape[0] < ETH_HLEN:
+        raise ValueError("a frame has at least 14 bytes")
+    return source_port(&frame[0], frame.shape[0])

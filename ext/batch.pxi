@@ -1,0 +1,210 @@
+# ---- batch.pxi: frame buffers and the two batch stages, encapsulate and decapsulate ----
+
+cdef enum:
+    HEADROOM = 64       # bytes in front of every frame: VXLAN (8) now, UDP/virtio headers later
+    TAILROOM = 24       # behind every frame: a later AEAD authentication trailer
+
+
+cdef class FrameBatch:
+    """A preallocated pool of ``slots`` buffers of ``slot_size`` bytes, and per-slot metadata.
+
+    Slot i: [ HEADROOM | frame (length[i] bytes) | ... | TAILROOM ]. The VXLAN header lives in
+    the 8 bytes just before the frame, so a datagram is received at HEADROOM - 8 (recvmmsg
+    iovecs point there) and a frame is read at HEADROOM (TAP reads point there); encapsulation
+    and decapsulation then only write or check those 8 bytes, the frame is never copied.
+    ``out_*`` list the datagrams encap produced: (slot, VTEP id, UDP source port), one per
+    destination, so a flooded frame is sent from one buffer to many VTEPs (sendmmsg entries).
+    """
+
+    cdef uint8_t* mem
+    cdef readonly Py_ssize_t slots, slot_size, out_capacity
+    cdef uint32_t* length       # frame length; before decap, the datagram length
+    cdef uint8_t* status        # per slot after a stage: 0 or an overlay.wire.Drop value
+    cdef uint32_t* vni          # per slot after decap
+    cdef uint32_t* src_ip       # per slot before decap: outer source IPv4 (host order)
+    cdef uint64_t* scratch      # per slot: hash of the lookup key, so lookups can prefetch
+    cdef uint16_t* out_slot
+    cdef uint32_t* out_vtep
+    cdef uint16_t* out_sport
+    cdef readonly Py_ssize_t n_out
+
+    def __cinit__(self, Py_ssize_t slots=64, Py_ssize_t slot_size=2048, Py_ssize_t out_capacity=0):
+        if slots < 1 or slots > 65535:
+            raise ValueError(f"slots must be 1..65535, got {slots}")
+        if slot_size < HEADROOM + MIN_DGRAM + TAILROOM or slot_size % 64:
+            raise ValueError(f"slot_size must be a multiple of 64 and at least 128, got {slot_size}")
+        self.slots = slots
+        self.slot_size = slot_size
+        self.out_capacity = out_capacity if out_capacity > 0 else max(slots * 4, 1024)
+        self.mem = <uint8_t*>aligned_alloc(64, slots * slot_size)
+        self.length = <uint32_t*>calloc(slots, sizeof(uint32_t))
+        self.status = <uint8_t*>calloc(slots, sizeof(uint8_t))
+        self.vni = <uint32_t*>calloc(slots, sizeof(uint32_t))
+        self.src_ip = <uint32_t*>calloc(slots, sizeof(uint32_t))
+        self.scratch = <uint64_t*>calloc(slots, sizeof(uint64_t))
+        self.out_slot = <uint16_t*>calloc(self.out_capacity, sizeof(uint16_t))
+        self.out_vtep = <uint32_t*>calloc(self.out_capacity, sizeof(uint32_t))
+        self.out_sport = <uint16_t*>calloc(self.out_capacity, sizeof(uint16_t))
+        if (self.mem == NULL or self.length == NULL or self.status == NULL or self.vni == NULL
+                or self.src_ip == NULL or self.scratch == NULL or self.out_slot == NULL
+                or self.out_vtep == NULL or self.out_sport == NULL):
+            raise MemoryError()
+        memset(self.mem, 0, slots * slot_size)
+
+    def __dealloc__(self):
+        free(self.mem); free(self.length); free(self.status); free(self.vni); free(self.src_ip)
+        free(self.scratch); free(self.out_slot); free(self.out_vtep); free(self.out_sport)
+
+    @property
+    def max_frame(self):
+        """The largest frame a slot holds."""
+        return self.slot_size - HEADROOM - TAILROOM
+
+    cdef inline uint8_t* frame_ptr(self, Py_ssize_t i) noexcept nogil:
+        return self.mem + i * self.slot_size + HEADROOM
+
+    cdef int check_slot(self, Py_ssize_t i) except -1:
+        if not 0 <= i < self.slots:
+            raise IndexError(f"slot {i} out of range 0..{self.slots - 1}")
+        return 0
+
+    # Python-level access: for tests, benchmarks and tools, never the per-packet path.
+
+    def put_frame(self, Py_ssize_t i, const uint8_t[:] frame):
+        """Place an inner Ethernet frame in slot i (as a TAP read would)."""
+        self.check_slot(i)
+        if frame.shape[0] > self.max_frame:
+            raise ValueError(f"frame of {frame.shape[0]} bytes exceeds the slot's {self.max_frame}")
+        if frame.shape[0]:
+            memcpy(self.frame_ptr(i), &frame[0], frame.shape[0])
+        self.length[i] = frame.shape[0]
+
+    def put_datagram(self, Py_ssize_t i, const uint8_t[:] datagram, uint32_t src_ip=0):
+        """Place a received UDP payload in slot i (as recvmmsg would), from ``src_ip``."""
+        self.check_slot(i)
+        if datagram.shape[0] > self.max_frame + VXLAN_HLEN:
+            raise ValueError(f"datagram of {datagram.shape[0]} bytes exceeds the slot")
+        if datagram.shape[0]:
+            memcpy(self.frame_ptr(i) - VXLAN_HLEN, &datagram[0], datagram.shape[0])
+        self.length[i] = datagram.shape[0]
+        self.src_ip[i] = src_ip
+
+    def frame(self, Py_ssize_t i):
+        """The inner frame of slot i (after decap: the decapsulated frame)."""
+        self.check_slot(i)
+        return (<char*>self.frame_ptr(i))[:self.length[i]]
+
+    def datagram(self, Py_ssize_t i):
+        """The VXLAN datagram of slot i (after encap: header + frame)."""
+        self.check_slot(i)
+        return (<char*>self.frame_ptr(i) - VXLAN_HLEN)[:self.length[i] + VXLAN_HLEN]
+
+    def result(self, Py_ssize_t i):
+        """(status, vni) of slot i after the last stage; status 0 or an overlay.wire.Drop."""
+        self.check_slot(i)
+        return self.status[i], self.vni[i]
+
+    def outputs(self):
+        """[(slot, VTEP id, UDP source port)] produced by the last encap."""
+        return [(self.out_slot[j], self.out_vtep[j], self.out_sport[j]) for j in range(self.n_out)]
+
+
+# ---- the stages ---------------------------------------------------------------------------
+
+
+cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
+                            Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    """Encapsulate frames start..stop-1 of ``b`` for ``vni``; return the next slot to do.
+
+    Per frame: look the destination MAC up ((vni, MAC) -> VTEP; group or unknown MACs go to
+    the VNI's flood list), write the VXLAN header in front, hash the flow to a source port,
+    and append one output per destination VTEP. Stops early (returning the first slot not
+    done) when the outputs are full; a frame whose fan-out alone exceeds them is dropped.
+    Two passes so that the table lookups of the batch are in flight together: the first
+    hashes every destination and prefetches its slot, the second does the lookups.
+    """
+    cdef Net* net = core.net_of(vni)
+    cdef Py_ssize_t i, j, n_out = 0
+    cdef uint8_t* f
+    cdef uint32_t fanout, vtep
+    cdef uint16_t sport
+    cdef Slot* s
+    b.n_out = 0
+    if net == NULL:
+        for i in range(start, stop):
+            b.status[i] = DROP_UNKNOWN_VNI
+        core.drop_counts[DROP_UNKNOWN_VNI] += stop - start
+        return stop
+    for i in range(start, stop):
+        f = b.frame_ptr(i)
+        if b.length[i] >= ETH_HLEN and not (f[0] & 1):
+            b.scratch[i] = hm_hash(mac48(f), vni + 1)
+            hm_prefetch(&core.fdb, b.scratch[i])
+    for i in range(start, stop):
+        f = b.frame_ptr(i)
+        b.vni[i] = vni
+        if b.length[i] < ETH_HLEN:
+            b.status[i] = DROP_INNER_TOO_SHORT
+            core.drop_counts[DROP_INNER_TOO_SHORT] += 1
+            continue
+        if not core.allow_vlan and is_vlan_ethertype(be16(f + 12)):
+            b.status[i] = DROP_INNER_VLAN
+            core.drop_counts[DROP_INNER_VLAN] += 1
+            continue
+        s = NULL if f[0] & 1 else hm_find_h(&core.fdb, mac48(f), vni + 1, b.scratch[i])
+        fanout = 1 if s != NULL else net.nflood
+        if fanout == 0:
+            b.status[i] = DROP_NO_PEERS
+            core.drop_counts[DROP_NO_PEERS] += 1
+            continue
+        if n_out + fanout > b.out_capacity:
+            if n_out == 0:
+                b.status[i] = DROP_OUT_OF_ROOM
+                core.drop_counts[DROP_OUT_OF_ROOM] += 1
+                continue
+            b.n_out = n_out
+            return i
+        write_header(f - VXLAN_HLEN, vni)
+        sport = source_port(f, b.length[i])
+        b.status[i] = OK
+        for j in range(fanout):
+            vtep = (s.value & VTEP_MASK) if s != NULL else net.flood[j]
+            b.out_slot[n_out] = <uint16_t>i
+            b.out_vtep[n_out] = vtep
+            b.out_sport[n_out] = sport
+            n_out += 1
+    b.n_out = n_out
+    return stop
+
+
+cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noexcept nogil:
+    """Decapsulate datagrams 0..n-1 of ``b`` in place; return how many passed.
+
+    Per datagram: the receive rules of overlay/wire.py in the same order (header, VNI, inner
+    VLAN), then learning (source MAC -> outer source address). A passing slot gets status 0,
+    its VNI, and length = the inner frame's length, with the frame at HEADROOM.
+    """
+    cdef Py_ssize_t i, passed = 0
+    cdef uint8_t* d
+    cdef uint8_t* f
+    cdef int st
+    cdef uint32_t vni
+    for i in range(n):
+        f = b.frame_ptr(i)
+        d = f - VXLAN_HLEN
+        st = check_header(d, b.length[i])
+        if st == OK:
+            vni = header_vni(d)
+            b.vni[i] = vni
+            if core.net_of(vni) == NULL:
+                st = DROP_UNKNOWN_VNI
+            elif not core.allow_vlan and is_vlan_ethertype(be16(f + 12)):
+                st = DROP_INNER_VLAN
+        b.status[i] = st
+        if st != OK:
+            core.drop_counts[st] += 1
+            continue
+        b.length[i] -= VXLAN_HLEN
+        core.note_source(vni, f, b.src_ip[i])
+        passed += 1
+    return passed

@@ -1,0 +1,236 @@
+# ---- table.pxi: the forwarding state the fast path reads: VNIs, VTEPs, FDB, flood lists ----
+#
+# overlay/fdb.py decides what goes in here (precedence, ageing, caps) and pushes each change
+# through ForwardingCore's fdb_set/fdb_delete/flood_set/vni_add/vni_remove. The batch loops in
+# batch.pxi only read it, with no Python call per packet. VTEPs are interned to small integer
+# ids so an FDB slot stays 16 bytes; an id is never reused while the core lives.
+
+cdef enum:
+    MAX_VTEPS = 1 << 20
+    LEARN_RING = 256
+cdef uint32_t HIT = 0x80000000u        # FDB value bit: a frame from this MAC came from its VTEP
+cdef uint32_t VTEP_MASK = 0x7FFFFFFFu
+
+cdef struct CVtep:
+    uint32_t ip          # IPv4, host byte order
+    uint16_t port
+
+cdef struct Net:
+    uint32_t vni
+    uint32_t nflood
+    uint32_t* flood      # VTEP ids that get broadcast, multicast and unknown unicast
+    bint used
+
+cdef struct Learned:
+    uint32_t vni
+    uint64_t mac
+    uint32_t ip
+
+
+cdef class ForwardingCore:
+    """The C tables behind the fast path. Keys: VNI (0..2^24-1), MAC (48-bit int), IPv4 as int."""
+
+    cdef HashMap fdb          # (mac, vni + 1) -> VTEP id | HIT
+    cdef HashMap vni_index    # (vni, 1) -> index into nets
+    cdef HashMap vtep_ids     # (ip << 16 | port, 1) -> VTEP id
+    cdef CVtep* vteps
+    cdef uint32_t n_vteps, cap_vteps
+    cdef Net* nets
+    cdef uint32_t n_nets
+    cdef readonly bint allow_vlan
+    cdef uint64_t drop_counts[N_DROP_REASONS]
+    cdef Learned learned[LEARN_RING]
+    cdef uint32_t n_learned
+    cdef readonly uint64_t learn_overflow
+
+    def __cinit__(self, Py_ssize_t capacity=1024, bint allow_vlan=False):
+        hm_init(&self.fdb, max(capacity, 16))
+        hm_init(&self.vni_index, 16)
+        hm_init(&self.vtep_ids, 16)
+        self.cap_vteps = 16
+        self.vteps = <CVtep*>calloc(self.cap_vteps, sizeof(CVtep))
+        self.nets = <Net*>calloc(1, sizeof(Net))
+        if self.vteps == NULL or self.nets == NULL:
+            raise MemoryError()
+        self.allow_vlan = allow_vlan
+        memset(self.drop_counts, 0, sizeof(self.drop_counts))
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        hm_free(&self.fdb)
+        hm_free(&self.vni_index)
+        hm_free(&self.vtep_ids)
+        if self.nets != NULL:
+            for i in range(self.n_nets):
+                free(self.nets[i].flood)
+        free(self.nets)
+        free(self.vteps)
+
+    # --- VNIs and flood lists -------------------------------------------------------------
+
+    cdef Net* net_of(self, uint32_t vni) noexcept nogil:
+        cdef Slot* s = hm_find(&self.vni_index, vni, 1)
+        return NULL if s == NULL else &self.nets[s.value]
+
+    def vni_add(self, uint32_t vni):
+        """Serve ``vni`` (idempotent): frames on it are no longer UNKNOWN_VNI drops."""
+        cdef uint32_t i
+        cdef Net* grown
+        if vni > 0xFFFFFF:
+            raise ValueError(f"VNI {vni} is out of range: 0 to 16777215")
+        if self.net_of(vni) != NULL:
+            return
+        for i in range(self.n_nets):
+            if not self.nets[i].used:
+                break
+        else:
+            grown = <Net*>realloc(self.nets, (self.n_nets + 1) * sizeof(Net))
+            if grown == NULL:
+                raise MemoryError()
+            self.nets = grown
+            i = self.n_nets
+            self.n_nets += 1
+        self.nets[i].vni = vni
+        self.nets[i].nflood = 0
+        self.nets[i].flood = NULL
+        self.nets[i].used = True
+        hm_set(&self.vni_index, vni, 1, i)
+
+    def vni_remove(self, uint32_t vni):
+        """Stop serving ``vni``. Its FDB entries must be deleted by the caller (fdb.py does)."""
+        cdef Net* net = self.net_of(vni)
+        if net == NULL:
+            return
+        free(net.flood)
+        net.flood = NULL
+        net.nflood = 0
+        net.used = False
+        hm_delete(&self.vni_index, vni, 1)
+
+    def flood_set(self, uint32_t vni, vteps):
+        """Replace the flood list of ``vni`` with ``vteps``: (ip, port) pairs."""
+        cdef Net* net = self.net_of(vni)
+        cdef list ids
+        cdef uint32_t* flood
+        cdef Py_ssize_t i
+        if net == NULL:
+            raise KeyError(f"VNI {vni} is not served; vni_add it first")
+        ids = [self.vtep_id(ip, port) for ip, port in vteps]
+        flood = <uint32_t*>malloc(max(len(ids), 1) * sizeof(uint32_t))
+        if flood == NULL:
+            raise MemoryError()
+        for i in range(len(ids)):
+            flood[i] = ids[i]
+        net = self.net_of(vni)   # vtep_id never moves nets, but stay obviously safe
+        free(net.flood)
+        net.flood = flood
+        net.nflood = len(ids)
+
+    def flood_get(self, uint32_t vni):
+        cdef Net* net = self.net_of(vni)
+        if net == NULL:
+            raise KeyError(f"VNI {vni} is not served")
+        return [self.vtep(net.flood[i]) for i in range(net.nflood)]
+
+    # --- VTEPs ----------------------------------------------------------------------------
+
+    cdef uint32_t vtep_id(self, uint32_t ip, uint16_t port) except? 0xFFFFFFFF:
+        cdef uint64_t key = (<uint64_t>ip << 16) | port
+        cdef Slot* s = hm_find(&self.vtep_ids, key, 1)
+        cdef CVtep* grown
+        if s != NULL:
+            return s.value
+        if self.n_vteps >= MAX_VTEPS:
+            raise OverflowError(f"more than {MAX_VTEPS} distinct VTEPs")
+        if self.n_vteps == self.cap_vteps:
+            grown = <CVtep*>realloc(self.vteps, self.cap_vteps * 2 * sizeof(CVtep))
+            if grown == NULL:
+                raise MemoryError()
+            self.vteps = grown
+            self.cap_vteps *= 2
+        self.vteps[self.n_vteps].ip = ip
+        self.vteps[self.n_vteps].port = port
+        hm_set(&self.vtep_ids, key, 1, self.n_vteps)
+        self.n_vteps += 1
+        return self.n_vteps - 1
+
+    def vtep(self, uint32_t vtep_id):
+        """(ip, port) of an interned VTEP id."""
+        if vtep_id >= self.n_vteps:
+            raise IndexError(f"no VTEP id {vtep_id}")
+        return (self.vteps[vtep_id].ip, self.vteps[vtep_id].port)
+
+    # --- FDB ------------------------------------------------------------------------------
+
+    def fdb_set(self, uint32_t vni, uint64_t mac, uint32_t ip, uint16_t port):
+        """(vni, mac) -> VTEP (ip, port). Insert or replace."""
+        if vni > 0xFFFFFF or mac >> 48:
+            raise ValueError("VNI must fit 24 bits and MAC 48 bits")
+        hm_set(&self.fdb, mac, vni + 1, self.vtep_id(ip, port))
+
+    def fdb_delete(self, uint32_t vni, uint64_t mac):
+        """Remove (vni, mac); True if it was there."""
+        return hm_delete(&self.fdb, mac, vni + 1)
+
+    def fdb_get(self, uint32_t vni, uint64_t mac):
+        """(ip, port) for (vni, mac), or None."""
+        cdef Slot* s = hm_find(&self.fdb, mac, vni + 1)
+        return None if s == NULL else self.vtep(s.value & VTEP_MASK)
+
+    def fdb_load(self, uint32_t vni, macs, uint32_t ip, uint16_t port):
+        """Bulk fdb_set of many MACs to one VTEP (benchmarks and resyncs)."""
+        cdef uint32_t vid = self.vtep_id(ip, port)
+        cdef uint64_t mac
+        for mac in macs:
+            hm_set(&self.fdb, mac, vni + 1, vid)
+
+    def __len__(self):
+        return self.fdb.count
+
+    # --- what the data path saw -----------------------------------------------------------
+
+    def drops(self):
+        """Drop counts indexed by overlay.wire.Drop value (index 0 unused)."""
+        return [self.drop_counts[i] for i in range(N_DROP_REASONS)]
+
+    def take_learned(self):
+        """(vni, mac, ip) of source MACs seen from a VTEP the table does not have them at,
+        since the last call; for fdb.ForwardingTable.learn. At most LEARN_RING per call."""
+        out = [(self.learned[i].vni, self.learned[i].mac, self.learned[i].ip)
+               for i in range(self.n_learned)]
+        self.n_learned = 0
+        return out
+
+    def take_hits(self):
+        """(vni, mac) of entries that frames came from since the last call; clears the marks.
+        For fdb.ForwardingTable.touch, so learned entries in use do not age out."""
+        cdef uint64_t i
+        cdef Slot* s
+        out = []
+        for i in range(self.fdb.mask + 1):
+            s = &self.fdb.slots[i]
+            if s.tag != 0 and s.value & HIT:
+                s.value &= VTEP_MASK
+                out.append((s.tag - 1, s.key))
+        return out
+
+    cdef inline void note_source(self, uint32_t vni, const uint8_t* frame, uint32_t ip) noexcept nogil:
+        """Learning on receive: mark a hit, or queue (vni, src MAC, ip) for fdb.py."""
+        cdef uint64_t mac = mac48(frame + 6)
+        cdef Slot* s
+        if mac == 0 or (frame[6] & 1):
+            return                      # group or null source MACs are never learned
+        s = hm_find(&self.fdb, mac, vni + 1)
+        if s != NULL and self.vteps[s.value & VTEP_MASK].ip == ip:
+            s.value |= HIT
+            return
+        if self.n_learned and self.learned[self.n_learned - 1].mac == mac \
+                and self.learned[self.n_learned - 1].vni == vni and self.learned[self.n_learned - 1].ip == ip:
+            return                      # a burst from one new MAC is queued once
+        if self.n_learned == LEARN_RING:
+            self.learn_overflow += 1
+            return
+        self.learned[self.n_learned].vni = vni
+        self.learned[self.n_learned].mac = mac
+        self.learned[self.n_learned].ip = ip
+        self.n_learned += 1
