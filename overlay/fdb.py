@@ -1,6 +1,7 @@
 """Forwarding table semantics: which VTEP a (VNI, MAC) lives behind, and who floods where.
 
-Pure: no IO, no clock (every call that needs time takes ``now``), no import of the fast path.
+Pure: no IO, no clock (every call that needs time takes ``now``, a monotonic clock reading in
+seconds that never goes back), no import of the fast path.
 The fast path looks entries up in a C table without calling Python per packet; this module
 decides what that table holds and pushes each change into it through a ``TableSink`` (the C
 table in the agent, a plain recorder in tests), so the two are always in step.
@@ -208,7 +209,9 @@ class ForwardingTable:
             del slot.claims[Source.LEARNED]  # authoritative data replaces what was learned
             net.learned.pop(mac, None)
         slot.claims[source] = vtep
-        return self._publish(vni, mac, before, slot.best())
+        after = slot.best()
+        outcome = self._publish(vni, mac, before, after)
+        return Outcome.SHADOWED if after is not None and after[0] > source else outcome
 
     def learn(self, vni: int, mac: int, vtep: Vtep, now: float) -> Outcome:
         """Frames from ``mac`` arrived from ``vtep``: learn or refresh it."""
