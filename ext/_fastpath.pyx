@@ -27,6 +27,10 @@ from libc.string cimport memcpy, memset
 cdef extern from "<stdlib.h>":
     void* aligned_alloc(size_t alignment, size_t size) nogil
 
+cdef extern from "<sys/mman.h>":
+    int madvise(void* addr, size_t length, int advice) nogil
+    int MADV_HUGEPAGE
+
 cdef extern from *:
     void __builtin_prefetch(const void* addr) noexcept nogil
 

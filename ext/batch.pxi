@@ -1,8 +1,14 @@
 # ---- batch.pxi: frame buffers and the two batch stages, encapsulate and decapsulate ----
 
 cdef enum:
-    HEADROOM = 64       # bytes in front of every frame: VXLAN (8) now, UDP/virtio headers later
+    # Bytes in front of every frame: the VXLAN header (8) in the last 8, so a datagram starts on
+    # a cache line and header + Ethernet + IPv4 + ports (8+14+20+4 bytes) share that one line;
+    # the 64 before it are for later headers (virtio-net, UDP for raw sends).
+    HEADROOM = 64 + 8
     TAILROOM = 24       # behind every frame: a later AEAD authentication trailer
+    # Table lookups of a batch run this many frames ahead of their use as prefetches: enough to
+    # keep several cache misses in flight, few enough that the CPU does not drop them.
+    PREFETCH_AHEAD = 16
 
 
 cdef class FrameBatch:
@@ -18,7 +24,8 @@ cdef class FrameBatch:
 
     cdef uint8_t* mem
     cdef readonly Py_ssize_t slots, slot_size, out_capacity
-    cdef uint32_t* length       # frame length; before decap, the datagram length
+    cdef uint32_t* length       # inner frame length (encap input, decap output)
+    cdef uint32_t* dgram_len    # received datagram length (decap input, as recvmmsg's msg_len)
     cdef uint8_t* status        # per slot after a stage: 0 or an overlay.wire.Drop value
     cdef uint32_t* vni          # per slot after decap
     cdef uint32_t* src_ip       # per slot before decap: outer source IPv4 (host order)
@@ -31,13 +38,14 @@ cdef class FrameBatch:
     def __cinit__(self, Py_ssize_t slots=64, Py_ssize_t slot_size=2048, Py_ssize_t out_capacity=0):
         if slots < 1 or slots > 65535:
             raise ValueError(f"slots must be 1..65535, got {slots}")
-        if slot_size < HEADROOM + MIN_DGRAM + TAILROOM or slot_size % 64:
+        if slot_size < 128 or slot_size % 64:
             raise ValueError(f"slot_size must be a multiple of 64 and at least 128, got {slot_size}")
         self.slots = slots
         self.slot_size = slot_size
         self.out_capacity = out_capacity if out_capacity > 0 else max(slots * 4, 1024)
         self.mem = <uint8_t*>aligned_alloc(64, slots * slot_size)
         self.length = <uint32_t*>calloc(slots, sizeof(uint32_t))
+        self.dgram_len = <uint32_t*>calloc(slots, sizeof(uint32_t))
         self.status = <uint8_t*>calloc(slots, sizeof(uint8_t))
         self.vni = <uint32_t*>calloc(slots, sizeof(uint32_t))
         self.src_ip = <uint32_t*>calloc(slots, sizeof(uint32_t))
@@ -45,14 +53,14 @@ cdef class FrameBatch:
         self.out_slot = <uint16_t*>calloc(self.out_capacity, sizeof(uint16_t))
         self.out_vtep = <uint32_t*>calloc(self.out_capacity, sizeof(uint32_t))
         self.out_sport = <uint16_t*>calloc(self.out_capacity, sizeof(uint16_t))
-        if (self.mem == NULL or self.length == NULL or self.status == NULL or self.vni == NULL
+        if (self.mem == NULL or self.length == NULL or self.dgram_len == NULL or self.status == NULL or self.vni == NULL
                 or self.src_ip == NULL or self.scratch == NULL or self.out_slot == NULL
                 or self.out_vtep == NULL or self.out_sport == NULL):
             raise MemoryError()
         memset(self.mem, 0, slots * slot_size)
 
     def __dealloc__(self):
-        free(self.mem); free(self.length); free(self.status); free(self.vni); free(self.src_ip)
+        free(self.mem); free(self.length); free(self.dgram_len); free(self.status); free(self.vni); free(self.src_ip)
         free(self.scratch); free(self.out_slot); free(self.out_vtep); free(self.out_sport)
 
     @property
@@ -86,8 +94,19 @@ cdef class FrameBatch:
             raise ValueError(f"datagram of {datagram.shape[0]} bytes exceeds the slot")
         if datagram.shape[0]:
             memcpy(self.frame_ptr(i) - VXLAN_HLEN, &datagram[0], datagram.shape[0])
-        self.length[i] = datagram.shape[0]
+        self.dgram_len[i] = datagram.shape[0]
+        self.length[i] = 0
         self.src_ip[i] = src_ip
+
+    def set_macs(self, const uint8_t[:] macs, Py_ssize_t where=0):
+        """Overwrite 6 bytes at ``where`` (0: destination MAC, 6: source MAC) of each frame
+        i < len(macs) // 6 with macs[6i:6i+6]: a benchmark gives every batch fresh
+        addresses this way, as new TAP reads would, without rebuilding the frames."""
+        cdef Py_ssize_t i, n = macs.shape[0] // 6
+        if n > self.slots or not 0 <= where <= 8:
+            raise ValueError("more MACs than slots, or where not in 0..8")
+        for i in range(n):
+            memcpy(self.frame_ptr(i) + where, &macs[6 * i], 6)
 
     def frame(self, Py_ssize_t i):
         """The inner frame of slot i (after decap: the decapsulated frame)."""
@@ -120,8 +139,8 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
     the VNI's flood list), write the VXLAN header in front, hash the flow to a source port,
     and append one output per destination VTEP. Stops early (returning the first slot not
     done) when the outputs are full; a frame whose fan-out alone exceeds them is dropped.
-    Two passes so that the table lookups of the batch are in flight together: the first
-    hashes every destination and prefetches its slot, the second does the lookups.
+    Two passes so that table lookups overlap their cache misses: the first hashes every
+    destination, the second looks each up while prefetching the slot PREFETCH_AHEAD frames on.
     """
     cdef Net* net = core.net_of(vni)
     cdef Py_ssize_t i, j, n_out = 0
@@ -137,10 +156,12 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
         return stop
     for i in range(start, stop):
         f = b.frame_ptr(i)
-        if b.length[i] >= ETH_HLEN and not (f[0] & 1):
-            b.scratch[i] = hm_hash(mac48(f), vni + 1)
+        b.scratch[i] = hm_hash(mac48(f), vni + 1)
+        if i < start + PREFETCH_AHEAD:
             hm_prefetch(&core.fdb, b.scratch[i])
     for i in range(start, stop):
+        if i + PREFETCH_AHEAD < stop:
+            hm_prefetch(&core.fdb, b.scratch[i + PREFETCH_AHEAD])
         f = b.frame_ptr(i)
         b.vni[i] = vni
         if b.length[i] < ETH_HLEN:
@@ -180,9 +201,10 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
 cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noexcept nogil:
     """Decapsulate datagrams 0..n-1 of ``b`` in place; return how many passed.
 
-    Per datagram: the receive rules of overlay/wire.py in the same order (header, VNI, inner
-    VLAN), then learning (source MAC -> outer source address). A passing slot gets status 0,
-    its VNI, and length = the inner frame's length, with the frame at HEADROOM.
+    Per datagram (dgram_len[i] bytes at HEADROOM - 8): the receive rules of overlay/wire.py in
+    the same order (header, VNI, inner VLAN), then learning (source MAC -> outer source
+    address). A passing slot gets status 0, its VNI, and length = the inner frame's length,
+    with the frame at HEADROOM. The input is not modified, so decap can run again on it.
     """
     cdef Py_ssize_t i, passed = 0
     cdef uint8_t* d
@@ -192,7 +214,7 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
     for i in range(n):
         f = b.frame_ptr(i)
         d = f - VXLAN_HLEN
-        st = check_header(d, b.length[i])
+        st = check_header(d, b.dgram_len[i])
         if st == OK:
             vni = header_vni(d)
             b.vni[i] = vni
@@ -204,7 +226,15 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
         if st != OK:
             core.drop_counts[st] += 1
             continue
-        b.length[i] -= VXLAN_HLEN
-        core.note_source(vni, f, b.src_ip[i])
+        b.length[i] = b.dgram_len[i] - VXLAN_HLEN
+        b.scratch[i] = hm_hash(mac48(f + 6), vni + 1)
+        if passed < PREFETCH_AHEAD:
+            hm_prefetch(&core.fdb, b.scratch[i])
         passed += 1
+    # Pass two, learning: source MAC lookups, each prefetched PREFETCH_AHEAD frames before.
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n and b.status[i + PREFETCH_AHEAD] == OK:
+            hm_prefetch(&core.fdb, b.scratch[i + PREFETCH_AHEAD])
+        if b.status[i] == OK:
+            core.note_source(b.vni[i], b.frame_ptr(i), b.src_ip[i], b.scratch[i])
     return passed

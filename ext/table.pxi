@@ -214,13 +214,15 @@ cdef class ForwardingCore:
                 out.append((s.tag - 1, s.key))
         return out
 
-    cdef inline void note_source(self, uint32_t vni, const uint8_t* frame, uint32_t ip) noexcept nogil:
-        """Learning on receive: mark a hit, or queue (vni, src MAC, ip) for fdb.py."""
+    cdef inline void note_source(self, uint32_t vni, const uint8_t* frame, uint32_t ip,
+                                 uint64_t h) noexcept nogil:
+        """Learning on receive: mark a hit, or queue (vni, src MAC, ip) for fdb.py.
+        ``h`` is hm_hash(src MAC, vni + 1), computed when the slot was prefetched."""
         cdef uint64_t mac = mac48(frame + 6)
         cdef Slot* s
         if mac == 0 or (frame[6] & 1):
             return                      # group or null source MACs are never learned
-        s = hm_find(&self.fdb, mac, vni + 1)
+        s = hm_find_h(&self.fdb, mac, vni + 1, h)
         if s != NULL and self.vteps[s.value & VTEP_MASK].ip == ip:
             s.value |= HIT
             return
