@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 extension = Extension(
     "overlay._fastpath",
     sources=["ext/_fastpath.pyx"],
-    depends=["ext/hashmap.pxi", "ext/codec.pxi", "ext/table.pxi", "ext/batch.pxi"],
+    depends=["ext/hashmap.pxi", "ext/codec.pxi", "ext/table.pxi", "ext/syscalls.pxi", "ext/batch.pxi", "ext/io.pxi"],
     extra_compile_args=["-O3"],
 )
 

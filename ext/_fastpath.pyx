@@ -17,7 +17,8 @@ The pipeline, one stage per function (the agent's IO shell moves the batches in 
 
 Files, assembled here by include like uvloop's: hashmap.pxi (the one hash table), codec.pxi
 (header and flow hash, the C copy of overlay/wire.py), table.pxi (ForwardingCore: VNIs, VTEPs,
-FDB and flood lists), batch.pxi (FrameBatch and the two stages). overlay/_fastpath.pyi types it.
+FDB and flood lists), syscalls.pxi (recvmmsg/sendmmsg declarations), batch.pxi (FrameBatch and the two stages), io.pxi (the pumps: TAP reads,
+sendmmsg, recvmmsg, TAP writes). overlay/_fastpath.pyi types it.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -37,7 +38,9 @@ cdef extern from *:
 include "hashmap.pxi"
 include "codec.pxi"
 include "table.pxi"
+include "syscalls.pxi"
 include "batch.pxi"
+include "io.pxi"
 
 HEADROOM_BYTES = HEADROOM
 TAILROOM_BYTES = TAILROOM
@@ -49,6 +52,11 @@ DROP_REASONS = {
     "INNER_VLAN": DROP_INNER_VLAN,
     "NO_PEERS": DROP_NO_PEERS,
     "OUT_OF_ROOM": DROP_OUT_OF_ROOM,
+    "NOT_MEMBER": DROP_NOT_MEMBER,
+    "TOO_BIG": DROP_TOO_BIG,
+    "TX_ERROR": DROP_TX_ERROR,
+    "TAP_WRITE": DROP_TAP_WRITE,
+    "OVERSIZE": DROP_OVERSIZE,
 }
 
 
@@ -82,3 +90,22 @@ def flow_source_port(const uint8_t[:] frame):
     if frame.shape[0] < ETH_HLEN:
         raise ValueError("a frame has at least 14 bytes")
     return source_port(&frame[0], frame.shape[0])
+
+
+def pump_tx(ForwardingCore core, FrameBatch batch, uint32_t vni, int tap_fd, int raw_fd,
+            Py_ssize_t budget=256):
+    """TAP -> encap -> sendmmsg on the raw socket, until the TAP is drained or ``budget``
+    frames were read; return the number of frames read. Drops are counted in ``core``."""
+    cdef Py_ssize_t n
+    with nogil:
+        n = pump_tap_to_udp(core, batch, vni, tap_fd, raw_fd, budget)
+    return n
+
+
+def pump_rx(ForwardingCore core, FrameBatch batch, int udp_fd, int tap_fd, Py_ssize_t budget=256):
+    """recvmmsg -> decap -> TAP writes, until the socket is drained or ``budget`` datagrams
+    were read; return the number read. Learned sources wait in ``core.take_learned()``."""
+    cdef Py_ssize_t n
+    with nogil:
+        n = pump_udp_to_tap(core, batch, udp_fd, tap_fd, budget)
+    return n

@@ -29,11 +29,15 @@ cdef class FrameBatch:
     cdef uint8_t* status        # per slot after a stage: 0 or an overlay.wire.Drop value
     cdef uint32_t* vni          # per slot after decap
     cdef uint32_t* src_ip       # per slot before decap: outer source IPv4 (host order)
+    cdef uint8_t* truncated     # per slot before decap: larger than the slot (MSG_TRUNC)
     cdef uint64_t* scratch      # per slot: hash of the lookup key, so lookups can prefetch
     cdef uint16_t* out_slot
     cdef uint32_t* out_vtep
     cdef uint16_t* out_sport
     cdef readonly Py_ssize_t n_out
+    cdef Py_ssize_t max_frame_c
+    cdef IoArrays rx            # recvmmsg headers, one per slot
+    cdef IoArrays tx            # sendmmsg headers, one per output
 
     def __cinit__(self, Py_ssize_t slots=64, Py_ssize_t slot_size=2048, Py_ssize_t out_capacity=0):
         if slots < 1 or slots > 65535:
@@ -49,12 +53,16 @@ cdef class FrameBatch:
         self.status = <uint8_t*>calloc(slots, sizeof(uint8_t))
         self.vni = <uint32_t*>calloc(slots, sizeof(uint32_t))
         self.src_ip = <uint32_t*>calloc(slots, sizeof(uint32_t))
+        self.truncated = <uint8_t*>calloc(slots, sizeof(uint8_t))
+        self.max_frame_c = slot_size - HEADROOM - TAILROOM
+        io_init(&self.rx, slots)
+        io_init(&self.tx, self.out_capacity)
         self.scratch = <uint64_t*>calloc(slots, sizeof(uint64_t))
         self.out_slot = <uint16_t*>calloc(self.out_capacity, sizeof(uint16_t))
         self.out_vtep = <uint32_t*>calloc(self.out_capacity, sizeof(uint32_t))
         self.out_sport = <uint16_t*>calloc(self.out_capacity, sizeof(uint16_t))
         if (self.mem == NULL or self.length == NULL or self.dgram_len == NULL or self.status == NULL or self.vni == NULL
-                or self.src_ip == NULL or self.scratch == NULL or self.out_slot == NULL
+                or self.src_ip == NULL or self.truncated == NULL or self.scratch == NULL or self.out_slot == NULL
                 or self.out_vtep == NULL or self.out_sport == NULL):
             raise MemoryError()
         memset(self.mem, 0, slots * slot_size)
@@ -62,6 +70,9 @@ cdef class FrameBatch:
     def __dealloc__(self):
         free(self.mem); free(self.length); free(self.dgram_len); free(self.status); free(self.vni); free(self.src_ip)
         free(self.scratch); free(self.out_slot); free(self.out_vtep); free(self.out_sport)
+        free(self.truncated)
+        io_free(&self.rx)
+        io_free(&self.tx)
 
     @property
     def max_frame(self):
@@ -95,6 +106,7 @@ cdef class FrameBatch:
         if datagram.shape[0]:
             memcpy(self.frame_ptr(i) - VXLAN_HLEN, &datagram[0], datagram.shape[0])
         self.dgram_len[i] = datagram.shape[0]
+        self.truncated[i] = 0
         self.length[i] = 0
         self.src_ip[i] = src_ip
 
@@ -202,8 +214,8 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
     """Decapsulate datagrams 0..n-1 of ``b`` in place; return how many passed.
 
     Per datagram (dgram_len[i] bytes at HEADROOM - 8): the receive rules of overlay/wire.py in
-    the same order (header, VNI, inner VLAN), then learning (source MAC -> outer source
-    address). A passing slot gets status 0, its VNI, and length = the inner frame's length,
+    the same order (header, VNI, inner VLAN), the source check (NOT_MEMBER, when on), then
+    learning (source MAC -> outer source address). A passing slot gets status 0, its VNI, and length = the inner frame's length,
     with the frame at HEADROOM. The input is not modified, so decap can run again on it.
     """
     cdef Py_ssize_t i, passed = 0
@@ -211,10 +223,11 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
     cdef uint8_t* f
     cdef int st
     cdef uint32_t vni
+    cdef CVtep* peer = NULL
     for i in range(n):
         f = b.frame_ptr(i)
         d = f - VXLAN_HLEN
-        st = check_header(d, b.dgram_len[i])
+        st = DROP_OVERSIZE if b.truncated[i] else check_header(d, b.dgram_len[i])
         if st == OK:
             vni = header_vni(d)
             b.vni[i] = vni
@@ -222,11 +235,18 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
                 st = DROP_UNKNOWN_VNI
             elif not core.allow_vlan and is_vlan_ethertype(be16(f + 12)):
                 st = DROP_INNER_VLAN
+            else:
+                peer = core.member(b.src_ip[i], vni)
+                if peer == NULL and core.source_check:
+                    st = DROP_NOT_MEMBER
         b.status[i] = st
         if st != OK:
             core.drop_counts[st] += 1
             continue
         b.length[i] = b.dgram_len[i] - VXLAN_HLEN
+        if peer != NULL:
+            peer.rx_frames += 1
+            peer.rx_bytes += b.length[i]
         b.scratch[i] = hm_hash(mac48(f + 6), vni + 1)
         if passed < PREFETCH_AHEAD:
             hm_prefetch(&core.fdb, b.scratch[i])

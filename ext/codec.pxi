@@ -22,7 +22,12 @@ cdef enum:
     DROP_INNER_VLAN = 5
     DROP_NO_PEERS = 6
     DROP_OUT_OF_ROOM = 7
-    N_DROP_REASONS = 8
+    DROP_NOT_MEMBER = 8
+    DROP_TOO_BIG = 9
+    DROP_TX_ERROR = 10
+    DROP_TAP_WRITE = 11
+    DROP_OVERSIZE = 12
+    N_DROP_REASONS = 13
 
 
 cdef inline uint32_t be16(const uint8_t* p) noexcept nogil:

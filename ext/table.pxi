@@ -14,6 +14,7 @@ cdef uint32_t VTEP_MASK = 0x7FFFFFFFu
 cdef struct CVtep:
     uint32_t ip          # IPv4, host byte order
     uint16_t port
+    uint64_t rx_frames, rx_bytes, tx_frames, tx_bytes   # inner frames and their bytes
 
 cdef struct Net:
     uint32_t vni
@@ -33,20 +34,24 @@ cdef class ForwardingCore:
     cdef HashMap fdb          # (mac, vni + 1) -> VTEP id | HIT
     cdef HashMap vni_index    # (vni, 1) -> index into nets
     cdef HashMap vtep_ids     # (ip << 16 | port, 1) -> VTEP id
+    cdef HashMap members      # (ip, vni + 1) -> VTEP id, for every VTEP on a VNI's flood list
     cdef CVtep* vteps
     cdef uint32_t n_vteps, cap_vteps
     cdef Net* nets
     cdef uint32_t n_nets
     cdef readonly bint allow_vlan
+    cdef public bint source_check   # drop datagrams whose source is not a member of the VNI
     cdef uint64_t drop_counts[N_DROP_REASONS]
     cdef Learned learned[LEARN_RING]
     cdef uint32_t n_learned
     cdef readonly uint64_t learn_overflow
 
-    def __cinit__(self, Py_ssize_t capacity=1024, bint allow_vlan=False):
+    def __cinit__(self, Py_ssize_t capacity=1024, bint allow_vlan=False, bint source_check=False):
         hm_init(&self.fdb, max(capacity, 16))
         hm_init(&self.vni_index, 16)
         hm_init(&self.vtep_ids, 16)
+        hm_init(&self.members, 16)
+        self.source_check = source_check
         self.cap_vteps = 16
         self.vteps = <CVtep*>calloc(self.cap_vteps, sizeof(CVtep))
         self.nets = <Net*>calloc(1, sizeof(Net))
@@ -60,6 +65,7 @@ cdef class ForwardingCore:
         hm_free(&self.fdb)
         hm_free(&self.vni_index)
         hm_free(&self.vtep_ids)
+        hm_free(&self.members)
         if self.nets != NULL:
             for i in range(self.n_nets):
                 free(self.nets[i].flood)
@@ -101,6 +107,8 @@ cdef class ForwardingCore:
         cdef Net* net = self.net_of(vni)
         if net == NULL:
             return
+        self.flood_set(vni, [])
+        net = self.net_of(vni)
         free(net.flood)
         net.flood = NULL
         net.nflood = 0
@@ -122,9 +130,13 @@ cdef class ForwardingCore:
         for i in range(len(ids)):
             flood[i] = ids[i]
         net = self.net_of(vni)   # vtep_id never moves nets, but stay obviously safe
+        for i in range(net.nflood):
+            hm_delete(&self.members, self.vteps[net.flood[i]].ip, vni + 1)
         free(net.flood)
         net.flood = flood
         net.nflood = len(ids)
+        for i in range(net.nflood):
+            hm_set(&self.members, self.vteps[flood[i]].ip, vni + 1, flood[i])
 
     def flood_get(self, uint32_t vni):
         cdef Net* net = self.net_of(vni)
@@ -148,6 +160,7 @@ cdef class ForwardingCore:
                 raise MemoryError()
             self.vteps = grown
             self.cap_vteps *= 2
+        memset(&self.vteps[self.n_vteps], 0, sizeof(CVtep))
         self.vteps[self.n_vteps].ip = ip
         self.vteps[self.n_vteps].port = port
         hm_set(&self.vtep_ids, key, 1, self.n_vteps)
@@ -188,6 +201,16 @@ cdef class ForwardingCore:
         return self.fdb.count
 
     # --- what the data path saw -----------------------------------------------------------
+
+    def vtep_stats(self):
+        """[(ip, port, rx_frames, rx_bytes, tx_frames, tx_bytes)] for every VTEP ever used."""
+        return [(v.ip, v.port, v.rx_frames, v.rx_bytes, v.tx_frames, v.tx_bytes)
+                for v in self.vteps[:self.n_vteps]]
+
+    cdef inline CVtep* member(self, uint32_t ip, uint32_t vni) noexcept nogil:
+        """The VTEP at ``ip`` on the flood list of ``vni``, or NULL."""
+        cdef Slot* s = hm_find(&self.members, ip, vni + 1)
+        return NULL if s == NULL else &self.vteps[s.value]
 
     def drops(self):
         """Drop counts indexed by overlay.wire.Drop value (index 0 unused)."""

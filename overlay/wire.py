@@ -71,7 +71,13 @@ class Drop(enum.IntEnum):
     UNKNOWN_VNI = 4  # a VNI this host does not serve
     INNER_VLAN = 5  # VLAN-tagged inner frame while VLAN passthrough is off
     NO_PEERS = 6  # encap: the frame must flood but the VNI has no other VTEP
-    OUT_OF_ROOM = 7  # encap: frame larger than a buffer slot
+    OUT_OF_ROOM = 7  # encap: a flood fan-out larger than the batch's output array
+    # Beyond the wire rules, the data path adds:
+    NOT_MEMBER = 8  # source check: the outer source is not a VTEP of the VNI
+    TOO_BIG = 9  # send: the datagram exceeds the underlay path MTU (EMSGSIZE; never fragmented)
+    TX_ERROR = 10  # send: any other error of the UDP send (no route, buffer full, ...)
+    TAP_WRITE = 11  # receive: the TAP refused the frame
+    OVERSIZE = 12  # receive: datagram larger than a buffer slot (truncated, so dropped)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,97 @@
+"""The fast path's pumps on real kernel sockets: loopback UDP, a raw socket, and a SEQPACKET
+socket pair standing in for the TAP (it keeps frame boundaries like a TAP; the real TAP is
+exercised by the lab tests). Needs root for the raw socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from overlay import wire
+from overlay.fastpath import load
+from overlay.wire import Drop
+
+fp = load()
+LOOPBACK = 0x7F000001
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need root")
+
+FRAME = bytes.fromhex("020000000002 020000000001 0800") + bytes.fromhex(
+    "4500001c000140004011000 0c6130001c6130002".replace(" ", "")) + bytes.fromhex("13881389000800000000") + bytes(20)
+
+
+@pytest.fixture
+def sockets():
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    tap_agent, tap_kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap_agent.setblocking(False)
+    yield udp, raw, tap_agent, tap_kernel
+    for s in (udp, raw, tap_agent, tap_kernel):
+        s.close()
+
+
+def test_tap_frames_leave_as_vxlan_from_their_flow_port(sockets) -> None:
+    udp, raw, tap_agent, tap_kernel = sockets
+    port = udp.getsockname()[1]
+    core = fp.ForwardingCore()
+    core.vni_add(42)
+    core.flood_set(42, [(LOOPBACK, port)])
+    tap_kernel.send(FRAME)
+    tap_kernel.send(b"\xff" * 6 + FRAME[6:])
+    assert fp.pump_tx(core, fp.FrameBatch(8), 42, tap_agent.fileno(), raw.fileno()) == 2
+    udp.setblocking(True)
+    udp.settimeout(5)
+    received = [udp.recvfrom(4096) for _ in range(2)]
+    assert [d for d, _ in received] == [wire.encode(42, FRAME), wire.encode(42, b"\xff" * 6 + FRAME[6:])]
+    assert received[0][1][1] == wire.source_port(FRAME)
+    assert core.vtep_stats()[0][4:] == (2, 2 * len(FRAME))  # tx frames, bytes
+
+
+def test_datagrams_reach_the_tap_and_every_kind_of_junk_is_counted(sockets) -> None:
+    udp, _, tap_agent, tap_kernel = sockets
+    core = fp.ForwardingCore(source_check=True)
+    core.vni_add(42)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.1", 0))
+    core.flood_set(42, [(LOOPBACK, 4789)])
+    batch = fp.FrameBatch(8, slot_size=256)  # small slots, so a big datagram is OVERSIZE
+    for junk in (os.urandom(5), b"\x00" * 30, wire.encode(43, FRAME), wire.encode(42, FRAME) + bytes(300)):
+        sender.sendto(junk, udp.getsockname())
+    sender.sendto(wire.encode(42, FRAME), udp.getsockname())
+    assert fp.pump_rx(core, batch, udp.fileno(), tap_agent.fileno()) == 5
+    assert tap_kernel.recv(4096) == FRAME
+    drops = core.drops()
+    assert [drops[d] for d in (Drop.TOO_SHORT, Drop.NO_I_FLAG, Drop.UNKNOWN_VNI, Drop.OVERSIZE)] == [1, 1, 1, 1]
+    assert core.take_learned() == [(42, 0x020000000001, LOOPBACK)]
+    stats = core.vtep_stats()[0]
+    assert stats[2:4] == (1, len(FRAME))  # rx frames, bytes from the member VTEP
+    sender.close()
+
+
+def test_a_refused_tap_write_is_counted(sockets) -> None:
+    udp, _, tap_agent, tap_kernel = sockets
+    core = fp.ForwardingCore()
+    core.vni_add(42)
+    tap_kernel.close()  # writes to the "TAP" now fail (EPIPE)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.sendto(wire.encode(42, FRAME), udp.getsockname())
+    fp.pump_rx(core, fp.FrameBatch(4), udp.fileno(), tap_agent.fileno())
+    assert core.drops()[Drop.TAP_WRITE] == 1
+    sender.close()
+
+
+def test_send_errors_are_counted_not_raised(sockets) -> None:
+    _, raw, tap_agent, tap_kernel = sockets
+    core = fp.ForwardingCore()
+    core.vni_add(42)
+    core.flood_set(42, [(LOOPBACK, 4789)])
+    tap_kernel.send(FRAME)
+    raw_closed = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    fd = raw_closed.detach()
+    os.close(fd)  # a dead descriptor: EBADF on send
+    fp.pump_tx(core, fp.FrameBatch(4), 42, tap_agent.fileno(), fd)
+    assert core.drops()[Drop.TX_ERROR] == 1
