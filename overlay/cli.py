@@ -1,11 +1,15 @@
-"""The ``overlay`` command. Subcommands arrive with their issues; each is a small function here
-that parses flags, calls into the package, and turns expected failures into one-line errors."""
+"""The ``overlay`` command. Each subcommand is a small function here that parses flags, calls
+into the package, and turns expected failures into one-line errors (exit status 1 for a
+failure at run time, 2 for bad input), never a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from overlay import __version__
 from overlay.fastpath import FastPathMissing, load
@@ -13,6 +17,192 @@ from overlay.fastpath import FastPathMissing, load
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit status 2, no traceback."""
+
+
+class RunError(Exception):
+    """Something failed at run time (a device, a socket, a missing agent): one line, exit 1."""
+
+
+# --- overlay agent --------------------------------------------------------------------------
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from overlay import agent, config
+
+    settings: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise UserError(f"--config {path}: {e.strerror}") from None
+        settings.update(config.parse_toml(text, str(path)))
+    for key in config.KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    cfg = config.build(settings)
+    load()
+    try:
+        agent.run(cfg)
+    except agent.AgentError as e:
+        raise RunError(str(e)) from None
+    return 0
+
+
+def add_agent(sub: Any) -> None:
+    p = sub.add_parser(
+        "agent",
+        help="run the overlay agent in the foreground",
+        description=(
+            "Run the overlay agent: create a TAP, carry its frames to the peers over VXLAN "
+            "(UDP) and theirs back. Static mode: the peers are given here. Stops cleanly on "
+            "SIGINT/SIGTERM, removing the TAP."
+        ),
+        epilog=(
+            "example: overlay agent --vni 42 --local 198.18.0.1 --peer 198.18.0.2 "
+            "--peer 198.18.0.3 --tap ovl0 --address 198.19.0.1/24\n"
+            "Every flag can also be a key of the --config TOML file (peer = [\"198.18.0.2\"]); "
+            "flags override the file."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML file with the same keys as the flags")
+    p.add_argument("--vni", help="VXLAN network identifier, 0-16777215 (required)")
+    p.add_argument("--local", metavar="IP", help="this host's underlay IPv4 address, the VTEP address (required)")
+    p.add_argument("--peer", metavar="IP", action="append", help="another host's VTEP address; repeat for each peer")
+    p.add_argument("--tap", help="TAP device name (default ovl0)")
+    p.add_argument("--address", metavar="IP/LEN", help="IPv4 address with prefix for the TAP, e.g. 198.19.0.1/24")
+    p.add_argument("--port", help="VXLAN UDP port, to listen on and send to (default 4789; Linux's old default is 8472)")
+    p.add_argument("--mtu", help="TAP MTU (default: the underlay interface's MTU minus 50)")
+    p.add_argument("--mac", help="TAP MAC address, e.g. 02:00:00:00:00:01 (default: random)")
+    p.add_argument("--no-source-check", dest="source_check", action="store_const", const=False,
+                   help="accept datagrams from any address, not only the peers")
+    p.add_argument("--allow-vlan", dest="allow_vlan", action="store_const", const=True,
+                   help="carry VLAN-tagged inner frames (RFC 7348 section 6.1 says drop them by default)")
+    p.add_argument("--ageing", metavar="SECONDS", help="forget learned MACs unseen this long (default 300)")
+    p.add_argument("--max-per-vni", dest="max_per_vni", metavar="N", help="cap on MACs per VNI (default 65536)")
+    p.set_defaults(func=cmd_agent)
+
+
+# --- overlay status / fdb -------------------------------------------------------------------
+
+
+def _ask(cmd: str, tap: str | None) -> Any:
+    from overlay import control
+
+    try:
+        return control.request(cmd, tap)
+    except control.ControlError as e:
+        raise RunError(str(e)) from None
+
+
+def format_status(s: dict[str, Any]) -> str:
+    a = s["agent"]
+    lines = [
+        f"agent  tap {a['tap']} ({a['mac']}, mtu {a['mtu']}{', ' + a['address'] if a['address'] else ''})  "
+        f"vni {a['vni']}  vtep {a['local']}:{a['port']}  up {a['uptime_s']} s  "
+        f"source check {'on' if a['source_check'] else 'off'}",
+        "",
+        f"{'peer':24} {'rx frames':>12} {'rx bytes':>14} {'tx frames':>12} {'tx bytes':>14}",
+    ]
+    for p in s["peers"]:
+        lines.append(f"{p['vtep']:24} {p['rx_frames']:>12} {p['rx_bytes']:>14} {p['tx_frames']:>12} {p['tx_bytes']:>14}")
+    t = s["totals"]
+    lines.append(f"{'total':24} {t['rx_frames']:>12} {t['rx_bytes']:>14} {t['tx_frames']:>12} {t['tx_bytes']:>14}")
+    lines += ["", "drops  " + ("  ".join(f"{k} {v}" for k, v in s["drops"].items() if v) or "none")]
+    f = s["fdb"]
+    lines.append(
+        f"fdb    static {f['static']}  registry {f['registry']}  learned {f['learned']}  "
+        f"(refused at cap {f['refused_cap']}, moves {f['moves']}, expired {f['expired']})"
+    )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _ask("status", args.tap)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_fdb(args: argparse.Namespace) -> int:
+    entries = _ask("fdb", args.tap)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    print(f"{'vni':>8}  {'mac':17}  {'vtep':21}  {'source':8}  {'age s':>7}")
+    for e in entries:
+        age = "" if e["age_s"] is None else f"{e['age_s']:.1f}"
+        print(f"{e['vni']:>8}  {e['mac']:17}  {e['vtep']:21}  {e['source']:8}  {age:>7}")
+    return 0
+
+
+def add_status(sub: Any) -> None:
+    for name, func, text in (
+        ("status", cmd_status, "a running agent's counters: per-peer traffic, drops by reason, forwarding-table size"),
+        ("fdb", cmd_fdb, "a running agent's forwarding table"),
+    ):
+        p = sub.add_parser(name, help=text, description=f"Show {text}. Asks the agent of this network namespace.")
+        p.add_argument("--tap", help="which agent, when several run in this namespace")
+        p.add_argument("--json", action="store_true", help="machine-readable output (shape in README.md)")
+        p.set_defaults(func=func)
+
+
+# --- overlay lab ------------------------------------------------------------------------------
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from overlay.lab import Lab, LabError
+
+    try:
+        lab = Lab(args.name, args.hosts)
+        if args.action == "up":
+            lab.up()
+            for h in range(1, args.hosts + 1):
+                print(f"{lab.ns(h)}  eth0 {lab.address(h)}/24    run: ip netns exec {lab.ns(h)} <command>")
+            print(f"{lab.switch}  bridge br0    remove with: overlay lab down --name {args.name}")
+        else:
+            lab.down()
+            print(f"lab {args.name} removed")
+    except LabError as e:
+        raise RunError(str(e)) from None
+    return 0
+
+
+def add_lab(sub: Any) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="make or remove a lab of hosts (network namespaces on a bridge)",
+        description=(
+            "A lab of hosts on this machine: network namespaces <name>-h1..hN, each with eth0 "
+            "on 198.18.0.N/24, joined by bridge br0 in namespace <name>-sw. 'down' kills "
+            "everything still running in them and deletes them."
+        ),
+    )
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
+    p.add_argument("--name", default="ovl", help="lab name, the namespaces' prefix (default ovl)")
+    p.set_defaults(func=cmd_lab)
+
+
+# --- overlay demo -----------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from overlay import demo
+
+    return demo.main(hosts=args.hosts)
+
+
+def add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="bring up a lab with agents, ping across it, tear it down",
+                       description="A local multi-host demo: a lab of hosts, an agent on each, pings "
+                                   "between every pair over the overlay, the agents' status, then cleanup.")
+    p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
+    p.set_defaults(func=cmd_demo)
+
+
+# --- main -------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="store_true", help="print the version and whether the fast path is built")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in (add_agent, add_status, add_lab, add_demo):
+        add(sub)
     return parser
 
 
@@ -34,20 +227,31 @@ def version_line() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from overlay.config import ConfigError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s overlay %(levelname)s %(message)s")
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     try:
         if args.version:
             print(version_line())
             return 0
-        parser.print_help()
-        return 0
+        if func is None:
+            parser.print_help()
+            return 0
+        return func(args)
     except FastPathMissing as e:
         print(f"overlay: error: {e}", file=sys.stderr)
         return 1
-    except UserError as e:
+    except RunError as e:
+        print(f"overlay: error: {e}", file=sys.stderr)
+        return 1
+    except (UserError, ConfigError) as e:
         print(f"overlay: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,122 @@
+"""The agent: config -> forwarding table -> TAP -> dataplane -> control socket; lifecycle.
+
+Runs in the foreground on uvloop until SIGINT or SIGTERM, logs one line when the data path is
+ready, and tells systemd READY=1 when NOTIFY_SOCKET is set. Stopping closes the TAP, so the
+kernel removes it. Errors a user can fix arrive here as AgentError with a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import uvloop
+
+from overlay import control
+from overlay.config import AgentConfig
+from overlay.dataplane import Dataplane, DataplaneError
+from overlay.fastpath import CoreSink, load
+from overlay.fdb import ForwardingTable, Vtep
+from overlay.tap import Tap, TapError, default_overlay_mtu
+from overlay.wire import mac_to_str
+
+log = logging.getLogger("overlay.agent")
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start; the message says why and how to fix it."""
+
+
+def sd_notify(message: str) -> None:
+    """Send ``message`` (e.g. READY=1) to systemd if it supervises us; no-op otherwise."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), target)
+        except OSError as e:
+            log.warning("could not notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], e.strerror)
+
+
+class Agent:
+    """Everything one agent holds. Built synchronously (netlink via pyroute2 runs its own event
+    loop, so devices and sockets are set up before uvloop starts), then served, then closed."""
+
+    def __init__(self, cfg: AgentConfig, tun_device: str = "/dev/net/tun") -> None:
+        self.cfg = cfg
+        fp = load()
+        try:
+            self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(cfg.local)
+        except TapError as e:
+            raise AgentError(str(e)) from None
+        self.core = fp.ForwardingCore(allow_vlan=cfg.allow_vlan, source_check=cfg.source_check)
+        self.table = ForwardingTable(CoreSink(self.core), ageing=cfg.ageing, max_per_vni=cfg.max_per_vni)
+        self.table.add_vni(cfg.vni)
+        self.table.set_flood(cfg.vni, [Vtep(p, cfg.port) for p in cfg.peers])
+        try:
+            self.tap = Tap.open(cfg.tap, dev=tun_device)
+        except TapError as e:
+            raise AgentError(str(e)) from None
+        try:
+            self.mac = self.tap.configure(self.mtu, cfg.mac, cfg.address)
+            self.dataplane = Dataplane(fp, self.core, self.table, self.tap.fd, cfg.vni, cfg.local, cfg.port)
+        except (TapError, DataplaneError) as e:
+            self.tap.close()
+            raise AgentError(str(e)) from None
+        self.started = time.monotonic()
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.cfg
+        agent = {
+            "tap": cfg.tap, "vni": cfg.vni, "local": str(cfg.local), "port": cfg.port,
+            "peers": [str(p) for p in cfg.peers], "mtu": self.mtu, "mac": mac_to_str(self.mac),
+            "address": str(cfg.address) if cfg.address else None, "source_check": cfg.source_check,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+        return {"agent": agent, **self.dataplane.status()}
+
+    async def serve(self) -> None:
+        """Forward until SIGINT or SIGTERM."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        try:
+            server = await control.serve(cfg.tap, {"status": self.status, "fdb": self.dataplane.fdb})
+        except control.ControlError as e:
+            raise AgentError(str(e)) from None
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        self.dataplane.start(loop)
+        try:
+            log.info(
+                "ready: tap %s (%s, mtu %d%s) vni %d vtep %s:%d peers %s",
+                cfg.tap, mac_to_str(self.mac), self.mtu, f", {cfg.address}" if cfg.address else "",
+                cfg.vni, cfg.local, cfg.port, ", ".join(str(p) for p in cfg.peers) or "none",
+            )
+            sd_notify("READY=1")
+            await stop.wait()
+            log.info("stopping: removing tap %s", cfg.tap)
+            sd_notify("STOPPING=1")
+        finally:
+            server.close()
+            self.dataplane.stop()
+
+    def close(self) -> None:
+        self.tap.close()
+
+
+def run(cfg: AgentConfig) -> None:
+    """Run the agent until a signal; AgentError for anything the user must fix."""
+    agent = Agent(cfg)
+    try:
+        uvloop.run(agent.serve())
+    finally:
+        agent.close()

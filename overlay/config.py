@@ -1,0 +1,151 @@
+"""Agent configuration: command-line flags over a TOML file, validated with clear errors.
+
+Pure: parses and checks values, touches no device or socket. Every error says which setting
+was wrong, what was given, and what is accepted, so the CLI prints it as one line.
+
+TOML keys are the long flag names (``vni``, ``local``, ``peer``, ``tap``, ``address``, ``port``,
+``mtu``, ``mac``, ``source_check``, ``allow_vlan``, ``ageing``, ``max_per_vni``); ``peer`` is a
+list. A flag given on the command line replaces the file's value (``--peer`` replaces the
+whole list).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from overlay.fdb import DEFAULT_AGEING, DEFAULT_MAX_PER_VNI
+from overlay.wire import DEFAULT_PORT, IPV4_OVERHEAD, VNI_MAX, is_multicast_mac, mac_to_int
+
+TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/', ':' or spaces
+MIN_MTU = 68  # the IPv4 minimum
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; the message names it and says what is accepted."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    vni: int
+    local: ipaddress.IPv4Address
+    peers: tuple[ipaddress.IPv4Address, ...] = ()
+    tap: str = "ovl0"
+    address: ipaddress.IPv4Interface | None = None
+    port: int = DEFAULT_PORT
+    mtu: int | None = None  # None: the underlay interface's MTU minus 50
+    mac: int | None = None  # None: the kernel picks a random locally administered MAC
+    source_check: bool = True
+    allow_vlan: bool = False
+    ageing: float = DEFAULT_AGEING
+    max_per_vni: int = DEFAULT_MAX_PER_VNI
+
+
+KEYS = ("vni", "local", "peer", "tap", "address", "port", "mtu", "mac", "source_check",
+        "allow_vlan", "ageing", "max_per_vni")
+
+
+def parse_toml(text: str, origin: str) -> dict[str, Any]:
+    """The settings of a TOML file; unknown keys are an error naming the known ones."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{origin}: not valid TOML: {e}") from None
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(KEYS)}")
+    return data
+
+
+def build(settings: Mapping[str, Any]) -> AgentConfig:
+    """Validate merged settings (file values overridden by flags) into an AgentConfig."""
+    if settings.get("vni") is None:
+        raise ConfigError("no VNI: give --vni N (0 to 16777215) or 'vni = N' in the config file")
+    if settings.get("local") is None:
+        raise ConfigError("no local VTEP address: give --local A.B.C.D (this host's underlay address)")
+    local = _ipv4("local", settings["local"])
+    peers_raw = settings.get("peer") or []
+    if isinstance(peers_raw, str):
+        peers_raw = [peers_raw]
+    if not isinstance(peers_raw, (list, tuple)):
+        raise ConfigError(f"peer: expected a list of IPv4 addresses, got {peers_raw!r}")
+    peers = tuple(dict.fromkeys(_ipv4("peer", p) for p in peers_raw))
+    if local in peers:
+        raise ConfigError(f"peer {local} is this host's own --local address; list only the other hosts")
+    return AgentConfig(
+        vni=_int("vni", settings["vni"], 0, VNI_MAX),
+        local=local,
+        peers=peers,
+        tap=_tap(settings.get("tap", "ovl0")),
+        address=_interface(settings["address"]) if settings.get("address") is not None else None,
+        port=_int("port", settings.get("port", DEFAULT_PORT), 1, 65535),
+        mtu=_int("mtu", settings["mtu"], MIN_MTU, 65535 - IPV4_OVERHEAD) if settings.get("mtu") is not None else None,
+        mac=_mac(settings["mac"]) if settings.get("mac") is not None else None,
+        source_check=_bool("source_check", settings.get("source_check", True)),
+        allow_vlan=_bool("allow_vlan", settings.get("allow_vlan", False)),
+        ageing=_positive("ageing", settings.get("ageing", DEFAULT_AGEING)),
+        max_per_vni=_int("max_per_vni", settings.get("max_per_vni", DEFAULT_MAX_PER_VNI), 1, 1 << 24),
+    )
+
+
+def _int(name: str, value: Any, lo: int, hi: int) -> int:
+    try:
+        number = int(value, 0) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if not isinstance(number, int) or isinstance(number, bool) or not lo <= number <= hi:
+        raise ConfigError(f"{name}: {value!r} is not an integer from {lo} to {hi}")
+    return number
+
+
+def _positive(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if isinstance(value, bool) or not number > 0:
+        raise ConfigError(f"{name}: {value!r} is not a positive number of seconds")
+    return number
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    raise ConfigError(f"{name}: {value!r} is not true or false")
+
+
+def _ipv4(name: str, value: Any) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value)
+    except (ipaddress.AddressValueError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not an IPv4 address like 198.18.0.1") from None
+
+
+def _interface(value: Any) -> ipaddress.IPv4Interface:
+    if not isinstance(value, str) or "/" not in value:
+        raise ConfigError(f"address: {value!r} needs a prefix length, like 198.19.0.1/24")
+    try:
+        return ipaddress.IPv4Interface(value)
+    except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError):
+        raise ConfigError(f"address: {value!r} is not an IPv4 address with prefix, like 198.19.0.1/24") from None
+
+
+def _mac(value: Any) -> int:
+    try:
+        mac = mac_to_int(str(value))
+    except ValueError as e:
+        raise ConfigError(f"mac: {e}") from None
+    if is_multicast_mac(mac) or mac == 0:
+        raise ConfigError(f"mac: {value} is a group or null address; use a unicast one such as 02:00:00:00:00:01")
+    return mac
+
+
+def _tap(value: Any) -> str:
+    if not isinstance(value, str) or not TAP_NAME.match(value):
+        raise ConfigError(f"tap: {value!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
+    return value

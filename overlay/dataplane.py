@@ -1,0 +1,174 @@
+"""Binds the TAP and the UDP sockets to the event loop and drives the fast path.
+
+Per readiness event one call into the fast path drains a bounded batch (pump_tx: TAP reads ->
+encap -> sendmmsg; pump_rx: recvmmsg -> decap -> TAP writes). Python runs once per batch, to
+hand sources the fast path has not seen to the forwarding table (learning), and every few
+seconds to age entries. Nothing here touches a packet.
+
+Sockets: a UDP socket bound to (local, port) receives; a raw IPv4 socket bound to ``local``
+sends, so each datagram carries the UDP source port of its inner flow (see ext/io.pxi). A BPF
+filter that accepts nothing keeps the raw socket from receiving copies of all UDP traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import ipaddress
+import socket
+import struct
+import time
+from typing import Any, Callable
+
+from overlay.fdb import ForwardingTable, Source, Vtep
+from overlay.wire import Drop, mac_to_str
+
+IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # never fragment outer packets
+SO_ATTACH_FILTER = 26
+SOCKET_BUFFER = 8 << 20
+BATCH = 64
+BUDGET = 256  # frames per readiness event and direction, so neither starves the other
+MAINTENANCE_EVERY = 5.0  # seconds between ageing passes
+
+
+class DataplaneError(RuntimeError):
+    """The sockets could not be set up; the message says why and how to fix it."""
+
+
+def _drop_all_filter() -> tuple[bytes, Any]:
+    """A one-instruction classic BPF program 'ret 0' as a sock_fprog (and what keeps it alive)."""
+    program = (ctypes.c_uint64 * 1)(struct.unpack("Q", struct.pack("HBBI", 0x06, 0, 0, 0))[0])
+    return struct.pack("HL", 1, ctypes.addressof(program)), program
+
+
+def open_sockets(local: ipaddress.IPv4Address, port: int) -> tuple[socket.socket, socket.socket]:
+    """(receiving UDP socket, sending raw socket); DataplaneError with the fix on failure."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        udp.bind((str(local), port))
+    except OSError as e:
+        udp.close()
+        if e.errno == errno.EADDRINUSE:
+            raise DataplaneError(
+                f"UDP port {port} on {local} is in use (another overlay agent or a kernel vxlan "
+                f"device?): stop it, or choose another --port"
+            ) from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise DataplaneError(f"--local {local} is not an address of this host") from None
+        raise DataplaneError(f"cannot bind UDP {local}:{port}: {e.strerror}") from None
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    prog, _keep = _drop_all_filter()
+    raw.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+    raw.bind((str(local), 0))
+    raw.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    for sock, opt, force in ((udp, socket.SO_RCVBUF, 33), (raw, socket.SO_SNDBUF, 32)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)  # SO_*BUFFORCE: past rmem_max
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    udp.setblocking(False)
+    return udp, raw
+
+
+class Dataplane:
+    """The running data path of one VNI on one TAP."""
+
+    def __init__(
+        self,
+        fp: Any,
+        core: Any,
+        table: ForwardingTable,
+        tap_fd: int,
+        vni: int,
+        local: ipaddress.IPv4Address,
+        port: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fp, self.core, self.table = fp, core, table
+        self.tap_fd, self.vni, self.local, self.port = tap_fd, vni, local, port
+        self.clock = clock
+        self.udp, self.raw = open_sockets(local, port)
+        self.tx_batch = fp.FrameBatch(BATCH)
+        self.rx_batch = fp.FrameBatch(BATCH)
+        self.learn_outcomes: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.tap_fd, self._on_tap)
+        loop.add_reader(self.udp.fileno(), self._on_udp)
+        self._maintenance = loop.create_task(self._maintain())
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.tap_fd)
+            self._loop.remove_reader(self.udp.fileno())
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        self.udp.close()
+        self.raw.close()
+
+    def _on_tap(self) -> None:
+        self.fp.pump_tx(self.core, self.tx_batch, self.vni, self.tap_fd, self.raw.fileno(), BUDGET)
+
+    def _on_udp(self) -> None:
+        self.fp.pump_rx(self.core, self.rx_batch, self.udp.fileno(), self.tap_fd, BUDGET)
+        learned = self.core.take_learned()
+        if learned:
+            now = self.clock()
+            for vni, mac, ip in learned:
+                outcome = self.table.learn(vni, mac, Vtep(ipaddress.IPv4Address(ip), self.port), now)
+                self.learn_outcomes[outcome.value] = self.learn_outcomes.get(outcome.value, 0) + 1
+
+    async def _maintain(self) -> None:
+        """Keep learned entries that carry traffic alive; age out the rest."""
+        while True:
+            await asyncio.sleep(min(MAINTENANCE_EVERY, self.table.ageing / 4))
+            now = self.clock()
+            for vni, mac in self.core.take_hits():
+                self.table.touch(vni, mac, now)
+            self.table.expire(now)
+
+    # --- what `overlay status` and `overlay fdb` show ----------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        peers = []
+        totals = dict.fromkeys(("rx_frames", "rx_bytes", "tx_frames", "tx_bytes"), 0)
+        for ip, port, rx_f, rx_b, tx_f, tx_b in self.core.vtep_stats():
+            counts = {"rx_frames": rx_f, "rx_bytes": rx_b, "tx_frames": tx_f, "tx_bytes": tx_b}
+            for k, v in counts.items():
+                totals[k] += v
+            peers.append({"vtep": f"{ipaddress.IPv4Address(ip)}:{port}", **counts})
+        drops = self.core.drops()
+        by_source = self.table.count()
+        counters = self.table.counters
+        return {
+            "peers": peers,
+            "totals": totals,
+            "drops": {d.name.lower(): drops[d] for d in Drop},
+            "fdb": {
+                "static": by_source[Source.STATIC],
+                "registry": by_source[Source.REGISTRY],
+                "learned": by_source[Source.LEARNED],
+                "refused_cap": counters.refused_cap,
+                "moves": counters.moves,
+                "expired": counters.expired,
+                "evicted": counters.evicted,
+                "learn_overflow": self.core.learn_overflow,
+            },
+        }
+
+    def fdb(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [
+            {
+                "vni": e.vni,
+                "mac": mac_to_str(e.mac),
+                "vtep": str(e.vtep),
+                "source": e.source.name.lower(),
+                "age_s": None if e.seen is None else round(now - e.seen, 1),
+            }
+            for e in self.table.entries()
+        ]

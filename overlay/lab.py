@@ -1,0 +1,159 @@
+"""A lab of hosts on one machine: network namespaces on an underlay bridge in 198.18.0.0/24.
+
+Used by the tests, the demo and the benchmarks (DESIGN.md, lab conventions)::
+
+    <name>-sw   the "switch": bridge br0, one port per host (h1, h2, ...)
+    <name>-h1   host 1: eth0 = 198.18.0.1/24, lo up
+    <name>-h2   host 2: eth0 = 198.18.0.2/24 ...
+
+Built with pyroute2 (netlink, structured errors). Commands run inside a host with
+``ip netns exec``, which also gives the command the namespace's own /sys. ``down`` kills every
+process still inside the lab's namespaces by PID and deletes the namespaces (their links go
+with them), and is safe to call on a lab that is half built or already gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import time
+from typing import Any, Sequence
+
+from pyroute2 import IPRoute, NetNS, netns
+
+UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
+MAX_HOSTS = 200  # 198.18.0.1 .. .200; higher addresses are for lab services (etcd, ...)
+
+
+class LabError(RuntimeError):
+    """The lab could not be built; the message says why."""
+
+
+class Lab:
+    """N hosts as network namespaces on a bridge. A context manager: ``with Lab(...) as lab``."""
+
+    def __init__(self, name: str = "ovl", hosts: int = 3, mtu: int = 1500) -> None:
+        if not 1 <= hosts <= MAX_HOSTS:
+            raise LabError(f"a lab has 1 to {MAX_HOSTS} hosts, not {hosts}")
+        if not name.replace("-", "").isalnum() or len(name) > 20:
+            raise LabError(f"lab name {name!r}: use up to 20 letters, digits and dashes")
+        self.name, self.hosts, self.mtu = name, hosts, mtu
+        self.switch = f"{name}-sw"
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    def ns(self, host: int) -> str:
+        return f"{self.name}-h{host}"
+
+    def address(self, host: int) -> ipaddress.IPv4Address:
+        return UNDERLAY.network_address + host
+
+    def namespaces(self) -> list[str]:
+        """This lab's namespaces that exist now."""
+        prefix = f"{self.name}-"
+        return [n for n in netns.listnetns() if n.startswith(prefix) and (n == self.switch or n[len(prefix):].startswith("h"))]
+
+    # --- building and tearing down -----------------------------------------------------------
+
+    def up(self) -> "Lab":
+        if os.geteuid() != 0:
+            raise LabError("building a lab needs root (network namespaces, veths, bridges)")
+        if self.namespaces():
+            raise LabError(f"lab {self.name!r} exists already: 'overlay lab down --name {self.name}' first")
+        try:
+            netns.create(self.switch)
+            with NetNS(self.switch) as sw:
+                sw.link("add", ifname="br0", kind="bridge")
+                sw.link("set", index=sw.link_lookup(ifname="br0")[0], state="up", mtu=self.mtu)
+                sw.link("set", index=sw.link_lookup(ifname="lo")[0], state="up")
+            for host in range(1, self.hosts + 1):
+                self._add_host(host)
+        except Exception:
+            self.down()
+            raise
+        return self
+
+    def _add_host(self, host: int) -> None:
+        ns = self.ns(host)
+        netns.create(ns)
+        with IPRoute() as ipr:  # make the pair in the root namespace, then move each end
+            ipr.link("add", ifname=f"{self.name}-v{host}", kind="veth", peer={"ifname": f"{self.name}-p{host}"})
+            ipr.link("set", index=ipr.link_lookup(ifname=f"{self.name}-v{host}")[0], net_ns_fd=ns)
+            ipr.link("set", index=ipr.link_lookup(ifname=f"{self.name}-p{host}")[0], net_ns_fd=self.switch)
+        with NetNS(ns) as h:
+            idx = h.link_lookup(ifname=f"{self.name}-v{host}")[0]
+            h.link("set", index=idx, ifname="eth0", mtu=self.mtu)
+            h.addr("add", index=idx, address=str(self.address(host)), prefixlen=UNDERLAY.prefixlen)
+            h.link("set", index=idx, state="up")
+            h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
+        with NetNS(self.switch) as sw:
+            idx = sw.link_lookup(ifname=f"{self.name}-p{host}")[0]
+            sw.link("set", index=idx, ifname=f"h{host}", mtu=self.mtu)
+            sw.link("set", index=idx, master=sw.link_lookup(ifname="br0")[0], state="up")
+
+    def down(self) -> None:
+        """Kill what runs in the lab (by PID), delete its namespaces. Idempotent."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+        for ns in self.namespaces():
+            for pid in self._pids(ns):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            netns.remove(ns)
+        with IPRoute() as ipr:  # a veth left in the root namespace by a failed up()
+            for i in range(1, self.hosts + 1):
+                for name in (f"{self.name}-v{i}", f"{self.name}-p{i}"):
+                    for idx in ipr.link_lookup(ifname=name):
+                        ipr.link("del", index=idx)
+
+    @staticmethod
+    def _pids(ns: str) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def __enter__(self) -> "Lab":
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # --- running things in hosts ---------------------------------------------------------------
+
+    def argv(self, host: int | str, cmd: Sequence[str]) -> list[str]:
+        ns = host if isinstance(host, str) else self.ns(host)
+        return ["ip", "netns", "exec", ns, *cmd]
+
+    def run(self, host: int | str, cmd: Sequence[str], timeout: float = 60, check: bool = True,
+            **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` in ``host`` to completion (bounded by ``timeout``)."""
+        result = subprocess.run(self.argv(host, cmd), capture_output=True, text=True, timeout=timeout, **kw)
+        if check and result.returncode != 0:
+            raise LabError(f"{' '.join(cmd)} in {host} failed ({result.returncode}): {result.stderr.strip()}")
+        return result
+
+    def spawn(self, host: int | str, cmd: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start ``cmd`` in ``host``; ``down`` kills it if it is still running."""
+        proc = subprocess.Popen(self.argv(host, cmd), **kw)
+        self.procs.append(proc)
+        return proc
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something true; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
