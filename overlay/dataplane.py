@@ -92,6 +92,7 @@ class Dataplane:
         self.tx_batch = fp.FrameBatch(BATCH)
         self.rx_batch = fp.FrameBatch(BATCH)
         self.learn_outcomes: dict[str, int] = {}
+        self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -111,10 +112,12 @@ class Dataplane:
         self.raw.close()
 
     def _on_tap(self) -> None:
-        self.fp.pump_tx(self.core, self.tx_batch, self.vni, self.tap_fd, self.raw.fileno(), BUDGET)
+        self.wakeups["tx"] += 1
+        self.wakeups["tx_frames"] += self.fp.pump_tx(self.core, self.tx_batch, self.vni, self.tap_fd, self.raw.fileno(), BUDGET)
 
     def _on_udp(self) -> None:
-        self.fp.pump_rx(self.core, self.rx_batch, self.udp.fileno(), self.tap_fd, BUDGET)
+        self.wakeups["rx"] += 1
+        self.wakeups["rx_frames"] += self.fp.pump_rx(self.core, self.rx_batch, self.udp.fileno(), self.tap_fd, BUDGET)
         learned = self.core.take_learned()
         if learned:
             now = self.clock()
@@ -145,6 +148,7 @@ class Dataplane:
         by_source = self.table.count()
         counters = self.table.counters
         return {
+            "wakeups": dict(self.wakeups),
             "peers": peers,
             "totals": totals,
             "drops": {d.name.lower(): drops[d] for d in Drop},

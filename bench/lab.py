@@ -1,0 +1,121 @@
+"""overlay vs the Linux kernel's vxlan between two lab hosts, side by side in one run.
+
+    python -m bench.lab [--seconds 5] [--rounds 3]
+
+For each round and each dataplane: iperf3 TCP throughput (1 stream), iperf3 UDP with 64-byte
+payloads at full offered load (delivered packets per second and loss), and ping RTT (median and
+p99 of 200 pings at 10 ms). Medians over rounds; ratios overlay / kernel. Every load is
+bounded in time; the lab is removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from typing import Any, Callable
+
+from overlay.lab import Lab, wait_for
+
+VNI, PORT = 42, 4789
+OVERLAY_NET = "198.19.42.{}/24"
+
+
+def setup_kernel(lab: Lab) -> Callable[[], None]:
+    for h, peer in ((1, 2), (2, 1)):
+        for cmd in (
+            ["ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "dstport", str(PORT),
+             "local", str(lab.address(h)), "nolearning"],
+            ["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", str(lab.address(peer))],
+            # Over veth the kernel leaves inner checksums for a NIC to finish; do it in software.
+            ["ethtool", "-K", "vx0", "tx", "off"],
+            ["ip", "addr", "add", OVERLAY_NET.format(h), "dev", "vx0"],
+            ["ip", "link", "set", "vx0", "up"],
+        ):
+            lab.run(h, cmd)
+
+    def teardown() -> None:
+        for h in (1, 2):
+            lab.run(h, ["ip", "link", "del", "vx0"], check=False)
+
+    return teardown
+
+
+def setup_overlay(lab: Lab) -> Callable[[], None]:
+    procs = []
+    for h, peer in ((1, 2), (2, 1)):
+        procs.append(lab.spawn(h, [sys.executable, "-m", "overlay.cli", "agent", "--vni", str(VNI),
+                                   "--local", str(lab.address(h)), "--peer", str(lab.address(peer)),
+                                   "--tap", "ovl0", "--address", OVERLAY_NET.format(h)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for h in (1, 2):
+        wait_for(lambda h=h: "ovl0" in lab.run(h, ["ip", "-br", "addr"]).stdout and "198.19.42" in
+                 lab.run(h, ["ip", "-br", "addr", "show", "ovl0"], check=False).stdout, 20, f"agent on host {h}")
+
+    def teardown() -> None:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+
+    return teardown
+
+
+def measure(lab: Lab, seconds: int) -> dict[str, float]:
+    dst = OVERLAY_NET.format(2).split("/")[0]
+    wait_for(lambda: lab.run(1, ["ping", "-c", "1", "-W", "1", dst], check=False).returncode == 0, 20, "overlay ping")
+    out: dict[str, float] = {}
+    server = lab.spawn(2, ["iperf3", "-s", "-B", dst], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: lab.run(1, ["iperf3", "-c", dst, "-t", "1", "-J"], check=False, timeout=30).returncode == 0,
+                 20, "iperf3 server")
+        tcp = json.loads(lab.run(1, ["iperf3", "-c", dst, "-t", str(seconds), "-J"], timeout=seconds + 30).stdout)
+        out["tcp_gbps"] = tcp["end"]["sum_received"]["bits_per_second"] / 1e9
+        udp = json.loads(lab.run(1, ["iperf3", "-c", dst, "-u", "-l", "64", "-b", "0", "-t", str(seconds), "-J"],
+                                 timeout=seconds + 30).stdout)
+        s = udp["end"]["sum"]
+        out["udp64_kpps"] = (s["packets"] - s["lost_packets"]) / s["seconds"] / 1e3
+        out["udp64_loss_pct"] = s["lost_percent"]
+    finally:
+        server.kill()
+        server.wait()
+    ping = lab.run(1, ["ping", "-c", "200", "-i", "0.01", "-q" if False else "-n", dst], timeout=60).stdout
+    rtts = sorted(float(m) for m in re.findall(r"time=([\d.]+) ms", ping))
+    out["rtt_median_ms"] = statistics.median(rtts)
+    out["rtt_p99_ms"] = rtts[int(len(rtts) * 0.99) - 1]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are shown")
+    args = parser.parse_args()
+    results: dict[str, list[dict[str, float]]] = {"kernel": [], "overlay": []}
+    with Lab("bench", hosts=2) as lab:
+        for r in range(args.rounds):
+            for name, setup in (("kernel", setup_kernel), ("overlay", setup_overlay)):
+                print(f"... round {r + 1}/{args.rounds}: {name}", flush=True)
+                teardown = setup(lab)
+                try:
+                    results[name].append(measure(lab, args.seconds))
+                finally:
+                    teardown()
+    keys = ["tcp_gbps", "udp64_kpps", "udp64_loss_pct", "rtt_median_ms", "rtt_p99_ms"]
+    med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in results.items()}
+    print(f"\nmedians of {args.rounds} rounds, {args.seconds} s each (spread: min-max)\n")
+    print(f"{'figure':16} {'kernel vxlan':>22} {'overlay':>22} {'overlay/kernel':>15}")
+    for k in keys:
+        cells = []
+        for n in ("kernel", "overlay"):
+            vals = [x[k] for x in results[n]]
+            cells.append(f"{med[n][k]:8.3f} ({min(vals):.2f}-{max(vals):.2f})")
+        ratio = med["overlay"][k] / med["kernel"][k] if med["kernel"][k] else float("nan")
+        print(f"{k:16} {cells[0]:>22} {cells[1]:>22} {ratio:15.2f}")
+    print("\nraw: " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
