@@ -64,6 +64,7 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
     """Validate merged settings (file values overridden by flags) into an AgentConfig."""
     if settings.get("vni") is None:
         raise ConfigError("no VNI: give --vni N (0 to 16777215) or 'vni = N' in the config file")
+    vni = _int("vni", settings["vni"], 0, VNI_MAX)
     if settings.get("local") is None:
         raise ConfigError("no local VTEP address: give --local A.B.C.D (this host's underlay address)")
     local = _ipv4("local", settings["local"])
@@ -76,7 +77,7 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
     if local in peers:
         raise ConfigError(f"peer {local} is this host's own --local address; list only the other hosts")
     return AgentConfig(
-        vni=_int("vni", settings["vni"], 0, VNI_MAX),
+        vni=vni,
         local=local,
         peers=peers,
         tap=_tap(settings.get("tap", "ovl0")),

@@ -1,0 +1,96 @@
+"""Helpers for tests on a lab: agents started as an operator would, and waiting on conditions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from overlay.lab import Lab, wait_for
+
+VNI = 42
+
+
+def overlay_ip(host: int) -> str:
+    return f"198.19.0.{host}"
+
+
+def agent_argv(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "ovl0") -> list[str]:
+    argv = [sys.executable, "-m", "overlay.cli", "agent", "--vni", str(VNI), "--local", str(lab.address(host)),
+            "--tap", tap, "--address", f"{overlay_ip(host)}/24", "--mac", f"02:00:00:00:00:{host:02x}"]
+    for p in peers:
+        argv += ["--peer", str(lab.address(p))]
+    return argv + list(extra)
+
+
+def start_agent(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "ovl0",
+                log_dir: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
+    """Start `overlay agent` in ``host`` and wait until its control socket answers."""
+    log = open((log_dir or Path("/tmp")) / f"agent-{lab.name}-h{host}-{tap}.log", "w")
+    proc = lab.spawn(host, agent_argv(lab, host, peers, *extra, tap=tap), stdout=log, stderr=subprocess.STDOUT,
+                     env={**os.environ, **(env or {})})
+    wait_for(lambda: proc.poll() is not None or status(lab, host, tap) is not None, 30, f"agent on host {host}")
+    assert proc.poll() is None, Path(log.name).read_text()
+    return proc
+
+
+def stop_agent(proc: subprocess.Popen[Any]) -> int:
+    proc.terminate()
+    return proc.wait(timeout=15)
+
+
+def status(lab: Lab, host: int, tap: str | None = None, cmd: str = "status") -> Any:
+    """The agent's `overlay status --json` (or fdb), or None if no agent answers."""
+    argv = [sys.executable, "-m", "overlay.cli", cmd, "--json"] + (["--tap", tap] if tap else [])
+    result = lab.run(host, argv, check=False, timeout=30)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def ping(lab: Lab, src: int, dst_ip: str, count: int = 1, size: int | None = None,
+         dont_fragment: bool = False) -> subprocess.CompletedProcess[str]:
+    argv = ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", dst_ip]
+    if size is not None:
+        argv += ["-s", str(size)]
+    if dont_fragment:
+        argv += ["-M", "do"]
+    return lab.run(src, argv, check=False, timeout=30)
+
+
+def wait_ping(lab: Lab, src: int, dst_ip: str, timeout: float = 20) -> None:
+    wait_for(lambda: ping(lab, src, dst_ip).returncode == 0, timeout, f"ping {dst_ip} from host {src}")
+
+
+# A TCP sink and source in plain Python: the receiver prints the SHA-256 and byte count of
+# everything it got; the sender sends a file. Run inside lab hosts.
+TCP_SINK = """
+import hashlib, socket, sys
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+srv.settimeout(60)
+print("listening", flush=True)
+conn, _ = srv.accept()
+conn.settimeout(60)
+h, n = hashlib.sha256(), 0
+while chunk := conn.recv(1 << 16):
+    h.update(chunk); n += len(chunk)
+print(h.hexdigest(), n, flush=True)
+"""
+
+TCP_SOURCE = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60) as s, open(sys.argv[3], "rb") as f:
+    s.sendfile(f)
+"""
+
+
+def tcp_transfer(lab: Lab, src: int, dst: int, dst_ip: str, path: Path, port: int = 5001) -> tuple[str, int]:
+    """Send ``path`` from host ``src`` to ``dst_ip`` (on host ``dst``); return (sha256, bytes) received."""
+    sink = lab.spawn(dst, [sys.executable, "-c", TCP_SINK, dst_ip, str(port)], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout is not None
+    assert sink.stdout.readline().strip() == "listening"
+    lab.run(src, [sys.executable, "-c", TCP_SOURCE, dst_ip, str(port), str(path)], timeout=120)
+    out, _ = sink.communicate(timeout=60)
+    digest, count = out.split()
+    return digest, int(count)

@@ -1,0 +1,201 @@
+"""The agent on a lab: real namespaces, real TAPs, real UDP, agents run as processes the way an
+operator starts them (`overlay agent ...` inside `ip netns exec`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from overlay import wire
+from overlay.lab import Lab, wait_for
+from tests.labkit import VNI, overlay_ip, ping, start_agent, status, stop_agent, tcp_transfer, wait_ping
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+
+
+@pytest.fixture(scope="module")
+def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Three hosts, each running an agent whose peers are the other two."""
+    logs = tmp_path_factory.mktemp("logs")
+    with Lab(f"ta{os.getpid() % 100000}", hosts=3) as lab:
+        for h in (1, 2, 3):
+            start_agent(lab, h, [p for p in (1, 2, 3) if p != h], log_dir=logs)
+        yield lab
+
+
+def test_three_hosts_ping_each_other(lab3: Lab) -> None:
+    for src in (1, 2, 3):
+        for dst in (1, 2, 3):
+            if src != dst:
+                wait_ping(lab3, src, overlay_ip(dst))
+    # ARP went out by head-end replication; the answers taught every agent the others' MACs.
+    for h in (1, 2, 3):
+        fdb = status(lab3, h, cmd="fdb")
+        learned = {e["mac"]: e["vtep"] for e in fdb if e["source"] == "learned"}
+        others = {f"02:00:00:00:00:{p:02x}": f"{lab3.address(p)}:4789" for p in (1, 2, 3) if p != h}
+        assert others.items() <= learned.items()
+
+
+def test_status_reports_traffic_per_peer(lab3: Lab) -> None:
+    wait_ping(lab3, 1, overlay_ip(2))
+    s = status(lab3, 1)
+    assert s["agent"]["local"] == str(lab3.address(1)) and s["agent"]["vni"] == VNI and s["agent"]["mtu"] == 1450
+    peer2 = next(p for p in s["peers"] if p["vtep"] == f"{lab3.address(2)}:4789")
+    assert peer2["tx_frames"] > 0 and peer2["rx_frames"] > 0 and peer2["rx_bytes"] > 0
+    assert s["fdb"]["learned"] >= 1
+    # Each namespace's `overlay status` reaches its own agent, though all TAPs are named ovl0.
+    assert status(lab3, 2)["agent"]["local"] == str(lab3.address(2))
+
+
+def test_100_mb_tcp_transfer_arrives_byte_identical(lab3: Lab, tmp_path: Path) -> None:
+    data = tmp_path / "payload"
+    with open(data, "wb") as f:
+        f.write(random.Random(1).randbytes(100 * 1024 * 1024))
+    expected = hashlib.sha256(data.read_bytes()).hexdigest()
+    wait_ping(lab3, 1, overlay_ip(2))
+    assert tcp_transfer(lab3, 1, 2, overlay_ip(2), data) == (expected, 100 * 1024 * 1024)
+
+
+def underlay_fragments(lab: Lab, host: int) -> int:
+    """FragCreates + ReasmReqds from the host's /proc/net/snmp: any underlay fragmentation."""
+    snmp = lab.run(host, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+    names, values = (line.split()[1:] for line in snmp if line.startswith("Ip:"))
+    ip = dict(zip(names, map(int, values)))
+    return ip["FragCreates"] + ip["ReasmReqds"]
+
+
+def test_mtu_1450_crosses_and_larger_is_refused_never_fragmented(lab3: Lab) -> None:
+    wait_ping(lab3, 1, overlay_ip(2))
+    before = underlay_fragments(lab3, 1) + underlay_fragments(lab3, 2)
+    ok = ping(lab3, 1, overlay_ip(2), count=3, size=1450 - 28, dont_fragment=True)  # 1450-byte IP packet
+    assert ok.returncode == 0, ok.stdout
+    too_big = ping(lab3, 1, overlay_ip(2), count=1, size=1451 - 28, dont_fragment=True)
+    assert too_big.returncode != 0
+    assert "mtu = 1450" in (too_big.stdout + too_big.stderr).lower() or "too long" in (too_big.stdout + too_big.stderr).lower()
+    assert underlay_fragments(lab3, 1) + underlay_fragments(lab3, 2) == before
+
+
+SEND_JUNK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for hexdata in sys.argv[2:]:
+    s.sendto(bytes.fromhex(hexdata), (sys.argv[1], 4789))
+"""
+
+
+def test_hostile_datagrams_are_counted_drops_and_the_overlay_keeps_working(lab3: Lab) -> None:
+    frame = bytes.fromhex("020000000001 020000000002 0806") + bytes(28)
+    junk = [
+        random.Random(7).randbytes(40),                       # random bytes (no I flag)
+        bytes.fromhex("080000"),                              # truncated header
+        bytes.fromhex("00000000 00002a00") + frame,           # I flag missing
+        bytes.fromhex("08000000 00002a00") + frame[:10],      # inner frame truncated
+        wire.encode(VNI + 1, frame),                          # unknown VNI
+    ]
+    before = status(lab3, 1)["drops"]
+    lab3.run(2, [sys.executable, "-c", SEND_JUNK, str(lab3.address(1)), *(j.hex() for j in junk)])
+    expected = Counter(wire.decode(j, {VNI}).name.lower() for j in junk)  # type: ignore[union-attr]
+    assert sum(expected.values()) == len(junk)  # every one of them is a drop
+
+    def counted() -> bool:
+        after = status(lab3, 1)["drops"]
+        return all(after[k] - before[k] >= n for k, n in expected.items())
+
+    wait_for(counted, 10, "the hostile datagrams to be counted")
+    wait_ping(lab3, 1, overlay_ip(2))
+
+
+def test_datagrams_from_a_non_peer_are_dropped(tmp_path: Path) -> None:
+    with Lab(f"tn{os.getpid() % 100000}", hosts=3) as lab:
+        start_agent(lab, 1, [2], log_dir=tmp_path)
+        start_agent(lab, 2, [1], log_dir=tmp_path)
+        frame = bytes.fromhex("020000000001 020000000003 0806") + bytes(28)
+        lab.run(3, [sys.executable, "-c", SEND_JUNK, str(lab.address(1)), wire.encode(VNI, frame).hex()])
+        wait_for(lambda: status(lab, 1)["drops"]["not_member"] >= 1, 10, "the non-peer datagram to be counted")
+        assert not any(e["mac"] == "02:00:00:00:00:03" for e in status(lab, 1, cmd="fdb"))
+        wait_ping(lab, 1, overlay_ip(2))
+
+
+def test_stopping_removes_the_tap_and_a_second_agent_on_the_port_fails_clearly(tmp_path: Path) -> None:
+    with Lab(f"ts{os.getpid() % 100000}", hosts=2) as lab:
+        notify = tmp_path / "notify"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(notify))
+        sock.settimeout(10)
+        agent = start_agent(lab, 1, [2], log_dir=tmp_path, env={"NOTIFY_SOCKET": str(notify)})
+        assert sock.recv(100) == b"READY=1"
+        second = lab.run(1, [sys.executable, "-m", "overlay.cli", "agent", "--vni", "42", "--local",
+                             str(lab.address(1)), "--tap", "ovl1"], check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert "UDP port 4789 on 198.18.0.1 is in use" in second.stderr
+        assert "ovl1" not in lab.run(1, ["ip", "-br", "link"]).stdout  # nothing left behind
+        same_tap = lab.run(1, [sys.executable, "-m", "overlay.cli", "agent", "--vni", "42", "--local",
+                               str(lab.address(1)), "--port", "4790"], check=False)
+        assert same_tap.returncode == 1 and "interface ovl0 already exists" in same_tap.stderr
+        assert stop_agent(agent) == 0
+        assert sock.recv(100) == b"STOPPING=1"
+        assert "ovl0" not in lab.run(1, ["ip", "-br", "link"]).stdout
+        sock.close()
+
+
+def test_agent_reads_a_toml_config_and_flags_override_it(tmp_path: Path) -> None:
+    with Lab(f"tc{os.getpid() % 100000}", hosts=2) as lab:
+        conf = tmp_path / "agent.toml"
+        conf.write_text(f'vni = 42\nlocal = "{lab.address(2)}"\npeer = ["{lab.address(1)}"]\n'
+                        f'tap = "ovl9"\naddress = "198.19.0.2/24"\nmtu = 1400\n')
+        start_agent(lab, 1, [2], log_dir=tmp_path)
+        log = open(tmp_path / "toml.log", "w")
+        proc = lab.spawn(2, [sys.executable, "-m", "overlay.cli", "agent", "--config", str(conf), "--mtu", "1300"],
+                         stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: proc.poll() is not None or status(lab, 2) is not None, 30, "the TOML agent")
+        s = status(lab, 2)
+        assert s["agent"]["tap"] == "ovl9" and s["agent"]["mtu"] == 1300
+        wait_ping(lab, 2, overlay_ip(1))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--vni", "16777216"], "vni: '16777216' is not an integer from 0 to 16777215"),
+        (["--vni", "42", "--local", "198.18.0.300"], "local: '198.18.0.300' is not an IPv4 address"),
+        (["--vni", "42", "--local", "198.18.0.1", "--mac", "01:00:5e:00:00:01"], "group or null address"),
+        (["--vni", "42", "--local", "198.18.0.1", "--address", "198.19.0.1"], "needs a prefix length"),
+        (["--vni", "42", "--local", "198.18.0.1", "--tap", "a/b"], "is not an interface name"),
+        (["--local", "198.18.0.1"], "no VNI"),
+        (["--vni", "42", "--local", "198.18.0.1", "--config", "/nonexistent.toml"], "No such file"),
+    ],
+)
+def test_bad_input_is_one_clear_line(flags: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "overlay.cli", "agent", *flags], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_local_address_not_on_this_host_is_a_clear_error(tmp_path: Path) -> None:
+    with Lab(f"tl{os.getpid() % 100000}", hosts=1) as lab:
+        result = lab.run(1, [sys.executable, "-m", "overlay.cli", "agent", "--vni", "1", "--local", "198.18.0.99"], check=False)
+        assert result.returncode == 1 and "198.18.0.99 is not an address of this host" in result.stderr
+
+
+def test_without_privileges_the_error_says_what_is_needed() -> None:
+    with Lab(f"tp{os.getpid() % 100000}", hosts=1) as lab:
+        # root without CAP_NET_ADMIN: the capability dropped from the bounding set before exec
+        result = lab.run(1, ["setpriv", "--bounding-set=-net_admin", sys.executable, "-m", "overlay.cli", "agent", "--vni", "1", "--local", "198.18.0.1"],
+                         check=False)
+        assert result.returncode == 1 and "CAP_NET_ADMIN" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_tun_device_is_a_clear_error() -> None:
+    from overlay.tap import Tap, TapError
+
+    with pytest.raises(TapError, match="modprobe tun"):
+        Tap.open("ovlx", dev="/nonexistent/tun")
