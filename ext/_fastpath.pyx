@@ -40,6 +40,7 @@ include "codec.pxi"
 include "table.pxi"
 include "syscalls.pxi"
 include "batch.pxi"
+include "offload.pxi"
 include "io.pxi"
 
 HEADROOM_BYTES = HEADROOM
@@ -57,7 +58,9 @@ DROP_REASONS = {
     "TX_ERROR": DROP_TX_ERROR,
     "TAP_WRITE": DROP_TAP_WRITE,
     "OVERSIZE": DROP_OVERSIZE,
+    "BAD_OFFLOAD": DROP_BAD_OFFLOAD,
 }
+VNET_HDR_BYTES = VNET_HLEN
 
 
 def encap(ForwardingCore core, FrameBatch batch, uint32_t vni, Py_ssize_t start=0, Py_ssize_t stop=-1):
@@ -92,14 +95,25 @@ def flow_source_port(const uint8_t[:] frame):
     return source_port(&frame[0], frame.shape[0])
 
 
-def pump_tx(ForwardingCore core, FrameBatch batch, uint32_t vni, int tap_fd, int raw_fd,
-            Py_ssize_t budget=256):
-    """TAP -> encap -> sendmmsg on the raw socket, until the TAP is drained or ``budget``
-    frames were read; return the number of frames read. Drops are counted in ``core``."""
+def pump_tx(ForwardingCore core, FrameBatch reads, FrameBatch frames, uint32_t vni, int tap_fd,
+            int raw_fd, Py_ssize_t budget=256):
+    """TAP -> offloads -> encap -> sendmmsg on the raw socket, until the TAP is drained or
+    ``budget`` frames were read; return the number of TAP reads. ``reads`` holds what the TAP
+    gives (virtio-net header + frame, up to 64 KiB), ``frames`` the ordinary frames made from
+    it. Drops are counted in ``core``."""
     cdef Py_ssize_t n
     with nogil:
-        n = pump_tap_to_udp(core, batch, vni, tap_fd, raw_fd, budget)
+        n = pump_tap_to_udp(core, reads, frames, vni, tap_fd, raw_fd, budget)
     return n
+
+
+def prepare(FrameBatch reads, Py_ssize_t i, FrameBatch frames, Py_ssize_t used=0):
+    """prepare_frame on slot i of ``reads`` (virtio-net header + frame, as put_frame placed
+    them) into ``frames`` from slot ``used``: (status, slots used after). For the tests."""
+    cdef Py_ssize_t u = used
+    reads.check_slot(i)
+    st = prepare_frame(reads.frame_ptr(i), reads.length[i], frames, &u)
+    return st, u
 
 
 def pump_rx(ForwardingCore core, FrameBatch batch, int udp_fd, int tap_fd, Py_ssize_t budget=256):

@@ -27,7 +27,8 @@ cdef enum:
     DROP_TX_ERROR = 10
     DROP_TAP_WRITE = 11
     DROP_OVERSIZE = 12
-    N_DROP_REASONS = 13
+    DROP_BAD_OFFLOAD = 13
+    N_DROP_REASONS = 14
 
 
 cdef inline uint32_t be16(const uint8_t* p) noexcept nogil:

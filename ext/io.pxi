@@ -1,4 +1,4 @@
-# ---- io.pxi: the pumps: TAP -> encap -> sendmmsg, and recvmmsg -> decap -> TAP ----
+# ---- io.pxi: the pumps: TAP -> offloads -> encap -> sendmmsg, and recvmmsg -> decap -> TAP ----
 #
 # One call drains a file descriptor in batches (up to ``budget`` frames, so one direction
 # cannot starve the other: the event loop calls again while the fd stays readable) with the GIL
@@ -12,7 +12,8 @@
 # the VXLAN header + frame, shared by all replicas.
 
 cdef Py_ssize_t read_tap(FrameBatch b, int fd) noexcept nogil:
-    """TAP reads into slots 0.. until EAGAIN or the batch is full; return how many frames."""
+    """TAP reads into slots 0.. until EAGAIN or the batch is full; return how many. Each slot
+    gets the virtio-net header and the frame, length[i] bytes from frame_ptr(i)."""
     cdef Py_ssize_t n = 0
     cdef ssize_t r
     while n < b.slots:
@@ -74,19 +75,34 @@ cdef void send_outputs(ForwardingCore core, FrameBatch b, int fd) noexcept nogil
         k += sent
 
 
-cdef Py_ssize_t pump_tap_to_udp(ForwardingCore core, FrameBatch b, uint32_t vni, int tap_fd,
-                                int raw_fd, Py_ssize_t budget) noexcept nogil:
-    cdef Py_ssize_t n, start, total = 0
+cdef void encap_and_send(ForwardingCore core, FrameBatch b, uint32_t vni, Py_ssize_t n,
+                         int raw_fd) noexcept nogil:
+    cdef Py_ssize_t start = 0
+    while start < n:
+        start = encap_batch(core, b, vni, start, n)
+        send_outputs(core, b, raw_fd)
+
+
+cdef Py_ssize_t pump_tap_to_udp(ForwardingCore core, FrameBatch reads, FrameBatch frames,
+                                uint32_t vni, int tap_fd, int raw_fd, Py_ssize_t budget) noexcept nogil:
+    cdef Py_ssize_t n, i, used, total = 0
+    cdef int st
     while total < budget:
-        n = read_tap(b, tap_fd)
+        n = read_tap(reads, tap_fd)
         if n == 0:
             break
-        start = 0
-        while start < n:
-            start = encap_batch(core, b, vni, start, n)
-            send_outputs(core, b, raw_fd)
+        used = 0
+        for i in range(n):
+            st = prepare_frame(reads.frame_ptr(i), reads.length[i], frames, &used)
+            if st == DROP_OUT_OF_ROOM and used > 0:     # frames is full: send it, then retry
+                encap_and_send(core, frames, vni, used, raw_fd)
+                used = 0
+                st = prepare_frame(reads.frame_ptr(i), reads.length[i], frames, &used)
+            if st != OK:
+                core.drop_counts[st] += 1
+        encap_and_send(core, frames, vni, used, raw_fd)
         total += n
-        if n < b.slots:
+        if n < reads.slots:
             break                # the TAP is drained
     return total
 
@@ -130,7 +146,10 @@ cdef Py_ssize_t pump_udp_to_tap(ForwardingCore core, FrameBatch b, int udp_fd, i
         for i in range(n):
             if b.status[i] != OK:
                 continue
-            w = c_write(tap_fd, b.frame_ptr(i), b.length[i])
+            # A plain frame behind an all-zero virtio-net header, in the bytes the VXLAN
+            # header (and two before it) held.
+            memset(b.frame_ptr(i) - VNET_HLEN, 0, VNET_HLEN)
+            w = c_write(tap_fd, b.frame_ptr(i) - VNET_HLEN, b.length[i] + VNET_HLEN)
             if w < 0:
                 core.drop_counts[DROP_TAP_WRITE] += 1
         total += n

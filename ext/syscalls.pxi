@@ -32,6 +32,7 @@ cdef extern from "<netinet/in.h>":
     uint16_t htons(uint16_t) nogil
     uint32_t htonl(uint32_t) nogil
     uint32_t ntohl(uint32_t) nogil
+    uint16_t ntohs(uint16_t) nogil
 
 cdef extern from "<unistd.h>":
     ssize_t c_read "read"(int fd, void* buf, size_t n) nogil

@@ -67,7 +67,7 @@ class Agent:
             raise AgentError(str(e)) from None
         try:
             self.mac = self.tap.configure(self.mtu, cfg.mac, cfg.address)
-            self.dataplane = Dataplane(fp, self.core, self.table, self.tap.fd, cfg.vni, cfg.local, cfg.port)
+            self.dataplane = Dataplane(fp, self.core, self.table, self.tap.fd, cfg.vni, cfg.local, cfg.port, self.mtu)
         except (TapError, DataplaneError) as e:
             self.tap.close()
             raise AgentError(str(e)) from None

@@ -27,9 +27,17 @@ from overlay.wire import Drop, mac_to_str
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # never fragment outer packets
 SO_ATTACH_FILTER = 26
 SOCKET_BUFFER = 8 << 20
-BATCH = 64
-BUDGET = 256  # frames per readiness event and direction, so neither starves the other
+READS = 16  # TAP reads per batch: each up to a 64 KiB TCP super-frame
+FRAMES = 1024  # ordinary frames made from them (a super-frame is up to ~45 segments)
+BATCH = 64  # datagrams per recvmmsg
+BUDGET = 256  # TAP reads or datagrams per readiness event, so neither direction starves the other
+MAX_READ = 65535 + 10  # the largest TAP read: an IP datagram's limit plus the virtio-net header
 MAINTENANCE_EVERY = 5.0  # seconds between ageing passes
+
+
+def slot_size(fp: Any, frame: int) -> int:
+    """A FrameBatch slot size that holds ``frame`` bytes behind the headroom, plus tailroom."""
+    return -(-(fp.HEADROOM_BYTES + frame + fp.TAILROOM_BYTES) // 64) * 64
 
 
 class DataplaneError(RuntimeError):
@@ -83,14 +91,16 @@ class Dataplane:
         vni: int,
         local: ipaddress.IPv4Address,
         port: int,
+        mtu: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fp, self.core, self.table = fp, core, table
         self.tap_fd, self.vni, self.local, self.port = tap_fd, vni, local, port
         self.clock = clock
         self.udp, self.raw = open_sockets(local, port)
-        self.tx_batch = fp.FrameBatch(BATCH)
-        self.rx_batch = fp.FrameBatch(BATCH)
+        self.reads = fp.FrameBatch(READS, slot_size=slot_size(fp, MAX_READ))
+        self.frames = fp.FrameBatch(FRAMES, slot_size=slot_size(fp, mtu + 18))  # + Ethernet, VLAN tag
+        self.rx_batch = fp.FrameBatch(BATCH, slot_size=slot_size(fp, mtu + 18))
         self.learn_outcomes: dict[str, int] = {}
         self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,7 +123,8 @@ class Dataplane:
 
     def _on_tap(self) -> None:
         self.wakeups["tx"] += 1
-        self.wakeups["tx_frames"] += self.fp.pump_tx(self.core, self.tx_batch, self.vni, self.tap_fd, self.raw.fileno(), BUDGET)
+        self.wakeups["tx_frames"] += self.fp.pump_tx(
+            self.core, self.reads, self.frames, self.vni, self.tap_fd, self.raw.fileno(), BUDGET)
 
     def _on_udp(self) -> None:
         self.wakeups["rx"] += 1

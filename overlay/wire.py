@@ -78,6 +78,7 @@ class Drop(enum.IntEnum):
     TX_ERROR = 10  # send: any other error of the UDP send (no route, buffer full, ...)
     TAP_WRITE = 11  # receive: the TAP refused the frame
     OVERSIZE = 12  # receive: datagram larger than a buffer slot (truncated, so dropped)
+    BAD_OFFLOAD = 13  # send: a TAP frame whose virtio-net header does not describe it
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """The fast path's pumps on real kernel sockets: loopback UDP, a raw socket, and a SEQPACKET
-socket pair standing in for the TAP (it keeps frame boundaries like a TAP; the real TAP is
-exercised by the lab tests). Needs root for the raw socket."""
+socket pair standing in for the TAP (it keeps frame boundaries like a TAP, and the test writes
+and reads the virtio-net header a TAP with IFF_VNET_HDR has; the real TAP is exercised by the
+lab tests). Needs root for the raw socket."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from overlay.wire import Drop
 
 fp = load()
 LOOPBACK = 0x7F000001
+PLAIN = bytes(10)  # virtio-net header of a plain frame: the TAP runs with IFF_VNET_HDR
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need root")
 
 FRAME = bytes.fromhex("020000000002 020000000001 0800") + bytes.fromhex(
@@ -40,9 +42,9 @@ def test_tap_frames_leave_as_vxlan_from_their_flow_port(sockets) -> None:
     core = fp.ForwardingCore()
     core.vni_add(42)
     core.flood_set(42, [(LOOPBACK, port)])
-    tap_kernel.send(FRAME)
-    tap_kernel.send(b"\xff" * 6 + FRAME[6:])
-    assert fp.pump_tx(core, fp.FrameBatch(8), 42, tap_agent.fileno(), raw.fileno()) == 2
+    tap_kernel.send(PLAIN + FRAME)
+    tap_kernel.send(PLAIN + b"\xff" * 6 + FRAME[6:])
+    assert fp.pump_tx(core, fp.FrameBatch(8), fp.FrameBatch(8), 42, tap_agent.fileno(), raw.fileno()) == 2
     udp.setblocking(True)
     udp.settimeout(5)
     received = [udp.recvfrom(4096) for _ in range(2)]
@@ -63,7 +65,7 @@ def test_datagrams_reach_the_tap_and_every_kind_of_junk_is_counted(sockets) -> N
         sender.sendto(junk, udp.getsockname())
     sender.sendto(wire.encode(42, FRAME), udp.getsockname())
     assert fp.pump_rx(core, batch, udp.fileno(), tap_agent.fileno()) == 5
-    assert tap_kernel.recv(4096) == FRAME
+    assert tap_kernel.recv(4096) == PLAIN + FRAME
     drops = core.drops()
     assert [drops[d] for d in (Drop.TOO_SHORT, Drop.NO_I_FLAG, Drop.UNKNOWN_VNI, Drop.OVERSIZE)] == [1, 1, 1, 1]
     assert core.take_learned() == [(42, 0x020000000001, LOOPBACK)]
@@ -89,9 +91,9 @@ def test_send_errors_are_counted_not_raised(sockets) -> None:
     core = fp.ForwardingCore()
     core.vni_add(42)
     core.flood_set(42, [(LOOPBACK, 4789)])
-    tap_kernel.send(FRAME)
+    tap_kernel.send(PLAIN + FRAME)
     raw_closed = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
     fd = raw_closed.detach()
     os.close(fd)  # a dead descriptor: EBADF on send
-    fp.pump_tx(core, fp.FrameBatch(4), 42, tap_agent.fileno(), fd)
+    fp.pump_tx(core, fp.FrameBatch(4), fp.FrameBatch(4), 42, tap_agent.fileno(), fd)
     assert core.drops()[Drop.TX_ERROR] == 1
