@@ -23,7 +23,7 @@ sendmmsg, recvmmsg, TAP writes). overlay/_fastpath.pyi types it.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memset, memcmp
 
 cdef extern from "<stdlib.h>":
     void* aligned_alloc(size_t alignment, size_t size) nogil
@@ -116,10 +116,14 @@ def prepare(FrameBatch reads, Py_ssize_t i, FrameBatch frames, Py_ssize_t used=0
     return st, u
 
 
-def pump_rx(ForwardingCore core, FrameBatch batch, int udp_fd, int tap_fd, Py_ssize_t budget=256):
-    """recvmmsg -> decap -> TAP writes, until the socket is drained or ``budget`` datagrams
-    were read; return the number read. Learned sources wait in ``core.take_learned()``."""
+def pump_rx(ForwardingCore core, FrameBatch batch, FrameBatch merge, int udp_fd, int tap_fd,
+            Py_ssize_t budget=256):
+    """recvmmsg -> decap -> TAP writes (TCP runs coalesced into super-frames built in
+    ``merge``, one slot of 64 KiB), until the socket is drained or ``budget`` datagrams were
+    read; return the number read. Learned sources wait in ``core.take_learned()``."""
     cdef Py_ssize_t n
+    if merge.max_frame_c < MAX_SUPER:
+        raise ValueError("merge needs a slot for a 64 KiB frame")
     with nogil:
-        n = pump_udp_to_tap(core, batch, udp_fd, tap_fd, budget)
+        n = pump_udp_to_tap(core, batch, merge, udp_fd, tap_fd, budget)
     return n

@@ -134,24 +134,68 @@ cdef Py_ssize_t recv_udp(FrameBatch b, int fd) noexcept nogil:
     return r
 
 
-cdef Py_ssize_t pump_udp_to_tap(ForwardingCore core, FrameBatch b, int udp_fd, int tap_fd,
-                                Py_ssize_t budget) noexcept nogil:
-    cdef Py_ssize_t n, i, total = 0
-    cdef ssize_t w
+cdef void write_plain(ForwardingCore core, FrameBatch b, Py_ssize_t i, int tap_fd) noexcept nogil:
+    """Write slot i's frame behind an all-zero virtio-net header, in the bytes the VXLAN
+    header (and two before it) held."""
+    memset(b.frame_ptr(i) - VNET_HLEN, 0, VNET_HLEN)
+    if c_write(tap_fd, b.frame_ptr(i) - VNET_HLEN, b.length[i] + VNET_HLEN) < 0:
+        core.drop_counts[DROP_TAP_WRITE] += 1
+
+
+cdef void write_run(ForwardingCore core, FrameBatch b, const Py_ssize_t* run, Py_ssize_t count,
+                    const Seg* head, const Seg* last, FrameBatch merge, int tap_fd) noexcept nogil:
+    cdef Py_ssize_t n
+    if count == 1:
+        write_plain(core, b, run[0], tap_fd)
+        return
+    n = merge_run(b, run, count, head, last, merge.frame_ptr(0))
+    if c_write(tap_fd, merge.frame_ptr(0) - VNET_HLEN, n + VNET_HLEN) < 0:
+        core.drop_counts[DROP_TAP_WRITE] += count
+    core.coalesced += count
+
+
+cdef void write_tap(ForwardingCore core, FrameBatch b, Py_ssize_t n, FrameBatch merge,
+                    int tap_fd) noexcept nogil:
+    """The passing frames of a decapsulated batch to the TAP, in order, runs of one TCP
+    stream's segments coalesced into super-frames (offload.coalesce)."""
+    cdef Py_ssize_t i, count = 0, total = 0
+    cdef Py_ssize_t run[MAX_RUN]
+    cdef Seg head, last, s
+    cdef bint seg
+    for i in range(n):
+        if b.status[i] != OK:
+            continue
+        seg = tcp_segment(b.frame_ptr(i), b.length[i], &s)
+        if count and seg and joins(b.frame_ptr(run[0]), &head, &last, total, count, b.frame_ptr(i), &s):
+            run[count] = i
+            count += 1
+            last = s
+            total += s.payload
+            continue
+        if count:
+            write_run(core, b, run, count, &head, &last, merge, tap_fd)
+            count = 0
+        if seg:
+            run[0] = i
+            count = 1
+            head = s
+            last = s
+            total = s.payload
+        else:
+            write_plain(core, b, i, tap_fd)
+    if count:
+        write_run(core, b, run, count, &head, &last, merge, tap_fd)
+
+
+cdef Py_ssize_t pump_udp_to_tap(ForwardingCore core, FrameBatch b, FrameBatch merge, int udp_fd,
+                                int tap_fd, Py_ssize_t budget) noexcept nogil:
+    cdef Py_ssize_t n, total = 0
     while total < budget:
         n = recv_udp(b, udp_fd)
         if n == 0:
             break
         decap_batch(core, b, n)
-        for i in range(n):
-            if b.status[i] != OK:
-                continue
-            # A plain frame behind an all-zero virtio-net header, in the bytes the VXLAN
-            # header (and two before it) held.
-            memset(b.frame_ptr(i) - VNET_HLEN, 0, VNET_HLEN)
-            w = c_write(tap_fd, b.frame_ptr(i) - VNET_HLEN, b.length[i] + VNET_HLEN)
-            if w < 0:
-                core.drop_counts[DROP_TAP_WRITE] += 1
+        write_tap(core, b, n, merge, tap_fd)
         total += n
         if n < b.slots:
             break                          # the socket is drained

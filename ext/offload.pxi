@@ -171,3 +171,118 @@ cdef int prepare_frame(uint8_t* v, Py_ssize_t n, FrameBatch out, Py_ssize_t* use
     out.length[used[0]] = <uint32_t>n
     used[0] += 1
     return OK
+
+
+# ---- receive: coalescing TCP segments into super-frames (overlay/offload.py: coalesce) ----
+
+cdef enum:
+    MAX_RUN = 64
+    MAX_SUPER = 65535
+
+
+cdef struct Seg:
+    bint v6
+    Py_ssize_t l4, end, payload
+    uint32_t seq
+    uint8_t flags
+
+
+cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef bint tcp_segment(const uint8_t* f, Py_ssize_t n, Seg* s) noexcept nogil:
+    """offload._tcp_segment: is ``f`` a coalescable TCP segment? Fills ``s`` if so."""
+    cdef uint32_t ethertype = be16(f + 12)
+    cdef uint64_t acc
+    if ethertype == 0x0800 and n >= 34:
+        if (f[14] >> 4) != 4 or (f[14] & 0x0F) != 5 or f[23] != 6 or be16(f + 16) != n - 14:
+            return False
+        if be16(f + 20) & 0x3FFF:
+            return False
+        s.l4 = 34
+        s.v6 = False
+        acc = ones_add(f + 26, 8, 6 + (n - 34))
+    elif ethertype == 0x86DD and n >= 54:
+        if (f[14] >> 4) != 6 or f[20] != 6 or be16(f + 18) != n - 54:
+            return False
+        s.l4 = 54
+        s.v6 = True
+        acc = ones_add(f + 22, 32, 6 + (n - 54))
+    else:
+        return False
+    if n < s.l4 + 20:
+        return False
+    s.end = s.l4 + (f[s.l4 + 12] >> 4) * 4
+    s.flags = f[s.l4 + 13]
+    if s.end < s.l4 + 20 or s.end >= n or (s.flags & ~(0x10 | 0x08)) or not (s.flags & 0x10):
+        return False
+    if fold(ones_add(f + s.l4, n - s.l4, acc)) != 0xFFFF:
+        return False
+    s.seq = be32(f + s.l4 + 4)
+    s.payload = n - s.end
+    return True
+
+
+cdef bint joins(const uint8_t* first, const Seg* h, const Seg* last, Py_ssize_t total,
+                Py_ssize_t count, const uint8_t* f, const Seg* s) noexcept nogil:
+    """offload._joins: may segment ``f`` extend the run that starts with ``first``?"""
+    cdef Py_ssize_t l4 = h.l4
+    if s.v6 != h.v6 or s.end != h.end or count >= MAX_RUN or total + s.payload > MAX_SUPER - (h.end - 14):
+        return False
+    if (last.flags & 0x08) or last.payload != h.payload or s.payload > h.payload:
+        return False
+    if s.seq != last.seq + <uint32_t>last.payload:
+        return False
+    if memcmp(f, first, 14) != 0:
+        return False
+    if h.v6:
+        if memcmp(f + 14, first + 14, 4) != 0 or memcmp(f + 21, first + 21, 33) != 0:
+            return False
+    else:
+        if f[15] != first[15] or (f[20] & 0x40) != (first[20] & 0x40) or memcmp(f + 22, first + 22, 2) != 0 \
+                or memcmp(f + 26, first + 26, 8) != 0:
+            return False
+    return (memcmp(f + l4, first + l4, 4) == 0 and memcmp(f + l4 + 8, first + l4 + 8, 5) == 0
+            and memcmp(f + l4 + 14, first + l4 + 14, 2) == 0
+            and memcmp(f + l4 + 20, first + l4 + 20, h.end - l4 - 20) == 0
+            and (f[l4 + 13] & ~0x08) == (first[l4 + 13] & ~0x08))
+
+
+cdef inline void write_vnet(uint8_t* p, uint8_t flags, uint8_t gso_type, uint16_t hdr_len,
+                            uint16_t gso_size, uint16_t csum_start, uint16_t csum_offset) noexcept nogil:
+    p[0] = flags
+    p[1] = gso_type
+    p[2] = hdr_len & 0xFF
+    p[3] = hdr_len >> 8
+    p[4] = gso_size & 0xFF
+    p[5] = gso_size >> 8
+    p[6] = csum_start & 0xFF
+    p[7] = csum_start >> 8
+    p[8] = csum_offset & 0xFF
+    p[9] = csum_offset >> 8
+
+
+cdef Py_ssize_t merge_run(FrameBatch b, const Py_ssize_t* run, Py_ssize_t count, const Seg* h,
+                          const Seg* last, uint8_t* out) noexcept nogil:
+    """offload._merge into ``out`` (a frame, with room for the virtio-net header before it);
+    returns the frame's length."""
+    cdef Py_ssize_t k, n = h.end, l4 = h.l4, tcp_len
+    cdef uint64_t acc
+    memcpy(out, b.frame_ptr(run[0]), h.end)
+    for k in range(count):
+        memcpy(out + n, b.frame_ptr(run[k]) + h.end, b.length[run[k]] - h.end)
+        n += b.length[run[k]] - h.end
+    out[l4 + 13] |= last.flags & 0x08
+    tcp_len = n - l4
+    if h.v6:
+        put16(out + 18, n - 54)
+        acc = ones_add(out + 22, 32, 6 + tcp_len)
+    else:
+        put16(out + 16, n - 14)
+        put16(out + 24, 0)
+        put16(out + 24, ~fold(ones_add(out + 14, 20, 0)) & 0xFFFF)
+        acc = ones_add(out + 26, 8, 6 + tcp_len)
+    put16(out + l4 + 16, fold(acc))
+    write_vnet(out - VNET_HLEN, F_NEEDS_CSUM, GSO_TCPV6 if h.v6 else GSO_TCPV4, h.end, h.payload, l4, 16)
+    return n

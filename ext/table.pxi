@@ -45,6 +45,7 @@ cdef class ForwardingCore:
     cdef Learned learned[LEARN_RING]
     cdef uint32_t n_learned
     cdef readonly uint64_t learn_overflow
+    cdef readonly uint64_t coalesced    # received frames written to the TAP inside super-frames
 
     def __cinit__(self, Py_ssize_t capacity=1024, bint allow_vlan=False, bint source_check=False):
         hm_init(&self.fdb, max(capacity, 16))

@@ -101,6 +101,7 @@ class Dataplane:
         self.reads = fp.FrameBatch(READS, slot_size=slot_size(fp, MAX_READ))
         self.frames = fp.FrameBatch(FRAMES, slot_size=slot_size(fp, mtu + 18))  # + Ethernet, VLAN tag
         self.rx_batch = fp.FrameBatch(BATCH, slot_size=slot_size(fp, mtu + 18))
+        self.merge = fp.FrameBatch(1, slot_size=slot_size(fp, MAX_READ))
         self.learn_outcomes: dict[str, int] = {}
         self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,7 +129,8 @@ class Dataplane:
 
     def _on_udp(self) -> None:
         self.wakeups["rx"] += 1
-        self.wakeups["rx_frames"] += self.fp.pump_rx(self.core, self.rx_batch, self.udp.fileno(), self.tap_fd, BUDGET)
+        self.wakeups["rx_frames"] += self.fp.pump_rx(
+            self.core, self.rx_batch, self.merge, self.udp.fileno(), self.tap_fd, BUDGET)
         learned = self.core.take_learned()
         if learned:
             now = self.clock()
@@ -173,6 +175,7 @@ class Dataplane:
                 "evicted": counters.evicted,
                 "learn_overflow": self.core.learn_overflow,
             },
+            "coalesced_frames": self.core.coalesced,
         }
 
     def fdb(self) -> list[dict[str, Any]]:

@@ -23,6 +23,10 @@ FRAME = bytes.fromhex("020000000002 020000000001 0800") + bytes.fromhex(
     "4500001c000140004011000 0c6130001c6130002".replace(" ", "")) + bytes.fromhex("13881389000800000000") + bytes(20)
 
 
+def merge() -> "fp.FrameBatch":
+    return fp.FrameBatch(1, slot_size=65536 + 128)
+
+
 @pytest.fixture
 def sockets():
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -64,7 +68,7 @@ def test_datagrams_reach_the_tap_and_every_kind_of_junk_is_counted(sockets) -> N
     for junk in (os.urandom(5), b"\x00" * 30, wire.encode(43, FRAME), wire.encode(42, FRAME) + bytes(300)):
         sender.sendto(junk, udp.getsockname())
     sender.sendto(wire.encode(42, FRAME), udp.getsockname())
-    assert fp.pump_rx(core, batch, udp.fileno(), tap_agent.fileno()) == 5
+    assert fp.pump_rx(core, batch, merge(), udp.fileno(), tap_agent.fileno()) == 5
     assert tap_kernel.recv(4096) == PLAIN + FRAME
     drops = core.drops()
     assert [drops[d] for d in (Drop.TOO_SHORT, Drop.NO_I_FLAG, Drop.UNKNOWN_VNI, Drop.OVERSIZE)] == [1, 1, 1, 1]
@@ -81,7 +85,7 @@ def test_a_refused_tap_write_is_counted(sockets) -> None:
     tap_kernel.close()  # writes to the "TAP" now fail (EPIPE)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender.sendto(wire.encode(42, FRAME), udp.getsockname())
-    fp.pump_rx(core, fp.FrameBatch(4), udp.fileno(), tap_agent.fileno())
+    fp.pump_rx(core, fp.FrameBatch(4), merge(), udp.fileno(), tap_agent.fileno())
     assert core.drops()[Drop.TAP_WRITE] == 1
     sender.close()
 
@@ -97,3 +101,70 @@ def test_send_errors_are_counted_not_raised(sockets) -> None:
     os.close(fd)  # a dead descriptor: EBADF on send
     fp.pump_tx(core, fp.FrameBatch(4), fp.FrameBatch(4), 42, tap_agent.fileno(), fd)
     assert core.drops()[Drop.TX_ERROR] == 1
+
+
+def tcp_stream(count: int, mss: int, v6: bool = False, psh_at: int | None = None) -> list[bytes]:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+
+    l3 = IPv6(src="2001:db8::1", dst="2001:db8::2") if v6 else IP(src="198.19.0.1", dst="198.19.0.2", flags="DF")
+    frames = []
+    for k in range(count):
+        flags = "PA" if k == psh_at else "A"
+        frames.append(bytes(Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01") / l3
+                            / TCP(sport=5201, dport=40000, seq=1000 + k * mss, ack=77, flags=flags,
+                                  options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))])
+                            / (bytes([k]) * mss)))
+    return frames
+
+
+def through_rx_pump(frames: list[bytes], sockets) -> list[bytes]:
+    """Send ``frames`` as VXLAN datagrams, run pump_rx once, return what it wrote to the 'TAP'."""
+    udp, _, tap_agent, tap_kernel = sockets
+    core = fp.ForwardingCore()
+    core.vni_add(42)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for f in frames:
+        sender.sendto(wire.encode(42, f), udp.getsockname())
+    sender.close()
+    assert fp.pump_rx(core, fp.FrameBatch(64), merge(), udp.fileno(), tap_agent.fileno()) == len(frames)
+    tap_kernel.setblocking(False)
+    out = []
+    while True:
+        try:
+            out.append(tap_kernel.recv(1 << 17))
+        except BlockingIOError:
+            return out
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        tcp_stream(10, 1000),                          # one run
+        tcp_stream(10, 1000, v6=True),
+        tcp_stream(10, 1000, psh_at=4),                # PSH ends a run
+        tcp_stream(3, 1000) + [FRAME] + tcp_stream(3, 1000),  # another frame in between
+        tcp_stream(5, 1000)[:2] + tcp_stream(5, 1000)[3:],    # a gap in the sequence
+        [tcp_stream(1, 1000)[0][:-1] + b"x"] + tcp_stream(4, 1000)[1:],  # bad checksum: alone
+    ],
+    ids=["run", "run-v6", "psh", "interleaved", "gap", "bad-checksum"],
+)
+def test_received_tcp_runs_are_written_as_the_reference_coalesces_them(frames: list[bytes], sockets) -> None:
+    from overlay import offload
+
+    expected = [h.pack() + f for h, f in offload.coalesce(frames)]
+    assert through_rx_pump(frames, sockets) == expected
+    assert len(expected) < len(frames)  # something was coalesced
+
+
+def test_a_coalesced_super_frame_segments_back_into_the_original_frames(sockets) -> None:
+    from overlay import offload
+
+    frames = tcp_stream(8, 1200)
+    (written,) = through_rx_pump(frames, sockets)
+    hdr = offload.VnetHdr.unpack(written)
+    assert hdr.gso_type == offload.GSO_TCPV4 and hdr.gso_size == 1200
+    # The kernel leaves the IP ID of the first segment on every segment after it; ours rises.
+    resegmented = offload.segment(hdr, written[10:])
+    assert [s[:18] + s[20:24] + s[26:] for s in resegmented] == [f[:18] + f[20:24] + f[26:] for f in frames]
