@@ -96,14 +96,21 @@ def flow_source_port(const uint8_t[:] frame):
 
 
 def pump_tx(ForwardingCore core, FrameBatch reads, FrameBatch frames, uint32_t vni, int tap_fd,
-            int raw_fd, Py_ssize_t budget=256):
-    """TAP -> offloads -> encap -> sendmmsg on the raw socket, until the TAP is drained or
-    ``budget`` frames were read; return the number of TAP reads. ``reads`` holds what the TAP
-    gives (virtio-net header + frame, up to 64 KiB), ``frames`` the ordinary frames made from
-    it. Drops are counted in ``core``."""
+            send_fds, Py_ssize_t budget=256):
+    """TAP -> offloads -> encap -> sendmmsg, until the TAP is drained or ``budget`` frames were
+    read; return the number of TAP reads. ``reads`` holds what the TAP gives (virtio-net header
+    + frame, up to 64 KiB), ``frames`` the ordinary frames made from it; ``send_fds`` are the
+    UDP sockets to send from (1 to 64; a flow always uses the same one). Drops are counted in
+    ``core``; a TAP error leaves its errno in ``reads.io_error``."""
+    cdef int fds[64]
+    cdef int n_fds = len(send_fds)
     cdef Py_ssize_t n
+    if not 1 <= n_fds <= 64:
+        raise ValueError("send_fds: 1 to 64 sockets")
+    for n in range(n_fds):
+        fds[n] = send_fds[n]
     with nogil:
-        n = pump_tap_to_udp(core, reads, frames, vni, tap_fd, raw_fd, budget)
+        n = pump_tap_to_udp(core, reads, frames, vni, tap_fd, fds, n_fds, budget)
     return n
 
 
@@ -116,14 +123,16 @@ def prepare(FrameBatch reads, Py_ssize_t i, FrameBatch frames, Py_ssize_t used=0
     return st, u
 
 
-def pump_rx(ForwardingCore core, FrameBatch batch, FrameBatch merge, int udp_fd, int tap_fd,
-            Py_ssize_t budget=256):
-    """recvmmsg -> decap -> TAP writes (TCP runs coalesced into super-frames built in
-    ``merge``, one slot of 64 KiB), until the socket is drained or ``budget`` datagrams were
-    read; return the number read. Learned sources wait in ``core.take_learned()``."""
+def pump_rx(ForwardingCore core, FrameBatch msgs, FrameBatch frames, FrameBatch merge, int udp_fd,
+            int tap_fd, Py_ssize_t budget=256):
+    """recvmmsg -> decap -> TAP writes, until the socket is drained or ``budget`` datagrams
+    were handled; return how many. ``msgs`` receives (slots of 64 KiB: UDP_GRO merges
+    datagrams), ``frames`` holds one datagram per slot, ``merge`` (one 64 KiB slot) builds TCP
+    super-frames. Learned sources wait in ``core.take_learned()``; a socket error leaves its
+    errno in ``msgs.io_error``."""
     cdef Py_ssize_t n
     if merge.max_frame_c < MAX_SUPER:
         raise ValueError("merge needs a slot for a 64 KiB frame")
     with nogil:
-        n = pump_udp_to_tap(core, batch, merge, udp_fd, tap_fd, budget)
+        n = pump_udp_to_tap(core, msgs, frames, merge, udp_fd, tap_fd, budget)
     return n

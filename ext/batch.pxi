@@ -30,6 +30,10 @@ cdef class FrameBatch:
     cdef uint32_t* vni          # per slot after decap
     cdef uint32_t* src_ip       # per slot before decap: outer source IPv4 (host order)
     cdef uint8_t* truncated     # per slot before decap: larger than the slot (MSG_TRUNC)
+    cdef uint32_t* gso          # per slot after recvmmsg: UDP_GRO datagram size, 0 if one datagram
+    cdef uint32_t* msg_vtep     # per send message: its VTEP id
+    cdef uint64_t* msg_bytes    # per send message: inner bytes
+    cdef public int io_error    # errno of a failed TAP read or recvmmsg (not EAGAIN), else 0
     cdef uint64_t* scratch      # per slot: hash of the lookup key, so lookups can prefetch
     cdef uint16_t* out_slot
     cdef uint32_t* out_vtep
@@ -54,6 +58,11 @@ cdef class FrameBatch:
         self.vni = <uint32_t*>calloc(slots, sizeof(uint32_t))
         self.src_ip = <uint32_t*>calloc(slots, sizeof(uint32_t))
         self.truncated = <uint8_t*>calloc(slots, sizeof(uint8_t))
+        self.gso = <uint32_t*>calloc(slots, sizeof(uint32_t))
+        self.msg_vtep = <uint32_t*>calloc(self.out_capacity, sizeof(uint32_t))
+        self.msg_bytes = <uint64_t*>calloc(self.out_capacity, sizeof(uint64_t))
+        if self.gso == NULL or self.msg_vtep == NULL or self.msg_bytes == NULL:
+            raise MemoryError()
         self.max_frame_c = slot_size - HEADROOM - TAILROOM
         io_init(&self.rx, slots)
         io_init(&self.tx, self.out_capacity)
@@ -70,7 +79,7 @@ cdef class FrameBatch:
     def __dealloc__(self):
         free(self.mem); free(self.length); free(self.dgram_len); free(self.status); free(self.vni); free(self.src_ip)
         free(self.scratch); free(self.out_slot); free(self.out_vtep); free(self.out_sport)
-        free(self.truncated)
+        free(self.truncated); free(self.gso); free(self.msg_vtep); free(self.msg_bytes)
         io_free(&self.rx)
         io_free(&self.tx)
 

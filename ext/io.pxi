@@ -1,15 +1,17 @@
 # ---- io.pxi: the pumps: TAP -> offloads -> encap -> sendmmsg, and recvmmsg -> decap -> TAP ----
 #
-# One call drains a file descriptor in batches (up to ``budget`` frames, so one direction
-# cannot starve the other: the event loop calls again while the fd stays readable) with the GIL
-# released and no Python object per frame.
+# One call drains a file descriptor in batches (up to ``budget`` TAP reads or datagrams, so
+# one direction cannot starve the other: the event loop calls again while the fd stays
+# readable) with the GIL released and no Python object per frame.
 #
-# Sending uses a raw IPv4 socket (IPPROTO_UDP): the kernel writes the outer IP header (source =
-# the socket's bound address, DF set by IP_PMTUDISC_DO) and we write the 8-byte UDP header,
-# which is how every flow gets its own source port (RFC 7348 section 5) while receiving stays on
-# the ordinary UDP socket bound to the VXLAN port. A datagram is two iovecs: that UDP header
-# (one per output, since a flooded frame goes to VTEPs that may listen on different ports) and
-# the VXLAN header + frame, shared by all replicas.
+# Both directions move many datagrams per trip through the kernel's UDP stack:
+# - send: consecutive datagrams to one VTEP of one size (the segments of a TCP super-frame, a
+#   burst of same-size frames) go as one message with UDP_SEGMENT (UDP GSO), which the kernel
+#   cuts into datagrams as late as it can; each message is sent from the socket of a small
+#   pool that the inner flow hashes to, so flows keep distinct, stable UDP source ports
+#   (RFC 7348 section 5) while the socket layer does the work;
+# - receive: the socket has UDP_GRO, so the kernel hands over consecutive datagrams of one
+#   flow as one message with their size; ``split_datagrams`` puts each in its own slot.
 
 cdef Py_ssize_t read_tap(FrameBatch b, int fd) noexcept nogil:
     """TAP reads into slots 0.. until EAGAIN or the batch is full; return how many. Each slot
@@ -21,70 +23,122 @@ cdef Py_ssize_t read_tap(FrameBatch b, int fd) noexcept nogil:
         if r < 0:
             if errno == EINTR:
                 continue
-            break                # EAGAIN: drained (other errors: the loop will tell)
+            if errno != EAGAIN:
+                b.io_error = errno   # the TAP is gone or broken: the agent must hear of it
+            break
         b.length[n] = <uint32_t>r
         n += 1
     return n
 
 
-cdef void send_outputs(ForwardingCore core, FrameBatch b, int fd) noexcept nogil:
-    """sendmmsg every output of the last encap; count what the kernel refused."""
-    cdef Py_ssize_t j, k = 0
-    cdef int sent
-    cdef CVtep* v
-    cdef uint8_t* h
-    cdef uint32_t flen, dlen
+cdef enum:
+    MAX_GSO_SEGMENTS = 64       # the kernel's UDP_MAX_SEGMENTS
+    MAX_GSO_BYTES = 60000       # and a message stays below 64 KiB of UDP payload
+
+
+cdef inline int sender_of(uint16_t sport, const int* fds, int n_fds) noexcept nogil:
+    return fds[sport % n_fds]
+
+
+cdef void flush_messages(ForwardingCore core, FrameBatch b, Py_ssize_t first, Py_ssize_t n_msgs,
+                         int fd) noexcept nogil:
+    """sendmmsg messages first..first+n_msgs-1 on ``fd``; count what went and what failed."""
     cdef IoArrays* io = &b.tx
-    for j in range(b.n_out):
-        v = &core.vteps[b.out_vtep[j]]
-        flen = b.length[b.out_slot[j]]
-        dlen = UDP_HLEN + VXLAN_HLEN + flen
-        h = io.udp_hdrs + j * UDP_HLEN
-        h[0] = b.out_sport[j] >> 8
-        h[1] = b.out_sport[j] & 0xFF
-        h[2] = v.port >> 8
-        h[3] = v.port & 0xFF
-        h[4] = dlen >> 8
-        h[5] = dlen & 0xFF
-        h[6] = 0                  # UDP checksum 0: allowed for IPv4 (RFC 7348 section 5)
-        h[7] = 0
-        io.iovs[2 * j].iov_base = h
-        io.iovs[2 * j].iov_len = UDP_HLEN
-        io.iovs[2 * j + 1].iov_base = b.frame_ptr(b.out_slot[j]) - VXLAN_HLEN
-        io.iovs[2 * j + 1].iov_len = VXLAN_HLEN + flen
-        io.addrs[j].sin_family = AF_INET
-        io.addrs[j].sin_port = 0
-        io.addrs[j].sin_addr.s_addr = htonl(v.ip)
-        io.msgs[j].msg_hdr.msg_name = &io.addrs[j]
-        io.msgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_in)
-        io.msgs[j].msg_hdr.msg_iov = &io.iovs[2 * j]
-        io.msgs[j].msg_hdr.msg_iovlen = 2
-    while k < b.n_out:
-        sent = sendmmsg(fd, &io.msgs[k], b.n_out - k, 0)
+    cdef Py_ssize_t k = first, end = first + n_msgs, j
+    cdef int sent
+    cdef uint32_t segs
+    cdef CVtep* v
+    while k < end:
+        sent = sendmmsg(fd, &io.msgs[k], end - k, 0)
         if sent < 0:
             if errno == EINTR:
                 continue
-            # The first remaining datagram failed: count it and go on with the rest.
-            core.drop_counts[DROP_TOO_BIG if errno == EMSGSIZE else DROP_TX_ERROR] += 1
+            # The first remaining message failed: count its datagrams and go on with the rest.
+            segs = io.msgs[k].msg_hdr.msg_iovlen
+            if errno == EMSGSIZE or (errno == EINVAL and segs > 1):
+                core.drop_counts[DROP_TOO_BIG] += segs   # larger than the path MTU (DF is set)
+            else:
+                core.drop_counts[DROP_TX_ERROR] += segs
             k += 1
             continue
         for j in range(k, k + sent):
-            v = &core.vteps[b.out_vtep[j]]
-            v.tx_frames += 1
-            v.tx_bytes += b.length[b.out_slot[j]]
+            v = &core.vteps[b.msg_vtep[j]]
+            v.tx_frames += io.msgs[j].msg_hdr.msg_iovlen
+            v.tx_bytes += b.msg_bytes[j]
         k += sent
 
 
+cdef void send_outputs(ForwardingCore core, FrameBatch b, const int* fds, int n_fds) noexcept nogil:
+    """Send every output of the last encap: consecutive outputs to one VTEP from one socket
+    with one datagram size (the last may be shorter) become one UDP_SEGMENT message."""
+    cdef IoArrays* io = &b.tx
+    cdef Py_ssize_t j = 0, m = 0, first = 0, iov = 0
+    cdef uint32_t size, dlen, count, total
+    cdef int fd, fd_prev = -1
+    cdef CVtep* v
+    cdef cmsghdr* c
+    while j < b.n_out:
+        v = &core.vteps[b.out_vtep[j]]
+        fd = sender_of(b.out_sport[j], fds, n_fds)
+        if fd != fd_prev and m > first:
+            flush_messages(core, b, first, m - first, fd_prev)
+            first = m
+        fd_prev = fd
+        size = VXLAN_HLEN + b.length[b.out_slot[j]]
+        io.msgs[m].msg_hdr.msg_iov = &io.iovs[iov]
+        count = 0
+        total = 0
+        b.msg_bytes[m] = 0
+        while True:      # gather this message's datagrams
+            dlen = VXLAN_HLEN + b.length[b.out_slot[j]]
+            io.iovs[iov].iov_base = b.frame_ptr(b.out_slot[j]) - VXLAN_HLEN
+            io.iovs[iov].iov_len = dlen
+            iov += 1
+            count += 1
+            total += dlen
+            b.msg_bytes[m] += dlen - VXLAN_HLEN
+            j += 1
+            if dlen < size or j == b.n_out or count == MAX_GSO_SEGMENTS \
+                    or b.out_vtep[j] != b.out_vtep[j - 1] \
+                    or sender_of(b.out_sport[j], fds, n_fds) != fd \
+                    or VXLAN_HLEN + b.length[b.out_slot[j]] > size \
+                    or total + size > MAX_GSO_BYTES:
+                break
+        io.addrs[m].sin_family = AF_INET
+        io.addrs[m].sin_port = htons(v.port)
+        io.addrs[m].sin_addr.s_addr = htonl(v.ip)
+        io.msgs[m].msg_hdr.msg_name = &io.addrs[m]
+        io.msgs[m].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        io.msgs[m].msg_hdr.msg_iovlen = count
+        io.msgs[m].msg_hdr.msg_flags = 0
+        if count > 1:
+            c = <cmsghdr*>(io.ctrl + m * CTRL_SPACE)
+            c.cmsg_len = sizeof(cmsghdr) + sizeof(uint16_t)
+            c.cmsg_level = SOL_UDP
+            c.cmsg_type = UDP_SEGMENT
+            (<uint16_t*>(<uint8_t*>c + sizeof(cmsghdr)))[0] = <uint16_t>size
+            io.msgs[m].msg_hdr.msg_control = c
+            io.msgs[m].msg_hdr.msg_controllen = CTRL_SPACE
+        else:
+            io.msgs[m].msg_hdr.msg_control = NULL
+            io.msgs[m].msg_hdr.msg_controllen = 0
+        b.msg_vtep[m] = b.out_vtep[j - 1]
+        m += 1
+    if m > first:
+        flush_messages(core, b, first, m - first, fd_prev)
+
+
 cdef void encap_and_send(ForwardingCore core, FrameBatch b, uint32_t vni, Py_ssize_t n,
-                         int raw_fd) noexcept nogil:
+                         const int* fds, int n_fds) noexcept nogil:
     cdef Py_ssize_t start = 0
     while start < n:
         start = encap_batch(core, b, vni, start, n)
-        send_outputs(core, b, raw_fd)
+        send_outputs(core, b, fds, n_fds)
 
 
 cdef Py_ssize_t pump_tap_to_udp(ForwardingCore core, FrameBatch reads, FrameBatch frames,
-                                uint32_t vni, int tap_fd, int raw_fd, Py_ssize_t budget) noexcept nogil:
+                                uint32_t vni, int tap_fd, const int* fds, int n_fds,
+                                Py_ssize_t budget) noexcept nogil:
     cdef Py_ssize_t n, i, used, total = 0
     cdef int st
     while total < budget:
@@ -95,12 +149,12 @@ cdef Py_ssize_t pump_tap_to_udp(ForwardingCore core, FrameBatch reads, FrameBatc
         for i in range(n):
             st = prepare_frame(reads.frame_ptr(i), reads.length[i], frames, &used)
             if st == DROP_OUT_OF_ROOM and used > 0:     # frames is full: send it, then retry
-                encap_and_send(core, frames, vni, used, raw_fd)
+                encap_and_send(core, frames, vni, used, fds, n_fds)
                 used = 0
                 st = prepare_frame(reads.frame_ptr(i), reads.length[i], frames, &used)
             if st != OK:
                 core.drop_counts[st] += 1
-        encap_and_send(core, frames, vni, used, raw_fd)
+        encap_and_send(core, frames, vni, used, fds, n_fds)
         total += n
         if n < reads.slots:
             break                # the TAP is drained
@@ -108,10 +162,12 @@ cdef Py_ssize_t pump_tap_to_udp(ForwardingCore core, FrameBatch reads, FrameBatc
 
 
 cdef Py_ssize_t recv_udp(FrameBatch b, int fd) noexcept nogil:
-    """recvmmsg into slots 0.. (each at HEADROOM - 8); fill dgram_len and src_ip."""
+    """recvmmsg into slots 0.. (each at HEADROOM - 8): one message per slot, which UDP_GRO may
+    have filled with several datagrams of one size (gso[i]; 0 for a single datagram)."""
     cdef Py_ssize_t i
     cdef int r
     cdef IoArrays* io = &b.rx
+    cdef cmsghdr* c
     for i in range(b.slots):
         io.iovs[i].iov_base = b.frame_ptr(i) - VXLAN_HLEN
         io.iovs[i].iov_len = b.max_frame_c + VXLAN_HLEN
@@ -119,6 +175,8 @@ cdef Py_ssize_t recv_udp(FrameBatch b, int fd) noexcept nogil:
         io.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
         io.msgs[i].msg_hdr.msg_iov = &io.iovs[i]
         io.msgs[i].msg_hdr.msg_iovlen = 1
+        io.msgs[i].msg_hdr.msg_control = io.ctrl + i * CTRL_SPACE
+        io.msgs[i].msg_hdr.msg_controllen = CTRL_SPACE
         io.msgs[i].msg_hdr.msg_flags = 0
     while True:
         r = recvmmsg(fd, io.msgs, b.slots, MSG_DONTWAIT, NULL)
@@ -126,12 +184,44 @@ cdef Py_ssize_t recv_udp(FrameBatch b, int fd) noexcept nogil:
             continue
         break
     if r <= 0:
+        if r < 0 and errno != EAGAIN:
+            b.io_error = errno
         return 0
     for i in range(r):
         b.dgram_len[i] = io.msgs[i].msg_len
         b.src_ip[i] = ntohl(io.addrs[i].sin_addr.s_addr)
         b.truncated[i] = (io.msgs[i].msg_hdr.msg_flags & MSG_TRUNC) != 0
+        b.gso[i] = 0
+        c = <cmsghdr*>(io.ctrl + i * CTRL_SPACE)
+        if io.msgs[i].msg_hdr.msg_controllen >= sizeof(cmsghdr) + sizeof(int) \
+                and c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
+            b.gso[i] = (<int*>(<uint8_t*>c + sizeof(cmsghdr)))[0]
     return r
+
+
+cdef Py_ssize_t split_datagrams(FrameBatch msgs, Py_ssize_t i, Py_ssize_t* offset, FrameBatch out,
+                                Py_ssize_t used) noexcept nogil:
+    """Copy the datagrams of message i (from byte offset[0]) into ``out`` slots used..; stop
+    when ``out`` is full. Returns the slots used after; offset[0] is where to go on."""
+    cdef Py_ssize_t size = msgs.gso[i] if msgs.gso[i] > 0 else msgs.dgram_len[i]
+    cdef Py_ssize_t length
+    cdef uint8_t* base = msgs.frame_ptr(i) - VXLAN_HLEN
+    while offset[0] < msgs.dgram_len[i] and used < out.slots:
+        length = min(size, msgs.dgram_len[i] - offset[0])
+        out.truncated[used] = msgs.truncated[i] or length > out.max_frame_c + VXLAN_HLEN
+        out.dgram_len[used] = <uint32_t>length
+        out.src_ip[used] = msgs.src_ip[i]
+        if not out.truncated[used]:
+            memcpy(out.frame_ptr(used) - VXLAN_HLEN, base + offset[0], length)
+        offset[0] += length
+        used += 1
+    if msgs.dgram_len[i] == 0 and used < out.slots:    # an empty datagram is still one
+        out.truncated[used] = msgs.truncated[i]
+        out.dgram_len[used] = 0
+        out.src_ip[used] = msgs.src_ip[i]
+        offset[0] = 1
+        used += 1
+    return used
 
 
 cdef void write_plain(ForwardingCore core, FrameBatch b, Py_ssize_t i, int tap_fd) noexcept nogil:
@@ -187,16 +277,31 @@ cdef void write_tap(ForwardingCore core, FrameBatch b, Py_ssize_t n, FrameBatch 
         write_run(core, b, run, count, &head, &last, merge, tap_fd)
 
 
-cdef Py_ssize_t pump_udp_to_tap(ForwardingCore core, FrameBatch b, FrameBatch merge, int udp_fd,
-                                int tap_fd, Py_ssize_t budget) noexcept nogil:
-    cdef Py_ssize_t n, total = 0
+cdef Py_ssize_t pump_udp_to_tap(ForwardingCore core, FrameBatch msgs, FrameBatch frames,
+                                FrameBatch merge, int udp_fd, int tap_fd, Py_ssize_t budget) noexcept nogil:
+    """recvmmsg (into ``msgs``) -> split (into ``frames``) -> decap -> TAP writes; returns the
+    number of datagrams."""
+    cdef Py_ssize_t n, i, used, offset, total = 0
     while total < budget:
-        n = recv_udp(b, udp_fd)
+        n = recv_udp(msgs, udp_fd)
         if n == 0:
             break
-        decap_batch(core, b, n)
-        write_tap(core, b, n, merge, tap_fd)
-        total += n
-        if n < b.slots:
+        used = 0
+        for i in range(n):
+            offset = 0
+            while True:
+                used = split_datagrams(msgs, i, &offset, frames, used)
+                if used < frames.slots:
+                    break
+                decap_batch(core, frames, used)          # frames is full: deliver, go on
+                write_tap(core, frames, used, merge, tap_fd)
+                total += used
+                used = 0
+                if offset > 0 and offset >= msgs.dgram_len[i]:
+                    break                                # (offset 0: not even begun)
+        decap_batch(core, frames, used)
+        write_tap(core, frames, used, merge, tap_fd)
+        total += used
+        if n < msgs.slots:
             break                          # the socket is drained
     return total

@@ -21,6 +21,10 @@ cdef extern from "<sys/socket.h>":
     int recvmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags, void* timeout) nogil
     int sendmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags) nogil
     int MSG_DONTWAIT, MSG_TRUNC, AF_INET
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
 
 cdef extern from "<netinet/in.h>":
     struct in_addr:
@@ -38,30 +42,33 @@ cdef extern from "<unistd.h>":
     ssize_t c_read "read"(int fd, void* buf, size_t n) nogil
     ssize_t c_write "write"(int fd, const void* buf, size_t n) nogil
 
-from libc.errno cimport errno, EINTR, EMSGSIZE
+from libc.errno cimport errno, EINTR, EMSGSIZE, EINVAL, EAGAIN
 
 cdef enum:
-    UDP_HLEN = 8
+    SOL_UDP = 17
+    UDP_SEGMENT = 103   # send: cut this message into datagrams of N bytes (UDP GSO)
+    UDP_GRO = 104       # receive: consecutive datagrams of a flow arrive as one message
+    CTRL_SPACE = 24     # CMSG_SPACE(sizeof(int)) on 64-bit Linux
 
 
 cdef struct IoArrays:
-    mmsghdr* msgs       # one per slot (receive) or per output (send)
-    iovec* iovs         # receive: one per slot; send: two per output
+    mmsghdr* msgs       # one per slot (receive) or per message (send)
+    iovec* iovs         # receive: one per slot; send: one per datagram
     sockaddr_in* addrs
-    uint8_t* udp_hdrs   # send: 8 bytes per output
+    uint8_t* ctrl       # CTRL_SPACE bytes per message: the UDP_SEGMENT / UDP_GRO control message
 
 
 cdef int io_init(IoArrays* io, Py_ssize_t n) except -1:
     io.msgs = <mmsghdr*>calloc(n, sizeof(mmsghdr))
     io.iovs = <iovec*>calloc(2 * n, sizeof(iovec))
     io.addrs = <sockaddr_in*>calloc(n, sizeof(sockaddr_in))
-    io.udp_hdrs = <uint8_t*>calloc(n, UDP_HLEN)
-    if io.msgs == NULL or io.iovs == NULL or io.addrs == NULL or io.udp_hdrs == NULL:
+    io.ctrl = <uint8_t*>calloc(n, CTRL_SPACE)
+    if io.msgs == NULL or io.iovs == NULL or io.addrs == NULL or io.ctrl == NULL:
         raise MemoryError()
     return 0
 
 
 cdef void io_free(IoArrays* io) noexcept:
-    free(io.msgs); free(io.iovs); free(io.addrs); free(io.udp_hdrs)
+    free(io.msgs); free(io.iovs); free(io.addrs); free(io.ctrl)
 
 

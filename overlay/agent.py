@@ -94,6 +94,13 @@ class Agent:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        failure: list[str] = []
+
+        def fatal(message: str) -> None:
+            failure.append(message)
+            stop.set()
+
+        self.dataplane.on_fatal = fatal
         self.dataplane.start(loop)
         try:
             log.info(
@@ -108,6 +115,8 @@ class Agent:
         finally:
             server.close()
             self.dataplane.stop()
+        if failure:
+            raise AgentError(failure[0])
 
     def close(self) -> None:
         self.tap.close()

@@ -5,9 +5,10 @@ encap -> sendmmsg; pump_rx: recvmmsg -> decap -> TAP writes). Python runs once p
 hand sources the fast path has not seen to the forwarding table (learning), and every few
 seconds to age entries. Nothing here touches a packet.
 
-Sockets: a UDP socket bound to (local, port) receives; a raw IPv4 socket bound to ``local``
-sends, so each datagram carries the UDP source port of its inner flow (see ext/io.pxi). A BPF
-filter that accepts nothing keeps the raw socket from receiving copies of all UDP traffic.
+Sockets: a UDP socket bound to (local, port) receives, with UDP_GRO. A pool of UDP sockets
+bound to (local, source ports in 49152-65535) sends, with UDP_SEGMENT, each flow from the
+socket its hash picks, so flows keep distinct and stable source ports for ECMP (ext/io.pxi).
+The sending sockets never read: a BPF filter that accepts nothing keeps stray datagrams out.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import ctypes
 import errno
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -26,10 +28,13 @@ from overlay.wire import Drop, mac_to_str
 
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # never fragment outer packets
 SO_ATTACH_FILTER = 26
+SOL_UDP, UDP_GRO = 17, 104
+SEND_SOCKETS = 8  # source ports per host; ECMP spreads flows over them
 SOCKET_BUFFER = 8 << 20
 READS = 16  # TAP reads per batch: each up to a 64 KiB TCP super-frame
 FRAMES = 1024  # ordinary frames made from them (a super-frame is up to ~45 segments)
-BATCH = 64  # datagrams per recvmmsg
+MESSAGES = 64  # messages per recvmmsg: each up to 64 KiB of datagrams merged by UDP_GRO
+DATAGRAMS = 256  # datagrams split out of them per decap batch
 BUDGET = 256  # TAP reads or datagrams per readiness event, so neither direction starves the other
 MAX_READ = 65535 + 10  # the largest TAP read: an IP datagram's limit plus the virtio-net header
 MAINTENANCE_EVERY = 5.0  # seconds between ageing passes
@@ -50,33 +55,65 @@ def _drop_all_filter() -> tuple[bytes, Any]:
     return struct.pack("HL", 1, ctypes.addressof(program)), program
 
 
-def open_sockets(local: ipaddress.IPv4Address, port: int) -> tuple[socket.socket, socket.socket]:
-    """(receiving UDP socket, sending raw socket); DataplaneError with the fix on failure."""
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def _bind_error(e: OSError, local: ipaddress.IPv4Address, port: int) -> DataplaneError:
+    if e.errno == errno.EADDRINUSE:
+        return DataplaneError(
+            f"UDP port {port} on {local} is in use (another overlay agent or a kernel vxlan "
+            f"device?): stop it, or choose another --port"
+        )
+    if e.errno == errno.EADDRNOTAVAIL:
+        return DataplaneError(f"--local {local} is not an address of this host")
+    return DataplaneError(f"cannot bind UDP {local}:{port}: {e.strerror}")
+
+
+def _set_buffer(sock: socket.socket, opt: int, force: int) -> None:
     try:
-        udp.bind((str(local), port))
-    except OSError as e:
-        udp.close()
-        if e.errno == errno.EADDRINUSE:
-            raise DataplaneError(
-                f"UDP port {port} on {local} is in use (another overlay agent or a kernel vxlan "
-                f"device?): stop it, or choose another --port"
-            ) from None
-        if e.errno == errno.EADDRNOTAVAIL:
-            raise DataplaneError(f"--local {local} is not an address of this host") from None
-        raise DataplaneError(f"cannot bind UDP {local}:{port}: {e.strerror}") from None
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
-    prog, _keep = _drop_all_filter()
-    raw.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
-    raw.bind((str(local), 0))
-    raw.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
-    for sock, opt, force in ((udp, socket.SO_RCVBUF, 33), (raw, socket.SO_SNDBUF, 32)):
+        sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)  # SO_*BUFFORCE: past [rw]mem_max
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+
+
+def _sender(local: ipaddress.IPv4Address, k: int) -> socket.socket:
+    """Sending socket k, bound to a source port in 49152-65535 (the next free candidate)."""
+    for attempt in range(64):
+        port = 49152 + (k * 2053 + attempt * 257 + int(local)) % 16384
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)  # SO_*BUFFORCE: past rmem_max
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-    udp.setblocking(False)
-    return udp, raw
+            sock.bind((str(local), port))
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                continue
+            raise _bind_error(e, local, port) from None
+        prog, _keep = _drop_all_filter()
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+        _set_buffer(sock, socket.SO_SNDBUF, 32)
+        return sock
+    raise DataplaneError(f"no free UDP source port in 49152-65535 on {local}")
+
+
+def open_sockets(local: ipaddress.IPv4Address, port: int) -> tuple[socket.socket, list[socket.socket]]:
+    """(receiving UDP socket, sending UDP sockets); DataplaneError with the fix on failure."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    senders: list[socket.socket] = []
+    try:
+        try:
+            udp.bind((str(local), port))
+        except OSError as e:
+            raise _bind_error(e, local, port) from None
+        udp.setsockopt(SOL_UDP, UDP_GRO, 1)
+        _set_buffer(udp, socket.SO_RCVBUF, 33)
+        udp.setblocking(False)
+        senders = [_sender(local, k) for k in range(SEND_SOCKETS)]
+    except (DataplaneError, OSError) as e:
+        udp.close()
+        for s in senders:
+            s.close()
+        if isinstance(e, DataplaneError):
+            raise
+        raise DataplaneError(f"cannot set up the UDP sockets on {local}: {e.strerror}") from None
+    return udp, senders
 
 
 class Dataplane:
@@ -97,11 +134,15 @@ class Dataplane:
         self.fp, self.core, self.table = fp, core, table
         self.tap_fd, self.vni, self.local, self.port = tap_fd, vni, local, port
         self.clock = clock
-        self.udp, self.raw = open_sockets(local, port)
+        self.udp, self.senders = open_sockets(local, port)
+        self.send_fds = [s.fileno() for s in self.senders]
+        frame = slot_size(fp, mtu + 18)  # + Ethernet header and a VLAN tag
         self.reads = fp.FrameBatch(READS, slot_size=slot_size(fp, MAX_READ))
-        self.frames = fp.FrameBatch(FRAMES, slot_size=slot_size(fp, mtu + 18))  # + Ethernet, VLAN tag
-        self.rx_batch = fp.FrameBatch(BATCH, slot_size=slot_size(fp, mtu + 18))
+        self.frames = fp.FrameBatch(FRAMES, slot_size=frame)
+        self.messages = fp.FrameBatch(MESSAGES, slot_size=slot_size(fp, MAX_READ))
+        self.datagrams = fp.FrameBatch(DATAGRAMS, slot_size=frame)
         self.merge = fp.FrameBatch(1, slot_size=slot_size(fp, MAX_READ))
+        self.on_fatal: Callable[[str], None] = lambda message: None
         self.learn_outcomes: dict[str, int] = {}
         self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,23 +161,39 @@ class Dataplane:
         if self._maintenance is not None:
             self._maintenance.cancel()
         self.udp.close()
-        self.raw.close()
+        for s in self.senders:
+            s.close()
 
     def _on_tap(self) -> None:
         self.wakeups["tx"] += 1
         self.wakeups["tx_frames"] += self.fp.pump_tx(
-            self.core, self.reads, self.frames, self.vni, self.tap_fd, self.raw.fileno(), BUDGET)
+            self.core, self.reads, self.frames, self.vni, self.tap_fd, self.send_fds, BUDGET)
+        if self.reads.io_error:
+            self._fatal(f"the TAP failed ({os.strerror(self.reads.io_error)}): was it deleted?")
+
+    def _fatal(self, message: str) -> None:
+        """An fd is broken for good: stop watching it (no busy loop) and stop the agent."""
+        if self._loop is not None:
+            self._loop.remove_reader(self.tap_fd)
+            self._loop.remove_reader(self.udp.fileno())
+        self.on_fatal(message)
 
     def _on_udp(self) -> None:
         self.wakeups["rx"] += 1
         self.wakeups["rx_frames"] += self.fp.pump_rx(
-            self.core, self.rx_batch, self.merge, self.udp.fileno(), self.tap_fd, BUDGET)
+            self.core, self.messages, self.datagrams, self.merge, self.udp.fileno(), self.tap_fd, BUDGET)
+        if self.messages.io_error:
+            self._fatal(f"the UDP socket failed: {os.strerror(self.messages.io_error)}")
+            return
         learned = self.core.take_learned()
         if learned:
             now = self.clock()
             for vni, mac, ip in learned:
-                outcome = self.table.learn(vni, mac, Vtep(ipaddress.IPv4Address(ip), self.port), now)
-                self.learn_outcomes[outcome.value] = self.learn_outcomes.get(outcome.value, 0) + 1
+                try:
+                    outcome = self.table.learn(vni, mac, Vtep(ipaddress.IPv4Address(ip), self.port), now).value
+                except (OverflowError, MemoryError):  # the C table is full of VTEPs: not learned
+                    outcome = "refused_table_full"
+                self.learn_outcomes[outcome] = self.learn_outcomes.get(outcome, 0) + 1
 
     async def _maintain(self) -> None:
         """Keep learned entries that carry traffic alive; age out the rest."""

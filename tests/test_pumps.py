@@ -1,7 +1,7 @@
-"""The fast path's pumps on real kernel sockets: loopback UDP, a raw socket, and a SEQPACKET
+"""The fast path's pumps on real kernel sockets: loopback UDP, and a SEQPACKET
 socket pair standing in for the TAP (it keeps frame boundaries like a TAP, and the test writes
 and reads the virtio-net header a TAP with IFF_VNET_HDR has; the real TAP is exercised by the
-lab tests). Needs root for the raw socket."""
+lab tests)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from overlay.wire import Drop
 fp = load()
 LOOPBACK = 0x7F000001
 PLAIN = bytes(10)  # virtio-net header of a plain frame: the TAP runs with IFF_VNET_HDR
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need root")
 
 FRAME = bytes.fromhex("020000000002 020000000001 0800") + bytes.fromhex(
     "4500001c000140004011000 0c6130001c6130002".replace(" ", "")) + bytes.fromhex("13881389000800000000") + bytes(20)
@@ -32,7 +31,8 @@ def sockets():
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
     udp.setblocking(False)
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the sending socket
+    raw.bind(("127.0.0.1", 0))
     tap_agent, tap_kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     tap_agent.setblocking(False)
     yield udp, raw, tap_agent, tap_kernel
@@ -40,21 +40,44 @@ def sockets():
         s.close()
 
 
-def test_tap_frames_leave_as_vxlan_from_their_flow_port(sockets) -> None:
-    udp, raw, tap_agent, tap_kernel = sockets
-    port = udp.getsockname()[1]
+def test_tap_frames_leave_as_vxlan_from_the_socket_of_their_flow(sockets) -> None:
+    udp, _, tap_agent, tap_kernel = sockets
+    senders = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        senders.append(s)
     core = fp.ForwardingCore()
     core.vni_add(42)
-    core.flood_set(42, [(LOOPBACK, port)])
+    core.flood_set(42, [(LOOPBACK, udp.getsockname()[1])])
     tap_kernel.send(PLAIN + FRAME)
     tap_kernel.send(PLAIN + b"\xff" * 6 + FRAME[6:])
-    assert fp.pump_tx(core, fp.FrameBatch(8), fp.FrameBatch(8), 42, tap_agent.fileno(), raw.fileno()) == 2
+    fds = [s.fileno() for s in senders]
+    assert fp.pump_tx(core, fp.FrameBatch(8), fp.FrameBatch(8), 42, tap_agent.fileno(), fds) == 2
     udp.setblocking(True)
     udp.settimeout(5)
     received = [udp.recvfrom(4096) for _ in range(2)]
     assert [d for d, _ in received] == [wire.encode(42, FRAME), wire.encode(42, b"\xff" * 6 + FRAME[6:])]
-    assert received[0][1][1] == wire.source_port(FRAME)
+    chosen = senders[wire.source_port(FRAME) % 3].getsockname()[1]
+    assert received[0][1][1] == chosen  # the flow hash picks the socket, so the source port
     assert core.vtep_stats()[0][4:] == (2, 2 * len(FRAME))  # tx frames, bytes
+    for s in senders:
+        s.close()
+
+
+def test_same_size_frames_to_one_vtep_leave_in_one_gso_message_as_separate_datagrams(sockets) -> None:
+    udp, raw, tap_agent, tap_kernel = sockets
+    core = fp.ForwardingCore()
+    core.vni_add(42)
+    core.flood_set(42, [(LOOPBACK, udp.getsockname()[1])])
+    frames = [FRAME[:-1] + bytes([k]) for k in range(20)] + [FRAME[:-5]]  # the last one shorter
+    for f in frames:
+        tap_kernel.send(PLAIN + f)
+    fp.pump_tx(core, fp.FrameBatch(32), fp.FrameBatch(32), 42, tap_agent.fileno(), [raw.fileno()])
+    udp.setsockopt(17, 104, 0)
+    udp.setblocking(True)
+    udp.settimeout(5)
+    assert [udp.recv(4096) for _ in frames] == [wire.encode(42, f) for f in frames]
 
 
 def test_datagrams_reach_the_tap_and_every_kind_of_junk_is_counted(sockets) -> None:
@@ -68,7 +91,7 @@ def test_datagrams_reach_the_tap_and_every_kind_of_junk_is_counted(sockets) -> N
     for junk in (os.urandom(5), b"\x00" * 30, wire.encode(43, FRAME), wire.encode(42, FRAME) + bytes(300)):
         sender.sendto(junk, udp.getsockname())
     sender.sendto(wire.encode(42, FRAME), udp.getsockname())
-    assert fp.pump_rx(core, batch, merge(), udp.fileno(), tap_agent.fileno()) == 5
+    assert fp.pump_rx(core, fp.FrameBatch(8, slot_size=65664), batch, merge(), udp.fileno(), tap_agent.fileno()) == 5
     assert tap_kernel.recv(4096) == PLAIN + FRAME
     drops = core.drops()
     assert [drops[d] for d in (Drop.TOO_SHORT, Drop.NO_I_FLAG, Drop.UNKNOWN_VNI, Drop.OVERSIZE)] == [1, 1, 1, 1]
@@ -85,7 +108,7 @@ def test_a_refused_tap_write_is_counted(sockets) -> None:
     tap_kernel.close()  # writes to the "TAP" now fail (EPIPE)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender.sendto(wire.encode(42, FRAME), udp.getsockname())
-    fp.pump_rx(core, fp.FrameBatch(4), merge(), udp.fileno(), tap_agent.fileno())
+    fp.pump_rx(core, fp.FrameBatch(4, slot_size=65664), fp.FrameBatch(4), merge(), udp.fileno(), tap_agent.fileno())
     assert core.drops()[Drop.TAP_WRITE] == 1
     sender.close()
 
@@ -96,10 +119,10 @@ def test_send_errors_are_counted_not_raised(sockets) -> None:
     core.vni_add(42)
     core.flood_set(42, [(LOOPBACK, 4789)])
     tap_kernel.send(PLAIN + FRAME)
-    raw_closed = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    raw_closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     fd = raw_closed.detach()
     os.close(fd)  # a dead descriptor: EBADF on send
-    fp.pump_tx(core, fp.FrameBatch(4), fp.FrameBatch(4), 42, tap_agent.fileno(), fd)
+    fp.pump_tx(core, fp.FrameBatch(4), fp.FrameBatch(4), 42, tap_agent.fileno(), [fd])
     assert core.drops()[Drop.TX_ERROR] == 1
 
 
@@ -128,7 +151,7 @@ def through_rx_pump(frames: list[bytes], sockets) -> list[bytes]:
     for f in frames:
         sender.sendto(wire.encode(42, f), udp.getsockname())
     sender.close()
-    assert fp.pump_rx(core, fp.FrameBatch(64), merge(), udp.fileno(), tap_agent.fileno()) == len(frames)
+    assert fp.pump_rx(core, fp.FrameBatch(64, slot_size=65664), fp.FrameBatch(64), merge(), udp.fileno(), tap_agent.fileno()) == len(frames)
     tap_kernel.setblocking(False)
     out = []
     while True:
@@ -168,3 +191,20 @@ def test_a_coalesced_super_frame_segments_back_into_the_original_frames(sockets)
     # The kernel leaves the IP ID of the first segment on every segment after it; ours rises.
     resegmented = offload.segment(hdr, written[10:])
     assert [s[:18] + s[20:24] + s[26:] for s in resegmented] == [f[:18] + f[20:24] + f[26:] for f in frames]
+
+
+def test_a_burst_crosses_tx_pump_gso_and_rx_pump_gro_intact(sockets) -> None:
+    udp, raw, tap_agent, tap_kernel = sockets
+    udp.setsockopt(17, 104, 1)  # UDP_GRO, as the agent's socket has: the burst arrives merged
+    core = fp.ForwardingCore()
+    core.vni_add(42)
+    core.flood_set(42, [(LOOPBACK, udp.getsockname()[1])])
+    frames = [FRAME[:-1] + bytes([k]) for k in range(40)]
+    for f in frames:
+        tap_kernel.send(PLAIN + f)
+    fp.pump_tx(core, fp.FrameBatch(64), fp.FrameBatch(64), 42, tap_agent.fileno(), [raw.fileno()])
+    messages = fp.FrameBatch(8, slot_size=65664)
+    assert fp.pump_rx(core, messages, fp.FrameBatch(16), merge(), udp.fileno(), tap_agent.fileno()) == 40
+    tap_kernel.setblocking(False)
+    assert [tap_kernel.recv(4096) for _ in frames] == [PLAIN + f for f in frames]
+    assert core.vtep_stats()[0][2] == 40  # rx frames
