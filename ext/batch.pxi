@@ -46,8 +46,10 @@ cdef class FrameBatch:
     def __cinit__(self, Py_ssize_t slots=64, Py_ssize_t slot_size=2048, Py_ssize_t out_capacity=0):
         if slots < 1 or slots > 65535:
             raise ValueError(f"slots must be 1..65535, got {slots}")
-        if slot_size < 128 or slot_size % 64:
-            raise ValueError(f"slot_size must be a multiple of 64 and at least 128, got {slot_size}")
+        if slot_size < 128 or slot_size % 64 or slot_size > (1 << 20):
+            raise ValueError(f"slot_size must be a multiple of 64 from 128 to 1 MiB, got {slot_size}")
+        if out_capacity < 0 or out_capacity > (1 << 20):
+            raise ValueError(f"out_capacity must be 0 (default) to 1048576, got {out_capacity}")
         self.slots = slots
         self.slot_size = slot_size
         self.out_capacity = out_capacity if out_capacity > 0 else max(slots * 4, 1024)

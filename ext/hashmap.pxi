@@ -4,8 +4,9 @@
 #   forwarding table: key = MAC (48 bits), tag = VNI + 1
 #   VNI table:        key = VNI,           tag = 1
 #   VTEP table:       key = IPv4 << 16 | port, tag = 1
-# Linear probing, load factor <= 1/2, deletion by backward shift (no tombstones, so lookups stay
-# short however many deletes there were). 16-byte slots: four per cache line.
+# Linear probing, load factor <= 1/4 (probe runs stay short, so a lookup in a 1M-entry table
+# costs about what it does in a small one; 16-byte slots, so 64 MiB for 1M entries), deletion by
+# backward shift (no tombstones, so lookups stay short however many deletes there were).
 
 cdef struct Slot:
     uint64_t key
@@ -31,7 +32,7 @@ cdef enum:
 
 
 cdef int hm_init(HashMap* m, uint64_t capacity) except -1:
-    """An empty table with room for ``capacity`` entries at load 1/2. Tables of 2 MiB and more
+    """An empty table with room for ``capacity`` entries at load 1/4. Tables of 2 MiB and more
     ask for transparent huge pages: random lookups in a 1M-entry table otherwise spend as
     much time in TLB misses as in cache misses."""
     cdef uint64_t cap = 16
@@ -83,7 +84,7 @@ cdef int hm_grow(HashMap* m) except -1:
     cdef HashMap bigger
     cdef uint64_t i
     cdef Slot* s
-    hm_init(&bigger, (m.mask + 1))   # hm_init doubles: capacity for (mask+1) entries
+    hm_init(&bigger, (m.mask + 1) // 2)   # twice the slots: (mask+1)/2 entries at load 1/4
     for i in range(m.mask + 1):
         if m.slots[i].tag != 0:
             s = hm_slot_for_insert(&bigger, m.slots[i].key, m.slots[i].tag)
@@ -108,7 +109,7 @@ cdef inline Slot* hm_slot_for_insert(HashMap* m, uint64_t key, uint32_t tag) noe
 
 
 cdef int hm_set(HashMap* m, uint64_t key, uint32_t tag, uint32_t value) except -1:
-    """Insert or replace; grows the table to keep the load factor at or below 1/2."""
+    """Insert or replace; grows the table to keep the load factor at or below 1/4."""
     cdef Slot* s
     if (m.count + 1) * 4 > m.mask + 1:
         hm_grow(m)

@@ -29,7 +29,11 @@ cdef struct Learned:
 
 
 cdef class ForwardingCore:
-    """The C tables behind the fast path. Keys: VNI (0..2^24-1), MAC (48-bit int), IPv4 as int."""
+    """The C tables behind the fast path. Keys: VNI (0..2^24-1), MAC (48-bit int), IPv4 as int.
+
+    One thread owns a core and its batches: the batch calls release the GIL and hold pointers
+    into these tables, so changing them from another thread meanwhile is not allowed (the
+    agent is single-threaded: table changes and pumps run on its one event loop)."""
 
     cdef HashMap fdb          # (mac, vni + 1) -> VTEP id | HIT
     cdef HashMap vni_index    # (vni, 1) -> index into nets
@@ -48,6 +52,8 @@ cdef class ForwardingCore:
     cdef readonly uint64_t coalesced    # received frames written to the TAP inside super-frames
 
     def __cinit__(self, Py_ssize_t capacity=1024, bint allow_vlan=False, bint source_check=False):
+        if not 0 <= capacity <= (1 << 28):
+            raise ValueError(f"capacity must be 0 to {1 << 28} entries, got {capacity}")
         hm_init(&self.fdb, max(capacity, 16))
         hm_init(&self.vni_index, 16)
         hm_init(&self.vtep_ids, 16)
@@ -193,9 +199,14 @@ cdef class ForwardingCore:
 
     def fdb_load(self, uint32_t vni, macs, uint32_t ip, uint16_t port):
         """Bulk fdb_set of many MACs to one VTEP (benchmarks and resyncs)."""
-        cdef uint32_t vid = self.vtep_id(ip, port)
+        cdef uint32_t vid
         cdef uint64_t mac
+        if vni > 0xFFFFFF:
+            raise ValueError("VNI must fit 24 bits")
+        vid = self.vtep_id(ip, port)
         for mac in macs:
+            if mac >> 48:
+                raise ValueError("MAC must fit 48 bits")
             hm_set(&self.fdb, mac, vni + 1, vid)
 
     def __len__(self):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from typing import Any, Callable
 
 PREFIX = "overlay/"
+log = logging.getLogger("overlay.control")
 MAX_REQUEST = 4096
 
 
@@ -45,10 +47,16 @@ async def serve(tap: str, handlers: dict[str, Callable[[], Any]]) -> asyncio.Abs
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             try:
                 cmd = json.loads(line[:MAX_REQUEST]).get("cmd")
-                handler = handlers.get(cmd) if isinstance(cmd, str) else None
-                answer = handler() if handler else {"error": f"unknown command {cmd!r}; known: {sorted(handlers)}"}
             except (ValueError, AttributeError):
-                answer = {"error": "send one JSON object line like {\"cmd\": \"status\"}"}
+                cmd = None
+                answer: Any = {"error": "send one JSON object line like {\"cmd\": \"status\"}"}
+            else:
+                handler = handlers.get(cmd) if isinstance(cmd, str) else None
+                try:
+                    answer = handler() if handler else {"error": f"unknown command {cmd!r}; known: {sorted(handlers)}"}
+                except Exception as e:  # a bug must not cost the client its answer
+                    log.exception("control command %r failed", cmd)
+                    answer = {"error": f"the agent failed to answer {cmd!r}: {e}"}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError):
@@ -77,14 +85,20 @@ def request(cmd: str, tap: str | None = None, timeout: float = 5.0) -> Any:
             s.connect(address(tap))
         except (FileNotFoundError, ConnectionRefusedError):
             raise ControlError(f"no overlay agent for TAP {tap} in this network namespace") from None
-        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    answer = json.loads(data)
+        try:
+            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as e:  # a wedged agent times out; a dying one resets
+            raise ControlError(f"the agent for TAP {tap} did not answer: {e.strerror or e}") from None
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise ControlError(f"the agent for TAP {tap} closed without a valid answer (is it stopping?)") from None
     if isinstance(answer, dict) and "error" in answer:
         raise ControlError(answer["error"])
     return answer

@@ -194,15 +194,17 @@ class ForwardingTable:
         if is_multicast_mac(mac):
             return Outcome.REFUSED_MULTICAST
         slot = net.slots.get(mac)
+        is_new = slot is None
         if slot is None:
             if len(net.slots) >= self.max_per_vni and not self._make_room(vni, net, source):
                 self.counters.refused_cap += 1
                 return Outcome.REFUSED_CAP
             slot = net.slots[mac] = _Slot()
         before = slot.best()
+        if source is Source.LEARNED and before is not None and before[0] > Source.LEARNED:
+            return Outcome.SHADOWED
+        saved_claims, saved_seen = dict(slot.claims), net.learned.get(mac)
         if source is Source.LEARNED:
-            if before is not None and before[0] > Source.LEARNED:
-                return Outcome.SHADOWED
             net.learned[mac] = now
             net.learned.move_to_end(mac)
         elif Source.LEARNED in slot.claims:
@@ -210,7 +212,16 @@ class ForwardingTable:
             net.learned.pop(mac, None)
         slot.claims[source] = vtep
         after = slot.best()
-        outcome = self._publish(vni, mac, before, after)
+        try:
+            outcome = self._publish(vni, mac, before, after)
+        except Exception:  # the sink refused (C table full): stay as the sink is
+            slot.claims = saved_claims
+            net.learned.pop(mac, None)
+            if saved_seen is not None:
+                net.learned[mac] = saved_seen
+            if is_new:
+                del net.slots[mac]
+            raise
         return Outcome.SHADOWED if after is not None and after[0] > source else outcome
 
     def learn(self, vni: int, mac: int, vtep: Vtep, now: float) -> Outcome:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import time
@@ -51,8 +52,8 @@ class Lab:
 
     def namespaces(self) -> list[str]:
         """This lab's namespaces that exist now."""
-        prefix = f"{self.name}-"
-        return [n for n in netns.listnetns() if n.startswith(prefix) and (n == self.switch or n[len(prefix):].startswith("h"))]
+        mine = re.compile(rf"{re.escape(self.name)}-(sw|h\d+)")
+        return [n for n in netns.listnetns() if mine.fullmatch(n)]
 
     # --- building and tearing down -----------------------------------------------------------
 

@@ -91,7 +91,10 @@ class Tap:
                 except NetlinkError as e:
                     if e.code != errno.EEXIST:
                         raise TapError(f"cannot add address {address} to {self.name}: {e.args[1]}") from None
-            ipr.link("set", index=index, state="up")
+            try:
+                ipr.link("set", index=index, state="up")
+            except NetlinkError as e:
+                raise TapError(f"cannot bring {self.name} up: {e.args[1]}") from None
             link = ipr.get_links(index)[0]
             return int(link.get_attr("IFLA_ADDRESS").replace(":", ""), 16)
 
@@ -104,8 +107,8 @@ def underlay_mtu(local: ipaddress.IPv4Address) -> tuple[str, int]:
     """(interface name, MTU) of the interface that holds ``local`` in this network namespace."""
     with IPRoute() as ipr:
         addrs = ipr.get_addr(family=2)
-        for a in addrs:
-            if a.get_attr("IFA_ADDRESS") == str(local):
+        for a in addrs:  # IFA_LOCAL is ours on point-to-point links, where IFA_ADDRESS is the peer's
+            if (a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) == str(local):
                 link = ipr.get_links(a["index"])[0]
                 return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
         have = sorted({a.get_attr("IFA_ADDRESS") for a in addrs} - {"127.0.0.1"})

@@ -109,6 +109,16 @@ def encode(vni: int, frame: bytes) -> bytes:
     return _HEADER.pack(FLAG_I, vni << 8) + bytes(frame)
 
 
+def send_check(frame: bytes, allow_vlan: bool = False) -> Drop | None:
+    """The send rules, before ``encode``: why a frame from the TAP is not sent, or None.
+    (Where it goes, and NO_PEERS when that is nowhere, is the forwarding table's business.)"""
+    if len(frame) < ETH_HEADER_LEN:
+        return Drop.INNER_TOO_SHORT
+    if not allow_vlan and is_vlan_tagged(frame):
+        return Drop.INNER_VLAN
+    return None
+
+
 def decode(datagram: bytes, vnis: Container[int], allow_vlan: bool = False) -> Decoded | Drop:
     """Apply the receive rules (module docstring) in order; return the frame or the drop reason."""
     if len(datagram) < VXLAN_HEADER_LEN:

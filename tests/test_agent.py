@@ -199,3 +199,12 @@ def test_missing_tun_device_is_a_clear_error() -> None:
 
     with pytest.raises(TapError, match="modprobe tun"):
         Tap.open("ovlx", dev="/nonexistent/tun")
+
+
+def test_deleting_the_tap_stops_the_agent_with_a_clear_error(tmp_path: Path) -> None:
+    with Lab(f"td{os.getpid() % 100000}", hosts=2) as lab:
+        agent = start_agent(lab, 1, [2], log_dir=tmp_path)
+        lab.run(1, ["ip", "link", "del", "ovl0"])
+        assert agent.wait(timeout=20) == 1  # not a busy loop on a dead fd
+        log = (tmp_path / f"agent-{lab.name}-h1-ovl0.log").read_text()
+        assert "the TAP failed" in log and "Traceback" not in log

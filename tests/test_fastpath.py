@@ -72,6 +72,12 @@ def test_decap_reads_what_scapy_builds(vni: int, frame: bytes) -> None:
     assert fast_decode(bytes(VXLAN(flags=0x08, vni=vni) / Raw(frame)), {vni}, True) == Decoded(vni, frame)
 
 
+@given(st.one_of(frames(), st.binary(max_size=13)), vnis, st.booleans())
+def test_encap_drops_exactly_what_the_reference_send_rules_drop(frame: bytes, vni: int, allow_vlan: bool) -> None:
+    status, _ = fast_encode(vni, frame, allow_vlan=allow_vlan)
+    assert status == (wire.send_check(frame, allow_vlan) or 0)
+
+
 @given(frames())
 def test_source_port_equals_reference(frame: bytes) -> None:
     assert fp.flow_source_port(frame) == wire.source_port(frame)

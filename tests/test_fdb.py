@@ -186,3 +186,25 @@ def test_fast_path_table_mirrors_fdb_after_any_operations(sequence: list[tuple[s
         assert fast == (None if entry is None else (int(entry.vtep.ip), entry.vtep.port))
     assert len(core) == len(t)
     assert core.flood_get(42) == [(int(v.ip), v.port) for v in t.flood(42)]
+
+
+def test_a_sink_that_refuses_leaves_the_table_as_it_was() -> None:
+    class Full:
+        def fdb_set(self, vni: int, mac: int, vtep: Vtep) -> None:
+            if vtep == C:
+                raise OverflowError("no more VTEP ids")
+
+        def fdb_delete(self, vni: int, mac: int) -> None: ...
+        def flood_set(self, vni: int, vteps: object) -> None: ...
+        def vni_add(self, vni: int) -> None: ...
+        def vni_remove(self, vni: int) -> None: ...
+
+    t = ForwardingTable(sink=Full())
+    t.add_vni(42)
+    t.learn(42, M1, A, now=0)
+    with pytest.raises(OverflowError):
+        t.learn(42, M1, C, now=1)
+    with pytest.raises(OverflowError):
+        t.learn(42, M2, C, now=1)
+    assert vtep_of(t, M1) == A and t.lookup(42, M1).seen == 0 and t.lookup(42, M2) is None  # type: ignore[union-attr]
+    assert len(t) == 1
