@@ -16,6 +16,8 @@ import re
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 from overlay.lab import Lab, wait_for
@@ -105,16 +107,30 @@ def main() -> None:
                     teardown()
     keys = ["tcp_gbps", "udp64_kpps", "udp64_loss_pct", "rtt_median_ms", "rtt_p99_ms"]
     med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in results.items()}
-    print(f"\nmedians of {args.rounds} rounds, {args.seconds} s each (spread: min-max)\n")
-    print(f"{'figure':16} {'kernel vxlan':>22} {'overlay':>22} {'overlay/kernel':>15}")
+    lines = [f"medians of {args.rounds} rounds, {args.seconds} s each (spread: min-max)", "",
+             f"| figure | kernel vxlan | overlay | overlay/kernel |", "|---|---:|---:|---:|"]
     for k in keys:
         cells = []
         for n in ("kernel", "overlay"):
             vals = [x[k] for x in results[n]]
-            cells.append(f"{med[n][k]:8.3f} ({min(vals):.2f}-{max(vals):.2f})")
+            cells.append(f"{med[n][k]:.3f} ({min(vals):.2f}-{max(vals):.2f})")
         ratio = med["overlay"][k] / med["kernel"][k] if med["kernel"][k] else float("nan")
-        print(f"{k:16} {cells[0]:>22} {cells[1]:>22} {ratio:15.2f}")
-    print("\nraw: " + json.dumps(results))
+        lines.append(f"| {k} | {cells[0]} | {cells[1]} | {ratio:.2f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = results_dir()
+    (out / "lab.md").write_text(table + "\n")
+    (out / "lab.json").write_text(json.dumps({"args": vars(args), "rounds": results, "medians": med}, indent=2))
+    print(f"\nwritten: {out}/lab.md, lab.json")
+
+
+def results_dir() -> Path:
+    """bench/results/<date>-<commit>/, created."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "nogit"
+    out = Path(__file__).parent / "results" / f"{time.strftime('%Y-%m-%d')}-{commit}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 if __name__ == "__main__":

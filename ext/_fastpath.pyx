@@ -1,24 +1,32 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """overlay's fast path: VXLAN encapsulation, decapsulation and forwarding lookups in batches.
 
-The pipeline, one stage per function (the agent's IO shell moves the batches in and out):
+The pipeline, one stage per function (io.pxi drives it; the agent only calls the pumps):
 
-  TAP -> encap:   TAP reads fill FrameBatch slots at HEADROOM
-                  -> encap_batch: per frame, FDB lookup (VNI, dst MAC) -> VTEP, or the VNI's
-                     flood list for group/unknown MACs; VXLAN header written in front of the
-                     frame; UDP source port from the inner flow hash; one output per VTEP
-                  -> sendmmsg of the outputs (one buffer, many destinations when flooding)
+  TAP -> UDP   (pump_tx)
+    read_tap        TAP reads until EAGAIN: virtio-net header + frame, up to 64 KiB each
+    prepare_frame   offloads (offload.pxi = overlay/offload.py): finish a partial checksum,
+                    or cut a TCP super-frame into segments; ordinary frames into a FrameBatch
+    encap_batch     per frame: FDB lookup (VNI, dst MAC) -> VTEP, or the VNI's flood list for
+                    group and unknown MACs; VXLAN header written in front of the frame (the
+                    8 bytes of headroom); flow hash -> source port; one output per VTEP
+    send_outputs    consecutive same-size outputs to one VTEP -> one UDP_SEGMENT message, from
+                    the socket of the pool that the flow hash picks; sendmmsg
 
-  UDP -> decap:   recvmmsg fills FrameBatch slots at HEADROOM - 8, with the source address
-                  -> decap_batch: receive rules (codec.pxi = overlay/wire.py), VNI served,
-                     inner VLAN policy; learning: source MAC seen from a new VTEP is queued
-                     for overlay/fdb.py (take_learned), one already known is marked (take_hits)
-                  -> TAP writes of the passing frames
+  UDP -> TAP   (pump_rx)
+    recv_udp        recvmmsg; UDP_GRO may merge a flow's datagrams into one message
+    split_datagrams one datagram per slot, at HEADROOM - 8, with its source address
+    decap_batch     receive rules (codec.pxi = overlay/wire.py), VNI served, inner VLAN
+                    policy, source check; learning: an unknown source MAC is queued for
+                    overlay/fdb.py (take_learned), a known one marked seen (take_hits)
+    write_tap       in order; runs of one TCP stream's segments coalesced into one super-frame
+                    (offload.pxi = overlay/offload.coalesce), the rest written as they came
 
 Files, assembled here by include like uvloop's: hashmap.pxi (the one hash table), codec.pxi
 (header and flow hash, the C copy of overlay/wire.py), table.pxi (ForwardingCore: VNIs, VTEPs,
-FDB and flood lists), syscalls.pxi (recvmmsg/sendmmsg declarations), batch.pxi (FrameBatch and the two stages), io.pxi (the pumps: TAP reads,
-sendmmsg, recvmmsg, TAP writes). overlay/_fastpath.pyi types it.
+FDB and flood lists), syscalls.pxi (C declarations), batch.pxi (FrameBatch and the encap/decap
+stages), offload.pxi (checksums, segmentation, coalescing), io.pxi (the pumps).
+overlay/_fastpath.pyi types the Python-level API.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
