@@ -208,3 +208,21 @@ def test_deleting_the_tap_stops_the_agent_with_a_clear_error(tmp_path: Path) -> 
         assert agent.wait(timeout=20) == 1  # not a busy loop on a dead fd
         log = (tmp_path / f"agent-{lab.name}-h1-ovl0.log").read_text()
         assert "the TAP failed" in log and "Traceback" not in log
+
+
+TAP_TWICE = """
+import ipaddress
+from overlay.tap import Tap
+tap = Tap.open("ovlt")
+addr = ipaddress.IPv4Interface("198.19.0.9/24")
+first = tap.configure(1400, 0x020000000009, addr)
+second = tap.configure(1400, 0x020000000009, addr)  # address and MTU already there: fine
+print(first == second == 0x020000000009)
+tap.close()
+"""
+
+
+def test_configuring_the_tap_is_idempotent() -> None:
+    with Lab(f"tt{os.getpid() % 100000}", hosts=1) as lab:
+        assert lab.run(1, [sys.executable, "-c", TAP_TWICE]).stdout.strip() == "True"
+        assert "ovlt" not in lab.run(1, ["ip", "-br", "link"]).stdout  # closed: the kernel removed it
