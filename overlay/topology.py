@@ -1,0 +1,74 @@
+"""What this host's forwarding table holds, given the registry. Pure.
+
+For every VNI this host serves:
+- the flood list is every other member host of the VNI whose host record is known
+  (address and port from ``hosts/<id>``);
+- every endpoint owned by another known host is a REGISTRY entry (MAC -> that host's VTEP);
+- endpoints of this host, of unknown hosts, or on VNIs not served are not forwarded to.
+After each batch of registry events the VNIs they touch are recomputed and the difference is
+applied to the ForwardingTable (which keeps the fast path in step). Learned and static entries
+are the table's business; registry entries simply take precedence over learned ones.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+from overlay.fdb import ForwardingTable, Source, Vtep
+from overlay.registry import Endpoint, EndpointKey, Event, HostKey, MemberKey, NetworkKey, Registry
+
+
+class Topology:
+    def __init__(self, registry: Registry, table: ForwardingTable, host_id: str) -> None:
+        self.registry, self.table, self.host_id = registry, table, host_id
+        self._applied: dict[int, dict[int, Vtep]] = {}  # vni -> mac -> VTEP we put as REGISTRY
+
+    def serve(self, vni: int, now: float) -> None:
+        """Start serving ``vni``: table and flood list from what the registry holds."""
+        self.table.add_vni(vni)
+        self._applied.setdefault(vni, {})
+        self._recompute(vni, now)
+
+    def apply(self, events: Iterable[Event], now: float) -> None:
+        touched: set[int] = set()
+        for ev in events:
+            k = ev.key
+            if isinstance(k, HostKey):
+                touched.update(self._applied)  # an address change moves its endpoints everywhere
+            elif isinstance(k, (MemberKey, EndpointKey, NetworkKey)) and k.vni in self._applied:
+                touched.add(k.vni)
+        for vni in sorted(touched):
+            self._recompute(vni, now)
+
+    def _vtep(self, host: str) -> Vtep | None:
+        h = self.registry.hosts().get(host)
+        return None if h is None else Vtep(ipaddress.IPv4Address(h.address), h.port)
+
+    def _recompute(self, vni: int, now: float) -> None:
+        flood = [v for m in self.registry.members(vni) if m != self.host_id and (v := self._vtep(m)) is not None]
+        self.table.set_flood(vni, flood)
+        want: dict[int, Vtep] = {}
+        for key, ep in self.registry.endpoints(vni).items():
+            if ep.host != self.host_id and (v := self._vtep(ep.host)) is not None:
+                want[key.mac] = v
+        have = self._applied[vni]
+        for mac in [m for m in have if m not in want]:
+            self.table.remove(vni, mac, Source.REGISTRY)
+            del have[mac]
+        for mac, vtep in want.items():
+            if have.get(mac) != vtep:
+                self.table.put(vni, mac, vtep, Source.REGISTRY, now)
+                have[mac] = vtep
+
+    def neighbours(self, vni: int) -> dict[ipaddress.IPv4Address, int]:
+        """IPv4 address -> MAC of every endpoint on ``vni`` (for ARP suppression)."""
+        out: dict[ipaddress.IPv4Address, int] = {}
+        for key, ep in self.registry.endpoints(vni).items():
+            for a in ep.ipv4:
+                out[ipaddress.IPv4Address(a)] = key.mac
+        return out
+
+
+def own_endpoint(host_id: str, ipv4: Iterable[str] = ()) -> Endpoint:
+    return Endpoint(host=host_id, ipv4=list(ipv4))

@@ -1,0 +1,159 @@
+"""The registry's schema and event logic (overlay/registry.py) and what the forwarding table
+makes of it (overlay/topology.py): pure, no etcd."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from overlay.fdb import ForwardingTable, Source, Vtep
+from overlay.registry import (Deleted, Endpoint, EndpointKey, Host, HostKey, MemberKey, Network, NetworkKey,
+                              Put, Registry, Schema)
+from overlay.topology import Topology
+
+P = "/overlay/v1"
+MAC1, MAC2 = 0x020000000001, 0x020000000002
+
+
+def kv(key: str, value: object, mod: int) -> tuple[str, bytes, int]:
+    return (P + key, json.dumps(value).encode() if not isinstance(value, bytes) else value, mod)
+
+
+def test_keys_round_trip() -> None:
+    s = Schema()
+    for k in (NetworkKey(42), HostKey("h1"), MemberKey(42, "h1"), EndpointKey(42, MAC1)):
+        assert s.parse_key(s.key(k)) == k
+    assert s.key(EndpointKey(42, MAC1)) == "/overlay/v1/networks/42/endpoints/02:00:00:00:00:01"
+
+
+@pytest.mark.parametrize("raw", [
+    "/other/hosts/h1", P + "/hosts/", P + "/hosts/a/b", P + "/networks/x", P + "/networks/16777216",
+    P + "/networks/042", P + "/networks/42/endpoints/zz", P + "/networks/42/other/h1", P + "/hosts/-bad",
+])
+def test_keys_outside_the_schema_are_not_parsed(raw: str) -> None:
+    assert Schema().parse_key(raw) is None
+
+
+def test_snapshot_then_watch_events() -> None:
+    r = Registry()
+    events = r.snapshot([kv("/hosts/h1", {"address": "198.18.0.1"}, 3), kv("/networks/42", {"vni": 42}, 4)], 4)
+    assert events == [Put(HostKey("h1"), Host("198.18.0.1")), Put(NetworkKey(42), Network(42))]
+    assert r.put(P + "/hosts/h1", b'{"address": "198.18.0.9"}', 5) == [Put(HostKey("h1"), Host("198.18.0.9"))]
+    assert r.put(P + "/hosts/h1", b'{"address": "198.18.0.9"}', 6) == []  # same value: nothing to do
+    assert r.delete(P + "/hosts/h1", 7) == [Deleted(HostKey("h1"), Host("198.18.0.9"))]
+    assert r.revision == 7
+
+
+def test_resync_diffs_by_mod_revision_so_nothing_in_a_gap_is_lost() -> None:
+    r = Registry()
+    r.snapshot([kv("/hosts/h1", {"address": "198.18.0.1"}, 3), kv("/hosts/h2", {"address": "198.18.0.2"}, 4),
+                kv("/hosts/h3", {"address": "198.18.0.3"}, 5)], 5)
+    # During an outage (and a compaction) h1 was deleted, h2 changed and changed back, h4 added.
+    events = r.snapshot([kv("/hosts/h2", {"address": "198.18.0.2"}, 9), kv("/hosts/h3", {"address": "198.18.0.3"}, 5),
+                         kv("/hosts/h4", {"address": "198.18.0.4"}, 10)], 12)
+    assert events == [Deleted(HostKey("h1"), Host("198.18.0.1")), Put(HostKey("h2"), Host("198.18.0.2")),
+                      Put(HostKey("h4"), Host("198.18.0.4"))]
+    assert r.revision == 12
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("/hosts/h1", b"{not json"),
+    ("/hosts/h1", {"address": 5}),
+    ("/hosts/h1", {"address": "198.18.0.300"}),
+    ("/hosts/h1", {"address": "198.18.0.1", "port": 0}),
+    ("/hosts/h1", {"address": "198.18.0.1", "port": True}),
+    ("/networks/42", {"vni": 43}),
+    ("/networks/42", {"vni": 42, "subnet": "198.19.42.0/33"}),
+    ("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": ["nope"]}),
+    ("/networks/42/endpoints/02:00:00:00:00:01", {"host": ""}),
+    ("/networks/42/endpoints/02:00:00:00:00:01", []),
+    ("/whatever", {}),
+])
+def test_bad_values_are_reported_once_and_ignored(key: str, value: object) -> None:
+    r = Registry()
+    assert r.snapshot([kv(key, value, 3)], 3) == []
+    assert r.put(*kv(key, value, 3)) == [] and len(r.rejected) == 1
+    assert r.rejected[0][0] == P + key and r.entries == {}
+
+
+def test_a_good_value_turning_bad_counts_as_deleted() -> None:
+    r = Registry()
+    r.snapshot([kv("/hosts/h1", {"address": "198.18.0.1"}, 3)], 3)
+    assert r.put(P + "/hosts/h1", b"garbage", 4) == [Deleted(HostKey("h1"), Host("198.18.0.1"))]
+
+
+@given(st.binary(max_size=200), st.text(max_size=60))
+def test_no_value_or_key_makes_the_registry_raise(value: bytes, key: str) -> None:
+    r = Registry()
+    r.snapshot([(P + "/hosts/h1", value, 2), (P + "/" + key, value, 3)], 3)
+    r.put(P + "/networks/42/endpoints/02:00:00:00:00:01", value, 4)
+    r.delete(P + "/" + key, 5)
+
+
+# --- topology -------------------------------------------------------------------------------
+
+
+def world(*extra: tuple[str, bytes, int]) -> tuple[Registry, ForwardingTable, Topology]:
+    r = Registry()
+    r.snapshot([
+        kv("/hosts/h1", {"address": "198.18.0.1"}, 2), kv("/hosts/h2", {"address": "198.18.0.2"}, 3),
+        kv("/hosts/h3", {"address": "198.18.0.3", "port": 8472}, 4),
+        kv("/networks/42/members/h1", {}, 5), kv("/networks/42/members/h2", {}, 6), kv("/networks/42/members/h3", {}, 7),
+        kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": ["198.19.42.1"]}, 8),
+        kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2", "ipv4": ["198.19.42.2"]}, 9),
+        *extra,
+    ], 20)
+    t = ForwardingTable()
+    topo = Topology(r, t, "h1")
+    topo.serve(42, now=0)
+    return r, t, topo
+
+
+def test_flood_list_is_the_other_known_members() -> None:
+    _, t, _ = world()
+    assert t.flood(42) == (Vtep.parse("198.18.0.2"), Vtep.parse("198.18.0.3", 8472))
+
+
+def test_endpoints_of_other_hosts_are_registry_entries_and_own_ones_are_not() -> None:
+    _, t, topo = world()
+    entry = t.lookup(42, MAC2)
+    assert entry is not None and entry.source is Source.REGISTRY and entry.vtep == Vtep.parse("198.18.0.2")
+    assert t.lookup(42, MAC1) is None
+    assert topo.neighbours(42) == {__import__("ipaddress").IPv4Address("198.19.42.2"): MAC2,
+                                   __import__("ipaddress").IPv4Address("198.19.42.1"): MAC1}
+
+
+def test_a_host_moving_moves_its_endpoints_and_a_host_leaving_takes_them_away() -> None:
+    r, t, topo = world()
+    topo.apply(r.put(P + "/hosts/h2", b'{"address": "198.18.0.22"}', 21), now=1)
+    assert t.lookup(42, MAC2).vtep == Vtep.parse("198.18.0.22")  # type: ignore[union-attr]
+    assert Vtep.parse("198.18.0.22") in t.flood(42)
+    topo.apply(r.delete(P + "/hosts/h2", 22), now=2)
+    assert t.lookup(42, MAC2) is None and Vtep.parse("198.18.0.22") not in t.flood(42)
+
+
+def test_endpoint_put_and_delete_follow_etcd() -> None:
+    r, t, topo = world()
+    topo.apply(r.put(P + "/networks/42/endpoints/02:00:00:00:00:03", b'{"host": "h3"}', 21), now=1)
+    assert t.lookup(42, 0x020000000003).vtep == Vtep.parse("198.18.0.3", 8472)  # type: ignore[union-attr]
+    topo.apply(r.delete(P + "/networks/42/endpoints/02:00:00:00:00:03", 22), now=2)
+    assert t.lookup(42, 0x020000000003) is None
+
+
+def test_registry_entries_win_over_learned_ones_and_learning_resumes_after() -> None:
+    r, t, topo = world()
+    t.learn(42, 0x020000000003, Vtep.parse("198.18.0.2"), now=0)
+    topo.apply(r.put(P + "/networks/42/endpoints/02:00:00:00:00:03", b'{"host": "h3"}', 21), now=1)
+    assert t.lookup(42, 0x020000000003).source is Source.REGISTRY  # type: ignore[union-attr]
+    topo.apply(r.delete(P + "/networks/42/endpoints/02:00:00:00:00:03", 22), now=2)
+    assert t.lookup(42, 0x020000000003) is None
+    assert t.learn(42, 0x020000000003, Vtep.parse("198.18.0.2"), now=3).value == "added"
+
+
+def test_other_vnis_do_not_reach_the_table() -> None:
+    r, t, topo = world()
+    topo.apply(r.put(P + "/networks/7/endpoints/02:00:00:00:00:09", b'{"host": "h2"}', 21), now=1)
+    assert t.vnis() == [42] and t.lookup(42, 0x020000000009) is None
