@@ -19,6 +19,9 @@ import uvloop
 
 from overlay import control
 from overlay.config import AgentConfig
+from overlay.etcdclient import EtcdClient, EtcdError, retry
+from overlay.registry import Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
+from overlay.topology import Topology
 from overlay.dataplane import Dataplane, DataplaneError
 from overlay.fastpath import CoreSink, load
 from overlay.fdb import ForwardingTable, Vtep
@@ -72,16 +75,24 @@ class Agent:
             self.tap.close()
             raise AgentError(str(e)) from None
         self.started = time.monotonic()
+        self.etcd: EtcdClient | None = None
 
     def status(self) -> dict[str, Any]:
         cfg = self.cfg
+        registry = None
+        if self.etcd is not None:
+            registry = {
+                "endpoints": list(cfg.etcd), "host_id": cfg.host_id, "connected": self.etcd.connected,
+                "revision": self.etcd.registry.revision, "reconnects": self.etcd.reconnects,
+                "resyncs": self.etcd.resyncs,
+            }
         agent = {
             "tap": cfg.tap, "vni": cfg.vni, "local": str(cfg.local), "port": cfg.port,
             "peers": [str(p) for p in cfg.peers], "mtu": self.mtu, "mac": mac_to_str(self.mac),
             "address": str(cfg.address) if cfg.address else None, "source_check": cfg.source_check,
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
-        return {"agent": agent, **self.dataplane.status()}
+        return {"agent": agent, "registry": registry, **self.dataplane.status()}
 
     async def serve(self) -> None:
         """Forward until SIGINT or SIGTERM."""
@@ -102,21 +113,59 @@ class Agent:
 
         self.dataplane.on_fatal = fatal
         self.dataplane.start(loop)
+        tasks: list[asyncio.Task[None]] = []
+        if cfg.etcd:
+            try:
+                tasks = await self._join_registry()
+            except EtcdError as e:
+                server.close()
+                self.dataplane.stop()
+                raise AgentError(str(e)) from None
         try:
+            peers = ", ".join(str(p) for p in cfg.peers) or "none"
             log.info(
-                "ready: tap %s (%s, mtu %d%s) vni %d vtep %s:%d peers %s",
+                "ready: tap %s (%s, mtu %d%s) vni %d vtep %s:%d %s",
                 cfg.tap, mac_to_str(self.mac), self.mtu, f", {cfg.address}" if cfg.address else "",
-                cfg.vni, cfg.local, cfg.port, ", ".join(str(p) for p in cfg.peers) or "none",
+                cfg.vni, cfg.local, cfg.port,
+                f"registry etcd as host {cfg.host_id}" if cfg.etcd else f"peers {peers}",
             )
             sd_notify("READY=1")
             await stop.wait()
             log.info("stopping: removing tap %s", cfg.tap)
             sd_notify("STOPPING=1")
         finally:
+            for task in tasks:
+                task.cancel()
+            if self.etcd is not None:
+                await self.etcd.close()
             server.close()
             self.dataplane.stop()
         if failure:
             raise AgentError(failure[0])
+
+    async def _join_registry(self) -> list[asyncio.Task[None]]:
+        """etcd mode: register this host, join the network, publish the TAP's endpoint, read the
+        registry, and follow it; returns the watch and keepalive tasks."""
+        cfg = self.cfg
+        assert cfg.host_id is not None
+        registry = Registry(Schema(cfg.prefix))
+        topology = Topology(registry, self.table, cfg.host_id)
+        self.etcd = client = EtcdClient(list(cfg.etcd), registry, lambda evs: topology.apply(evs, time.monotonic()),
+                                        ttl=cfg.lease_ttl)
+        await retry("connecting to etcd", client.connect, 30)
+        await client.register(cfg.host_id, Host(str(cfg.local), cfg.port), wait_for_old=cfg.lease_ttl + 2)
+        subnet = str(cfg.address.network) if cfg.address else None
+        if await client.create_if_missing(NetworkKey(cfg.vni), Network(cfg.vni, f"net{cfg.vni}", subnet, self.mtu)):
+            log.info("created network %d in etcd (it was not defined)", cfg.vni)
+        await client.hold(MemberKey(cfg.vni, cfg.host_id), Member())
+        await client.hold(EndpointKey(cfg.vni, self.mac),
+                          Endpoint(cfg.host_id, [str(cfg.address.ip)] if cfg.address else []))
+        await client.snapshot()
+        topology.serve(cfg.vni, time.monotonic())
+        log.info("registry: etcd %s, host %s, %d hosts, %d endpoints on network %d", ", ".join(cfg.etcd),
+                 cfg.host_id, len(registry.hosts()), len(registry.endpoints(cfg.vni)), cfg.vni)
+        loop = asyncio.get_running_loop()
+        return [loop.create_task(client.watch()), loop.create_task(client.keepalive())]
 
     def close(self) -> None:
         self.tap.close()

@@ -60,8 +60,10 @@ def add_agent(sub: Any) -> None:
             "SIGINT/SIGTERM, removing the TAP."
         ),
         epilog=(
-            "example: overlay agent --vni 42 --local 198.18.0.1 --peer 198.18.0.2 "
+            "static:  overlay agent --vni 42 --local 198.18.0.1 --peer 198.18.0.2 "
             "--peer 198.18.0.3 --tap ovl0 --address 198.19.0.1/24\n"
+            "etcd:    overlay agent --etcd http://198.18.0.250:2379 --host-id h1 --local 198.18.0.1 "
+            "--network 42 --address 198.19.42.1/24\n"
             "Every flag can also be a key of the --config TOML file (peer = [\"198.18.0.2\"]); "
             "flags override the file."
         ),
@@ -82,6 +84,15 @@ def add_agent(sub: Any) -> None:
                    help="carry VLAN-tagged inner frames (RFC 7348 section 6.1 says drop them by default)")
     p.add_argument("--ageing", metavar="SECONDS", help="forget learned MACs unseen this long (default 300)")
     p.add_argument("--max-per-vni", dest="max_per_vni", metavar="N", help="cap on MACs per VNI (default 65536)")
+    e = p.add_argument_group("etcd mode (peers, flood lists and endpoints from the registry)")
+    e.add_argument("--etcd", metavar="URL", action="append",
+                   help="etcd endpoint, e.g. http://198.18.0.250:2379; repeat for each member of a cluster")
+    e.add_argument("--host-id", dest="host_id", metavar="ID", help="this host's id in the registry, e.g. h1")
+    e.add_argument("--network", metavar="VNI", action="append",
+                   help="the network to join (created in etcd with defaults if it is not defined)")
+    e.add_argument("--prefix", help="etcd key prefix (default /overlay/v1)")
+    e.add_argument("--lease-ttl", dest="lease_ttl", metavar="SECONDS",
+                   help="TTL of the host's lease: how soon a dead host disappears (default 10)")
     p.set_defaults(func=cmd_agent)
 
 

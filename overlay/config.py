@@ -4,9 +4,13 @@ Pure: parses and checks values, touches no device or socket. Every error says wh
 was wrong, what was given, and what is accepted, so the CLI prints it as one line.
 
 TOML keys are the long flag names (``vni``, ``local``, ``peer``, ``tap``, ``address``, ``port``,
-``mtu``, ``mac``, ``source_check``, ``allow_vlan``, ``ageing``, ``max_per_vni``); ``peer`` is a
-list. A flag given on the command line replaces the file's value (``--peer`` replaces the
-whole list).
+``mtu``, ``mac``, ``source_check``, ``allow_vlan``, ``ageing``, ``max_per_vni``, and for etcd
+mode ``etcd``, ``host_id``, ``network``, ``prefix``, ``lease_ttl``); ``peer``, ``etcd`` and
+``network`` are lists. A flag given on the command line replaces the file's value (``--peer``
+replaces the whole list).
+
+Two modes: static (``vni`` and ``peer``: the peers are given) and etcd (``etcd``, ``host_id``
+and ``network``: peers, flood lists and remote endpoints come from the registry).
 """
 
 from __future__ import annotations
@@ -42,10 +46,14 @@ class AgentConfig:
     allow_vlan: bool = False
     ageing: float = DEFAULT_AGEING
     max_per_vni: int = DEFAULT_MAX_PER_VNI
+    etcd: tuple[str, ...] = ()  # etcd mode when not empty
+    host_id: str | None = None
+    prefix: str = "/overlay/v1"
+    lease_ttl: int = 10
 
 
 KEYS = ("vni", "local", "peer", "tap", "address", "port", "mtu", "mac", "source_check",
-        "allow_vlan", "ageing", "max_per_vni")
+        "allow_vlan", "ageing", "max_per_vni", "etcd", "host_id", "network", "prefix", "lease_ttl")
 
 
 def parse_toml(text: str, origin: str) -> dict[str, Any]:
@@ -62,6 +70,11 @@ def parse_toml(text: str, origin: str) -> dict[str, Any]:
 
 def build(settings: Mapping[str, Any]) -> AgentConfig:
     """Validate merged settings (file values overridden by flags) into an AgentConfig."""
+    if settings.get("etcd"):
+        return _build_etcd(settings)
+    if settings.get("network") or settings.get("host_id"):
+        raise ConfigError("--network and --host-id are for etcd mode: give --etcd http://HOST:2379 too "
+                          "(or use --vni and --peer for static mode)")
     if settings.get("vni") is None:
         raise ConfigError("no VNI: give --vni N (0 to 16777215) or 'vni = N' in the config file")
     vni = _int("vni", settings["vni"], 0, VNI_MAX)
@@ -90,6 +103,39 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
         ageing=_positive("ageing", settings.get("ageing", DEFAULT_AGEING)),
         max_per_vni=_int("max_per_vni", settings.get("max_per_vni", DEFAULT_MAX_PER_VNI), 1, 1 << 24),
     )
+
+
+def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
+    from overlay.etcdclient import parse_endpoint
+    from overlay.registry import HOST_ID
+
+    if settings.get("vni") is not None or settings.get("peer"):
+        raise ConfigError("--vni and --peer are for static mode; with --etcd give --network VNI "
+                          "(peers come from etcd)")
+    endpoints = settings["etcd"]
+    endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    for e in endpoints:
+        try:
+            parse_endpoint(e)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    host_id = settings.get("host_id")
+    if not isinstance(host_id, str) or not HOST_ID.match(host_id):
+        raise ConfigError(f"host_id: {host_id!r} is not a host id (1-63 of A-Z a-z 0-9 _ . -, "
+                          f"starting with a letter or digit); give --host-id, e.g. --host-id h1")
+    networks = settings.get("network") or []
+    networks = [networks] if isinstance(networks, (str, int)) else list(networks)
+    if len(networks) != 1:
+        raise ConfigError(f"give exactly one --network VNI (got {len(networks)}); several networks "
+                          f"per agent are not supported yet: run one agent (and TAP) per network")
+    static = build({**{k: v for k, v in settings.items() if k not in ("etcd", "host_id", "network",
+                                                                       "prefix", "lease_ttl")},
+                    "vni": networks[0]})
+    prefix = settings.get("prefix", "/overlay/v1")
+    if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.rstrip("/") == "":
+        raise ConfigError(f"prefix: {prefix!r} is not an etcd key prefix like /overlay/v1")
+    return AgentConfig(**{**static.__dict__, "etcd": tuple(endpoints), "host_id": host_id, "prefix": prefix,
+                          "lease_ttl": _int("lease_ttl", settings.get("lease_ttl", 10), 2, 3600)})
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:

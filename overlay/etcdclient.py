@@ -1,0 +1,255 @@
+"""The registry's etcd client (aetcd): connection, host lease and keepalive, a snapshot, and a
+watch that resumes after a disconnect and resyncs after a compaction.
+
+aetcd gives the RPCs; this module adds what an agent needs around them:
+- endpoints tried in turn, gRPC keepalive so a frozen etcd is noticed within seconds;
+- a lease (default TTL 10 s) refreshed every TTL/3; if it expired meanwhile (etcd was away
+  longer than the TTL) a new one is granted and everything held under it written again;
+- host registration by compare-and-create, so two agents cannot claim one host id;
+- a consistent read of the prefix at a revision, then a watch from revision + 1; after a
+  reconnect the watch resumes from the last revision seen + 1, and when that revision was
+  compacted meanwhile the client re-reads and the Registry diffs (nothing in the gap is lost).
+While etcd is unreachable nothing here stops the data path: the agent forwards with what it
+last knew, and this module retries with backoff (0.2 s doubling to 5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+
+from overlay.registry import Event, Host, HostKey, Key, Registry, Schema, Value
+
+log = logging.getLogger("overlay.etcd")
+GRPC_OPTIONS = {
+    "grpc.keepalive_time_ms": 2000,  # ping an idle connection every 2 s ...
+    "grpc.keepalive_timeout_ms": 2000,  # ... and give up on it 2 s after an unanswered ping
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+}
+REQUEST_TIMEOUT = 5
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+ERRORS = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)
+
+
+class EtcdError(RuntimeError):
+    """A registry failure the user must fix (a claimed host id, no etcd reachable at start)."""
+
+
+def parse_endpoint(url: str) -> tuple[str, int]:
+    """'http://198.18.0.250:2379' -> ('198.18.0.250', 2379); ValueError saying the form."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"etcd endpoint {url!r}: write it as http://HOST:PORT")
+    return parts.hostname, parts.port or 2379
+
+
+@dataclass
+class EtcdClient:
+    endpoints: list[str]
+    registry: Registry
+    on_events: Callable[[list[Event]], None]
+    ttl: int = 10
+    user: str | None = None
+    password: str | None = None
+    held: dict[Key, Value] = field(default_factory=dict)  # written under our lease, rewritten on renewal
+    connected: bool = False
+    reconnects: int = 0
+    resyncs: int = 0
+    _client: aetcd.Client | None = None
+    _lease: int | None = None
+    _next: int = 0
+
+    @property
+    def schema(self) -> Schema:
+        return self.registry.schema
+
+    # --- connection -----------------------------------------------------------------------------
+
+    async def connect(self) -> aetcd.Client:
+        """A connected client, trying the endpoints in turn; raises the last error."""
+        if self._client is not None:
+            return self._client
+        last: Exception | None = None
+        for _ in range(len(self.endpoints)):
+            host, port = parse_endpoint(self.endpoints[self._next % len(self.endpoints)])
+            self._next += 1
+            client = aetcd.Client(host, port, username=self.user, password=self.password,
+                                  timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
+            try:
+                await client.connect()
+                await client.get(self.schema.prefix.encode())  # a round trip: is it really there?
+            except ERRORS as e:
+                last = e
+                await client.close()
+                continue
+            self._client = client
+            self.connected = True
+            return client
+        raise last or EtcdError("no etcd endpoint given")
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        self.connected = False
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:
+                pass
+
+    async def close(self) -> None:
+        """Revoke our lease (our keys vanish at once) and disconnect."""
+        if self._client is not None and self._lease is not None:
+            try:
+                await asyncio.wait_for(self._client.revoke_lease(self._lease), 2)
+            except Exception:
+                pass
+        await self._drop()
+
+    # --- lease and what we hold under it ----------------------------------------------------------
+
+    async def register(self, host_id: str, host: Host, wait_for_old: float) -> None:
+        """Claim hosts/<host_id> under a fresh lease by compare-and-create. If another agent holds
+        it, wait up to ``wait_for_old`` seconds (the key of a dead agent goes with its lease),
+        then raise EtcdError."""
+        client = await self.connect()
+        key = self.schema.key(HostKey(host_id)).encode()
+        lease = await client.lease(self.ttl)
+        self._lease = lease.id
+        deadline = asyncio.get_running_loop().time() + wait_for_old
+        while True:
+            ok, _ = await client.transaction(
+                compare=[client.transactions.create(key) == 0],
+                success=[client.transactions.put(key, self.schema.encode(host), lease.id)],
+                failure=[],
+            )
+            if ok:
+                self.held[HostKey(host_id)] = host
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise EtcdError(
+                    f"host id {host_id} is registered by another running agent "
+                    f"({self.schema.key(HostKey(host_id))} is kept alive): give this host another --host-id"
+                )
+            await asyncio.sleep(0.5)
+
+    async def hold(self, key: Key, value: Value) -> None:
+        """Write ``key`` under our lease, and again whenever the lease is renewed."""
+        self.held[key] = value
+        client = await self.connect()
+        await client.put(self.schema.key(key).encode(), self.schema.encode(value), self._lease)
+
+    async def create_if_missing(self, key: Key, value: Value) -> bool:
+        """Compare-and-create without a lease (e.g. a network's definition); True if we made it."""
+        client = await self.connect()
+        raw = self.schema.key(key).encode()
+        ok, _ = await client.transaction(
+            compare=[client.transactions.create(raw) == 0],
+            success=[client.transactions.put(raw, self.schema.encode(value))],
+            failure=[],
+        )
+        return bool(ok)
+
+    async def keepalive(self) -> None:
+        """Refresh the lease every TTL/3; after an outage longer than the TTL, start over."""
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                client = await self.connect()
+                response = await client.refresh_lease(self._lease)
+                if getattr(response, "TTL", 1) <= 0:
+                    raise aetcd.exceptions.ClientError("lease expired")
+            except ERRORS as e:
+                if "expired" in str(e) or "not found" in str(e).lower():
+                    await self._renew()
+                else:
+                    log.warning("etcd: lease keepalive failed (%s); retrying", e.__class__.__name__)
+                    await self._drop()
+
+    async def _renew(self) -> None:
+        """A new lease, and everything we hold written under it again."""
+        try:
+            client = await self.connect()
+            lease = await client.lease(self.ttl)
+            self._lease = lease.id
+            for key, value in self.held.items():
+                await client.put(self.schema.key(key).encode(), self.schema.encode(value), lease.id)
+            log.info("etcd: lease renewed after an outage; %d keys written again", len(self.held))
+        except ERRORS as e:
+            log.warning("etcd: cannot renew the lease yet (%s)", e.__class__.__name__)
+            await self._drop()
+
+    # --- snapshot and watch ---------------------------------------------------------------------
+
+    async def snapshot(self) -> None:
+        """Read the whole prefix at one revision into the registry; hand over the events."""
+        client = await self.connect()
+        result = await client.get_prefix((self.schema.prefix + "/").encode())
+        kvs = [(kv.key.decode(errors="replace"), kv.value, kv.mod_revision) for kv in result]
+        events = self.registry.snapshot(kvs, result.header.revision)
+        self._report()
+        self.on_events(events)
+
+    async def watch(self) -> None:
+        """Follow the prefix forever: resume after errors, resync after compaction."""
+        backoff = BACKOFF_MIN
+        need_snapshot = False
+        while True:
+            try:
+                client = await self.connect()
+                if need_snapshot:
+                    await self.snapshot()
+                    self.resyncs += 1
+                    need_snapshot = False
+                stream = await client.watch_prefix((self.schema.prefix + "/").encode(),
+                                                   start_revision=self.registry.revision + 1)
+                backoff = BACKOFF_MIN
+                async for ev in stream:
+                    key = ev.kv.key.decode(errors="replace")
+                    if ev.kind == "PUT":
+                        events = self.registry.put(key, ev.kv.value, ev.kv.mod_revision)
+                    else:
+                        events = self.registry.delete(key, ev.kv.mod_revision)
+                    self._report()
+                    if events:
+                        self.on_events(events)
+                raise aetcd.exceptions.ClientError("watch ended")
+            except aetcd.exceptions.RevisionCompactedError:
+                log.info("etcd: revision %d was compacted; reading everything again", self.registry.revision + 1)
+                need_snapshot = True
+            except ERRORS as e:
+                if self.connected:
+                    log.warning("etcd: connection lost (%s); forwarding with what we know, reconnecting",
+                                e.__class__.__name__)
+                    self.reconnects += 1
+                await self._drop()
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                need_snapshot = need_snapshot or not self.registry.revision
+
+    def _report(self) -> None:
+        for key, why in self.registry.rejected:
+            log.warning("etcd: ignoring %s: %s", key, why)
+        self.registry.rejected.clear()
+
+
+async def retry(what: str, action: Callable[[], Awaitable[None]], give_up_after: float) -> None:
+    """Run ``action`` until it succeeds; EtcdError naming ``what`` after ``give_up_after`` s."""
+    deadline = asyncio.get_running_loop().time() + give_up_after
+    delay = BACKOFF_MIN
+    while True:
+        try:
+            await action()
+            return
+        except ERRORS as e:
+            if asyncio.get_running_loop().time() > deadline:
+                raise EtcdError(f"{what}: no etcd answered within {give_up_after:.0f} s ({e})") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
