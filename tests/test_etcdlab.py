@@ -1,0 +1,142 @@
+"""overlay.etcdlab: a real etcd on the root loopback, in a lab's service host, and as a cluster
+that survives losing its leader; lab service hosts; nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from typing import Iterator, TypeVar
+
+import pytest
+
+from overlay import etcdlab
+from overlay.etcdlab import EtcdError, EtcdServer, etcdctl
+from overlay.lab import Lab, LabError, wait_for
+
+TAG = os.getpid() % 100000
+LABS = (f"tes{TAG}", f"tec{TAG}", f"tel{TAG}")  # this module's labs
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+needs_etcd = pytest.mark.skipif(not etcdlab.available(), reason="needs etcd: apt-get install etcd-server etcd-client")
+STARTED: list[EtcdServer] = []  # every server the tests start, checked afterwards
+T = TypeVar("T", EtcdServer, list[EtcdServer])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    yield
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    assert not [line for line in netns.splitlines() if line.split()[0].startswith(LABS)], netns
+    for server in STARTED:
+        assert not server.running and server.data_dir is None, server
+        assert server.pid is None or not os.path.exists(f"/proc/{server.pid}"), server
+
+
+def started(server: T) -> T:
+    STARTED.extend(server if isinstance(server, list) else [server])
+    return server
+
+
+@needs_etcd
+def test_single_server_on_loopback_serves_and_stop_removes_everything() -> None:
+    server = started(etcdlab.single())
+    try:
+        assert server.endpoint.startswith("http://127.0.0.1:")
+        data_dir, pid = server.data_dir, server.pid
+        assert data_dir is not None and data_dir.is_dir() and server.log_path and server.log_path.exists()
+        etcdctl(server, "put", "/overlay/k", "v1", check=True)
+        assert etcdctl(server, "get", "/overlay/k", "--print-value-only", check=True).stdout.strip() == "v1"
+    finally:
+        server.stop()
+    assert not server.running and server.data_dir is None and not data_dir.exists()
+    assert not os.path.exists(f"/proc/{pid}")
+    server.stop()  # idempotent
+
+
+@needs_etcd
+def test_etcd_that_cannot_start_fails_with_its_log() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = started(EtcdServer("bad", client_port=taken.getsockname()[1], peer_port=etcdlab.free_ports(1)[0]))
+        try:
+            with pytest.raises(EtcdError, match="(?s)exited.*address already in use"):
+                server.start().wait_healthy(timeout=10)
+        finally:
+            server.stop()
+
+
+def test_missing_binary_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(EtcdError, match="apt-get install etcd-server"):
+        etcdlab.binary("etcd")
+    with pytest.raises(EtcdError, match="apt-get install etcd-client"):
+        etcdlab.binary("etcdctl")
+
+
+@needs_root
+def test_service_hosts_are_checked_and_found_by_another_lab_object() -> None:
+    lab = Lab(LABS[2], hosts=1)
+    with pytest.raises(LabError, match="not up"):
+        lab.add_service("etcd1", 250)
+    with lab:
+        for name, host, error in [("sw", 201, "service name"), ("h2", 201, "service name"),
+                                  ("Etcd", 201, "service name"), ("etcd1", 200, r"\.201 \.\. \.254")]:
+            with pytest.raises(LabError, match=error):
+                lab.add_service(name, host)
+        assert lab.add_service("etcd1", 250) == f"{lab.name}-etcd1"
+        with pytest.raises(LabError, match="already"):
+            lab.add_service("etcd2", 250)
+        assert lab.run("etcd1", ["ping", "-c", "1", "-W", "2", str(lab.address(1))], timeout=10).returncode == 0
+        other = Lab(LABS[2], hosts=1)  # as `overlay lab down --name ...` sees it
+        assert sorted(other.namespaces()) == sorted([f"{lab.name}-h1", f"{lab.name}-etcd1", lab.switch])
+        other.down()
+        assert lab.namespaces() == []
+
+
+@needs_root
+@needs_etcd
+def test_etcd_in_a_service_host_serves_the_lab_hosts() -> None:
+    with Lab(LABS[0], hosts=2) as lab:
+        server = started(etcdlab.single(lab))
+        try:
+            assert server.endpoint == "http://198.18.0.250:2379" and server.namespace == f"{lab.name}-etcd1"
+            env = {**os.environ, "ETCDCTL_API": "3"}
+            lab.run(1, ["etcdctl", "--endpoints", "http://198.18.0.250:2379", "put", "/overlay/h1", "up"],
+                    timeout=15, env=env)
+            got = lab.run(1, ["etcdctl", "--endpoints", "http://198.18.0.250:2379", "get", "/overlay/h1",
+                              "--print-value-only"], timeout=15, env=env)
+            assert got.stdout.strip() == "up"
+            assert etcdctl(server, "get", "/overlay/h1", "--print-value-only", lab=lab, namespace=2,
+                           check=True).stdout.strip() == "up"
+            assert f"{lab.name}-etcd1" in lab.namespaces()
+        except BaseException:
+            server.stop()
+            raise
+    # down() killed etcd with everything else in the lab and removed the service host
+    assert not server.running and lab.namespaces() == []
+    server.stop()
+
+
+@needs_root
+@needs_etcd
+def test_cluster_keeps_serving_after_its_leader_is_killed() -> None:
+    with Lab(LABS[1], hosts=1) as lab:
+        servers = started(etcdlab.cluster(lab, members=3))
+        try:
+            assert [s.endpoint for s in servers] == [f"http://198.18.0.{a}:2379" for a in (250, 249, 248)]
+            etcdctl(servers, "put", "/overlay/before", "1", lab=lab, namespace=1, check=True)
+            old = wait_for(lambda: etcdlab.leader(servers), 10, "a leader")
+            old.kill()  # the hard case: an election follows
+            assert not old.running
+            new = wait_for(lambda: etcdlab.leader(servers), 10, "a new leader")
+            assert new is not old
+            survivors = [s for s in servers if s is not old]
+            etcdctl(survivors, "put", "/overlay/after", "2", lab=lab, namespace=1, check=True)
+            for key, value in (("/overlay/before", "1"), ("/overlay/after", "2")):
+                got = etcdctl(servers, "get", key, "--print-value-only", lab=lab, namespace=1, check=True)
+                assert got.stdout.strip() == value
+        finally:
+            for s in servers:
+                s.stop()
