@@ -13,7 +13,8 @@ snapshot at a revision, then watch events) into typed events. A resync after a r
 a compaction hands it a fresh snapshot; it diffs by key and mod_revision and emits exactly
 the puts and deletes that happened meanwhile. A value that does not decode is reported once
 per (key, mod_revision) in ``rejected`` and otherwise ignored: a hostile or mistyped value is
-never fatal, and the key counts as absent.
+never fatal, and a key that held a good value keeps it until a good value or a delete comes
+(so one bad write cannot take a host or an endpoint off the overlay).
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ class Registry:
             decoded = self._decode(raw_key, raw_value, mod)
             if decoded is not None:
                 fresh[decoded[0]] = _Entry(decoded[1], mod)
+            elif (k := self.schema.parse_key(raw_key)) is not None and k in self.entries:
+                fresh[k] = self.entries[k]  # a bad value is ignored: the last good one stays
         events: list[Event] = []
         for k, old in self.entries.items():
             if k not in fresh:
@@ -212,12 +215,11 @@ class Registry:
         return events
 
     def put(self, raw_key: str, raw_value: bytes, mod_revision: int) -> list[Event]:
-        """A watched PUT. A value that does not decode counts as the key's deletion."""
+        """A watched PUT. A value that does not decode is ignored: the last good value stays."""
         self.revision = max(self.revision, mod_revision)
         decoded = self._decode(raw_key, raw_value, mod_revision)
         if decoded is None:
-            k = self.schema.parse_key(raw_key)
-            return self._delete(k) if k is not None else []
+            return []
         k, value = decoded
         old = self.entries.get(k)
         self.entries[k] = _Entry(value, mod_revision)

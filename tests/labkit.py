@@ -26,12 +26,23 @@ def agent_argv(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "o
     return argv + list(extra)
 
 
+def etcd_agent_argv(lab: Lab, host: int, etcd: list[str], *extra: str, tap: str = "ovl0") -> list[str]:
+    argv = [sys.executable, "-m", "overlay.cli", "agent", "--host-id", f"h{host}", "--network", str(VNI),
+            "--local", str(lab.address(host)), "--tap", tap, "--address", f"{overlay_ip(host)}/24",
+            "--mac", f"02:00:00:00:00:{host:02x}"]
+    for e in etcd:
+        argv += ["--etcd", e]
+    return argv + list(extra)
+
+
 def start_agent(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "ovl0",
-                log_dir: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
-    """Start `overlay agent` in ``host`` and wait until its control socket answers."""
+                log_dir: Path | None = None, env: dict[str, str] | None = None,
+                argv: list[str] | None = None) -> subprocess.Popen[Any]:
+    """Start `overlay agent` in ``host`` (static mode with ``peers``, or ``argv`` as given) and
+    wait until its control socket answers."""
     log = open((log_dir or Path("/tmp")) / f"agent-{lab.name}-h{host}-{tap}.log", "w")
-    proc = lab.spawn(host, agent_argv(lab, host, peers, *extra, tap=tap), stdout=log, stderr=subprocess.STDOUT,
-                     env={**os.environ, **(env or {})})
+    proc = lab.spawn(host, argv or agent_argv(lab, host, peers, *extra, tap=tap), stdout=log,
+                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     wait_for(lambda: proc.poll() is not None or status(lab, host, tap) is not None, 30, f"agent on host {host}")
     assert proc.poll() is None, Path(log.name).read_text()
     return proc

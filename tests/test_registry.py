@@ -79,10 +79,14 @@ def test_bad_values_are_reported_once_and_ignored(key: str, value: object) -> No
     assert r.rejected[0][0] == P + key and r.entries == {}
 
 
-def test_a_good_value_turning_bad_counts_as_deleted() -> None:
+def test_a_good_value_overwritten_by_a_bad_one_stays_until_a_good_one_or_a_delete() -> None:
     r = Registry()
     r.snapshot([kv("/hosts/h1", {"address": "198.18.0.1"}, 3)], 3)
-    assert r.put(P + "/hosts/h1", b"garbage", 4) == [Deleted(HostKey("h1"), Host("198.18.0.1"))]
+    assert r.put(P + "/hosts/h1", b"garbage", 4) == []
+    assert r.get(HostKey("h1")) == Host("198.18.0.1")
+    assert r.snapshot([kv("/hosts/h1", b"garbage", 4)], 5) == []  # a resync keeps it too
+    assert r.get(HostKey("h1")) == Host("198.18.0.1")
+    assert r.delete(P + "/hosts/h1", 6) == [Deleted(HostKey("h1"), Host("198.18.0.1"))]
 
 
 @given(st.binary(max_size=200), st.text(max_size=60))

@@ -1,0 +1,126 @@
+"""Agents in etcd mode against a real etcd (Debian's etcd-server) in the lab's own namespace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from overlay import etcdlab
+from overlay.lab import Lab, wait_for
+from tests.labkit import VNI, etcd_agent_argv, overlay_ip, start_agent, status, wait_ping
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not etcdlab.available(),
+                                reason="needs root and etcd (apt-get install etcd-server etcd-client)")
+TTL = 3
+P = "/overlay/v1"
+GHOST = "02:00:00:00:00:99"  # an endpoint an operator declares with etcdctl
+
+
+class World:
+    def __init__(self, lab: Lab, etcd: etcdlab.EtcdServer, logs: Path) -> None:
+        self.lab, self.etcd, self.logs = lab, etcd, logs
+        self.agents: dict[int, subprocess.Popen[Any]] = {}
+
+    def start(self, host: int, *extra: str) -> subprocess.Popen[Any]:
+        argv = etcd_agent_argv(self.lab, host, [self.etcd.endpoint], "--lease-ttl", str(TTL), *extra)
+        self.agents[host] = start_agent(self.lab, host, [], log_dir=self.logs, argv=argv)
+        return self.agents[host]
+
+    def etcdctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return etcdlab.etcdctl(self.etcd, *args, check=True)
+
+    def fdb(self, host: int) -> dict[str, dict[str, Any]]:
+        return {e["mac"]: e for e in status(self.lab, host, cmd="fdb") or []}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with Lab(f"e{os.getpid() % 100000}", hosts=3) as lab, etcdlab.single(lab) as etcd:
+        w = World(lab, etcd, tmp_path)
+        for h in (1, 2, 3):
+            w.start(h)
+        yield w
+
+
+def test_agents_find_each_other_through_etcd(world: World) -> None:
+    for src, dst in ((1, 2), (2, 3), (3, 1)):
+        wait_ping(world.lab, src, overlay_ip(dst))
+    fdb = world.fdb(1)
+    assert fdb["02:00:00:00:00:02"]["source"] == "registry"  # known before any frame was seen
+    assert fdb["02:00:00:00:00:02"]["vtep"] == f"{world.lab.address(2)}:4789"
+    keys = world.etcdctl("get", "--prefix", "--keys-only", P).stdout.split()
+    assert f"{P}/hosts/h1" in keys and f"{P}/networks/{VNI}" in keys and f"{P}/networks/{VNI}/members/h3" in keys
+
+
+def tx_to(world: World, src: int, dst: int) -> int:
+    s = status(world.lab, src)
+    return next((p["tx_frames"] for p in s["peers"] if p["vtep"] == f"{world.lab.address(dst)}:4789"), 0)
+
+
+def test_an_etcdctl_endpoint_is_forwarded_without_flooding_and_del_stops_it(world: World) -> None:
+    lab = world.lab
+    wait_ping(lab, 1, overlay_ip(2))
+    world.etcdctl("put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2", "ipv4": ["198.19.0.99"]}')
+    wait_for(lambda: world.fdb(1).get(GHOST, {}).get("vtep") == f"{lab.address(2)}:4789", 5, "the endpoint in h1's table")
+    lab.run(1, ["ip", "neigh", "replace", "198.19.0.99", "lladdr", GHOST, "dev", "ovl0"])
+    to2, to3 = tx_to(world, 1, 2), tx_to(world, 1, 3)
+    lab.run(1, ["ping", "-c", "5", "-i", "0.05", "-W", "1", "198.19.0.99"], check=False)  # nobody answers
+    # Unicast to h2 only: h2 got the 5 pings on top of whatever h3 got (background multicast,
+    # such as IPv6 neighbour discovery of the fresh TAPs, goes to both).
+    assert (tx_to(world, 1, 2) - to2) - (tx_to(world, 1, 3) - to3) >= 5
+    world.etcdctl("del", f"{P}/networks/{VNI}/endpoints/{GHOST}")
+    wait_for(lambda: GHOST not in world.fdb(1), 5, "the endpoint to leave h1's table")
+    to3 = tx_to(world, 1, 3)
+    lab.run(1, ["ping", "-c", "3", "-i", "0.05", "-W", "1", "198.19.0.99"], check=False)
+    assert tx_to(world, 1, 3) - to3 >= 3  # unknown again: flooded
+
+
+def test_a_killed_agent_leaves_the_others_tables_within_the_lease_ttl(world: World) -> None:
+    wait_ping(world.lab, 1, overlay_ip(2))
+    world.agents[2].send_signal(signal.SIGKILL)
+    world.agents[2].wait(timeout=10)
+    killed = time.monotonic()
+    wait_for(lambda: "02:00:00:00:00:02" not in world.fdb(1), TTL + 5, "h2 to leave h1's table")
+    assert time.monotonic() - killed <= TTL + 2
+    keys = world.etcdctl("get", "--prefix", "--keys-only", f"{P}/hosts").stdout.split()
+    assert f"{P}/hosts/h2" not in keys
+
+
+def test_hostile_values_under_the_prefix_never_crash_an_agent(world: World) -> None:
+    for key, value in [
+        (f"{P}/hosts/h9", "{not json"),
+        (f"{P}/hosts/h8", '{"address": 42}'),
+        (f"{P}/networks/{VNI}/endpoints/02:00:00:00:00:77", '{"host": "h2", "ipv4": ["300.1.1.1"]}'),
+        (f"{P}/networks/{VNI}/members/h1", "[]"),
+        (f"{P}/networks/{VNI}", '{"vni": "forty-two"}'),
+        (f"{P}/garbage/key", "\x01\x02\xff"),
+    ]:
+        world.etcdctl("put", key, value)
+    world.etcdctl("put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2"}')  # a good one after them
+    wait_for(lambda: GHOST in world.fdb(1), 5, "the good endpoint after the bad ones")
+    assert all(p.poll() is None for p in world.agents.values())
+    wait_ping(world.lab, 1, overlay_ip(2))
+    log = (world.logs / f"agent-{world.lab.name}-h1-ovl0.log").read_text()
+    assert "ignoring /overlay/v1/hosts/h9" in log and "Traceback" not in log
+
+
+def test_a_second_agent_claiming_a_host_id_refuses_clearly(world: World) -> None:
+    argv = etcd_agent_argv(world.lab, 1, [world.etcd.endpoint], "--lease-ttl", str(TTL), "--tap", "ovl7",
+                           "--port", "4790")
+    result = world.lab.run(1, argv, check=False, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "host id h1 is registered by another running agent" in result.stderr
+    assert "ovl7" not in world.lab.run(1, ["ip", "-br", "link"]).stdout
+
+
+def test_a_bad_etcd_endpoint_is_a_clear_error() -> None:
+    result = subprocess.run([sys.executable, "-m", "overlay.cli", "agent", "--etcd", "ftp://x", "--host-id", "h1",
+                             "--network", "42", "--local", "198.18.0.1"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "write it as http://HOST:PORT" in result.stderr
