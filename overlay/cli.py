@@ -12,15 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from overlay import __version__
+from overlay.errors import RunError, UserError
 from overlay.fastpath import FastPathMissing, load
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit status 2, no traceback."""
-
-
-class RunError(Exception):
-    """Something failed at run time (a device, a socket, a missing agent): one line, exit 1."""
 
 
 # --- overlay agent --------------------------------------------------------------------------
