@@ -112,15 +112,15 @@ class Agent:
             stop.set()
 
         self.dataplane.on_fatal = fatal
-        self.dataplane.start(loop)
         tasks: list[asyncio.Task[None]] = []
-        if cfg.etcd:
+        if cfg.etcd:  # peers first: frames the TAP sends meanwhile wait in its queue
             try:
                 tasks = await self._join_registry()
             except EtcdError as e:
                 server.close()
                 self.dataplane.stop()
                 raise AgentError(str(e)) from None
+        self.dataplane.start(loop)
         try:
             peers = ", ".join(str(p) for p in cfg.peers) or "none"
             log.info(

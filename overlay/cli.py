@@ -107,6 +107,15 @@ def format_status(s: dict[str, Any]) -> str:
         f"agent  tap {a['tap']} ({a['mac']}, mtu {a['mtu']}{', ' + a['address'] if a['address'] else ''})  "
         f"vni {a['vni']}  vtep {a['local']}:{a['port']}  up {a['uptime_s']} s  "
         f"source check {'on' if a['source_check'] else 'off'}",
+    ]
+    r = s.get("registry")
+    if r:
+        lines.append(
+            f"registry  etcd {', '.join(r['endpoints'])}  host {r['host_id']}  "
+            f"{'connected' if r['connected'] else 'DISCONNECTED (forwarding with what it knew)'}  "
+            f"revision {r['revision']}  reconnects {r['reconnects']}  resyncs {r['resyncs']}"
+        )
+    lines += [
         "",
         f"{'peer':24} {'rx frames':>12} {'rx bytes':>14} {'tx frames':>12} {'tx bytes':>14}",
     ]
