@@ -128,6 +128,40 @@ cdef void send_outputs(ForwardingCore core, FrameBatch b, const int* fds, int n_
         flush_messages(core, b, first, m - first, fd_prev)
 
 
+cdef bint answer_arp(ForwardingCore core, FrameBatch b, Py_ssize_t i, uint32_t vni, int tap_fd) noexcept nogil:
+    """ARP suppression: if slot i is an ARP request for an IPv4 address the registry maps to a
+    MAC on ``vni``, turn it into the reply in place and write it back to the TAP. Returns
+    whether it did (the request is then not sent anywhere). Gratuitous ARP is left alone."""
+    cdef uint8_t* f = b.frame_ptr(i)
+    cdef uint8_t* a = f + ETH_HLEN
+    cdef uint64_t mac
+    cdef uint8_t requester[6]
+    cdef uint8_t spa[4]
+    cdef Py_ssize_t k
+    if b.length[i] < ETH_HLEN + 28 or be16(f + 12) != 0x0806:
+        return False
+    if be16(a) != 1 or be16(a + 2) != 0x0800 or a[4] != 6 or a[5] != 4 or be16(a + 6) != 1:
+        return False                                    # Ethernet/IPv4 requests only
+    if memcmp(a + 14, a + 24, 4) == 0 or not core.neigh_lookup(vni, be32(a + 24), &mac):
+        return False
+    memcpy(requester, a + 8, 6)
+    memcpy(spa, a + 14, 4)
+    memcpy(f, requester, 6)                             # Ethernet: to the requester ...
+    for k in range(6):
+        f[6 + k] = (mac >> (40 - 8 * k)) & 0xFF         # ... from the MAC asked for
+    a[7] = 2                                            # op: reply
+    memcpy(a + 14, a + 24, 4)                           # sender IP: the address asked for
+    memcpy(a + 8, f + 6, 6)                             # sender MAC: its MAC
+    memcpy(a + 18, requester, 6)                        # target: the requester
+    memcpy(a + 24, spa, 4)
+    memset(f - VNET_HLEN, 0, VNET_HLEN)
+    if c_write(tap_fd, f - VNET_HLEN, ETH_HLEN + 28 + VNET_HLEN) < 0:
+        core.drop_counts[DROP_TAP_WRITE] += 1
+    else:
+        core.arp_suppressed += 1
+    return True
+
+
 cdef void encap_and_send(ForwardingCore core, FrameBatch b, uint32_t vni, Py_ssize_t n,
                          const int* fds, int n_fds) noexcept nogil:
     cdef Py_ssize_t start = 0
@@ -154,6 +188,8 @@ cdef Py_ssize_t pump_tap_to_udp(ForwardingCore core, FrameBatch reads, FrameBatc
                 st = prepare_frame(reads.frame_ptr(i), reads.length[i], frames, &used)
             if st != OK:
                 core.drop_counts[st] += 1
+            elif core.n_neigh_macs and answer_arp(core, frames, used - 1, vni, tap_fd):
+                used -= 1                               # answered here: not sent
         encap_and_send(core, frames, vni, used, fds, n_fds)
         total += n
         if n < reads.slots:

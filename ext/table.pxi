@@ -39,6 +39,12 @@ cdef class ForwardingCore:
     cdef HashMap vni_index    # (vni, 1) -> index into nets
     cdef HashMap vtep_ids     # (ip << 16 | port, 1) -> VTEP id
     cdef HashMap members      # (ip, vni + 1) -> VTEP id, for every VTEP on a VNI's flood list
+    cdef HashMap neigh        # (IPv4, vni + 1) -> index into neigh_macs: ARP suppression
+    cdef uint64_t* neigh_macs
+    cdef uint32_t n_neigh_macs, cap_neigh_macs
+    cdef uint32_t* neigh_free  # indexes of neigh_macs free for reuse
+    cdef uint32_t n_neigh_free
+    cdef readonly uint64_t arp_suppressed   # ARP requests answered from the registry
     cdef CVtep* vteps
     cdef uint32_t n_vteps, cap_vteps
     cdef Net* nets
@@ -58,6 +64,7 @@ cdef class ForwardingCore:
         hm_init(&self.vni_index, 16)
         hm_init(&self.vtep_ids, 16)
         hm_init(&self.members, 16)
+        hm_init(&self.neigh, 16)
         self.source_check = source_check
         self.cap_vteps = 16
         self.vteps = <CVtep*>calloc(self.cap_vteps, sizeof(CVtep))
@@ -73,6 +80,9 @@ cdef class ForwardingCore:
         hm_free(&self.vni_index)
         hm_free(&self.vtep_ids)
         hm_free(&self.members)
+        hm_free(&self.neigh)
+        free(self.neigh_macs)
+        free(self.neigh_free)
         if self.nets != NULL:
             for i in range(self.n_nets):
                 free(self.nets[i].flood)
@@ -211,6 +221,48 @@ cdef class ForwardingCore:
 
     def __len__(self):
         return self.fdb.count
+
+    # --- neighbours (ARP suppression) -----------------------------------------------------
+
+    def neigh_set(self, uint32_t vni, uint32_t ip, uint64_t mac):
+        """ARP requests on ``vni`` for IPv4 ``ip`` (an int) are answered with ``mac``."""
+        cdef Slot* s = hm_find(&self.neigh, ip, vni + 1)
+        cdef uint32_t i
+        if vni > 0xFFFFFF or mac >> 48:
+            raise ValueError("VNI must fit 24 bits and MAC 48 bits")
+        if s != NULL:
+            self.neigh_macs[s.value] = mac
+            return
+        if self.n_neigh_free:
+            self.n_neigh_free -= 1
+            i = self.neigh_free[self.n_neigh_free]
+        else:
+            if self.n_neigh_macs == self.cap_neigh_macs:
+                self.cap_neigh_macs = max(16, self.cap_neigh_macs * 2)
+                self.neigh_macs = <uint64_t*>realloc(self.neigh_macs, self.cap_neigh_macs * sizeof(uint64_t))
+                self.neigh_free = <uint32_t*>realloc(self.neigh_free, self.cap_neigh_macs * sizeof(uint32_t))
+                if self.neigh_macs == NULL or self.neigh_free == NULL:
+                    raise MemoryError()
+            i = self.n_neigh_macs
+            self.n_neigh_macs += 1
+        self.neigh_macs[i] = mac
+        hm_set(&self.neigh, ip, vni + 1, i)
+
+    def neigh_delete(self, uint32_t vni, uint32_t ip):
+        cdef Slot* s = hm_find(&self.neigh, ip, vni + 1)
+        if s == NULL:
+            return False
+        self.neigh_free[self.n_neigh_free] = s.value
+        self.n_neigh_free += 1
+        hm_delete(&self.neigh, ip, vni + 1)
+        return True
+
+    cdef inline bint neigh_lookup(self, uint32_t vni, uint32_t ip, uint64_t* mac) noexcept nogil:
+        cdef Slot* s = hm_find(&self.neigh, ip, vni + 1)
+        if s == NULL:
+            return False
+        mac[0] = self.neigh_macs[s.value]
+        return True
 
     # --- what the data path saw -----------------------------------------------------------
 

@@ -129,6 +129,8 @@ def format_status(s: dict[str, Any]) -> str:
         f"fdb    static {f['static']}  registry {f['registry']}  learned {f['learned']}  "
         f"(refused at cap {f['refused_cap']}, moves {f['moves']}, expired {f['expired']})"
     )
+    lines.append(f"arp    answered locally {s.get('arp_suppressed', 0)}   "
+                 f"tcp segments coalesced on receive {s.get('coalesced_frames', 0)}")
     return "\n".join(lines)
 
 

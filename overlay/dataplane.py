@@ -233,6 +233,7 @@ class Dataplane:
                 "learn_overflow": self.core.learn_overflow,
             },
             "coalesced_frames": self.core.coalesced,
+            "arp_suppressed": self.core.arp_suppressed,
         }
 
     def fdb(self) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ keeps the C ForwardingCore in step with the pure ForwardingTable.
 
 from __future__ import annotations
 
+import ipaddress
 from types import ModuleType
 from typing import Sequence
 
@@ -50,3 +51,9 @@ class CoreSink:
 
     def vni_remove(self, vni: int) -> None:
         self.core.vni_remove(vni)  # type: ignore[attr-defined]
+
+    def neigh_set(self, vni: int, ip: ipaddress.IPv4Address, mac: int) -> None:
+        self.core.neigh_set(vni, int(ip), mac)  # type: ignore[attr-defined]
+
+    def neigh_delete(self, vni: int, ip: ipaddress.IPv4Address) -> None:
+        self.core.neigh_delete(vni, int(ip))  # type: ignore[attr-defined]

@@ -75,6 +75,8 @@ class TableSink(Protocol):
     def flood_set(self, vni: int, vteps: Sequence[Vtep]) -> None: ...
     def vni_add(self, vni: int) -> None: ...
     def vni_remove(self, vni: int) -> None: ...
+    def neigh_set(self, vni: int, ip: ipaddress.IPv4Address, mac: int) -> None: ...
+    def neigh_delete(self, vni: int, ip: ipaddress.IPv4Address) -> None: ...
 
 
 class NullSink:
@@ -85,6 +87,8 @@ class NullSink:
     def flood_set(self, vni: int, vteps: Sequence[Vtep]) -> None: ...
     def vni_add(self, vni: int) -> None: ...
     def vni_remove(self, vni: int) -> None: ...
+    def neigh_set(self, vni: int, ip: ipaddress.IPv4Address, mac: int) -> None: ...
+    def neigh_delete(self, vni: int, ip: ipaddress.IPv4Address) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,7 @@ class _Network:
     slots: dict[int, _Slot] = field(default_factory=dict)
     learned: "OrderedDict[int, float]" = field(default_factory=OrderedDict)  # mac -> seen, oldest first
     flood: tuple[Vtep, ...] = ()
+    neighbours: dict[ipaddress.IPv4Address, int] = field(default_factory=dict)  # ARP suppression
 
 
 @dataclass
@@ -161,6 +166,8 @@ class ForwardingTable:
             return
         for mac in net.slots:
             self.sink.fdb_delete(vni, mac)
+        for ip in net.neighbours:
+            self.sink.neigh_delete(vni, ip)
         self.sink.vni_remove(vni)
 
     def vnis(self) -> list[int]:
@@ -182,6 +189,20 @@ class ForwardingTable:
 
     def flood(self, vni: int) -> tuple[Vtep, ...]:
         return self._net(vni).flood
+
+    def set_neighbours(self, vni: int, neighbours: dict[ipaddress.IPv4Address, int]) -> None:
+        """Replace the IPv4 -> MAC map whose ARP requests the agent answers itself on ``vni``."""
+        net = self._net(vni)
+        for ip in [ip for ip in net.neighbours if ip not in neighbours]:
+            del net.neighbours[ip]
+            self.sink.neigh_delete(vni, ip)
+        for ip, mac in neighbours.items():
+            if net.neighbours.get(ip) != mac:
+                net.neighbours[ip] = mac
+                self.sink.neigh_set(vni, ip, mac)
+
+    def neighbours(self, vni: int) -> dict[ipaddress.IPv4Address, int]:
+        return dict(self._net(vni).neighbours)
 
     # --- entries --------------------------------------------------------------------------
 

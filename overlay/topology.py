@@ -4,7 +4,9 @@ For every VNI this host serves:
 - the flood list is every other member host of the VNI whose host record is known
   (address and port from ``hosts/<id>``);
 - every endpoint owned by another known host is a REGISTRY entry (MAC -> that host's VTEP);
-- endpoints of this host, of unknown hosts, or on VNIs not served are not forwarded to.
+- endpoints of this host, of unknown hosts, or on VNIs not served are not forwarded to;
+- the IPv4 addresses of other hosts' endpoints are the neighbours whose ARP requests the
+  agent answers itself (ARP suppression): a request for one never leaves the host.
 After each batch of registry events the VNIs they touch are recomputed and the difference is
 applied to the ForwardingTable (which keeps the fast path in step). Learned and static entries
 are the table's business; registry entries simply take precedence over learned ones.
@@ -16,7 +18,7 @@ import ipaddress
 from typing import Iterable
 
 from overlay.fdb import ForwardingTable, Source, Vtep
-from overlay.registry import Endpoint, EndpointKey, Event, HostKey, MemberKey, NetworkKey, Registry
+from overlay.registry import EndpointKey, Event, HostKey, MemberKey, NetworkKey, Registry
 
 
 class Topology:
@@ -52,6 +54,10 @@ class Topology:
         for key, ep in self.registry.endpoints(vni).items():
             if ep.host != self.host_id and (v := self._vtep(ep.host)) is not None:
                 want[key.mac] = v
+        self.table.set_neighbours(vni, {
+            ipaddress.IPv4Address(a): key.mac
+            for key, ep in self.registry.endpoints(vni).items() if key.mac in want for a in ep.ipv4
+        })
         have = self._applied[vni]
         for mac in [m for m in have if m not in want]:
             self.table.remove(vni, mac, Source.REGISTRY)
@@ -61,14 +67,3 @@ class Topology:
                 self.table.put(vni, mac, vtep, Source.REGISTRY, now)
                 have[mac] = vtep
 
-    def neighbours(self, vni: int) -> dict[ipaddress.IPv4Address, int]:
-        """IPv4 address -> MAC of every endpoint on ``vni`` (for ARP suppression)."""
-        out: dict[ipaddress.IPv4Address, int] = {}
-        for key, ep in self.registry.endpoints(vni).items():
-            for a in ep.ipv4:
-                out[ipaddress.IPv4Address(a)] = key.mac
-        return out
-
-
-def own_endpoint(host_id: str, ipv4: Iterable[str] = ()) -> Endpoint:
-    return Endpoint(host=host_id, ipv4=list(ipv4))

@@ -202,3 +202,19 @@ def test_a_three_member_cluster_losing_a_member_keeps_the_agents_working(tmp_pat
         finally:
             for m in members:
                 m.stop()
+
+
+def test_arp_for_a_registry_address_is_answered_locally_and_unknown_ones_still_flood(world: World) -> None:
+    lab = world.lab
+    wait_ping(lab, 1, overlay_ip(2))
+    wait_for(lambda: "02:00:00:00:00:02" in world.fdb(1), 10, "h2 in h1's table")
+    lab.run(1, ["ip", "neigh", "flush", "dev", "ovl0"])
+    before, to3 = status(lab, 1)["arp_suppressed"], tx_to(world, 1, 3)
+    wait_ping(lab, 1, overlay_ip(2))  # the kernel ARPs for h2 first: the agent answers
+    assert status(lab, 1)["arp_suppressed"] > before
+    neigh = lab.run(1, ["ip", "neigh", "show", overlay_ip(2), "dev", "ovl0"]).stdout
+    assert "02:00:00:00:00:02" in neigh  # the answer carried the registry's MAC
+    assert tx_to(world, 1, 3) - to3 <= 2  # no broadcast ARP to h3 (background multicast aside)
+    before, to3 = status(lab, 1)["arp_suppressed"], tx_to(world, 1, 3)
+    lab.run(1, ["ping", "-c", "1", "-W", "1", "198.19.0.77"], check=False)  # nobody has it
+    assert status(lab, 1)["arp_suppressed"] == before and tx_to(world, 1, 3) > to3  # flooded

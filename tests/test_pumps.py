@@ -208,3 +208,25 @@ def test_a_burst_crosses_tx_pump_gso_and_rx_pump_gro_intact(sockets) -> None:
     tap_kernel.setblocking(False)
     assert [tap_kernel.recv(4096) for _ in frames] == [PLAIN + f for f in frames]
     assert core.vtep_stats()[0][2] == 40  # rx frames
+
+
+def test_an_arp_request_for_a_known_neighbour_is_answered_on_the_tap_not_sent(sockets) -> None:
+    from scapy.layers.l2 import ARP, Ether
+
+    udp, raw, tap_agent, tap_kernel = sockets
+    core = fp.ForwardingCore()
+    core.vni_add(42)
+    core.flood_set(42, [(LOOPBACK, udp.getsockname()[1])])
+    core.neigh_set(42, 0xC6130002, 0x020000000002)  # 198.19.0.2 is at 02:00:00:00:00:02
+    ask = lambda ip: bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:01")  # noqa: E731
+                           / ARP(op=1, hwsrc="02:00:00:00:00:01", psrc="198.19.0.1", pdst=ip))
+    tap_kernel.send(PLAIN + ask("198.19.0.2"))
+    tap_kernel.send(PLAIN + ask("198.19.0.3"))  # unknown: flooded as usual
+    fp.pump_tx(core, fp.FrameBatch(8), fp.FrameBatch(8), 42, tap_agent.fileno(), [raw.fileno()])
+    reply = Ether(tap_kernel.recv(4096)[10:])
+    assert reply.dst == "02:00:00:00:00:01" and reply.src == "02:00:00:00:00:02"
+    assert (reply[ARP].op, reply[ARP].hwsrc, reply[ARP].psrc, reply[ARP].hwdst, reply[ARP].pdst) == (
+        2, "02:00:00:00:00:02", "198.19.0.2", "02:00:00:00:00:01", "198.19.0.1")
+    udp.settimeout(5)
+    assert udp.recv(4096) == wire.encode(42, ask("198.19.0.3"))  # only the unknown one went out
+    assert core.arp_suppressed == 1
