@@ -19,7 +19,7 @@ import uvloop
 
 from overlay import control
 from overlay.config import AgentConfig
-from overlay.etcdclient import EtcdClient, EtcdError, retry
+from overlay.etcdclient import EtcdClient, EtcdError, Tls, retry
 from overlay.registry import Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
 from overlay.topology import Topology
 from overlay.dataplane import Dataplane, DataplaneError
@@ -150,8 +150,9 @@ class Agent:
         assert cfg.host_id is not None
         registry = Registry(Schema(cfg.prefix))
         topology = Topology(registry, self.table, cfg.host_id)
+        tls = Tls(cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key) if cfg.etcd_ca else None
         self.etcd = client = EtcdClient(list(cfg.etcd), registry, lambda evs: topology.apply(evs, time.monotonic()),
-                                        ttl=cfg.lease_ttl)
+                                        ttl=cfg.lease_ttl, user=cfg.etcd_user, password=cfg.etcd_password, tls=tls)
         await retry("connecting to etcd", client.connect, 30)
         await client.register(cfg.host_id, Host(str(cfg.local), cfg.port), wait_for_old=cfg.lease_ttl + 2)
         subnet = str(cfg.address.network) if cfg.address else None

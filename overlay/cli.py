@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,6 +35,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    if "etcd_password" not in settings and os.environ.get("OVERLAY_ETCD_PASSWORD"):
+        settings["etcd_password"] = os.environ["OVERLAY_ETCD_PASSWORD"]
     cfg = config.build(settings)
     load()
     try:
@@ -86,6 +89,12 @@ def add_agent(sub: Any) -> None:
     e.add_argument("--prefix", help="etcd key prefix (default /overlay/v1)")
     e.add_argument("--lease-ttl", dest="lease_ttl", metavar="SECONDS",
                    help="TTL of the host's lease: how soon a dead host disappears (default 10)")
+    e.add_argument("--etcd-ca", dest="etcd_ca", metavar="FILE", help="TLS: the CA that signed etcd's certificate (https:// endpoints)")
+    e.add_argument("--etcd-cert", dest="etcd_cert", metavar="FILE", help="TLS: client certificate, when etcd asks for one")
+    e.add_argument("--etcd-key", dest="etcd_key", metavar="FILE", help="TLS: the client certificate's key")
+    e.add_argument("--etcd-user", dest="etcd_user", metavar="NAME", help="etcd user (with --etcd-password)")
+    e.add_argument("--etcd-password", dest="etcd_password", metavar="PASSWORD",
+                   help="etcd password; better in the TOML file or OVERLAY_ETCD_PASSWORD than on the command line")
     p.set_defaults(func=cmd_agent)
 
 

@@ -50,10 +50,18 @@ class AgentConfig:
     host_id: str | None = None
     prefix: str = "/overlay/v1"
     lease_ttl: int = 10
+    etcd_ca: str | None = None  # TLS: CA file; with etcd_cert and etcd_key for client certificates
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password: str | None = None
 
 
 KEYS = ("vni", "local", "peer", "tap", "address", "port", "mtu", "mac", "source_check",
-        "allow_vlan", "ageing", "max_per_vni", "etcd", "host_id", "network", "prefix", "lease_ttl")
+        "allow_vlan", "ageing", "max_per_vni", "etcd", "host_id", "network", "prefix", "lease_ttl",
+        "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password")
+ETCD_KEYS = ("etcd", "host_id", "network", "prefix", "lease_ttl", "etcd_ca", "etcd_cert", "etcd_key",
+             "etcd_user", "etcd_password")
 
 
 def parse_toml(text: str, origin: str) -> dict[str, Any]:
@@ -128,14 +136,25 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
     if len(networks) != 1:
         raise ConfigError(f"give exactly one --network VNI (got {len(networks)}); several networks "
                           f"per agent are not supported yet: run one agent (and TAP) per network")
-    static = build({**{k: v for k, v in settings.items() if k not in ("etcd", "host_id", "network",
-                                                                       "prefix", "lease_ttl")},
-                    "vni": networks[0]})
+    static = build({**{k: v for k, v in settings.items() if k not in ETCD_KEYS}, "vni": networks[0]})
+    tls = {k: settings.get(k) for k in ("etcd_ca", "etcd_cert", "etcd_key")}
+    if (tls["etcd_cert"] is None) != (tls["etcd_key"] is None):
+        raise ConfigError("etcd client certificates need both --etcd-cert and --etcd-key")
+    if tls["etcd_cert"] is not None and tls["etcd_ca"] is None:
+        raise ConfigError("--etcd-cert needs --etcd-ca (the CA that signed etcd's certificate)")
+    https = [e for e in endpoints if e.startswith("https://")]
+    if tls["etcd_ca"] is not None and len(https) != len(endpoints):
+        raise ConfigError("with --etcd-ca every --etcd endpoint must be https://")
+    if https and tls["etcd_ca"] is None:
+        raise ConfigError("an https:// etcd endpoint needs --etcd-ca (the CA that signed etcd's certificate)")
+    if (settings.get("etcd_user") is None) != (settings.get("etcd_password") is None):
+        raise ConfigError("etcd authentication needs both --etcd-user and --etcd-password")
     prefix = settings.get("prefix", "/overlay/v1")
     if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.rstrip("/") == "":
         raise ConfigError(f"prefix: {prefix!r} is not an etcd key prefix like /overlay/v1")
     return AgentConfig(**{**static.__dict__, "etcd": tuple(endpoints), "host_id": host_id, "prefix": prefix,
-                          "lease_ttl": _int("lease_ttl", settings.get("lease_ttl", 10), 2, 3600)})
+                          "lease_ttl": _int("lease_ttl", settings.get("lease_ttl", 10), 2, 3600), **tls,
+                          "etcd_user": settings.get("etcd_user"), "etcd_password": settings.get("etcd_password")})
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:

@@ -43,6 +43,57 @@ class EtcdError(RuntimeError):
     """A registry failure the user must fix (a claimed host id, no etcd reachable at start)."""
 
 
+@dataclass(frozen=True)
+class Tls:
+    """TLS for the etcd connection: a CA to trust, and a client certificate if etcd asks."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> "grpc.ChannelCredentials":
+        import grpc
+
+        def read(path: str | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise EtcdError(f"etcd TLS {what} {path}: {e.strerror}") from None
+
+        return grpc.ssl_channel_credentials(read(self.ca, "CA"), read(self.key, "key"), read(self.cert, "certificate"))
+
+
+class SecureClient(aetcd.Client):
+    """aetcd.Client over a TLS channel: aetcd itself only opens insecure ones. The same
+    stubs as aetcd's connect, on a channel made with our credentials."""
+
+    def __init__(self, *args: object, tls: Tls, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._credentials = tls.credentials()
+
+    async def connect(self) -> None:
+        from aetcd import rpc, watcher
+
+        if self._connected.is_set():
+            return
+        self.channel = rpc.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                          options=list(self._options.items()))
+        if self._username is not None and self._password is not None:
+            self.auth_stub = rpc.AuthStub(self.channel)
+            response = await self.auth_stub.Authenticate(
+                rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+            self.metadata = (("token", response.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+        self._connected.set()
+
+
 def parse_endpoint(url: str) -> tuple[str, int]:
     """'http://198.18.0.250:2379' -> ('198.18.0.250', 2379); ValueError saying the form."""
     parts = urlsplit(url if "://" in url else "http://" + url)
@@ -59,6 +110,7 @@ class EtcdClient:
     ttl: int = 10
     user: str | None = None
     password: str | None = None
+    tls: Tls | None = None
     held: dict[Key, Value] = field(default_factory=dict)  # written under our lease, rewritten on renewal
     connected: bool = False
     reconnects: int = 0
@@ -81,14 +133,20 @@ class EtcdClient:
         for _ in range(len(self.endpoints)):
             host, port = parse_endpoint(self.endpoints[self._next % len(self.endpoints)])
             self._next += 1
-            client = aetcd.Client(host, port, username=self.user, password=self.password,
-                                  timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
+            if self.tls is not None:
+                client: aetcd.Client = SecureClient(host, port, username=self.user, password=self.password,
+                                                    timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS, tls=self.tls)
+            else:
+                client = aetcd.Client(host, port, username=self.user, password=self.password,
+                                      timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
             try:
                 await client.connect()
                 await client.get(self.schema.prefix.encode())  # a round trip: is it really there?
             except ERRORS as e:
-                last = e
                 await client.close()
+                if "authentication failed" in str(e) or isinstance(e, aetcd.exceptions.UnauthenticatedError):
+                    raise EtcdError("etcd refused the user name or password (--etcd-user, --etcd-password)") from None
+                last = e
                 continue
             self._client = client
             self.connected = True
