@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (add_agent, add_status, add_lab, add_demo):
         add(sub)
+    from overlay import admin  # net, host, endpoint: operator commands against etcd (aetcd loaded lazily)
+
+    admin.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,671 @@
+"""The operator's commands against the etcd registry: ``overlay net``, ``overlay host``,
+``overlay endpoint``.
+
+They read and write exactly the keys and values of the registry contract (DESIGN.md,
+overlay/registry.py): every value is built as a registry type and written with
+``Schema.encode``, so what these commands do and what ``etcdctl put``/``del`` of the same key
+does are one and the same to the agents, and ``ls`` shows what etcdctl wrote.
+
+- ``net create`` is a compare-and-create (an existing network is an error, never overwritten);
+  ``net rm`` deletes the network key and everything under it (members, endpoints) in one
+  transaction, and without ``--force`` only if no host is a member (checked in that transaction).
+- ``endpoint add`` writes without a lease: the endpoint is the operator's and stays until
+  removed. It does not overwrite an endpoint an agent holds under its lease.
+- ``host ls``: a host key lives under its agent's lease, so present means alive; the lease's
+  remaining TTL is shown. Hosts named by members or endpoints but without a key are listed as
+  not alive.
+
+Each command validates its input first (UserError, exit 2, saying the expected form), then
+runs one ``asyncio.run``: connect (3 s per endpoint), do its reads and writes, close. etcd
+failures are RunError (exit 1), one line. aetcd and asyncio are imported inside the commands,
+so ``overlay --version`` does not pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from overlay.errors import RunError, UserError
+
+if TYPE_CHECKING:
+    import aetcd
+
+    from overlay.registry import Endpoint, Host, Network, Schema
+
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+ENV_ETCD = "OVERLAY_ETCD"  # comma-separated endpoints, used when no --etcd is given
+ENV_PASSWORD = "OVERLAY_ETCD_PASSWORD"  # used when --user is given without a password
+CONNECT_TIMEOUT = 3.0  # per endpoint: a first round trip must come back within this
+REQUEST_TIMEOUT = 5  # every later RPC
+VNI_MAX = (1 << 24) - 1
+HOST_ID_FORM = "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit, e.g. h1"
+
+
+# --- input checks (before any connection) ---------------------------------------------------
+
+
+def parse_vni(text: str, flag: str = "") -> int:
+    t = text.strip()
+    if not (t.isascii() and t.isdigit()) or int(t) > VNI_MAX:
+        where = f"{flag} " if flag else ""
+        raise UserError(f"{where}{text!r} is not a VNI: write an integer from 0 to {VNI_MAX}, e.g. 42")
+    return int(t)
+
+
+def parse_mac(text: str) -> int:
+    from overlay.wire import is_multicast_mac, mac_to_int
+
+    try:
+        mac = mac_to_int(text.strip())
+    except ValueError:
+        raise UserError(f"--mac {text!r} is not a MAC address: write six hex pairs, e.g. 02:00:00:00:00:01") from None
+    if is_multicast_mac(mac):
+        raise UserError(f"--mac {text}: a multicast or broadcast address (first octet odd); an endpoint's "
+                        f"MAC is unicast, e.g. 02:00:00:00:00:01")
+    if mac == 0:
+        raise UserError(f"--mac {text}: the all-zero address is not an endpoint's; e.g. 02:00:00:00:00:01")
+    return mac
+
+
+def parse_host_id(text: str) -> str:
+    from overlay.registry import HOST_ID
+
+    if not HOST_ID.match(text):
+        raise UserError(f"--host {text!r} is not a host id: {HOST_ID_FORM}")
+    return text
+
+
+def parse_ips(texts: list[str]) -> tuple[list[str], list[str]]:
+    """--ip values (each may hold several, comma-separated) -> (IPv4 list, IPv6 list), normalized."""
+    v4: list[str] = []
+    v6: list[str] = []
+    for text in texts:
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            try:
+                ip = ipaddress.ip_address(item)
+            except ValueError:
+                raise UserError(f"--ip {item!r} is not an IP address: write an IPv4 (198.19.0.5) or "
+                                f"IPv6 (fd00::5) address, without a prefix length") from None
+            bucket = v4 if ip.version == 4 else v6
+            if str(ip) not in bucket:
+                bucket.append(str(ip))
+    return v4, v6
+
+
+def parse_subnet(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(text.strip()))
+    except ValueError as e:
+        if "host bits" in str(e):
+            net = ipaddress.IPv4Network(text.strip(), strict=False)
+            raise UserError(f"--subnet {text} has host bits set: write the network, {net}") from None
+        raise UserError(f"--subnet {text!r} is not an IPv4 network: write A.B.C.D/LEN, e.g. 198.19.42.0/24") from None
+
+
+def parse_mtu(text: str) -> int:
+    t = text.strip()
+    if not (t.isascii() and t.isdigit()) or not 68 <= int(t) <= 65485:
+        raise UserError(f"--mtu {text!r} is not an MTU: write an integer from 68 to 65485, e.g. 1450")
+    return int(t)
+
+
+def parse_name(text: str) -> str:
+    if not text or len(text) > 63 or not text.isprintable():
+        raise UserError(f"--name {text!r}: a network name is 1-63 printable characters, e.g. blue")
+    return text
+
+
+# --- connection -------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where and as whom to connect, and under which prefix; checked before connecting."""
+
+    endpoints: list[str]
+    prefix: str
+    user: str | None = None
+    password: str | None = None
+    as_json: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Target":
+        from overlay.etcdclient import parse_endpoint
+
+        given = args.etcd or [e for e in os.environ.get(ENV_ETCD, "").split(",") if e.strip()] or [DEFAULT_ETCD]
+        endpoints = []
+        for raw in given:
+            url = raw.strip() if "://" in raw else "http://" + raw.strip()
+            try:
+                parse_endpoint(url)
+            except ValueError as e:
+                raise UserError(f"--etcd: {e}") from None
+            if url.startswith("https://"):
+                raise UserError(f"--etcd {raw}: TLS (https) is not supported yet: give an http:// endpoint")
+            endpoints.append(url)
+        prefix = args.prefix if args.prefix is not None else "/overlay/v1"
+        if not prefix.startswith("/") or prefix.strip("/") == "" or "//" in prefix.rstrip("/"):
+            raise UserError(f"--prefix {prefix!r} is not an etcd key prefix: write it like /overlay/v1")
+        user, password = args.user, args.password
+        if user is not None and password is None and ":" in user:
+            user, password = user.split(":", 1)  # etcdctl's --user NAME:PASSWORD
+        if user is not None and password is None:
+            password = os.environ.get(ENV_PASSWORD)
+            if password is None:
+                raise UserError(f"--user {user} needs a password: --password PW, --user {user}:PW or {ENV_PASSWORD}")
+        if password is not None and not user:
+            raise UserError("--password without --user: give both, e.g. --user root --password PW")
+        return cls(endpoints, prefix, user, password, bool(getattr(args, "json", False)))
+
+
+@dataclass
+class Session:
+    client: "aetcd.Client"
+    url: str
+    schema: "Schema"
+
+
+def _is_unreachable(e: BaseException) -> bool:
+    import aetcd.exceptions as x
+
+    return isinstance(e, (x.ConnectionFailedError, x.ConnectionTimeoutError, TimeoutError, OSError))
+
+
+def _refusal(e: BaseException, url: str, target: Target) -> RunError:
+    """etcd answered but said no: a one-line RunError that says what to do."""
+    text = str(e).removeprefix("etcdserver: ")
+    if "user name is empty" in text:
+        return RunError(f"etcd at {url} requires a login: give --user NAME --password PW")
+    if "token" in text:
+        return RunError(f"etcd at {url} rejected the login token ({text}): run the command again")
+    if "authentication failed" in text:
+        return RunError(f"etcd at {url} refused the login of user {target.user!r}: check --user and --password")
+    if "authentication is not enabled" in text:
+        return RunError(f"etcd at {url} has authentication off: leave out --user and --password")
+    if "permission denied" in text:
+        who = f"user {target.user!r}" if target.user else "an anonymous client"
+        return RunError(f"etcd at {url}: permission denied for {who} under {target.prefix}")
+    return RunError(f"etcd at {url} failed: {text or e.__class__.__name__}")
+
+
+async def _connect(target: Target) -> Session:
+    import asyncio
+
+    import aetcd
+
+    from overlay.etcdclient import GRPC_OPTIONS, parse_endpoint
+    from overlay.registry import Schema
+
+    schema = Schema(target.prefix)
+    for url in target.endpoints:
+        host, port = parse_endpoint(url)
+        client = aetcd.Client(host, port, username=target.user, password=target.password,
+                              timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
+        try:
+            async def probe() -> None:
+                await client.connect()
+                await client.get(schema.prefix.encode())  # a round trip: is it really there?
+
+            await asyncio.wait_for(probe(), CONNECT_TIMEOUT)
+        except Exception as e:
+            await _close(client)
+            if _is_unreachable(e):
+                continue
+            raise _refusal(e, url, target) from None
+        return Session(client, url, schema)
+    raise RunError(f"no etcd answered at {', '.join(target.endpoints)}: start etcd or give --etcd")
+
+
+async def _close(client: "aetcd.Client") -> None:
+    import asyncio
+
+    try:
+        await asyncio.wait_for(client.close(), 2)
+    except Exception:
+        pass
+
+
+def run(target: Target, action: Callable[[Session], Awaitable[Any]]) -> Any:
+    """Connect, run ``action``, close; etcd failures as one-line RunErrors."""
+    import asyncio
+
+    async def main() -> Any:
+        session = await _connect(target)
+        try:
+            return await action(session)
+        except (RunError, UserError):
+            raise
+        except Exception as e:
+            import aetcd.exceptions
+
+            if _is_unreachable(e):
+                raise RunError(f"etcd at {session.url} stopped answering: {e or e.__class__.__name__}") from None
+            if isinstance(e, aetcd.exceptions.ClientError):
+                raise _refusal(e, session.url, target) from None
+            raise
+        finally:
+            await _close(session.client)
+
+    return asyncio.run(main())
+
+
+# --- reading the registry ---------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """Everything under the prefix at one revision, typed, with each key's lease (0: none)."""
+
+    networks: dict[int, "Network"] = field(default_factory=dict)
+    hosts: dict[str, tuple["Host", int]] = field(default_factory=dict)
+    members: dict[int, dict[str, int]] = field(default_factory=dict)  # vni -> host -> lease
+    endpoints: dict[tuple[int, int], tuple["Endpoint", int]] = field(default_factory=dict)  # (vni, mac)
+
+
+def warn(text: str) -> None:
+    print(f"overlay: warning: {text}", file=sys.stderr)
+
+
+async def read(s: Session, under: str = "") -> Snapshot:
+    """Read ``<prefix>/<under>`` (everything by default); a key or value outside the schema is
+    reported on stderr and skipped, as the agents skip it."""
+    from overlay.registry import EndpointKey, HostKey, MemberKey, NetworkKey
+
+    result = await s.client.get_prefix(f"{s.schema.prefix}/{under}".encode())
+    snap = Snapshot()
+    for kv in result:
+        raw_key = kv.key.decode(errors="replace")
+        k = s.schema.parse_key(raw_key)
+        if k is None:
+            warn(f"ignoring {raw_key}: not a key of the registry schema")
+            continue
+        try:
+            value = s.schema.decode(k, kv.value)
+        except ValueError as e:
+            warn(f"ignoring {raw_key}: {e} (agents ignore it too)")
+            continue
+        if isinstance(k, NetworkKey):
+            snap.networks[k.vni] = value  # type: ignore[assignment]
+        elif isinstance(k, HostKey):
+            snap.hosts[k.host] = (value, kv.lease)  # type: ignore[assignment]
+        elif isinstance(k, MemberKey):
+            snap.members.setdefault(k.vni, {})[k.host] = kv.lease
+        elif isinstance(k, EndpointKey):
+            snap.endpoints[(k.vni, k.mac)] = (value, kv.lease)  # type: ignore[assignment]
+    return snap
+
+
+def lease_str(lease: int) -> str | None:
+    """A lease id as etcdctl prints it (``lease 694d7b1f2a6c7c0a granted``); None for no lease."""
+    return f"{lease:016x}" if lease else None
+
+
+def endpoint_json(vni: int, mac: int, ep: "Endpoint", lease: int) -> dict[str, Any]:
+    from overlay.wire import mac_to_str
+
+    return {"vni": vni, "mac": mac_to_str(mac), "host": ep.host, "ipv4": list(ep.ipv4), "ipv6": list(ep.ipv6),
+            "lease": lease_str(lease), "static": not lease}
+
+
+def table(headers: list[str], rows: list[list[Any]], right: frozenset[int] | set[int] = frozenset()) -> str:
+    cells = [headers] + [["-" if c is None or c == "" else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        line = "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def emit(target: Target, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=2) if target.as_json else human)
+
+
+# --- overlay net ------------------------------------------------------------------------------
+
+
+def cmd_net_create(args: argparse.Namespace) -> int:
+    from overlay.registry import Network, NetworkKey, check
+
+    vni = parse_vni(args.vni)
+    name = parse_name(args.name) if args.name is not None else f"net{vni}"
+    subnet = parse_subnet(args.subnet) if args.subnet is not None else None
+    mtu = parse_mtu(args.mtu) if args.mtu is not None else None
+    network = Network(vni=vni, name=name, subnet=subnet, mtu=mtu)
+    check(NetworkKey(vni), network)
+    target = Target.from_args(args)
+
+    async def action(s: Session) -> None:
+        key = s.schema.key(NetworkKey(vni)).encode()
+        t = s.client.transactions
+        ok, _ = await s.client.transaction(compare=[t.create(key) == 0],
+                                           success=[t.put(key, s.schema.encode(network))], failure=[])
+        if not ok:
+            raise RunError(f"network {vni} exists ({s.schema.key(NetworkKey(vni))}): "
+                           f"'overlay net ls' shows it, 'overlay net rm {vni}' removes it")
+
+    run(target, action)
+    data = {"vni": vni, "name": name, "subnet": subnet, "mtu": mtu}
+    emit(target, data, f"created network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'})")
+    return 0
+
+
+def cmd_net_ls(args: argparse.Namespace) -> int:
+    target = Target.from_args(args)
+
+    async def action(s: Session) -> Snapshot:
+        return await read(s, "networks/")
+
+    snap: Snapshot = run(target, action)
+    vnis = sorted(set(snap.networks) | set(snap.members) | {vni for vni, _ in snap.endpoints})
+    rows = []
+    for vni in vnis:
+        net = snap.networks.get(vni)
+        rows.append({"vni": vni, "name": net.name if net else None, "subnet": net.subnet if net else None,
+                     "mtu": net.mtu if net else None, "defined": net is not None,
+                     "members": len(snap.members.get(vni, {})),
+                     "endpoints": sum(1 for v, _ in snap.endpoints if v == vni)})
+    human = table(["VNI", "NAME", "SUBNET", "MTU", "MEMBERS", "ENDPOINTS"],
+                  [[r["vni"], r["name"] if r["defined"] else "(not defined)", r["subnet"], r["mtu"], r["members"],
+                    r["endpoints"]] for r in rows], right={0, 3, 4, 5})
+    if not rows:
+        human += f"\n(no networks under {target.prefix}: 'overlay net create VNI' defines one)"
+    emit(target, rows, human)
+    return 0
+
+
+def cmd_net_rm(args: argparse.Namespace) -> int:
+    from aetcd.utils import prefix_range_end  # only reached for a real removal
+
+    from overlay.registry import EndpointKey, MemberKey, NetworkKey
+
+    vni = parse_vni(args.vni)
+    target = Target.from_args(args)
+
+    async def action(s: Session) -> dict[str, Any]:
+        key = s.schema.key(NetworkKey(vni)).encode()
+        under = (s.schema.key(NetworkKey(vni)) + "/").encode()
+        members = (s.schema.key(NetworkKey(vni)) + "/members/").encode()
+        t = s.client.transactions
+        compare = [] if args.force else [t.create(members, prefix_range_end(members)) == 0]
+        ok, responses = await s.client.transaction(
+            compare=compare,
+            success=[t.delete(under, prefix_range_end(under), prev_kv=True), t.delete(key, prev_kv=True)],
+            failure=[t.get(members, prefix_range_end(members))],
+        )
+        if not ok:
+            hosts = sorted(kv.key.decode(errors="replace").rsplit("/", 1)[-1] for _, kv in responses[0])
+            raise RunError(f"network {vni} has {len(hosts)} member{'s' if len(hosts) != 1 else ''} "
+                           f"({', '.join(hosts)}): their agents use it; stop them first, or give --force")
+        gone = [kv for r in responses for kv in r.response_delete_range.prev_kvs]
+        if not gone:
+            raise RunError(f"network {vni} does not exist under {s.schema.prefix} ('overlay net ls' lists them)")
+        kinds = [s.schema.parse_key(kv.key.decode(errors="replace")) for kv in gone]
+        return {"vni": vni, "deleted_keys": len(gone),
+                "defined": any(isinstance(k, NetworkKey) for k in kinds),
+                "members": sum(isinstance(k, MemberKey) for k in kinds),
+                "endpoints": sum(isinstance(k, EndpointKey) for k in kinds)}
+
+    data = run(target, action)
+    what = "removed network" if data["defined"] else "removed the keys of undefined network"
+    emit(target, data, f"{what} {vni} ({data['deleted_keys']} keys: {data['members']} members, "
+                       f"{data['endpoints']} endpoints)")
+    return 0
+
+
+# --- overlay host -----------------------------------------------------------------------------
+
+
+def cmd_host_ls(args: argparse.Namespace) -> int:
+    import asyncio
+
+    target = Target.from_args(args)
+
+    async def action(s: Session) -> tuple[Snapshot, dict[int, int]]:
+        snap = await read(s)
+        leases = sorted({lease for _, lease in snap.hosts.values() if lease})
+        infos = await asyncio.gather(*(s.client.get_lease_info(lease, keys=False) for lease in leases))
+        return snap, {lease: int(info.TTL) for lease, info in zip(leases, infos)}
+
+    snap, ttls = run(target, action)
+    named = set(snap.hosts)
+    for hosts in snap.members.values():
+        named |= set(hosts)
+    named |= {ep.host for ep, _ in snap.endpoints.values()}
+    rows = []
+    for host_id in sorted(named):
+        host, lease = snap.hosts.get(host_id, (None, 0))
+        ttl = ttls.get(lease) if lease else None
+        alive = host is not None and (ttl is None or ttl >= 0)
+        rows.append({"host": host_id, "address": host.address if host else None, "port": host.port if host else None,
+                     "alive": alive, "lease": lease_str(lease), "ttl": ttl if alive else None,
+                     "networks": sorted(vni for vni, hosts in snap.members.items() if host_id in hosts)})
+    human = table(["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS"],
+                  [[r["host"], f"{r['address']}:{r['port']}" if r["address"] else None, "yes" if r["alive"] else "no",
+                    (f"{r['ttl']} s" if r["ttl"] is not None else "no lease" if r["alive"] else None),
+                    ",".join(map(str, r["networks"]))] for r in rows])
+    if not rows:
+        human += f"\n(no hosts under {target.prefix}: an agent registers its host when it starts with --etcd)"
+    emit(target, rows, human)
+    return 0
+
+
+# --- overlay endpoint -------------------------------------------------------------------------
+
+
+def cmd_endpoint_ls(args: argparse.Namespace) -> int:
+    vni = parse_vni(args.net, "--net") if args.net is not None else None
+    target = Target.from_args(args)
+
+    async def action(s: Session) -> Snapshot:
+        return await read(s, "networks/" if vni is None else f"networks/{vni}/endpoints/")
+
+    snap: Snapshot = run(target, action)
+    rows = [endpoint_json(v, mac, ep, lease) for (v, mac), (ep, lease) in sorted(snap.endpoints.items())]
+    human = table(["VNI", "MAC", "HOST", "IPV4", "IPV6", "LEASE"],
+                  [[r["vni"], r["mac"], r["host"], ",".join(r["ipv4"]), ",".join(r["ipv6"]), r["lease"] or "static"]
+                   for r in rows], right={0})
+    if not rows:
+        human += "\n(no endpoints" + (f" on network {vni})" if vni is not None else ")")
+    emit(target, rows, human)
+    return 0
+
+
+def cmd_endpoint_add(args: argparse.Namespace) -> int:
+    from overlay.registry import Endpoint, EndpointKey, HostKey, NetworkKey, check
+
+    vni = parse_vni(args.net, "--net")
+    mac = parse_mac(args.mac)
+    host = parse_host_id(args.host)
+    ipv4, ipv6 = parse_ips(args.ip or [])
+    endpoint = Endpoint(host=host, ipv4=ipv4, ipv6=ipv6)
+    check(EndpointKey(vni, mac), endpoint)
+    target = Target.from_args(args)
+
+    async def action(s: Session) -> bool:
+        key = s.schema.key(EndpointKey(vni, mac))
+        t = s.client.transactions
+        old = await s.client.get(key.encode())
+        if old is not None and old.lease:
+            raise RunError(f"endpoint {key.rsplit('/', 1)[-1]} on network {vni} is held by an agent under lease "
+                           f"{lease_str(old.lease)}: it is not the operator's to change; 'overlay endpoint rm' "
+                           f"it first to take it over")
+        compare = [t.create(key.encode()) == 0] if old is None else [t.mod(key.encode()) == old.mod_revision]
+        ok, _ = await s.client.transaction(compare=compare, success=[t.put(key.encode(), s.schema.encode(endpoint))],
+                                           failure=[])
+        if not ok:
+            raise RunError(f"{key} changed while it was being written: run the command again")
+        if await s.client.get(s.schema.key(HostKey(host)).encode()) is None:
+            warn(f"host {host} is not registered ({s.schema.key(HostKey(host))} is absent): agents forward to "
+                 f"this endpoint once {host}'s agent runs")
+        if await s.client.get(s.schema.key(NetworkKey(vni)).encode()) is None:
+            warn(f"network {vni} is not defined: 'overlay net create {vni}' defines it")
+        return old is not None
+
+    replaced = run(target, action)
+    data = {**endpoint_json(vni, mac, endpoint, 0), "replaced": replaced}
+    ips = ", ".join(ipv4 + ipv6) or "no addresses"
+    emit(target, data, f"{'replaced' if replaced else 'added'} endpoint {data['mac']} on network {vni}: "
+                       f"host {host}, {ips} (static)")
+    return 0
+
+
+def cmd_endpoint_rm(args: argparse.Namespace) -> int:
+    from overlay.registry import EndpointKey
+
+    vni = parse_vni(args.net, "--net")
+    mac = parse_mac(args.mac)
+    target = Target.from_args(args)
+
+    async def action(s: Session) -> dict[str, Any]:
+        key = s.schema.key(EndpointKey(vni, mac))
+        gone = await s.client.delete(key.encode(), prev_kv=True)
+        if gone is None:
+            raise RunError(f"no endpoint {key.rsplit('/', 1)[-1]} on network {vni} ('overlay endpoint ls --net {vni}' "
+                           f"lists them)")
+        prev = gone.prev_kv
+        try:
+            ep = s.schema.decode(EndpointKey(vni, mac), prev.value)
+        except ValueError:
+            return {"vni": vni, "mac": key.rsplit("/", 1)[-1], "host": None, "ipv4": [], "ipv6": [],
+                    "lease": lease_str(prev.lease), "static": not prev.lease}
+        return endpoint_json(vni, mac, ep, prev.lease)  # type: ignore[arg-type]
+
+    data = run(target, action)
+    owner = f"held by lease {data['lease']}" if data["lease"] else "static"
+    emit(target, data, f"removed endpoint {data['mac']} on network {vni} (host {data['host'] or '?'}, {owner})")
+    return 0
+
+
+# --- the parsers ------------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("etcd connection")
+    g.add_argument("--etcd", metavar="URL", action="append",
+                   help=f"etcd endpoint, e.g. http://198.18.0.250:2379; repeat for each member of a cluster, tried in "
+                        f"turn (default: ${ENV_ETCD}, comma-separated, else {DEFAULT_ETCD})")
+    g.add_argument("--user", metavar="NAME[:PW]", help="etcd user, when etcd has authentication on")
+    g.add_argument("--password", metavar="PW", help=f"the user's password (or ${ENV_PASSWORD}, kept out of ps)")
+    g.add_argument("--prefix", help="registry key prefix (default /overlay/v1)")
+    common.add_argument("--json", action="store_true", help="machine-readable output (shapes in README.md)")
+    return common
+
+
+def _group(sub: Any, name: str, help_text: str, description: str, epilog: str) -> tuple[Any, Any]:
+    p = sub.add_parser(name, help=help_text, description=textwrap.fill(description, 88), epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def show_help(_: argparse.Namespace) -> int:
+        p.print_help()
+        return 0
+
+    p.set_defaults(func=show_help)
+    return p, p.add_subparsers(title="actions", metavar="ACTION")
+
+
+def _leaf(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str, description: str,
+          epilog: str, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, parents=[common], help=help_text, description=textwrap.fill(description, 88),
+                       epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+REGISTRY_NOTE = ("These commands read and write the etcd registry (DESIGN.md): the same keys and values "
+                 "as etcdctl put/del under the prefix, which every agent applies.")
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``net``, ``host`` and ``endpoint`` on the ``overlay`` command's subparsers."""
+    common = _common()
+
+    _, net = _group(sub, "net", "define, list and remove networks (VNIs) in etcd",
+                    "Networks in the etcd registry: <prefix>/networks/<vni>. " + REGISTRY_NOTE,
+                    "examples:\n"
+                    "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
+                    "  overlay net ls --etcd http://198.18.0.250:2379\n"
+                    "  overlay net rm 42")
+    p = _leaf(net, "create", cmd_net_create, "define a network",
+              "Define network VNI: write <prefix>/networks/<vni> if it does not exist (compare-and-create; "
+              "an existing network is an error, never overwritten). Agents that join the VNI use its MTU "
+              "and subnet.",
+              "examples:\n"
+              "  overlay net create 42\n"
+              "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
+              "  same as: etcdctl put /overlay/v1/networks/42 "
+              "'{\"vni\":42,\"name\":\"blue\",\"subnet\":\"198.19.42.0/24\",\"mtu\":1450}'", common)
+    p.add_argument("vni", metavar="VNI", help="VXLAN network identifier, 0-16777215")
+    p.add_argument("--name", help="a name for people (default net<VNI>)")
+    p.add_argument("--subnet", metavar="A.B.C.D/LEN", help="the overlay's IPv4 subnet, e.g. 198.19.42.0/24")
+    p.add_argument("--mtu", help="the overlay's MTU, 68-65485 (default: each agent's underlay MTU minus 50)")
+    _leaf(net, "ls", cmd_net_ls, "list networks",
+          "List the networks: VNI, name, subnet, MTU, how many hosts are members and how many endpoints "
+          "it has. A VNI with members or endpoints but no definition shows as '(not defined)'.",
+          "examples:\n  overlay net ls\n  overlay net ls --json", common)
+    p = _leaf(net, "rm", cmd_net_rm, "remove a network, its members and endpoints",
+              "Remove network VNI: its key and every key under it (members, endpoints), in one transaction. "
+              "Refused while any host is a member (an agent runs on it) unless --force.",
+              "examples:\n"
+              "  overlay net rm 42\n"
+              "  overlay net rm 42 --force      # even with agents on it; they keep forwarding what they know\n"
+              "  same as: etcdctl del --prefix /overlay/v1/networks/42/ && etcdctl del /overlay/v1/networks/42", common)
+    p.add_argument("vni", metavar="VNI", help="the network's VNI")
+    p.add_argument("--force", action="store_true", help="remove it even while hosts are members")
+
+    _, host = _group(sub, "host", "list the hosts registered in etcd and whether they are alive",
+                     "Hosts in the etcd registry: <prefix>/hosts/<host-id>, written by each agent under its "
+                     "lease. " + REGISTRY_NOTE,
+                     "example:\n  overlay host ls")
+    _leaf(host, "ls", cmd_host_ls, "list hosts with liveness",
+          "List hosts: id, VTEP address:port, alive, the lease's remaining TTL, the networks it is a member of. "
+          "A host key exists only while its agent keeps its lease alive, so a listed key means alive; when "
+          "the agent dies the key goes within the lease TTL. Hosts that members or endpoints name but that "
+          "have no key are listed as not alive.",
+          "examples:\n  overlay host ls\n  overlay host ls --json --etcd http://198.18.0.250:2379", common)
+
+    _, ep = _group(sub, "endpoint", "list, add and remove endpoints (MAC -> host) in etcd",
+                   "Endpoints in the etcd registry: <prefix>/networks/<vni>/endpoints/<mac>, the host that "
+                   "owns a MAC and its addresses. Agents write their own under their lease; an operator's are "
+                   "written without one (static) and stay until removed. " + REGISTRY_NOTE,
+                   "examples:\n"
+                   "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2 --ip 198.19.42.99\n"
+                   "  overlay endpoint ls --net 42\n"
+                   "  overlay endpoint rm --net 42 --mac 02:00:00:00:00:99")
+    p = _leaf(ep, "ls", cmd_endpoint_ls, "list endpoints",
+              "List endpoints: VNI, MAC, owning host, IPv4 and IPv6 addresses, and the lease that holds it "
+              "(an agent's) or 'static' (an operator's).",
+              "examples:\n  overlay endpoint ls\n  overlay endpoint ls --net 42 --json", common)
+    p.add_argument("--net", metavar="VNI", help="only this network's endpoints")
+    p = _leaf(ep, "add", cmd_endpoint_add, "add (or change) a static endpoint",
+              "Declare that MAC on network VNI is at host HOST: agents send its frames straight to that host's "
+              "VTEP instead of flooding. Written without a lease (static: it stays until 'endpoint rm'). An "
+              "existing static endpoint is replaced; one an agent holds under its lease is left alone. A host "
+              "that is not registered yet is a warning, not an error.",
+              "examples:\n"
+              "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2\n"
+              "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2 --ip 198.19.42.99 --ip fd00::99\n"
+              "  same as: etcdctl put /overlay/v1/networks/42/endpoints/02:00:00:00:00:99 "
+              "'{\"host\":\"h2\",\"ipv4\":[\"198.19.42.99\"],\"ipv6\":[]}'", common)
+    p.add_argument("--net", metavar="VNI", required=True, help="the network's VNI")
+    p.add_argument("--mac", required=True, help="the endpoint's unicast MAC, e.g. 02:00:00:00:00:99")
+    p.add_argument("--host", required=True, metavar="HOST", help="the host id the MAC is at, e.g. h2")
+    p.add_argument("--ip", metavar="ADDR", action="extend", nargs="+",
+                   help="its IPv4 or IPv6 address(es); repeat or list several")
+    p = _leaf(ep, "rm", cmd_endpoint_rm, "remove an endpoint",
+              "Remove the endpoint MAC from network VNI (static or an agent's). Agents forget it and flood "
+              "frames to it again.",
+              "examples:\n"
+              "  overlay endpoint rm --net 42 --mac 02:00:00:00:00:99\n"
+              "  same as: etcdctl del /overlay/v1/networks/42/endpoints/02:00:00:00:00:99", common)
+    p.add_argument("--net", metavar="VNI", required=True, help="the network's VNI")
+    p.add_argument("--mac", required=True, help="the endpoint's MAC")

@@ -1,0 +1,275 @@
+"""The operator commands (`overlay net|host|endpoint`) as a user runs them: real processes against
+a real etcd on the root loopback (Debian's etcd, overlay.etcdlab); etcdctl put/del of a key of
+the schema and the command have the same effect. Each test works under a prefix of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import pytest
+
+from overlay import etcdlab
+from overlay.registry import Endpoint, Network, Schema
+
+needs_etcd = pytest.mark.skipif(not etcdlab.available(),
+                                reason="needs etcd: apt-get install etcd-server etcd-client")
+CLI = [sys.executable, "-m", "overlay.cli"]
+
+
+def overlay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def overlay_many(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Several independent invocations at once (they do not touch etcd's state): faster."""
+    procs = [subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL) for argv in argvs]
+    results = []
+    for argv, p in zip(argvs, procs):
+        out, err = p.communicate(timeout=30)
+        results.append(subprocess.CompletedProcess([*CLI, *argv], p.returncode, out, err))
+    return results
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    """The result failed with ``code`` and one line on stderr naming ``words``; that line."""
+    assert result.returncode == code, (result.args, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("overlay: error: "), result.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.args, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+class Etcd:
+    """The module's etcd, seen under one prefix."""
+
+    def __init__(self, server: etcdlab.EtcdServer, prefix: str) -> None:
+        self.server, self.prefix, self.schema = server, prefix, Schema(prefix)
+
+    def cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return overlay(*args, "--etcd", self.server.endpoint, "--prefix", self.prefix, **kw)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(ok(self.cli(*args, "--json")))
+
+    def ctl(self, *args: str) -> str:
+        return etcdlab.etcdctl(self.server, *args, check=True).stdout
+
+    def value(self, key: str) -> str:
+        return self.ctl("get", "--print-value-only", self.prefix + key).rstrip("\n")
+
+    def keys(self) -> list[str]:
+        return self.ctl("get", "--prefix", "--keys-only", self.prefix + "/").split()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[etcdlab.EtcdServer]:
+    if not etcdlab.available():
+        pytest.skip("needs etcd: apt-get install etcd-server etcd-client")
+    with etcdlab.single() as s:
+        yield s
+
+
+@pytest.fixture
+def etcd(server: etcdlab.EtcdServer, request: pytest.FixtureRequest) -> Etcd:
+    return Etcd(server, f"/t/{request.node.name}")
+
+
+# --- networks ---------------------------------------------------------------------------------
+
+
+@needs_etcd
+def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
+    out = ok(etcd.cli("net", "create", "42", "--subnet", "198.19.42.0/24", "--mtu", "1450", "--name", "blue"))
+    assert "created network 42" in out
+    # Exactly what the agents decode: Schema.encode of the registry type.
+    assert etcd.value("/networks/42") == etcd.schema.encode(Network(42, "blue", "198.19.42.0/24", 1450)).decode()
+    one_line_error(etcd.cli("net", "create", "42"), 1, "network 42 exists")
+    assert json.loads(etcd.value("/networks/42"))["name"] == "blue"  # not overwritten
+    assert etcd.json("net", "create", "420") == {"vni": 420, "name": "net420", "subnet": None, "mtu": None}
+    assert etcd.value("/networks/420") == etcd.schema.encode(Network(420, "net420")).decode()
+
+    # A member (an agent's, under its lease) and endpoints; 420 shares 42's digits, not its keys.
+    lease = etcd.ctl("lease", "grant", "30").split()[1]
+    etcd.ctl("put", f"--lease={lease}", f"{etcd.prefix}/networks/42/members/h1", "{}")
+    etcd.ctl("put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:05", '{"host": "h1"}')
+    etcd.ctl("put", f"{etcd.prefix}/networks/420/endpoints/02:00:00:00:00:06", '{"host": "h1"}')
+    rows = etcd.json("net", "ls")
+    assert rows == [
+        {"vni": 42, "name": "blue", "subnet": "198.19.42.0/24", "mtu": 1450, "defined": True,
+         "members": 1, "endpoints": 1},
+        {"vni": 420, "name": "net420", "subnet": None, "mtu": None, "defined": True, "members": 0, "endpoints": 1},
+    ]
+    table = ok(etcd.cli("net", "ls")).splitlines()
+    assert table[0].split() == ["VNI", "NAME", "SUBNET", "MTU", "MEMBERS", "ENDPOINTS"]
+    assert table[1].split() == ["42", "blue", "198.19.42.0/24", "1450", "1", "1"]
+
+    one_line_error(etcd.cli("net", "rm", "42"), 1, "network 42 has 1 member (h1)", "--force")
+    assert f"{etcd.prefix}/networks/42" in etcd.keys()
+    assert etcd.json("net", "rm", "42", "--force") == {"vni": 42, "deleted_keys": 3, "defined": True,
+                                                       "members": 1, "endpoints": 1}
+    assert etcd.keys() == [f"{etcd.prefix}/networks/420", f"{etcd.prefix}/networks/420/endpoints/02:00:00:00:00:06"]
+    one_line_error(etcd.cli("net", "rm", "42"), 1, "network 42 does not exist")
+    assert "removed network 420" in ok(etcd.cli("net", "rm", "420"))  # no members: no --force needed
+    assert etcd.keys() == []
+
+
+# --- endpoints --------------------------------------------------------------------------------
+
+
+@needs_etcd
+def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None:
+    ok(etcd.cli("net", "create", "42"))
+    r = etcd.cli("endpoint", "add", "--net", "42", "--mac", "02:00:00:00:00:AA", "--host", "h2",
+                 "--ip", "198.19.42.10", "fd00::a", "--ip", "198.19.42.11")
+    assert "added endpoint 02:00:00:00:00:aa" in ok(r)
+    assert "warning: host h2 is not registered" in r.stderr  # a warning, not an error
+    key = "/networks/42/endpoints/02:00:00:00:00:aa"
+    assert etcd.value(key) == etcd.schema.encode(Endpoint("h2", ["198.19.42.10", "198.19.42.11"], ["fd00::a"])).decode()
+    assert etcd.ctl("get", "-w", "json", etcd.prefix + key).count('"lease"') == 0  # written without a lease
+
+    # etcdctl put of a schema value: `endpoint ls` shows it as if the command had added it.
+    etcd.ctl("put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:bb",
+             '{"host": "h3", "ipv4": ["198.19.42.20"]}')
+    etcd.ctl("put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:cc", '{"host": 7}')  # bad: skipped, warned
+    r = etcd.cli("endpoint", "ls", "--net", "42", "--json")
+    assert json.loads(ok(r)) == [
+        {"vni": 42, "mac": "02:00:00:00:00:aa", "host": "h2", "ipv4": ["198.19.42.10", "198.19.42.11"],
+         "ipv6": ["fd00::a"], "lease": None, "static": True},
+        {"vni": 42, "mac": "02:00:00:00:00:bb", "host": "h3", "ipv4": ["198.19.42.20"], "ipv6": [],
+         "lease": None, "static": True},
+    ]
+    assert "ignoring" in r.stderr and "02:00:00:00:00:cc" in r.stderr
+    etcd.ctl("del", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:cc")
+    table = ok(etcd.cli("endpoint", "ls")).splitlines()
+    assert table[0].split() == ["VNI", "MAC", "HOST", "IPV4", "IPV6", "LEASE"]
+    assert table[2].split() == ["42", "02:00:00:00:00:bb", "h3", "198.19.42.20", "-", "static"]
+
+    # etcdctl del and `endpoint rm` both take it away.
+    etcd.ctl("del", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:bb")
+    assert [e["mac"] for e in etcd.json("endpoint", "ls")] == ["02:00:00:00:00:aa"]
+    removed = etcd.json("endpoint", "rm", "--net", "42", "--mac", "02-00-00-00-00-AA")
+    assert removed["mac"] == "02:00:00:00:00:aa" and removed["host"] == "h2" and removed["static"] is True
+    assert etcd.keys() == [f"{etcd.prefix}/networks/42"]
+    one_line_error(etcd.cli("endpoint", "rm", "--net", "42", "--mac", "02:00:00:00:00:aa"), 1,
+                   "no endpoint 02:00:00:00:00:aa on network 42")
+
+
+@needs_etcd
+def test_endpoint_add_leaves_an_agents_endpoint_alone(etcd: Etcd) -> None:
+    lease = etcd.ctl("lease", "grant", "30").split()[1]
+    etcd.ctl("put", f"--lease={lease}", f"{etcd.prefix}/networks/7/endpoints/02:00:00:00:00:01", '{"host": "h1"}')
+    one_line_error(etcd.cli("endpoint", "add", "--net", "7", "--mac", "02:00:00:00:00:01", "--host", "h2"), 1,
+                   "held by an agent", lease)
+    assert json.loads(etcd.value("/networks/7/endpoints/02:00:00:00:00:01"))["host"] == "h1"
+
+
+# --- hosts ------------------------------------------------------------------------------------
+
+
+@needs_etcd
+def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
+    lease = etcd.ctl("lease", "grant", "30").split()[1]  # "lease 694d... granted with TTL(30s)"
+    etcd.ctl("put", f"--lease={lease}", f"{etcd.prefix}/hosts/h1", '{"address": "198.18.0.1", "port": 4789}')
+    etcd.ctl("put", f"--lease={lease}", f"{etcd.prefix}/networks/42/members/h1", "{}")
+    etcd.ctl("put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:09", '{"host": "h9"}')  # h9: no key
+    rows = etcd.json("host", "ls")
+    assert [r["host"] for r in rows] == ["h1", "h9"]
+    h1, h9 = rows
+    assert h1["alive"] is True and 1 <= h1["ttl"] <= 30 and int(h1["lease"], 16) == int(lease, 16)
+    assert h1 | {"ttl": 0} == {"host": "h1", "address": "198.18.0.1", "port": 4789, "alive": True,
+                               "lease": h1["lease"], "ttl": 0, "networks": [42]}
+    assert h9 == {"host": "h9", "address": None, "port": None, "alive": False, "lease": None, "ttl": None,
+                  "networks": []}
+    table = ok(etcd.cli("host", "ls")).splitlines()
+    assert table[0].split() == ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS"]
+    cells = table[1].split()
+    assert cells[:3] == ["h1", "198.18.0.1:4789", "yes"] and cells[4:] == ["s", "42"]
+    assert table[2].split()[:3] == ["h9", "-", "no"]
+    # The VNI has members but no definition: listed as such.
+    assert etcd.json("net", "ls")[0] == {"vni": 42, "name": None, "subnet": None, "mtu": None,
+                                             "defined": False, "members": 1, "endpoints": 1}
+
+
+# --- errors and help --------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_line_exit_2_before_any_connection() -> None:
+    nowhere = ["--etcd", "http://127.0.0.1:9"]  # never reached: the input is checked first
+    bad_mac, multicast, bad_vni, big_vni, bad_net, bad_host, bad_ip, host_bits, bad_etcd, https = overlay_many(
+        ["endpoint", "add", "--net", "42", "--mac", "02:00:00:00:00", "--host", "h1", *nowhere],
+        ["endpoint", "add", "--net", "42", "--mac", "ff:ff:ff:ff:ff:ff", "--host", "h1", *nowhere],
+        ["net", "create", "forty-two", *nowhere],
+        ["net", "rm", "16777216", *nowhere],
+        ["endpoint", "ls", "--net", "x", *nowhere],
+        ["endpoint", "add", "--net", "42", "--mac", "02:00:00:00:00:01", "--host=-h1", *nowhere],
+        ["endpoint", "add", "--net", "42", "--mac", "02:00:00:00:00:01", "--host", "h1", "--ip", "198.19.0.300",
+         *nowhere],
+        ["net", "create", "42", "--subnet", "198.19.42.1/24", *nowhere],
+        ["net", "ls", "--etcd", "ftp://somewhere"],
+        ["host", "ls", "--etcd", "https://127.0.0.1:2379"],
+    )
+    one_line_error(bad_mac, 2, "--mac '02:00:00:00:00' is not a MAC address", "02:00:00:00:00:01")
+    one_line_error(multicast, 2, "--mac ff:ff:ff:ff:ff:ff", "unicast")
+    one_line_error(bad_vni, 2, "'forty-two' is not a VNI", "0 to 16777215")
+    one_line_error(big_vni, 2, "'16777216' is not a VNI")
+    one_line_error(bad_net, 2, "--net 'x' is not a VNI")
+    one_line_error(bad_host, 2, "--host '-h1' is not a host id", "e.g. h1")
+    one_line_error(bad_ip, 2, "--ip '198.19.0.300' is not an IP address")
+    one_line_error(host_bits, 2, "host bits", "198.19.42.0/24")
+    one_line_error(bad_etcd, 2, "http://HOST:PORT")
+    one_line_error(https, 2, "TLS")
+
+
+def test_unreachable_etcd_is_one_line_exit_1() -> None:
+    port, other = etcdlab.free_ports(2)  # nothing listens there
+    flag = overlay("net", "ls", "--etcd", f"http://127.0.0.1:{port}")
+    env = overlay("host", "ls", "--json", env={"OVERLAY_ETCD": f"127.0.0.1:{port},127.0.0.1:{other}"})
+    one_line_error(flag, 1, f"no etcd answered at http://127.0.0.1:{port}: start etcd or give --etcd")
+    one_line_error(env, 1, f"no etcd answered at http://127.0.0.1:{port}, http://127.0.0.1:{other}")
+    assert flag.stdout == env.stdout == ""
+
+
+def test_help_teaches_with_examples() -> None:
+    results = overlay_many(["--help"], ["net", "--help"], ["net", "create", "--help"], ["host", "ls", "--help"],
+                           ["endpoint", "add", "--help"], ["endpoint", "rm", "--help"])
+    top, net, create, host, add, rm = (ok(r) for r in results)
+    assert all(w in top for w in ("net", "host", "endpoint"))
+    assert "overlay net create 42 --name blue --subnet 198.19.42.0/24" in net
+    assert "--subnet A.B.C.D/LEN" in create and "etcdctl put /overlay/v1/networks/42" in create
+    assert "alive" in host and "--json" in host and "--etcd URL" in host and "--user" in host
+    assert "overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2" in add
+    assert "etcdctl del /overlay/v1/networks/42/endpoints/02:00:00:00:00:99" in rm
+
+
+@needs_etcd
+def test_login_with_user_and_password() -> None:
+    """etcd with authentication on: no login, a wrong one, and the right one three ways."""
+    with etcdlab.single() as server:
+        etcdlab.etcdctl(server, "user", "add", "root:secret", check=True)
+        etcdlab.etcdctl(server, "auth", "enable", check=True)
+        at = ["--etcd", server.endpoint]
+        anonymous, wrong, flags, colon = overlay_many(
+            ["net", "ls", *at], ["net", "ls", *at, "--user", "root", "--password", "nope"],
+            ["net", "create", "5", *at, "--user", "root", "--password", "secret"],
+            ["endpoint", "ls", *at, "--user", "root:secret", "--json"],
+        )
+        one_line_error(anonymous, 1, "requires a login", "--user")
+        one_line_error(wrong, 1, "refused the login of user 'root'")
+        assert "created network 5" in ok(flags)
+        assert json.loads(ok(colon)) == []
+        env = overlay("net", "ls", *at, "--user", "root", "--json", env={"OVERLAY_ETCD_PASSWORD": "secret"})
+        assert [n["vni"] for n in json.loads(ok(env))] == [5]
