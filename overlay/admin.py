@@ -134,6 +134,7 @@ class Target:
     user: str | None = None
     password: str | None = None
     as_json: bool = False
+    tls: "Tls | None" = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Target":
@@ -147,9 +148,16 @@ class Target:
                 parse_endpoint(url)
             except ValueError as e:
                 raise UserError(f"--etcd: {e}") from None
-            if url.startswith("https://"):
-                raise UserError(f"--etcd {raw}: TLS (https) is not supported yet: give an http:// endpoint")
+            if url.startswith("https://") and not getattr(args, "etcd_ca", None):
+                raise UserError(f"--etcd {raw}: an https:// endpoint needs --etcd-ca (the CA that signed etcd's certificate)")
             endpoints.append(url)
+        tls = None
+        if getattr(args, "etcd_ca", None):
+            from overlay.etcdclient import Tls
+
+            if (args.etcd_cert is None) != (args.etcd_key is None):
+                raise UserError("etcd client certificates need both --etcd-cert and --etcd-key")
+            tls = Tls(args.etcd_ca, args.etcd_cert, args.etcd_key)
         prefix = args.prefix if args.prefix is not None else "/overlay/v1"
         if not prefix.startswith("/") or prefix.strip("/") == "" or "//" in prefix.rstrip("/"):
             raise UserError(f"--prefix {prefix!r} is not an etcd key prefix: write it like /overlay/v1")
@@ -162,7 +170,7 @@ class Target:
                 raise UserError(f"--user {user} needs a password: --password PW, --user {user}:PW or {ENV_PASSWORD}")
         if password is not None and not user:
             raise UserError("--password without --user: give both, e.g. --user root --password PW")
-        return cls(endpoints, prefix, user, password, bool(getattr(args, "json", False)))
+        return cls(endpoints, prefix, user, password, bool(getattr(args, "json", False)), tls)
 
 
 @dataclass
@@ -200,14 +208,21 @@ async def _connect(target: Target) -> Session:
 
     import aetcd
 
-    from overlay.etcdclient import GRPC_OPTIONS, parse_endpoint
+    from overlay.etcdclient import GRPC_OPTIONS, EtcdError, SecureClient, parse_endpoint
     from overlay.registry import Schema
 
     schema = Schema(target.prefix)
     for url in target.endpoints:
         host, port = parse_endpoint(url)
-        client = aetcd.Client(host, port, username=target.user, password=target.password,
-                              timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
+        if target.tls is not None:
+            try:
+                client: aetcd.Client = SecureClient(host, port, username=target.user, password=target.password,
+                                                    timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS, tls=target.tls)
+            except EtcdError as e:
+                raise RunError(str(e)) from None
+        else:
+            client = aetcd.Client(host, port, username=target.user, password=target.password,
+                                  timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
         try:
             async def probe() -> None:
                 await client.connect()
@@ -556,6 +571,9 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--user", metavar="NAME[:PW]", help="etcd user, when etcd has authentication on")
     g.add_argument("--password", metavar="PW", help=f"the user's password (or ${ENV_PASSWORD}, kept out of ps)")
     g.add_argument("--prefix", help="registry key prefix (default /overlay/v1)")
+    g.add_argument("--etcd-ca", dest="etcd_ca", metavar="FILE", help="TLS: the CA that signed etcd's certificate (https://)")
+    g.add_argument("--etcd-cert", dest="etcd_cert", metavar="FILE", help="TLS: client certificate, when etcd asks for one")
+    g.add_argument("--etcd-key", dest="etcd_key", metavar="FILE", help="TLS: the client certificate's key")
     common.add_argument("--json", action="store_true", help="machine-readable output (shapes in README.md)")
     return common
 

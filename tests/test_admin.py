@@ -231,7 +231,7 @@ def test_bad_input_is_one_line_exit_2_before_any_connection() -> None:
     one_line_error(bad_ip, 2, "--ip '198.19.0.300' is not an IP address")
     one_line_error(host_bits, 2, "host bits", "198.19.42.0/24")
     one_line_error(bad_etcd, 2, "http://HOST:PORT")
-    one_line_error(https, 2, "TLS")
+    one_line_error(https, 2, "--etcd-ca")
 
 
 def test_unreachable_etcd_is_one_line_exit_1() -> None:

@@ -83,3 +83,19 @@ def test_agents_with_user_and_password(tmp_path: Path) -> None:
                                "--tap", "ovl3", "--port", "4791")
         refused = lab.run(1, argv, check=False, timeout=60)
         assert refused.returncode == 1 and "refused the user name or password" in refused.stderr
+
+
+def test_operator_commands_over_tls(tmp_path: Path) -> None:
+    import sys
+
+    certs = make_certs(tmp_path)
+    with Lab(f"t{os.getpid() % 100000}", hosts=1) as lab:
+        etcd = secure_etcd(lab, certs)
+        try:
+            tls = ["--etcd", f"https://{ADDRESS}:2379", "--etcd-ca", certs["ca.pem"], "--etcd-cert", certs["client.pem"],
+                   "--etcd-key", certs["client.key"]]
+            overlay = [sys.executable, "-m", "overlay.cli"]
+            lab.run(1, [*overlay, "net", "create", "42", *tls])
+            assert '"vni": 42' in lab.run(1, [*overlay, "net", "ls", "--json", *tls]).stdout
+        finally:
+            etcd.stop()
