@@ -208,6 +208,8 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
                 continue
             b.n_out = n_out
             return i
+        if core.learn_local:
+            core.note_local(vni, f, b.length[i])
         write_header(f - VXLAN_HLEN, vni)
         sport = source_port(f, b.length[i])
         b.status[i] = OK

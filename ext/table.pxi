@@ -45,6 +45,10 @@ cdef class ForwardingCore:
     cdef uint32_t* neigh_free  # indexes of neigh_macs free for reuse
     cdef uint32_t n_neigh_free
     cdef readonly uint64_t arp_suppressed   # ARP requests answered from the registry
+    cdef HashMap local        # (mac, vni + 1) -> IPv4 seen with it: MACs behind our own TAP
+    cdef public bint learn_local            # queue new local MACs for take_local (etcd mode)
+    cdef Learned local_new[LEARN_RING]
+    cdef uint32_t n_local_new
     cdef CVtep* vteps
     cdef uint32_t n_vteps, cap_vteps
     cdef Net* nets
@@ -65,6 +69,7 @@ cdef class ForwardingCore:
         hm_init(&self.vtep_ids, 16)
         hm_init(&self.members, 16)
         hm_init(&self.neigh, 16)
+        hm_init(&self.local, 16)
         self.source_check = source_check
         self.cap_vteps = 16
         self.vteps = <CVtep*>calloc(self.cap_vteps, sizeof(CVtep))
@@ -81,6 +86,7 @@ cdef class ForwardingCore:
         hm_free(&self.vtep_ids)
         hm_free(&self.members)
         hm_free(&self.neigh)
+        hm_free(&self.local)
         free(self.neigh_macs)
         free(self.neigh_free)
         if self.nets != NULL:
@@ -300,6 +306,43 @@ cdef class ForwardingCore:
                 s.value &= VTEP_MASK
                 out.append((s.tag - 1, s.key))
         return out
+
+    def take_local(self):
+        """(vni, mac, ip) of MACs newly seen sending from our TAP (ip: the IPv4 address they
+        sent from, 0 if none yet), since the last call; each is recorded so it is reported once,
+        and again only when a first or different IPv4 address shows up."""
+        out = [(self.local_new[i].vni, self.local_new[i].mac, self.local_new[i].ip)
+               for i in range(self.n_local_new)]
+        self.n_local_new = 0
+        return out
+
+    def local_forget(self, uint32_t vni, uint64_t mac):
+        """Forget a local MAC (it left): seen again, it is reported again."""
+        return hm_delete(&self.local, mac, vni + 1)
+
+    cdef inline void note_local(self, uint32_t vni, const uint8_t* f, uint32_t n) noexcept nogil:
+        """Learning on send: the source MAC (and IPv4 source, or ARP sender address) of a frame
+        our TAP sent; new pairs are queued for the agent to publish."""
+        cdef uint64_t mac = mac48(f + 6)
+        cdef uint32_t ip = 0, ethertype = be16(f + 12)
+        cdef Slot* s
+        if mac == 0 or (f[6] & 1):
+            return
+        if ethertype == 0x0800 and n >= ETH_HLEN + 20:
+            ip = (<uint32_t>f[26] << 24) | (<uint32_t>f[27] << 16) | (<uint32_t>f[28] << 8) | f[29]
+        elif ethertype == 0x0806 and n >= ETH_HLEN + 28 and be16(f + 16) == 0x0800:
+            ip = (<uint32_t>f[28] << 24) | (<uint32_t>f[29] << 16) | (<uint32_t>f[30] << 8) | f[31]
+        s = hm_find(&self.local, mac, vni + 1)
+        if s != NULL and (ip == 0 or s.value == ip):
+            return
+        if self.n_local_new == LEARN_RING:
+            return                      # reported on a later frame
+        with gil:
+            hm_set(&self.local, mac, vni + 1, ip if ip else (s.value if s != NULL else 0))
+        self.local_new[self.n_local_new].vni = vni
+        self.local_new[self.n_local_new].mac = mac
+        self.local_new[self.n_local_new].ip = ip
+        self.n_local_new += 1
 
     cdef inline void note_source(self, uint32_t vni, const uint8_t* frame, uint32_t ip,
                                  uint64_t h) noexcept nogil:

@@ -8,6 +8,7 @@ kernel removes it. Errors a user can fix arrive here as AgentError with a one-li
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -161,12 +162,39 @@ class Agent:
         await client.hold(MemberKey(cfg.vni, cfg.host_id), Member())
         await client.hold(EndpointKey(cfg.vni, self.mac),
                           Endpoint(cfg.host_id, [str(cfg.address.ip)] if cfg.address else []))
+        self._publish_local(client)
         await client.snapshot()
         topology.serve(cfg.vni, time.monotonic())
         log.info("registry: etcd %s, host %s, %d hosts, %d endpoints on network %d", ", ".join(cfg.etcd),
                  cfg.host_id, len(registry.hosts()), len(registry.endpoints(cfg.vni)), cfg.vni)
         loop = asyncio.get_running_loop()
         return [loop.create_task(client.watch()), loop.create_task(client.keepalive())]
+
+    def _publish_local(self, client: EtcdClient) -> None:
+        """Publish, under our lease, every MAC that sends from our TAP with the IPv4 addresses
+        it sends from: the TAP's own and, once containers sit behind it, theirs."""
+        cfg = self.cfg
+        assert cfg.host_id is not None
+        addresses: dict[int, set[str]] = {self.mac: {str(cfg.address.ip)} if cfg.address else set()}
+        loop = asyncio.get_running_loop()
+
+        async def publish(mac: int) -> None:
+            try:
+                await client.hold(EndpointKey(cfg.vni, mac), Endpoint(cfg.host_id, sorted(addresses[mac])))
+            except Exception as e:  # etcd away: the lease renewal writes it again
+                log.warning("registry: could not publish local endpoint %s yet (%s)", mac_to_str(mac),
+                            e.__class__.__name__)
+
+        def seen(local: list[tuple[int, int, int]]) -> None:
+            for vni, mac, ip in local:
+                known = addresses.setdefault(mac, set())
+                if ip:
+                    known.add(str(ipaddress.IPv4Address(ip)))
+                if vni == cfg.vni:
+                    loop.create_task(publish(mac))
+
+        self.core.learn_local = True
+        self.dataplane.on_local = seen
 
     def close(self) -> None:
         self.tap.close()

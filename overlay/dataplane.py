@@ -143,6 +143,7 @@ class Dataplane:
         self.datagrams = fp.FrameBatch(DATAGRAMS, slot_size=frame)
         self.merge = fp.FrameBatch(1, slot_size=slot_size(fp, MAX_READ))
         self.on_fatal: Callable[[str], None] = lambda message: None
+        self.on_local: Callable[[list[tuple[int, int, int]]], None] | None = None  # MACs behind our TAP
         self.learn_outcomes: dict[str, int] = {}
         self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,6 +171,10 @@ class Dataplane:
             self.core, self.reads, self.frames, self.vni, self.tap_fd, self.send_fds, BUDGET)
         if self.reads.io_error:
             self._fatal(f"the TAP failed ({os.strerror(self.reads.io_error)}): was it deleted?")
+        if self.on_local is not None:
+            local = self.core.take_local()
+            if local:
+                self.on_local(local)
 
     def _fatal(self, message: str) -> None:
         """An fd is broken for good: stop watching it (no busy loop) and stop the agent."""

@@ -29,8 +29,11 @@ from overlay.registry import Event, Host, HostKey, Key, Registry, Schema, Value
 
 log = logging.getLogger("overlay.etcd")
 GRPC_OPTIONS = {
-    "grpc.keepalive_time_ms": 2000,  # ping an idle connection every 2 s ...
-    "grpc.keepalive_timeout_ms": 2000,  # ... and give up on it 2 s after an unanswered ping
+    # Ping an idle connection every 5 s (etcd's --grpc-keepalive-min-time: more often and etcd
+    # hangs up with "too_many_pings") and give up 3 s after an unanswered ping: a frozen etcd
+    # is noticed within about 8 s.
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 3000,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
 }

@@ -218,3 +218,20 @@ def test_arp_for_a_registry_address_is_answered_locally_and_unknown_ones_still_f
     before, to3 = status(lab, 1)["arp_suppressed"], tx_to(world, 1, 3)
     lab.run(1, ["ping", "-c", "1", "-W", "1", "198.19.0.77"], check=False)  # nobody has it
     assert status(lab, 1)["arp_suppressed"] == before and tx_to(world, 1, 3) > to3  # flooded
+
+
+def test_macs_sending_from_the_tap_are_published_as_endpoints(world: World) -> None:
+    """A second device behind h1's TAP (a macvlan standing in for a container on a bridge):
+    its frames teach h1's agent its MAC and address, which h1 publishes under its lease, so h2
+    forwards to it as a registry entry."""
+    lab = world.lab
+    mac = "02:00:00:00:01:01"
+    lab.run(1, ["ip", "link", "add", "mv0", "link", "ovl0", "address", mac, "type", "macvlan", "mode", "bridge"])
+    lab.run(1, ["ip", "addr", "add", "198.19.0.101/24", "dev", "mv0"])
+    lab.run(1, ["ip", "link", "set", "mv0", "up"])
+    lab.run(1, ["ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", "mv0", overlay_ip(2)], check=False)
+    key = f"{P}/networks/{VNI}/endpoints/{mac}"
+    wait_for(lambda: "198.19.0.101" in world.etcdctl("get", key).stdout, 10, "h1 to publish the new MAC")
+    assert '"host":"h1"' in world.etcdctl("get", key, "--print-value-only").stdout.replace(" ", "")
+    wait_for(lambda: world.fdb(2).get(mac, {}).get("source") == "registry", 10, "h2 to take it from etcd")
+    assert world.fdb(2)[mac]["vtep"] == f"{lab.address(1)}:4789"
