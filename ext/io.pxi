@@ -280,10 +280,16 @@ cdef void write_run(ForwardingCore core, FrameBatch b, const Py_ssize_t* run, Py
     core.coalesced += count
 
 
+cdef inline int tap_of(ForwardingCore core, uint32_t vni, int tap_fd) noexcept nogil:
+    cdef Net* net = core.net_of(vni)
+    return net.tap_fd if net != NULL and net.tap_fd >= 0 else tap_fd
+
+
 cdef void write_tap(ForwardingCore core, FrameBatch b, Py_ssize_t n, FrameBatch merge,
                     int tap_fd) noexcept nogil:
-    """The passing frames of a decapsulated batch to the TAP, in order, runs of one TCP
-    stream's segments coalesced into super-frames (offload.coalesce)."""
+    """The passing frames of a decapsulated batch to their network's TAP (``tap_fd`` unless
+    the network has its own), in order, runs of one TCP stream's segments coalesced into
+    super-frames (offload.coalesce)."""
     cdef Py_ssize_t i, count = 0, total = 0
     cdef Py_ssize_t run[MAX_RUN]
     cdef Seg head, last, s
@@ -292,14 +298,15 @@ cdef void write_tap(ForwardingCore core, FrameBatch b, Py_ssize_t n, FrameBatch 
         if b.status[i] != OK:
             continue
         seg = tcp_segment(b.frame_ptr(i), b.length[i], &s)
-        if count and seg and joins(b.frame_ptr(run[0]), &head, &last, total, count, b.frame_ptr(i), &s):
+        if count and seg and b.vni[i] == b.vni[run[0]] \
+                and joins(b.frame_ptr(run[0]), &head, &last, total, count, b.frame_ptr(i), &s):
             run[count] = i
             count += 1
             last = s
             total += s.payload
             continue
         if count:
-            write_run(core, b, run, count, &head, &last, merge, tap_fd)
+            write_run(core, b, run, count, &head, &last, merge, tap_of(core, b.vni[run[0]], tap_fd))
             count = 0
         if seg:
             run[0] = i
@@ -308,9 +315,9 @@ cdef void write_tap(ForwardingCore core, FrameBatch b, Py_ssize_t n, FrameBatch 
             last = s
             total = s.payload
         else:
-            write_plain(core, b, i, tap_fd)
+            write_plain(core, b, i, tap_of(core, b.vni[i], tap_fd))
     if count:
-        write_run(core, b, run, count, &head, &last, merge, tap_fd)
+        write_run(core, b, run, count, &head, &last, merge, tap_of(core, b.vni[run[0]], tap_fd))
 
 
 cdef Py_ssize_t pump_udp_to_tap(ForwardingCore core, FrameBatch msgs, FrameBatch frames,

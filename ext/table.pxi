@@ -20,6 +20,7 @@ cdef struct Net:
     uint32_t vni
     uint32_t nflood
     uint32_t* flood      # VTEP ids that get broadcast, multicast and unknown unicast
+    int tap_fd           # where its received frames go; -1: the pump's tap_fd
     bint used
 
 cdef struct Learned:
@@ -120,6 +121,7 @@ cdef class ForwardingCore:
             i = self.n_nets
             self.n_nets += 1
         self.nets[i].vni = vni
+        self.nets[i].tap_fd = -1
         self.nets[i].nflood = 0
         self.nets[i].flood = NULL
         self.nets[i].used = True
@@ -160,6 +162,13 @@ cdef class ForwardingCore:
         net.nflood = len(ids)
         for i in range(net.nflood):
             hm_set(&self.members, self.vteps[flood[i]].ip, vni + 1, flood[i])
+
+    def vni_tap(self, uint32_t vni, int tap_fd):
+        """Frames received on ``vni`` go to ``tap_fd`` (an agent with one TAP per network)."""
+        cdef Net* net = self.net_of(vni)
+        if net == NULL:
+            raise KeyError(f"VNI {vni} is not served; vni_add it first")
+        net.tap_fd = tap_fd
 
     def flood_get(self, uint32_t vni):
         cdef Net* net = self.net_of(vni)

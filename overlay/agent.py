@@ -19,7 +19,7 @@ from typing import Any
 import uvloop
 
 from overlay import control
-from overlay.config import AgentConfig
+from overlay.config import AgentConfig, tap_names
 from overlay.etcdclient import EtcdClient, EtcdError, Tls, retry
 from overlay.registry import Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
 from overlay.topology import Topology
@@ -63,18 +63,20 @@ class Agent:
             raise AgentError(str(e)) from None
         self.core = fp.ForwardingCore(allow_vlan=cfg.allow_vlan, source_check=cfg.source_check)
         self.table = ForwardingTable(CoreSink(self.core), ageing=cfg.ageing, max_per_vni=cfg.max_per_vni)
-        self.table.add_vni(cfg.vni)
-        self.table.set_flood(cfg.vni, [Vtep(p, cfg.port) for p in cfg.peers])
+        self.taps: dict[int, Tap] = {}  # VNI -> its TAP
+        self.macs: dict[int, int] = {}  # VNI -> its TAP's MAC
         try:
-            self.tap = Tap.open(cfg.tap, dev=tun_device)
-        except TapError as e:
-            raise AgentError(str(e)) from None
-        try:
-            self.mac = self.tap.configure(self.mtu, cfg.mac, cfg.address)
-            self.dataplane = Dataplane(fp, self.core, self.table, self.tap.fd, cfg.vni, cfg.local, cfg.port, self.mtu)
+            for vni, name in tap_names(cfg).items():
+                self.table.add_vni(vni)
+                self.taps[vni] = Tap.open(name, dev=tun_device)
+                self.macs[vni] = self.taps[vni].configure(self.mtu, cfg.mac, cfg.address)
+            self.table.set_flood(cfg.vni, [Vtep(p, cfg.port) for p in cfg.peers])
+            self.dataplane = Dataplane(fp, self.core, self.table, {v: t.fd for v, t in self.taps.items()},
+                                       cfg.local, cfg.port, self.mtu)
         except (TapError, DataplaneError) as e:
-            self.tap.close()
+            self.close()
             raise AgentError(str(e)) from None
+        self.mac = self.macs[cfg.vni]
         self.started = time.monotonic()
         self.etcd: EtcdClient | None = None
 
@@ -92,6 +94,7 @@ class Agent:
             "peers": [str(p) for p in cfg.peers], "mtu": self.mtu, "mac": mac_to_str(self.mac),
             "address": str(cfg.address) if cfg.address else None, "source_check": cfg.source_check,
             "uptime_s": round(time.monotonic() - self.started, 1),
+            "networks": [{"vni": v, "tap": t.name, "mac": mac_to_str(self.macs[v])} for v, t in self.taps.items()],
         }
         return {"agent": agent, "registry": registry, **self.dataplane.status()}
 
@@ -125,14 +128,15 @@ class Agent:
         try:
             peers = ", ".join(str(p) for p in cfg.peers) or "none"
             log.info(
-                "ready: tap %s (%s, mtu %d%s) vni %d vtep %s:%d %s",
-                cfg.tap, mac_to_str(self.mac), self.mtu, f", {cfg.address}" if cfg.address else "",
-                cfg.vni, cfg.local, cfg.port,
+                "ready: tap %s (%s, mtu %d%s) vni %s vtep %s:%d %s",
+                ", ".join(t.name for t in self.taps.values()), ", ".join(map(mac_to_str, self.macs.values())),
+                self.mtu, f", {cfg.address}" if cfg.address else "",
+                ", ".join(map(str, self.taps)), cfg.local, cfg.port,
                 f"registry etcd as host {cfg.host_id}" if cfg.etcd else f"peers {peers}",
             )
             sd_notify("READY=1")
             await stop.wait()
-            log.info("stopping: removing tap %s", cfg.tap)
+            log.info("stopping: removing tap %s", ", ".join(t.name for t in self.taps.values()))
             sd_notify("STOPPING=1")
         finally:
             for task in tasks:
@@ -157,16 +161,17 @@ class Agent:
         await retry("connecting to etcd", client.connect, 30)
         await client.register(cfg.host_id, Host(str(cfg.local), cfg.port), wait_for_old=cfg.lease_ttl + 2)
         subnet = str(cfg.address.network) if cfg.address else None
-        if await client.create_if_missing(NetworkKey(cfg.vni), Network(cfg.vni, f"net{cfg.vni}", subnet, self.mtu)):
-            log.info("created network %d in etcd (it was not defined)", cfg.vni)
-        await client.hold(MemberKey(cfg.vni, cfg.host_id), Member())
-        await client.hold(EndpointKey(cfg.vni, self.mac),
-                          Endpoint(cfg.host_id, [str(cfg.address.ip)] if cfg.address else []))
+        for vni, mac in self.macs.items():
+            if await client.create_if_missing(NetworkKey(vni), Network(vni, f"net{vni}", subnet, self.mtu)):
+                log.info("created network %d in etcd (it was not defined)", vni)
+            await client.hold(MemberKey(vni, cfg.host_id), Member())
+            await client.hold(EndpointKey(vni, mac), Endpoint(cfg.host_id, [str(cfg.address.ip)] if cfg.address else []))
         self._publish_local(client)
         await client.snapshot()
-        topology.serve(cfg.vni, time.monotonic())
-        log.info("registry: etcd %s, host %s, %d hosts, %d endpoints on network %d", ", ".join(cfg.etcd),
-                 cfg.host_id, len(registry.hosts()), len(registry.endpoints(cfg.vni)), cfg.vni)
+        for vni in self.macs:
+            topology.serve(vni, time.monotonic())
+        log.info("registry: etcd %s, host %s, %d hosts, networks %s", ", ".join(cfg.etcd), cfg.host_id,
+                 len(registry.hosts()), ", ".join(f"{v} ({len(registry.endpoints(v))} endpoints)" for v in self.macs))
         loop = asyncio.get_running_loop()
         return [loop.create_task(client.watch()), loop.create_task(client.keepalive())]
 
@@ -175,29 +180,30 @@ class Agent:
         it sends from: the TAP's own and, once containers sit behind it, theirs."""
         cfg = self.cfg
         assert cfg.host_id is not None
-        addresses: dict[int, set[str]] = {self.mac: {str(cfg.address.ip)} if cfg.address else set()}
+        own = {str(cfg.address.ip)} if cfg.address else set()
+        addresses: dict[tuple[int, int], set[str]] = {(v, m): set(own) for v, m in self.macs.items()}
         loop = asyncio.get_running_loop()
 
-        async def publish(mac: int) -> None:
+        async def publish(vni: int, mac: int) -> None:
             try:
-                await client.hold(EndpointKey(cfg.vni, mac), Endpoint(cfg.host_id, sorted(addresses[mac])))
+                await client.hold(EndpointKey(vni, mac), Endpoint(cfg.host_id, sorted(addresses[vni, mac])))
             except Exception as e:  # etcd away: the lease renewal writes it again
                 log.warning("registry: could not publish local endpoint %s yet (%s)", mac_to_str(mac),
                             e.__class__.__name__)
 
         def seen(local: list[tuple[int, int, int]]) -> None:
             for vni, mac, ip in local:
-                known = addresses.setdefault(mac, set())
+                known = addresses.setdefault((vni, mac), set())
                 if ip:
                     known.add(str(ipaddress.IPv4Address(ip)))
-                if vni == cfg.vni:
-                    loop.create_task(publish(mac))
+                loop.create_task(publish(vni, mac))
 
         self.core.learn_local = True
         self.dataplane.on_local = seen
 
     def close(self) -> None:
-        self.tap.close()
+        for tap in self.taps.values():
+            tap.close()
 
 
 def run(cfg: AgentConfig) -> None:

@@ -48,6 +48,7 @@ class AgentConfig:
     max_per_vni: int = DEFAULT_MAX_PER_VNI
     etcd: tuple[str, ...] = ()  # etcd mode when not empty
     host_id: str | None = None
+    networks: tuple[int, ...] = ()  # etcd mode: every network joined (vni is the first)
     prefix: str = "/overlay/v1"
     lease_ttl: int = 10
     etcd_ca: str | None = None  # TLS: CA file; with etcd_cert and etcd_key for client certificates
@@ -131,12 +132,20 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
     if not isinstance(host_id, str) or not HOST_ID.match(host_id):
         raise ConfigError(f"host_id: {host_id!r} is not a host id (1-63 of A-Z a-z 0-9 _ . -, "
                           f"starting with a letter or digit); give --host-id, e.g. --host-id h1")
-    networks = settings.get("network") or []
-    networks = [networks] if isinstance(networks, (str, int)) else list(networks)
-    if len(networks) != 1:
-        raise ConfigError(f"give exactly one --network VNI (got {len(networks)}); several networks "
-                          f"per agent are not supported yet: run one agent (and TAP) per network")
+    raw_networks = settings.get("network") or []
+    raw_networks = [raw_networks] if isinstance(raw_networks, (str, int)) else list(raw_networks)
+    if not raw_networks:
+        raise ConfigError("no network: give --network VNI (repeat it to join several)")
+    networks = tuple(dict.fromkeys(_int("network", n, 0, VNI_MAX) for n in raw_networks))
+    if len(networks) > 1 and settings.get("address") is not None:
+        raise ConfigError("--address goes with a single --network (it is the TAP's address); with several "
+                          "networks each gets its own TAP without one")
+    if len(networks) > 1 and settings.get("mac") is not None:
+        raise ConfigError("--mac goes with a single --network; with several each TAP gets a random MAC")
     static = build({**{k: v for k, v in settings.items() if k not in ETCD_KEYS}, "vni": networks[0]})
+    if len(networks) > 1 and len(static.tap) + 1 + max(len(str(n)) for n in networks) > 15:
+        raise ConfigError(f"tap: with several networks the TAPs are named {static.tap}-<vni>, which must fit "
+                          f"15 characters: choose a shorter --tap")
     tls = {k: settings.get(k) for k in ("etcd_ca", "etcd_cert", "etcd_key")}
     if (tls["etcd_cert"] is None) != (tls["etcd_key"] is None):
         raise ConfigError("etcd client certificates need both --etcd-cert and --etcd-key")
@@ -152,9 +161,18 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
     prefix = settings.get("prefix", "/overlay/v1")
     if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.rstrip("/") == "":
         raise ConfigError(f"prefix: {prefix!r} is not an etcd key prefix like /overlay/v1")
-    return AgentConfig(**{**static.__dict__, "etcd": tuple(endpoints), "host_id": host_id, "prefix": prefix,
+    return AgentConfig(**{**static.__dict__, "etcd": tuple(endpoints), "host_id": host_id, "networks": networks,
+                          "prefix": prefix,
                           "lease_ttl": _int("lease_ttl", settings.get("lease_ttl", 10), 2, 3600), **tls,
                           "etcd_user": settings.get("etcd_user"), "etcd_password": settings.get("etcd_password")})
+
+
+def tap_names(cfg: AgentConfig) -> dict[int, str]:
+    """VNI -> TAP name: ``tap`` itself for one network, ``<tap>-<vni>`` for each of several."""
+    networks = cfg.networks or (cfg.vni,)
+    if len(networks) == 1:
+        return {networks[0]: cfg.tap}
+    return {vni: f"{cfg.tap}-{vni}" for vni in networks}
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:

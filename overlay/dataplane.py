@@ -117,22 +117,24 @@ def open_sockets(local: ipaddress.IPv4Address, port: int) -> tuple[socket.socket
 
 
 class Dataplane:
-    """The running data path of one VNI on one TAP."""
+    """The running data path: one TAP per network (VNI), one UDP socket for all."""
 
     def __init__(
         self,
         fp: Any,
         core: Any,
         table: ForwardingTable,
-        tap_fd: int,
-        vni: int,
+        taps: dict[int, int],
         local: ipaddress.IPv4Address,
         port: int,
         mtu: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fp, self.core, self.table = fp, core, table
-        self.tap_fd, self.vni, self.local, self.port = tap_fd, vni, local, port
+        self.taps, self.local, self.port = dict(taps), local, port  # VNI -> TAP fd
+        self.tap_fd = next(iter(self.taps.values()))
+        for vni, fd in self.taps.items():
+            core.vni_tap(vni, fd)  # received frames go to their network's TAP
         self.clock = clock
         self.udp, self.senders = open_sockets(local, port)
         self.send_fds = [s.fileno() for s in self.senders]
@@ -151,13 +153,15 @@ class Dataplane:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self.tap_fd, self._on_tap)
+        for vni, fd in self.taps.items():
+            loop.add_reader(fd, self._on_tap, vni, fd)
         loop.add_reader(self.udp.fileno(), self._on_udp)
         self._maintenance = loop.create_task(self._maintain())
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self.tap_fd)
+            for fd in self.taps.values():
+                self._loop.remove_reader(fd)
             self._loop.remove_reader(self.udp.fileno())
         if self._maintenance is not None:
             self._maintenance.cancel()
@@ -165,10 +169,10 @@ class Dataplane:
         for s in self.senders:
             s.close()
 
-    def _on_tap(self) -> None:
+    def _on_tap(self, vni: int, fd: int) -> None:
         self.wakeups["tx"] += 1
         self.wakeups["tx_frames"] += self.fp.pump_tx(
-            self.core, self.reads, self.frames, self.vni, self.tap_fd, self.send_fds, BUDGET)
+            self.core, self.reads, self.frames, vni, fd, self.send_fds, BUDGET)
         if self.reads.io_error:
             self._fatal(f"the TAP failed ({os.strerror(self.reads.io_error)}): was it deleted?")
         if self.on_local is not None:
@@ -179,7 +183,8 @@ class Dataplane:
     def _fatal(self, message: str) -> None:
         """An fd is broken for good: stop watching it (no busy loop) and stop the agent."""
         if self._loop is not None:
-            self._loop.remove_reader(self.tap_fd)
+            for fd in self.taps.values():
+                self._loop.remove_reader(fd)
             self._loop.remove_reader(self.udp.fileno())
         self.on_fatal(message)
 
