@@ -103,7 +103,8 @@ class Agent:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         try:
-            server = await control.serve(cfg.tap, {"status": self.status, "fdb": self.dataplane.fdb})
+            # Named after the first TAP: `overlay status --tap <it>` (or no --tap) finds the agent.
+            server = await control.serve(self.taps[cfg.vni].name, {"status": self.status, "fdb": self.dataplane.fdb})
         except control.ControlError as e:
             raise AgentError(str(e)) from None
         stop = asyncio.Event()

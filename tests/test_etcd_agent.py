@@ -236,3 +236,24 @@ def test_macs_sending_from_the_tap_are_published_as_endpoints(world: World) -> N
     assert '"host":"h1"' in world.etcdctl("get", key, "--print-value-only").stdout.replace(" ", "")
     wait_for(lambda: world.fdb(2).get(mac, {}).get("source") == "registry", 10, "h2 to take it from etcd")
     assert world.fdb(2)[mac]["vtep"] == f"{lab.address(1)}:4789"
+
+
+def test_an_agent_on_several_networks_keeps_them_apart(tmp_path: Path) -> None:
+    with Lab(f"m{os.getpid() % 100000}", hosts=2) as lab, etcdlab.single(lab) as etcd:
+        for h in (1, 2):
+            argv = [sys.executable, "-m", "overlay.cli", "agent", "--etcd", etcd.endpoint, "--host-id", f"h{h}",
+                    "--local", str(lab.address(h)), "--network", "42", "--network", "43", "--tap", "ovl"]
+            start_agent(lab, h, [], log_dir=tmp_path, argv=argv, tap="ovl-42")
+        assert {n["tap"] for n in status(lab, 1, tap="ovl-42")["agent"]["networks"]} == {"ovl-42", "ovl-43"}
+        lab.run(1, ["ip", "addr", "add", "198.19.42.1/24", "dev", "ovl-42"])
+        # arp_ignore=1: h2 answers ARP only on the interface holding the address (Linux answers on
+        # any interface by default, which would hide what the overlay does).
+        lab.run(2, ["sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=1"])
+        lab.run(2, ["ip", "addr", "add", "198.19.42.2/24", "dev", "ovl-43"])  # same subnet, other network
+        lab.run(2, ["ip", "addr", "add", "198.19.42.3/24", "dev", "ovl-42"])
+        lab.run(1, ["ip", "addr", "add", "198.19.43.1/24", "dev", "ovl-43"])
+        lab.run(2, ["ip", "addr", "add", "198.19.43.2/24", "dev", "ovl-43"])
+        wait_ping(lab, 1, "198.19.42.3")  # network 42 to network 42
+        wait_ping(lab, 1, "198.19.43.2")  # network 43 to network 43
+        # 198.19.42.2 sits on h2's network-43 TAP: frames of network 42 never get there.
+        assert lab.run(1, ["ping", "-c", "3", "-i", "0.2", "-W", "1", "198.19.42.2"], check=False).returncode != 0
