@@ -65,7 +65,9 @@ def main(hosts: int = 3) -> int:
                 ok = out.returncode == 0
                 failed += not ok
                 print(f"  host {src} -> {overlay_ip(dst)}: {'ok, avg rtt ' + rtt.group(1) + ' ms' if ok and rtt else 'FAILED'}")
-        print("\nthe registry in etcd (etcdctl get --prefix /overlay/v1):")
+        print(f"\nhost 1: overlay host ls --etcd {etcd.endpoint}")
+        print(lab.run(1, [*overlay, "host", "ls", "--etcd", etcd.endpoint]).stdout)
+        print("the registry in etcd (etcdctl get --prefix /overlay/v1):")
         for line in etcdlab.etcdctl(etcd, "get", "--prefix", "/overlay/v1", check=True).stdout.splitlines():
             print(f"  {line}")
         print("\nhost 1: overlay status")
