@@ -49,7 +49,7 @@ import uvloop
 
 import overlay.etcdclient as etcdclient
 from overlay import etcdlab
-from overlay.etcdclient import EtcdClient, parse_endpoint
+from overlay.etcdclient import GRPC_OPTIONS, EtcdClient, parse_endpoint
 from overlay.registry import Endpoint, EndpointKey, Event, Host, Put, Registry, Schema
 
 VNI = 42
@@ -329,7 +329,8 @@ def report(args: argparse.Namespace, env: dict[str, Any], lat: list[dict[str, An
               f"no polling at rest (no Range, nothing but LeaseKeepAlive): "
               f"{'met' if no_polling else 'MISSED'} ({rest['range_calls']:.0f} Range calls, "
               f"{rest['other_msgs']:.0f} other messages, {rest['reconnects_or_resyncs']} reconnects)",
-              "(gRPC keepalive pings, an HTTP/2 PING per connection every 2 s, are no RPCs and not counted here)"]
+              f"(gRPC keepalive pings, an HTTP/2 PING per connection every "
+              f"{GRPC_OPTIONS['grpc.keepalive_time_ms'] / 1000:g} s, are no RPCs and not counted here)"]
     if rest["reconnects_or_resyncs"]:
         lines.append(f"note: idle clients lost their connection {rest['reconnects_or_resyncs']} times and came back "
                      f"(a Range and a new Watch each). If gRPC logged 'too_many_pings' above, etcd closed them: its "
