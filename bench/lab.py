@@ -16,10 +16,9 @@ import re
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from bench import results_dir
 from overlay.lab import Lab, wait_for
 
 VNI, PORT = 42, 4789
@@ -108,7 +107,7 @@ def main() -> None:
     keys = ["tcp_gbps", "udp64_kpps", "udp64_loss_pct", "rtt_median_ms", "rtt_p99_ms"]
     med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in results.items()}
     lines = [f"medians of {args.rounds} rounds, {args.seconds} s each (spread: min-max)", "",
-             f"| figure | kernel vxlan | overlay | overlay/kernel |", "|---|---:|---:|---:|"]
+             "| figure | kernel vxlan | overlay | overlay/kernel |", "|---|---:|---:|---:|"]
     for k in keys:
         cells = []
         for n in ("kernel", "overlay"):
@@ -122,15 +121,6 @@ def main() -> None:
     (out / "lab.md").write_text(table + "\n")
     (out / "lab.json").write_text(json.dumps({"args": vars(args), "rounds": results, "medians": med}, indent=2))
     print(f"\nwritten: {out}/lab.md, lab.json")
-
-
-def results_dir() -> Path:
-    """bench/results/<date>-<commit>/, created."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "nogit"
-    out = Path(__file__).parent / "results" / f"{time.strftime('%Y-%m-%d')}-{commit}"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 if __name__ == "__main__":

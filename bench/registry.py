@@ -48,6 +48,7 @@ import aetcd
 import uvloop
 
 import overlay.etcdclient as etcdclient
+from bench import results_dir
 from overlay import etcdlab
 from overlay.etcdclient import GRPC_OPTIONS, EtcdClient, parse_endpoint
 from overlay.registry import Endpoint, EndpointKey, Event, Host, Put, Registry, Schema
@@ -334,18 +335,10 @@ def report(args: argparse.Namespace, env: dict[str, Any], lat: list[dict[str, An
     if rest["reconnects_or_resyncs"]:
         lines.append(f"note: idle clients lost their connection {rest['reconnects_or_resyncs']} times and came back "
                      f"(a Range and a new Watch each). If gRPC logged 'too_many_pings' above, etcd closed them: its "
-                     f"--grpc-keepalive-min-time (5 s by default) is longer than the client's 2 s keepalive pings, and "
+                     f"--grpc-keepalive-min-time (5 s by default) is longer than the client's "
+                     f"{GRPC_OPTIONS['grpc.keepalive_time_ms'] / 1000:g} s keepalive pings, and "
                      f"only traffic from etcd (here the lease refresh every TTL/3) resets its count of pings.")
     return "\n".join(lines)
-
-
-def results_dir() -> Path:
-    """bench/results/<date>-<commit>/, created."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "nogit"
-    out = Path(__file__).parent / "results" / f"{time.strftime('%Y-%m-%d')}-{commit}"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 async def run(endpoint: str, watchers: tuple[int, ...], puts: int, idle_clients: int,

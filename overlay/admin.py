@@ -37,6 +37,7 @@ from overlay.errors import RunError, UserError
 if TYPE_CHECKING:
     import aetcd
 
+    from overlay.etcdclient import Tls
     from overlay.registry import Endpoint, Host, Network, Schema
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"

@@ -52,8 +52,9 @@ def add_agent(sub: Any) -> None:
         help="run the overlay agent in the foreground",
         description=(
             "Run the overlay agent: create a TAP, carry its frames to the peers over VXLAN "
-            "(UDP) and theirs back. Static mode: the peers are given here. Stops cleanly on "
-            "SIGINT/SIGTERM, removing the TAP."
+            "(UDP) and theirs back. Static mode: the peers are given here (--vni, --peer). "
+            "etcd mode: peers and endpoints come from the registry (--etcd, --host-id, "
+            "--network). Stops cleanly on SIGINT/SIGTERM, removing the TAP."
         ),
         epilog=(
             "static:  overlay agent --vni 42 --local 198.18.0.1 --peer 198.18.0.2 "

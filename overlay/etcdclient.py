@@ -19,11 +19,14 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
+
+if TYPE_CHECKING:
+    import grpc
 
 from overlay.registry import Event, Host, HostKey, Key, Registry, Schema, Value
 

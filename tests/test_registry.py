@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.fdb import ForwardingTable, Source, Vtep
-from overlay.registry import (Deleted, Endpoint, EndpointKey, Host, HostKey, MemberKey, Network, NetworkKey,
+from overlay.registry import (Deleted, EndpointKey, Host, HostKey, MemberKey, Network, NetworkKey,
                               Put, Registry, Schema)
 from overlay.topology import Topology
 
