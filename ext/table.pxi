@@ -319,7 +319,8 @@ cdef class ForwardingCore:
     def take_local(self):
         """(vni, mac, ip) of MACs newly seen sending from our TAP (ip: the IPv4 address they
         sent from, 0 if none yet), since the last call; each is recorded so it is reported once,
-        and again only when a first or different IPv4 address shows up."""
+        and once more when its first IPv4 address shows up (later addresses are not: a router
+        or NAT behind the TAP would otherwise publish every address it forwards)."""
         out = [(self.local_new[i].vni, self.local_new[i].mac, self.local_new[i].ip)
                for i in range(self.n_local_new)]
         self.n_local_new = 0
@@ -342,8 +343,8 @@ cdef class ForwardingCore:
         elif ethertype == 0x0806 and n >= ETH_HLEN + 28 and be16(f + 16) == 0x0800:
             ip = (<uint32_t>f[28] << 24) | (<uint32_t>f[29] << 16) | (<uint32_t>f[30] << 8) | f[31]
         s = hm_find(&self.local, mac, vni + 1)
-        if s != NULL and (ip == 0 or s.value == ip):
-            return
+        if s != NULL and (ip == 0 or s.value != 0):
+            return                      # known, and its address too (the first one seen stays)
         if self.n_local_new == LEARN_RING:
             return                      # reported on a later frame
         with gil:

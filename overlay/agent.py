@@ -20,6 +20,7 @@ import uvloop
 
 from overlay import control
 from overlay.config import AgentConfig, tap_names
+from overlay.etcdclient import ERRORS as ETCD_ERRORS
 from overlay.etcdclient import EtcdClient, EtcdError, Tls, retry
 from overlay.registry import Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
 from overlay.topology import Topology
@@ -121,10 +122,20 @@ class Agent:
         if cfg.etcd:  # peers first: frames the TAP sends meanwhile wait in its queue
             try:
                 tasks = await self._join_registry()
-            except EtcdError as e:
+            except (EtcdError, *ETCD_ERRORS) as e:
                 server.close()
                 self.dataplane.stop()
-                raise AgentError(str(e)) from None
+                if self.etcd is not None:
+                    await self.etcd.close()  # revokes the lease if we got one
+                raise AgentError(str(e) if isinstance(e, EtcdError) else f"joining the registry failed: {e}") from None
+
+            def supervise(task: asyncio.Task[None]) -> None:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("registry task failed: %r", task.exception())
+                    fatal(f"the registry task stopped: {task.exception()!r}")
+
+            for task in tasks:
+                task.add_done_callback(supervise)
         self.dataplane.start(loop)
         try:
             peers = ", ".join(str(p) for p in cfg.peers) or "none"
@@ -188,7 +199,7 @@ class Agent:
         async def publish(vni: int, mac: int) -> None:
             try:
                 await client.hold(EndpointKey(vni, mac), Endpoint(cfg.host_id, sorted(addresses[vni, mac])))
-            except Exception as e:  # etcd away: the lease renewal writes it again
+            except Exception as e:  # etcd away: it stays pending, the next keepalive writes it
                 log.warning("registry: could not publish local endpoint %s yet (%s)", mac_to_str(mac),
                             e.__class__.__name__)
 

@@ -122,12 +122,18 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError("--vni and --peer are for static mode; with --etcd give --network VNI "
                           "(peers come from etcd)")
     endpoints = settings["etcd"]
-    endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    endpoints = [endpoints] if isinstance(endpoints, str) else endpoints
+    if not isinstance(endpoints, (list, tuple)) or not all(isinstance(e, str) for e in endpoints):
+        raise ConfigError(f"etcd: {settings['etcd']!r} is not a list of URLs like [\"http://198.18.0.250:2379\"]")
+    endpoints = list(endpoints)
     for e in endpoints:
         try:
             parse_endpoint(e)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    for key in ("etcd_user", "etcd_password", "etcd_ca", "etcd_cert", "etcd_key"):
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise ConfigError(f"{key}: {settings[key]!r} must be a string (quote it in TOML)")
     host_id = settings.get("host_id")
     if not isinstance(host_id, str) or not HOST_ID.match(host_id):
         raise ConfigError(f"host_id: {host_id!r} is not a host id (1-63 of A-Z a-z 0-9 _ . -, "

@@ -28,7 +28,7 @@ import aetcd.exceptions
 if TYPE_CHECKING:
     import grpc
 
-from overlay.registry import Event, Host, HostKey, Key, Registry, Schema, Value
+from overlay.registry import Deleted, Event, Host, HostKey, Key, Registry, Schema, Value
 
 log = logging.getLogger("overlay.etcd")
 GRPC_OPTIONS = {
@@ -124,6 +124,8 @@ class EtcdClient:
     _client: aetcd.Client | None = None
     _lease: int | None = None
     _next: int = 0
+    _pending: set[Key] = field(default_factory=set)  # held keys not yet written under the current lease
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def schema(self) -> Schema:
@@ -132,7 +134,12 @@ class EtcdClient:
     # --- connection -----------------------------------------------------------------------------
 
     async def connect(self) -> aetcd.Client:
-        """A connected client, trying the endpoints in turn; raises the last error."""
+        """A connected client, trying the endpoints in turn; raises the last error. One at a
+        time: the watch and the keepalive share it."""
+        async with self._lock:
+            return await self._connect()
+
+    async def _connect(self) -> aetcd.Client:
         if self._client is not None:
             return self._client
         last: Exception | None = None
@@ -159,7 +166,11 @@ class EtcdClient:
             return client
         raise last or EtcdError("no etcd endpoint given")
 
-    async def _drop(self) -> None:
+    async def _drop(self, stale: aetcd.Client | None = None) -> None:
+        """Close the connection (only if it is still ``stale``'s, when given: another task
+        may have reconnected meanwhile)."""
+        if stale is not None and stale is not self._client:
+            return
         client, self._client = self._client, None
         self.connected = False
         if client is not None:
@@ -198,17 +209,28 @@ class EtcdClient:
                 self.held[HostKey(host_id)] = host
                 return
             if asyncio.get_running_loop().time() > deadline:
+                await client.revoke_lease(lease.id)
                 raise EtcdError(
                     f"host id {host_id} is registered by another running agent "
                     f"({self.schema.key(HostKey(host_id))} is kept alive): give this host another --host-id"
                 )
             await asyncio.sleep(0.5)
+            await client.refresh_lease(lease.id)  # ours must outlive the wait
 
     async def hold(self, key: Key, value: Value) -> None:
-        """Write ``key`` under our lease, and again whenever the lease is renewed."""
+        """Write ``key`` under our lease, and again whenever the lease is renewed, after a failed
+        write (at the next successful keepalive) or after someone deleted it."""
         self.held[key] = value
+        self._pending.add(key)
+        await self._write_pending()
+
+    async def _write_pending(self) -> None:
         client = await self.connect()
-        await client.put(self.schema.key(key).encode(), self.schema.encode(value), self._lease)
+        for key in list(self._pending):
+            value = self.held.get(key)
+            if value is not None:
+                await client.put(self.schema.key(key).encode(), self.schema.encode(value), self._lease)
+            self._pending.discard(key)
 
     async def create_if_missing(self, key: Key, value: Value) -> bool:
         """Compare-and-create without a lease (e.g. a network's definition); True if we made it."""
@@ -225,30 +247,35 @@ class EtcdClient:
         """Refresh the lease every TTL/3; after an outage longer than the TTL, start over."""
         while True:
             await asyncio.sleep(self.ttl / 3)
+            client = None
             try:
                 client = await self.connect()
                 response = await client.refresh_lease(self._lease)
                 if getattr(response, "TTL", 1) <= 0:
                     raise aetcd.exceptions.ClientError("lease expired")
+                if self._pending:
+                    await self._write_pending()
             except ERRORS as e:
                 if "expired" in str(e) or "not found" in str(e).lower():
                     await self._renew()
                 else:
                     log.warning("etcd: lease keepalive failed (%s); retrying", e.__class__.__name__)
-                    await self._drop()
+                    await self._drop(client)
 
     async def _renew(self) -> None:
-        """A new lease, and everything we hold written under it again."""
+        """A new lease, and everything we hold written under it again (what fails now stays
+        pending for the next keepalive)."""
+        client = None
         try:
             client = await self.connect()
             lease = await client.lease(self.ttl)
             self._lease = lease.id
-            for key, value in self.held.items():
-                await client.put(self.schema.key(key).encode(), self.schema.encode(value), lease.id)
+            self._pending.update(self.held)
+            await self._write_pending()
             log.info("etcd: lease renewed after an outage; %d keys written again", len(self.held))
         except ERRORS as e:
             log.warning("etcd: cannot renew the lease yet (%s)", e.__class__.__name__)
-            await self._drop()
+            await self._drop(client)
 
     # --- snapshot and watch ---------------------------------------------------------------------
 
@@ -284,6 +311,7 @@ class EtcdClient:
                     self._report()
                     if events:
                         self.on_events(events)
+                        self._restore_held(events)
                 raise aetcd.exceptions.ClientError("watch ended")
             except aetcd.exceptions.RevisionCompactedError:
                 log.info("etcd: revision %d was compacted; reading everything again", self.registry.revision + 1)
@@ -293,10 +321,25 @@ class EtcdClient:
                     log.warning("etcd: connection lost (%s); forwarding with what we know, reconnecting",
                                 e.__class__.__name__)
                     self.reconnects += 1
-                await self._drop()
+                await self._drop(self._client)
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 need_snapshot = need_snapshot or not self.registry.revision
+
+    def _restore_held(self, events: list[Event]) -> None:
+        """Our own keys (host, memberships, local endpoints) are ours while we live: if
+        someone deletes one, write it back (logged: an operator should stop the agent)."""
+        gone = [ev.key for ev in events if isinstance(ev, Deleted) and ev.key in self.held]
+        if gone:
+            log.warning("etcd: %d of this agent's keys were deleted by someone else; writing them back", len(gone))
+            self._pending.update(gone)
+            asyncio.get_running_loop().create_task(self._write_pending_quietly())
+
+    async def _write_pending_quietly(self) -> None:
+        try:
+            await self._write_pending()
+        except ERRORS:
+            pass  # still pending: the next keepalive writes them
 
     def _report(self) -> None:
         for key, why in self.registry.rejected:

@@ -117,7 +117,10 @@ class Schema:
             if parts[2] == "members" and HOST_ID.match(parts[3]):
                 return MemberKey(vni, parts[3])
             if parts[2] == "endpoints":
-                return EndpointKey(vni, mac_to_int(parts[3]))
+                mac = mac_to_int(parts[3])
+                if parts[3] != mac_to_str(mac):
+                    return None  # one spelling only (lower case, colons): aliases would collide
+                return EndpointKey(vni, mac)
         except ValueError:
             return None
         return None
@@ -252,6 +255,10 @@ class Registry:
             self.rejected.append((raw_key, why))
 
     # --- views ----------------------------------------------------------------------------------
+
+    def revision_of(self, k: Key) -> int:
+        entry = self.entries.get(k)
+        return entry.mod_revision if entry else 0
 
     def get(self, k: Key) -> Value | None:
         entry = self.entries.get(k)

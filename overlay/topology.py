@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable
 
-from overlay.fdb import ForwardingTable, Source, Vtep
+from overlay.fdb import ForwardingTable, Outcome, Source, Vtep
 from overlay.registry import EndpointKey, Event, HostKey, MemberKey, NetworkKey, Registry
 
 
@@ -54,9 +54,11 @@ class Topology:
         for key, ep in self.registry.endpoints(vni).items():
             if ep.host != self.host_id and (v := self._vtep(ep.host)) is not None:
                 want[key.mac] = v
+        # An address claimed by two endpoints (a container restarted with a new MAC) goes to the
+        # most recently written one.
+        newest_last = sorted(self.registry.endpoints(vni).items(), key=lambda kv: self.registry.revision_of(kv[0]))
         self.table.set_neighbours(vni, {
-            ipaddress.IPv4Address(a): key.mac
-            for key, ep in self.registry.endpoints(vni).items() if key.mac in want for a in ep.ipv4
+            ipaddress.IPv4Address(a): key.mac for key, ep in newest_last if key.mac in want for a in ep.ipv4
         })
         have = self._applied[vni]
         for mac in [m for m in have if m not in want]:
@@ -64,6 +66,7 @@ class Topology:
             del have[mac]
         for mac, vtep in want.items():
             if have.get(mac) != vtep:
-                self.table.put(vni, mac, vtep, Source.REGISTRY, now)
-                have[mac] = vtep
+                outcome = self.table.put(vni, mac, vtep, Source.REGISTRY, now)
+                if outcome not in (Outcome.REFUSED_CAP, Outcome.REFUSED_UNKNOWN_VNI, Outcome.REFUSED_MULTICAST):
+                    have[mac] = vtep  # a refused one is tried again at the next recompute
 

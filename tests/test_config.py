@@ -66,3 +66,14 @@ def test_unknown_toml_keys_are_refused_with_the_known_ones() -> None:
 def test_invalid_toml_says_where() -> None:
     with pytest.raises(ConfigError, match="a.toml: not valid TOML"):
         parse_toml("vni = = 1", "a.toml")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"etcd": 5}, "is not a list of URLs"),
+    ({"etcd_password": 1234}, "must be a string"),
+])
+def test_etcd_settings_of_the_wrong_type_are_clear_errors(override: dict[str, object], message: str) -> None:
+    settings = {"etcd": ["http://198.18.0.250:2379"], "host_id": "h1", "network": [42], "local": "198.18.0.1",
+                "etcd_user": "root", "etcd_password": "pw"}
+    with pytest.raises(ConfigError, match=message):
+        build({**settings, **override})

@@ -112,6 +112,15 @@ def test_hostile_values_under_the_prefix_never_crash_an_agent(world: World) -> N
     assert "ignoring /overlay/v1/hosts/h9" in log and "Traceback" not in log
 
 
+def test_an_agents_own_keys_deleted_by_someone_are_written_back(world: World) -> None:
+    world.etcdctl("del", f"{P}/hosts/h2")
+    world.etcdctl("del", f"{P}/networks/{VNI}/members/h2")
+    wait_for(lambda: f"{P}/hosts/h2" in world.etcdctl("get", "--prefix", "--keys-only", P).stdout.split()
+             and f"{P}/networks/{VNI}/members/h2" in world.etcdctl("get", "--prefix", "--keys-only", P).stdout.split(),
+             10, "h2 to write its keys back")
+    wait_ping(world.lab, 1, overlay_ip(2))
+
+
 def test_a_second_agent_claiming_a_host_id_refuses_clearly(world: World) -> None:
     argv = etcd_agent_argv(world.lab, 1, [world.etcd.endpoint], "--lease-ttl", str(TTL), "--tap", "ovl7",
                            "--port", "4790")

@@ -33,6 +33,7 @@ def test_keys_round_trip() -> None:
 @pytest.mark.parametrize("raw", [
     "/other/hosts/h1", P + "/hosts/", P + "/hosts/a/b", P + "/networks/x", P + "/networks/16777216",
     P + "/networks/042", P + "/networks/42/endpoints/zz", P + "/networks/42/other/h1", P + "/hosts/-bad",
+    P + "/networks/42/endpoints/02-00-00-00-00-01", P + "/networks/42/endpoints/0A:00:00:00:00:01",
 ])
 def test_keys_outside_the_schema_are_not_parsed(raw: str) -> None:
     assert Schema().parse_key(raw) is None
@@ -163,3 +164,23 @@ def test_other_vnis_do_not_reach_the_table() -> None:
     r, t, topo = world()
     topo.apply(r.put(P + "/networks/7/endpoints/02:00:00:00:00:09", b'{"host": "h2"}', 21), now=1)
     assert t.vnis() == [42] and t.lookup(42, 0x020000000009) is None
+
+
+def test_an_address_claimed_twice_goes_to_the_newest_endpoint() -> None:
+    r, t, topo = world()
+    topo.apply(r.put(P + "/networks/42/endpoints/02:00:00:00:00:05", b'{"host": "h3", "ipv4": ["198.19.42.2"]}', 30),
+               now=1)
+    assert t.neighbours(42)[ipaddress.IPv4Address("198.19.42.2")] == 0x020000000005
+
+
+def test_an_endpoint_refused_at_the_cap_is_taken_once_there_is_room() -> None:
+    r = Registry()
+    r.snapshot([kv("/hosts/h2", {"address": "198.18.0.2"}, 2),
+                kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2"}, 3),
+                kv("/networks/42/endpoints/02:00:00:00:00:03", {"host": "h2"}, 4)], 4)
+    t = ForwardingTable(max_per_vni=1)
+    topo = Topology(r, t, "h1")
+    topo.serve(42, now=0)
+    assert len(t) == 1
+    topo.apply(r.delete(P + "/networks/42/endpoints/02:00:00:00:00:02", 5), now=1)
+    assert t.lookup(42, 0x020000000003) is not None
