@@ -237,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
             "A userspace VXLAN overlay network for containers (RFC 7348), wire-compatible "
             "with the Linux kernel's vxlan device."
         ),
+        epilog=(
+            "try it:     overlay demo                      (as root: 3 hosts in namespaces, etcd, pings)\n"
+            "one host:   overlay agent --etcd http://198.18.0.250:2379 --host-id h1 --local 198.18.0.1 "
+            "--network 42 --address 198.19.42.1/24\n"
+            "look:       overlay status; overlay fdb; overlay host ls --etcd URL\n"
+            "each command has --help"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print the version and whether the fast path is built")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
