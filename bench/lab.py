@@ -45,12 +45,15 @@ def setup_kernel(lab: Lab) -> Callable[[], None]:
     return teardown
 
 
-def setup_overlay(lab: Lab) -> Callable[[], None]:
+def setup_overlay(lab: Lab, etcd: str | None = None) -> Callable[[], None]:
+    """Agents on hosts 1 and 2: static peers, or with ``etcd`` (an endpoint URL) in etcd mode.
+    The returned teardown has ``procs``: the agent processes (for CPU accounting)."""
     procs = []
     for h, peer in ((1, 2), (2, 1)):
-        procs.append(lab.spawn(h, [sys.executable, "-m", "overlay.cli", "agent", "--vni", str(VNI),
-                                   "--local", str(lab.address(h)), "--peer", str(lab.address(peer)),
-                                   "--tap", "ovl0", "--address", OVERLAY_NET.format(h)],
+        mode = (["--etcd", etcd, "--host-id", f"h{h}", "--network", str(VNI)] if etcd
+                else ["--vni", str(VNI), "--peer", str(lab.address(peer))])
+        procs.append(lab.spawn(h, [sys.executable, "-m", "overlay.cli", "agent", *mode,
+                                   "--local", str(lab.address(h)), "--tap", "ovl0", "--address", OVERLAY_NET.format(h)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for h in (1, 2):
         wait_for(lambda h=h: "ovl0" in lab.run(h, ["ip", "-br", "addr"]).stdout and "198.19.42" in
@@ -61,19 +64,35 @@ def setup_overlay(lab: Lab) -> Callable[[], None]:
             p.terminate()
             p.wait(timeout=10)
 
+    teardown.procs = procs  # type: ignore[attr-defined]
     return teardown
 
 
-def measure(lab: Lab, seconds: int) -> dict[str, float]:
-    dst = OVERLAY_NET.format(2).split("/")[0]
-    wait_for(lambda: lab.run(1, ["ping", "-c", "1", "-W", "1", dst], check=False).returncode == 0, 20, "overlay ping")
+def measure(lab: Lab, seconds: int, dst: str | None = None, streams: int = 1, only_tcp: bool = False,
+            tcp: bool = True, progress: Callable[[str], None] = lambda what: None,
+            cpu: Callable[[], float] | None = None) -> dict[str, float]:
+    """iperf3 TCP (``streams`` streams; its bytes as tcp_bytes and, with ``cpu``, the CPU
+    seconds ``cpu()`` counted during it as tcp_cpu_s), 64-byte UDP at full offered load, and
+    200 pings, from host 1 to ``dst`` (default: host 2's overlay address)."""
+    dst = dst or OVERLAY_NET.format(2).split("/")[0]
+    wait_for(lambda: lab.run(1, ["ping", "-c", "1", "-W", "1", dst], check=False).returncode == 0, 20, "ping")
     out: dict[str, float] = {}
     server = lab.spawn(2, ["iperf3", "-s", "-B", dst], stdout=subprocess.DEVNULL)
     try:
         wait_for(lambda: lab.run(1, ["iperf3", "-c", dst, "-t", "1", "-J"], check=False, timeout=30).returncode == 0,
                  20, "iperf3 server")
-        tcp = json.loads(lab.run(1, ["iperf3", "-c", dst, "-t", str(seconds), "-J"], timeout=seconds + 30).stdout)
-        out["tcp_gbps"] = tcp["end"]["sum_received"]["bits_per_second"] / 1e9
+        if tcp:
+            progress(f"TCP, {streams} stream(s)")
+            before = cpu() if cpu else 0.0
+            result = json.loads(lab.run(1, ["iperf3", "-c", dst, "-t", str(seconds), "-P", str(streams), "-J"],
+                                        timeout=seconds + 30).stdout)
+            if cpu:
+                out["tcp_cpu_s"] = cpu() - before
+            out["tcp_gbps"] = result["end"]["sum_received"]["bits_per_second"] / 1e9
+            out["tcp_bytes"] = result["end"]["sum_received"]["bytes"]
+        if only_tcp:
+            return out
+        progress("UDP, 64-byte payloads")
         udp = json.loads(lab.run(1, ["iperf3", "-c", dst, "-u", "-l", "64", "-b", "0", "-t", str(seconds), "-J"],
                                  timeout=seconds + 30).stdout)
         s = udp["end"]["sum"]
@@ -82,7 +101,8 @@ def measure(lab: Lab, seconds: int) -> dict[str, float]:
     finally:
         server.kill()
         server.wait()
-    ping = lab.run(1, ["ping", "-c", "200", "-i", "0.01", "-q" if False else "-n", dst], timeout=60).stdout
+    progress("ping")
+    ping = lab.run(1, ["ping", "-c", "200", "-i", "0.01", "-n", dst], timeout=60).stdout
     rtts = sorted(float(m) for m in re.findall(r"time=([\d.]+) ms", ping))
     out["rtt_median_ms"] = statistics.median(rtts)
     out["rtt_p99_ms"] = rtts[int(len(rtts) * 0.99) - 1]
@@ -101,7 +121,7 @@ def main() -> None:
                 print(f"... round {r + 1}/{args.rounds}: {name}", flush=True)
                 teardown = setup(lab)
                 try:
-                    results[name].append(measure(lab, args.seconds))
+                    results[name].append({k: v for k, v in measure(lab, args.seconds).items() if k != "tcp_bytes"})
                 finally:
                     teardown()
     keys = ["tcp_gbps", "udp64_kpps", "udp64_loss_pct", "rtt_median_ms", "rtt_p99_ms"]
