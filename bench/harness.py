@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -110,6 +112,7 @@ def main() -> None:
                         "underlay,kernel,tinc-none,tinc,naive,overlay,overlay-etcd")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<commit>/)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the lab is torn down
     rounds, seconds = (1, 2) if args.quick else (args.rounds, args.seconds)
     etcd: list[Any] = []
 
