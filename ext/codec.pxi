@@ -35,6 +35,10 @@ cdef inline uint32_t be16(const uint8_t* p) noexcept nogil:
     return (<uint32_t>p[0] << 8) | p[1]
 
 
+cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
 cdef inline uint32_t be24(const uint8_t* p) noexcept nogil:
     return (<uint32_t>p[0] << 16) | (<uint32_t>p[1] << 8) | p[2]
 

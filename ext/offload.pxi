@@ -112,7 +112,7 @@ cdef int segment_tcp(const uint8_t* f, Py_ssize_t n, const VnetHdr* h, FrameBatc
     count = (payload + h.gso_size - 1) // h.gso_size if payload > 0 else 1
     if used[0] + count > out.slots or end + h.gso_size > out.max_frame_c:
         return DROP_OUT_OF_ROOM
-    seq = (<uint32_t>f[l4 + 4] << 24) | (<uint32_t>f[l4 + 5] << 16) | (<uint32_t>f[l4 + 6] << 8) | f[l4 + 7]
+    seq = be32(f + l4 + 4)
     ip_id = be16(f + l3 + 4)
     flags = f[l4 + 13]
     for k in range(count):
@@ -185,10 +185,6 @@ cdef struct Seg:
     Py_ssize_t l4, end, payload
     uint32_t seq
     uint8_t flags
-
-
-cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
 
 
 cdef bint tcp_segment(const uint8_t* f, Py_ssize_t n, Seg* s) noexcept nogil:

@@ -339,9 +339,9 @@ cdef class ForwardingCore:
         if mac == 0 or (f[6] & 1):
             return
         if ethertype == 0x0800 and n >= ETH_HLEN + 20:
-            ip = (<uint32_t>f[26] << 24) | (<uint32_t>f[27] << 16) | (<uint32_t>f[28] << 8) | f[29]
+            ip = be32(f + 26)              # IPv4 source
         elif ethertype == 0x0806 and n >= ETH_HLEN + 28 and be16(f + 16) == 0x0800:
-            ip = (<uint32_t>f[28] << 24) | (<uint32_t>f[29] << 16) | (<uint32_t>f[30] << 8) | f[31]
+            ip = be32(f + 28)              # ARP sender address
         s = hm_find(&self.local, mac, vni + 1)
         if s != NULL and (ip == 0 or s.value != 0):
             return                      # known, and its address too (the first one seen stays)

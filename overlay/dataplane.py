@@ -146,7 +146,6 @@ class Dataplane:
         self.merge = fp.FrameBatch(1, slot_size=slot_size(fp, MAX_READ))
         self.on_fatal: Callable[[str], None] = lambda message: None
         self.on_local: Callable[[list[tuple[int, int, int]]], None] | None = None  # MACs behind our TAP
-        self.learn_outcomes: dict[str, int] = {}
         self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._maintenance: asyncio.Task[None] | None = None
@@ -200,10 +199,9 @@ class Dataplane:
             now = self.clock()
             for vni, mac, ip in learned:
                 try:
-                    outcome = self.table.learn(vni, mac, Vtep(ipaddress.IPv4Address(ip), self.port), now).value
-                except (OverflowError, MemoryError):  # the C table is full of VTEPs: not learned
-                    outcome = "refused_table_full"
-                self.learn_outcomes[outcome] = self.learn_outcomes.get(outcome, 0) + 1
+                    self.table.learn(vni, mac, Vtep(ipaddress.IPv4Address(ip), self.port), now)
+                except (OverflowError, MemoryError):  # the C table is out of VTEP ids: not learned
+                    self.table.counters.refused_table_full += 1
 
     async def _maintain(self) -> None:
         """Keep learned entries that carry traffic alive; age out the rest."""
@@ -240,6 +238,7 @@ class Dataplane:
                 "moves": counters.moves,
                 "expired": counters.expired,
                 "evicted": counters.evicted,
+                "refused_table_full": counters.refused_table_full,
                 "learn_overflow": self.core.learn_overflow,
             },
             "coalesced_frames": self.core.coalesced,

@@ -293,6 +293,7 @@ class EtcdClient:
         backoff = BACKOFF_MIN
         need_snapshot = False
         while True:
+            client = None
             try:
                 client = await self.connect()
                 if need_snapshot:
@@ -321,7 +322,7 @@ class EtcdClient:
                     log.warning("etcd: connection lost (%s); forwarding with what we know, reconnecting",
                                 e.__class__.__name__)
                     self.reconnects += 1
-                await self._drop(self._client)
+                await self._drop(client)
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 need_snapshot = need_snapshot or not self.registry.revision

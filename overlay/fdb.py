@@ -130,6 +130,7 @@ class Counters:
     moves: int = 0
     expired: int = 0
     evicted: int = 0
+    refused_table_full: int = 0  # the fast path's table could not take it (out of VTEP ids)
 
 
 class ForwardingTable:

@@ -43,20 +43,15 @@ class Topology:
         for vni in sorted(touched):
             self._recompute(vni, now)
 
-    def _vtep(self, host: str) -> Vtep | None:
-        h = self.registry.hosts().get(host)
-        return None if h is None else Vtep(ipaddress.IPv4Address(h.address), h.port)
-
     def _recompute(self, vni: int, now: float) -> None:
-        flood = [v for m in self.registry.members(vni) if m != self.host_id and (v := self._vtep(m)) is not None]
-        self.table.set_flood(vni, flood)
-        want: dict[int, Vtep] = {}
-        for key, ep in self.registry.endpoints(vni).items():
-            if ep.host != self.host_id and (v := self._vtep(ep.host)) is not None:
-                want[key.mac] = v
+        vteps = {host: Vtep(ipaddress.IPv4Address(h.address), h.port)
+                 for host, h in self.registry.hosts().items() if host != self.host_id}
+        self.table.set_flood(vni, [vteps[m] for m in self.registry.members(vni) if m in vteps])
+        endpoints = self.registry.endpoints(vni)
+        want = {key.mac: vteps[ep.host] for key, ep in endpoints.items() if ep.host in vteps}
         # An address claimed by two endpoints (a container restarted with a new MAC) goes to the
         # most recently written one.
-        newest_last = sorted(self.registry.endpoints(vni).items(), key=lambda kv: self.registry.revision_of(kv[0]))
+        newest_last = sorted(endpoints.items(), key=lambda kv: self.registry.revision_of(kv[0]))
         self.table.set_neighbours(vni, {
             ipaddress.IPv4Address(a): key.mac for key, ep in newest_last if key.mac in want for a in ep.ipv4
         })
