@@ -455,22 +455,44 @@ def cmd_host_ls(args: argparse.Namespace) -> int:
     for hosts in snap.members.values():
         named |= set(hosts)
     named |= {ep.host for ep, _ in snap.endpoints.values()}
+    probes = local_probes()
     rows = []
     for host_id in sorted(named):
         host, lease = snap.hosts.get(host_id, (None, 0))
         ttl = ttls.get(lease) if lease else None
         alive = host is not None and (ttl is None or ttl >= 0)
+        probe = probes.get(host_id) or {}
         rows.append({"host": host_id, "address": host.address if host else None, "port": host.port if host else None,
                      "alive": alive, "lease": lease_str(lease), "ttl": ttl if alive else None,
-                     "networks": sorted(vni for vni, hosts in snap.members.items() if host_id in hosts)})
-    human = table(["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS"],
+                     "networks": sorted(vni for vni, hosts in snap.members.items() if host_id in hosts),
+                     "rtt_ms": probe.get("srtt_ms"), "loss": probe.get("loss"), "reachable": probe.get("reachable")})
+    human = table(["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "RTT", "LOSS", "PATH"],
                   [[r["host"], f"{r['address']}:{r['port']}" if r["address"] else None, "yes" if r["alive"] else "no",
                     (f"{r['ttl']} s" if r["ttl"] is not None else "no lease" if r["alive"] else None),
-                    ",".join(map(str, r["networks"]))] for r in rows])
+                    ",".join(map(str, r["networks"])),
+                    f"{r['rtt_ms']:.3f} ms" if r["rtt_ms"] is not None else None,
+                    f"{r['loss']:.0%}" if r["loss"] is not None else None,
+                    None if r["reachable"] is None else "ok" if r["reachable"] else "UNREACHABLE"] for r in rows])
+    if probes:
+        human += "\n(RTT, LOSS, PATH: underlay probes from the agent on this host)"
     if not rows:
         human += f"\n(no hosts under {target.prefix}: an agent registers its host when it starts with --etcd)"
     emit(target, rows, human)
     return 0
+
+
+def local_probes() -> dict[str, dict[str, Any]]:
+    """The peer probes of the agent running in this network namespace, if one runs: it sees
+    the underlay path from here, which etcd cannot know."""
+    from overlay import control
+
+    try:
+        agents = control.running_agents()
+        answer = control.request("status", agents[0], 2.0) if len(agents) == 1 else {}
+    except (control.ControlError, OSError):
+        return {}
+    probes = answer.get("probes") if isinstance(answer, dict) else None
+    return probes if isinstance(probes, dict) else {}
 
 
 # --- overlay endpoint -------------------------------------------------------------------------

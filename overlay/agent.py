@@ -18,7 +18,11 @@ from typing import Any
 
 import uvloop
 
-from overlay import control
+from pathlib import Path
+
+from overlay import bridge, control, metrics
+from overlay.probe import Prober, ProbeError
+from overlay.containers import Containers
 from overlay.config import AgentConfig, tap_names
 from overlay.etcdclient import ERRORS as ETCD_ERRORS
 from overlay.etcdclient import EtcdClient, EtcdError, Tls, retry
@@ -70,16 +74,22 @@ class Agent:
             for vni, name in tap_names(cfg).items():
                 self.table.add_vni(vni)
                 self.taps[vni] = Tap.open(name, dev=tun_device)
-                self.macs[vni] = self.taps[vni].configure(self.mtu, cfg.mac, cfg.address)
+                if cfg.bridge:  # the host's MAC and address belong to the bridge; the TAP is a port
+                    self.taps[vni].configure(self.mtu, None, None)
+                    self.macs[vni] = bridge.ensure_bridge(vni, name, self.mtu, cfg.mac, cfg.address)
+                else:
+                    self.macs[vni] = self.taps[vni].configure(self.mtu, cfg.mac, cfg.address)
             self.table.set_flood(cfg.vni, [Vtep(p, cfg.port) for p in cfg.peers])
             self.dataplane = Dataplane(fp, self.core, self.table, {v: t.fd for v, t in self.taps.items()},
                                        cfg.local, cfg.port, self.mtu)
-        except (TapError, DataplaneError) as e:
+        except (TapError, DataplaneError, bridge.PlumbingError) as e:
             self.close()
             raise AgentError(str(e)) from None
         self.mac = self.macs[cfg.vni]
         self.started = time.monotonic()
         self.etcd: EtcdClient | None = None
+        self.containers: Containers | None = None
+        self.prober: Prober | None = None
 
     def status(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -95,9 +105,33 @@ class Agent:
             "peers": [str(p) for p in cfg.peers], "mtu": self.mtu, "mac": mac_to_str(self.mac),
             "address": str(cfg.address) if cfg.address else None, "source_check": cfg.source_check,
             "uptime_s": round(time.monotonic() - self.started, 1),
-            "networks": [{"vni": v, "tap": t.name, "mac": mac_to_str(self.macs[v])} for v, t in self.taps.items()],
+            "networks": [{"vni": v, "tap": t.name, "mac": mac_to_str(self.macs[v]),
+                          "bridge": bridge.bridge_name(v) if cfg.bridge else None} for v, t in self.taps.items()],
         }
-        return {"agent": agent, "registry": registry, **self.dataplane.status()}
+        attachments = self.containers.list({}) if self.containers is not None else []
+        probes = self.prober.status() if self.prober is not None else {}
+        counters = self.prober.counters() if self.prober is not None else {}
+        return {"agent": agent, "registry": registry, **self.dataplane.status(), "attachments": attachments,
+                "probes": probes, "probe_counters": counters}
+
+    def _control(self) -> dict[str, control.Handler]:
+        """The control socket's commands: status and fdb always; attach, detach, check and
+        attachments with the registry (addresses and endpoints live there)."""
+        handlers: dict[str, control.Handler] = {"status": lambda req: self.status(),
+                                                "fdb": lambda req: self.dataplane.fdb()}
+
+        def containers(name: str) -> control.Handler:
+            def handler(req: dict[str, Any]) -> Any:
+                if self.containers is None:
+                    raise control.Refused("attaching containers needs the registry: run the agent in etcd mode "
+                                          "(--etcd, --host-id, --network) with its bridge (the default there)",
+                                          "invalid")
+                return getattr(self.containers, name)(req)
+            return handler
+
+        for name in ("attach", "detach", "check", "list"):
+            handlers["attachments" if name == "list" else name] = containers(name)
+        return handlers
 
     async def serve(self) -> None:
         """Forward until SIGINT or SIGTERM."""
@@ -105,7 +139,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         try:
             # Named after the first TAP: `overlay status --tap <it>` (or no --tap) finds the agent.
-            server = await control.serve(self.taps[cfg.vni].name, {"status": self.status, "fdb": self.dataplane.fdb})
+            server = await control.serve(self.taps[cfg.vni].name, self._control())
         except control.ControlError as e:
             raise AgentError(str(e)) from None
         stop = asyncio.Event()
@@ -137,6 +171,8 @@ class Agent:
             for task in tasks:
                 task.add_done_callback(supervise)
         self.dataplane.start(loop)
+        metrics_server = await self._serve_metrics()
+        await self._start_probes()
         try:
             peers = ", ".join(str(p) for p in cfg.peers) or "none"
             log.info(
@@ -153,12 +189,59 @@ class Agent:
         finally:
             for task in tasks:
                 task.cancel()
+            if self.prober is not None:
+                await self.prober.stop()
+            if metrics_server is not None:
+                metrics_server.close()
             if self.etcd is not None:
                 await self.etcd.close()
             server.close()
             self.dataplane.stop()
         if failure:
             raise AgentError(failure[0])
+
+    async def _serve_metrics(self) -> asyncio.AbstractServer | None:
+        """The Prometheus endpoint. Asked for explicitly, a failure stops the agent; the default
+        address taken (another agent in this namespace) only costs the metrics, and says so."""
+        address = self.cfg.metrics_address
+        if address is None:
+            return None
+        try:
+            server = await metrics.serve(address[0], address[1], self.status)
+        except metrics.MetricsError as e:
+            if self.cfg.metrics is not None:
+                raise AgentError(str(e)) from None
+            log.warning("%s; running without metrics", e)
+            return None
+        log.info("metrics: http://%s/metrics", metrics.format_address(*address))
+        return server
+
+    async def _start_probes(self) -> None:
+        """Probe every peer's VTEP once a second (RTT, loss, reachability). Same rule as the
+        metrics: a port asked for must work, the default port may be given up with a warning."""
+        cfg = self.cfg
+        if cfg.probe == 0:
+            return
+        if self.etcd is not None:
+            registry = self.etcd.registry
+
+            def peers() -> dict[str, tuple[str, int]]:
+                return {host: (h.address, h.probe_port) for host, h in registry.hosts().items()
+                        if host != cfg.host_id and h.probe_port}
+        else:
+            static = {str(p): (str(p), cfg.probe) for p in cfg.peers}
+
+            def peers() -> dict[str, tuple[str, int]]:
+                return static
+        prober = Prober((str(cfg.local), cfg.probe), peers)
+        try:
+            await prober.start()
+        except ProbeError as e:
+            if cfg.probe_port is not None:
+                raise AgentError(str(e)) from None
+            log.warning("%s; running without peer probes", e)
+            return
+        self.prober = prober
 
     async def _join_registry(self) -> list[asyncio.Task[None]]:
         """etcd mode: register this host, join the network, publish the TAP's endpoint, read the
@@ -171,7 +254,8 @@ class Agent:
         self.etcd = client = EtcdClient(list(cfg.etcd), registry, lambda evs: topology.apply(evs, time.monotonic()),
                                         ttl=cfg.lease_ttl, user=cfg.etcd_user, password=cfg.etcd_password, tls=tls)
         await retry("connecting to etcd", client.connect, 30)
-        await client.register(cfg.host_id, Host(str(cfg.local), cfg.port), wait_for_old=cfg.lease_ttl + 2)
+        await client.register(cfg.host_id, Host(str(cfg.local), cfg.port, cfg.probe or None),
+                              wait_for_old=cfg.lease_ttl + 2)
         subnet = str(cfg.address.network) if cfg.address else None
         for vni, mac in self.macs.items():
             if await client.create_if_missing(NetworkKey(vni), Network(vni, f"net{vni}", subnet, self.mtu)):
@@ -185,7 +269,13 @@ class Agent:
         log.info("registry: etcd %s, host %s, %d hosts, networks %s", ", ".join(cfg.etcd), cfg.host_id,
                  len(registry.hosts()), ", ".join(f"{v} ({len(registry.endpoints(v))} endpoints)" for v in self.macs))
         loop = asyncio.get_running_loop()
-        return [loop.create_task(client.watch()), loop.create_task(client.keepalive())]
+        tasks = [loop.create_task(client.watch()), loop.create_task(client.keepalive())]
+        if cfg.bridge:
+            self.containers = Containers(client, registry, cfg.host_id, list(self.macs), self.mtu,
+                                         Path(cfg.state_dir), self.core.local_forget)
+            await self.containers.adopt()
+            tasks.append(loop.create_task(self.containers.reap()))
+        return tasks
 
     def _publish_local(self, client: EtcdClient) -> None:
         """Publish, under our lease, every MAC that sends from our TAP with the IPv4 addresses
@@ -216,6 +306,9 @@ class Agent:
     def close(self) -> None:
         for tap in self.taps.values():
             tap.close()
+        if self.cfg.bridge:  # a bridge with containers stays: they keep talking locally
+            for vni in self.taps:
+                bridge.remove_bridge_if_unused(vni)
 
 
 def run(cfg: AgentConfig) -> None:

@@ -81,6 +81,19 @@ def add_agent(sub: Any) -> None:
                    help="carry VLAN-tagged inner frames (RFC 7348 section 6.1 says drop them by default)")
     p.add_argument("--ageing", metavar="SECONDS", help="forget learned MACs unseen this long (default 300)")
     p.add_argument("--max-per-vni", dest="max_per_vni", metavar="N", help="cap on MACs per VNI (default 65536)")
+    p.add_argument("--bridge", dest="bridge", action="store_const", const=True,
+                   help="put each network's TAP in a Linux bridge ovbr<vni> that containers are attached to "
+                        "('overlay attach'); the host's --address and --mac go to the bridge (default in etcd mode)")
+    p.add_argument("--no-bridge", dest="bridge", action="store_const", const=False,
+                   help="no bridge: the TAP itself holds --address (default in static mode)")
+    p.add_argument("--state-dir", dest="state_dir", metavar="DIR",
+                   help="where attached containers are remembered, so a restarted agent takes them back "
+                        "(default /run/overlay)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, or 'off' (default 127.0.0.1:9465; "
+                        "if the default is taken the agent runs without metrics and says so)")
+    p.add_argument("--probe-port", dest="probe_port", metavar="PORT",
+                   help="UDP port for probing peers' underlay RTT and loss once a second, 0 = off (default 4799)")
     e = p.add_argument_group("etcd mode (peers, flood lists and endpoints from the registry)")
     e.add_argument("--etcd", metavar="URL", action="append",
                    help="etcd endpoint, e.g. http://198.18.0.250:2379; repeat for each member of a cluster")
@@ -102,12 +115,14 @@ def add_agent(sub: Any) -> None:
 # --- overlay status / fdb -------------------------------------------------------------------
 
 
-def _ask(cmd: str, tap: str | None) -> Any:
+def _ask(cmd: str, tap: str | None, timeout: float = 5.0, **params: Any) -> Any:
     from overlay import control
 
     try:
-        return control.request(cmd, tap)
+        return control.request(cmd, tap, timeout, **params)
     except control.ControlError as e:
+        if e.kind in ("invalid", "address", "network", "netns"):
+            raise UserError(str(e)) from None
         raise RunError(str(e)) from None
 
 
@@ -141,6 +156,20 @@ def format_status(s: dict[str, Any]) -> str:
     )
     lines.append(f"arp    answered locally {s.get('arp_suppressed', 0)}   "
                  f"tcp segments coalesced on receive {s.get('coalesced_frames', 0)}")
+    probes = s.get("probes") or {}
+    if probes:
+        lines += ["", f"{'peer host':16} {'underlay path':22} {'rtt ms':>8} {'srtt ms':>8} {'loss':>6}  state"]
+        for host, p in sorted(probes.items()):
+            rtt = "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.3f}"
+            srtt = "-" if p.get("srtt_ms") is None else f"{p['srtt_ms']:.3f}"
+            lines.append(f"{host:16} {p['address']:22} {rtt:>8} {srtt:>8} {p['loss']:>6.0%}  "
+                         f"{'ok' if p['reachable'] else 'UNREACHABLE'}")
+    attachments = s.get("attachments") or []
+    if attachments:
+        lines += ["", f"{'container':34} {'network':12} {'if':6} {'mac':17} {'address':18} {'host end':13}"]
+        for a in attachments:
+            lines.append(f"{a['id'][:34]:34} {a['network'][:12]:12} {a['ifname']:6} {a['mac']:17} "
+                         f"{a['address']:18} {a['host_ifname']:13}")
     return "\n".join(lines)
 
 
@@ -171,6 +200,88 @@ def add_status(sub: Any) -> None:
         p.add_argument("--tap", help="which agent, when several run in this namespace")
         p.add_argument("--json", action="store_true", help="machine-readable output (shape in README.md)")
         p.set_defaults(func=func)
+
+
+# --- overlay attach / detach ----------------------------------------------------------------
+
+
+def netns_path(target: str) -> str:
+    """The network namespace file of a target: a PID, a path, or a name from 'ip netns'."""
+    if target.isdigit():
+        return f"/proc/{target}/ns/net"
+    if "/" in target:
+        return target
+    return f"/run/netns/{target}"
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    path = netns_path(args.target)
+    if not os.path.exists(path):
+        what = "process" if args.target.isdigit() else "network namespace"
+        raise UserError(f"no {what} {args.target} ({path} does not exist): give a name from 'ip netns', "
+                        f"a namespace path, or a container's PID")
+    a = _ask("attach", args.tap, 60.0, netns=os.path.abspath(path), net=args.net, ifname=args.ifname, ip=args.ip,
+             mac=args.mac, gateway=args.gateway)
+    if args.json:
+        print(json.dumps(a, indent=2))
+    else:
+        print(f"attached {args.target}: {a['ifname']} {a['mac']} {a['address']} on network {a['network']} "
+              f"(VNI {a['vni']}), mtu {a['mtu']}{', gateway ' + a['gateway'] if a['gateway'] else ''}; "
+              f"host end {a['host_ifname']}")
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    if args.target is None and args.id is None:
+        raise UserError("say what to detach: a namespace (name, path or PID) or --id ID (see 'overlay status')")
+    params: dict[str, Any] = {"ifname": args.ifname}
+    if args.id is not None:
+        params["id"] = args.id
+    else:
+        params["netns"] = os.path.abspath(netns_path(args.target))
+    answer = _ask("detach", args.tap, 60.0, **params)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif not answer["detached"]:
+        print(f"nothing attached for {args.target or args.id}")
+    for a in [] if args.json else answer["detached"]:
+        print(f"detached {a['ifname']} {a['mac']} {a['address']} from network {a['network']} (VNI {a['vni']})")
+    return 0
+
+
+def add_attach(sub: Any) -> None:
+    p = sub.add_parser(
+        "attach", help="put a container (network namespace) on an overlay network",
+        description=(
+            "Connect a container to an overlay network, like pipework: a veth pair, one end in the "
+            "container with its MAC, address, MTU and default route, the other in the network's bridge "
+            "on this host. The endpoint (MAC, address, this host) is registered in etcd under the agent's "
+            "lease, so every host forwards to it. Without --ip an address is allocated from the network's "
+            "subnet. Asks the agent of this network namespace (etcd mode)."),
+        epilog=("examples:\n"
+                "  overlay attach web1 --net blue                      # a namespace from 'ip netns'\n"
+                "  overlay attach 4242 --net 42 --ip 198.19.42.10/24   # a process's namespace\n"
+                "  overlay attach /var/run/netns/db --net red --gateway 198.19.43.1"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="NETNS", help="namespace name (ip netns), path of a namespace file, or a PID")
+    p.add_argument("--net", required=True, help="the network's name or VNI")
+    p.add_argument("--ip", metavar="A.B.C.D/LEN", help="the container's address (default: the lowest free one)")
+    p.add_argument("--mac", help="the container's MAC (default: a random 02:xx:xx:xx:xx:xx)")
+    p.add_argument("--ifname", default="eth0", help="the interface's name in the container (default eth0)")
+    p.add_argument("--gateway", metavar="A.B.C.D", help="default route (default: the network's gateway, if set)")
+    p.add_argument("--tap", help="which agent, when several run in this namespace")
+    p.add_argument("--json", action="store_true", help="print the attachment as JSON")
+    p.set_defaults(func=cmd_attach)
+    p = sub.add_parser(
+        "detach", help="take a container off the overlay (undo attach)",
+        description=("Undo 'overlay attach': remove the veth pair, delete the endpoint and release the "
+                     "address. Detaching what is not attached is not an error."))
+    p.add_argument("target", metavar="NETNS", nargs="?", help="namespace name, path or PID, as given to attach")
+    p.add_argument("--ifname", help="only this interface (default: all the container's attachments)")
+    p.add_argument("--id", help="an attachment id from 'overlay status' (e.g. when the namespace is gone)")
+    p.add_argument("--tap", help="which agent, when several run in this namespace")
+    p.add_argument("--json", action="store_true", help="print what was detached as JSON")
+    p.set_defaults(func=cmd_detach)
 
 
 # --- overlay lab ------------------------------------------------------------------------------
@@ -248,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and whether the fast path is built")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (add_agent, add_status, add_lab, add_demo):
+    for add in (add_agent, add_status, add_attach, add_lab, add_demo):
         add(sub)
     from overlay import admin  # net, host, endpoint: operator commands against etcd (aetcd loaded lazily)
 

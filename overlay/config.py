@@ -6,7 +6,8 @@ was wrong, what was given, and what is accepted, so the CLI prints it as one lin
 TOML keys are the long flag names (``vni``, ``local``, ``peer``, ``tap``, ``address``, ``port``,
 ``mtu``, ``mac``, ``source_check``, ``allow_vlan``, ``ageing``, ``max_per_vni``, and for etcd
 mode ``etcd``, ``host_id``, ``network``, ``prefix``, ``lease_ttl``); ``peer``, ``etcd`` and
-``network`` are lists. A flag given on the command line replaces the file's value (``--peer``
+``network`` are lists; ``bridge``, ``state_dir``, ``metrics`` and ``probe_port`` in either mode.
+A flag given on the command line replaces the file's value (``--peer``
 replaces the whole list).
 
 Two modes: static (``vni`` and ``peer``: the peers are given) and etcd (``etcd``, ``host_id``
@@ -26,6 +27,9 @@ from overlay.wire import DEFAULT_PORT, IPV4_OVERHEAD, VNI_MAX, is_multicast_mac,
 
 TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/', ':' or spaces
 MIN_MTU = 68  # the IPv4 minimum
+DEFAULT_STATE_DIR = "/run/overlay"
+DEFAULT_METRICS = "127.0.0.1:9465"
+DEFAULT_PROBE_PORT = 4799  # not 4790: that is VXLAN-GPE
 
 
 class ConfigError(ValueError):
@@ -56,11 +60,25 @@ class AgentConfig:
     etcd_key: str | None = None
     etcd_user: str | None = None
     etcd_password: str | None = None
+    bridge: bool = False  # a Linux bridge per network holding the TAP (default on in etcd mode)
+    state_dir: str = DEFAULT_STATE_DIR  # where attachments are remembered across restarts
+    metrics: str | None = None  # Prometheus endpoint HOST:PORT, "off"; None: the default, and best effort
+    probe_port: int | None = None  # UDP port of peer probes, 0 = off; None: the default, and best effort
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        from overlay.metrics import parse_address
+
+        return parse_address(self.metrics if self.metrics is not None else DEFAULT_METRICS)
+
+    @property
+    def probe(self) -> int:
+        return DEFAULT_PROBE_PORT if self.probe_port is None else self.probe_port
 
 KEYS = ("vni", "local", "peer", "tap", "address", "port", "mtu", "mac", "source_check",
         "allow_vlan", "ageing", "max_per_vni", "etcd", "host_id", "network", "prefix", "lease_ttl",
-        "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password")
+        "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password", "bridge", "state_dir", "metrics",
+        "probe_port")
 ETCD_KEYS = ("etcd", "host_id", "network", "prefix", "lease_ttl", "etcd_ca", "etcd_cert", "etcd_key",
              "etcd_user", "etcd_password")
 
@@ -111,7 +129,29 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
         allow_vlan=_bool("allow_vlan", settings.get("allow_vlan", False)),
         ageing=_positive("ageing", settings.get("ageing", DEFAULT_AGEING)),
         max_per_vni=_int("max_per_vni", settings.get("max_per_vni", DEFAULT_MAX_PER_VNI), 1, 1 << 24),
+        bridge=_bool("bridge", settings.get("bridge", False)),
+        state_dir=_path("state_dir", settings.get("state_dir", DEFAULT_STATE_DIR)),
+        metrics=_metrics(settings["metrics"]) if settings.get("metrics") is not None else None,
+        probe_port=_int("probe_port", settings["probe_port"], 0, 65535) if settings.get("probe_port") is not None else None,
     )
+
+
+def _path(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ConfigError(f"{name}: {value!r} is not an absolute directory path like /run/overlay")
+    return value
+
+
+def _metrics(value: Any) -> str:
+    from overlay.metrics import parse_address
+
+    if not isinstance(value, str):
+        raise ConfigError(f"metrics: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9465) or \"off\"")
+    try:
+        parse_address(value)
+    except ValueError as e:
+        raise ConfigError(f"metrics: {e}") from None
+    return value
 
 
 def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
@@ -148,7 +188,8 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
                           "networks each gets its own TAP without one")
     if len(networks) > 1 and settings.get("mac") is not None:
         raise ConfigError("--mac goes with a single --network; with several each TAP gets a random MAC")
-    static = build({**{k: v for k, v in settings.items() if k not in ETCD_KEYS}, "vni": networks[0]})
+    static = build({**{k: v for k, v in settings.items() if k not in ETCD_KEYS}, "vni": networks[0],
+                    "bridge": settings.get("bridge", True)})
     if len(networks) > 1 and len(static.tap) + 1 + max(len(str(n)) for n in networks) > 15:
         raise ConfigError(f"tap: with several networks the TAPs are named {static.tap}-<vni>, which must fit "
                           f"15 characters: choose a shorter --tap")

@@ -3,7 +3,8 @@
 An abstract unix socket ("@overlay/<tap>"), because abstract names belong to the network
 namespace: `overlay status` run inside a namespace reaches that namespace's agent, and agents
 in different namespaces never collide (a file under /run would be shared by all of them).
-Protocol: one JSON request line {"cmd": "status" | "fdb"}, one JSON answer line.
+Protocol: one JSON request line {"cmd": <name>, ...parameters}, one JSON answer line; a refusal
+is {"error": <one line>, "kind": <what was wrong, or null>}.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import asyncio
 import json
 import logging
 import socket
-from typing import Any, Callable
+import inspect
+from typing import Any, Awaitable, Callable, Union
 
 PREFIX = "overlay/"
 log = logging.getLogger("overlay.control")
@@ -20,7 +22,24 @@ MAX_REQUEST = 4096
 
 
 class ControlError(RuntimeError):
-    """No agent answered; the message says which were looked for."""
+    """No agent answered, or it refused; the message says why. ``kind`` says what was wrong when
+    the agent refused (e.g. "netns", "network", "address", "invalid"), for callers such as the
+    CNI plugin that map it to codes."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Refused(Exception):
+    """Raised by a handler: the request cannot be done; the message tells the user why."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+Handler = Callable[[dict[str, Any]], Union[Any, Awaitable[Any]]]
 
 
 def address(tap: str) -> str:
@@ -39,21 +58,30 @@ def running_agents() -> list[str]:
     return sorted(taps)
 
 
-async def serve(tap: str, handlers: dict[str, Callable[[], Any]]) -> asyncio.AbstractServer:
-    """Answer requests for ``tap``'s agent; an unknown command gets {"error": ...}."""
+async def serve(tap: str, handlers: dict[str, Handler]) -> asyncio.AbstractServer:
+    """Answer requests for ``tap``'s agent: each handler gets the request's parameters and may
+    be a coroutine; an unknown command gets {"error": ...}."""
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             try:
-                cmd = json.loads(line[:MAX_REQUEST]).get("cmd")
-            except (ValueError, AttributeError):
+                request = json.loads(line[:MAX_REQUEST])
+                cmd = request.pop("cmd")
+            except (ValueError, AttributeError, KeyError, TypeError):
                 cmd = None
-                answer: Any = {"error": "send one JSON object line like {\"cmd\": \"status\"}"}
+                answer: Any = {"error": "send one JSON object line like {\"cmd\": \"status\"}", "kind": "invalid"}
             else:
                 handler = handlers.get(cmd) if isinstance(cmd, str) else None
                 try:
-                    answer = handler() if handler else {"error": f"unknown command {cmd!r}; known: {sorted(handlers)}"}
+                    if handler is None:
+                        answer = {"error": f"unknown command {cmd!r}; known: {sorted(handlers)}", "kind": "invalid"}
+                    else:
+                        answer = handler(request)
+                        if inspect.isawaitable(answer):
+                            answer = await answer
+                except Refused as e:
+                    answer = {"error": str(e), "kind": e.kind}
                 except Exception as e:  # a bug must not cost the client its answer
                     log.exception("control command %r failed", cmd)
                     answer = {"error": f"the agent failed to answer {cmd!r}: {e}"}
@@ -70,8 +98,9 @@ async def serve(tap: str, handlers: dict[str, Callable[[], Any]]) -> asyncio.Abs
         raise ControlError(f"control socket @{PREFIX}{tap} is taken: is an agent for {tap} already running here? ({e.strerror})") from None
 
 
-def request(cmd: str, tap: str | None = None, timeout: float = 5.0) -> Any:
-    """Ask the agent of ``tap`` (or the only agent in this namespace) and return its answer."""
+def request(cmd: str, tap: str | None = None, timeout: float = 5.0, **params: Any) -> Any:
+    """Ask the agent of ``tap`` (or the only agent in this namespace) to do ``cmd`` with
+    ``params``; its answer, or ControlError with the agent's reason."""
     if tap is None:
         agents = running_agents()
         if not agents:
@@ -86,7 +115,7 @@ def request(cmd: str, tap: str | None = None, timeout: float = 5.0) -> Any:
         except (FileNotFoundError, ConnectionRefusedError):
             raise ControlError(f"no overlay agent for TAP {tap} in this network namespace") from None
         try:
-            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            s.sendall(json.dumps({"cmd": cmd, **params}).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
@@ -100,5 +129,5 @@ def request(cmd: str, tap: str | None = None, timeout: float = 5.0) -> Any:
     except ValueError:
         raise ControlError(f"the agent for TAP {tap} closed without a valid answer (is it stopping?)") from None
     if isinstance(answer, dict) and "error" in answer:
-        raise ControlError(answer["error"])
+        raise ControlError(answer["error"], answer.get("kind"))
     return answer

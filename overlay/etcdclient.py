@@ -28,7 +28,7 @@ import aetcd.exceptions
 if TYPE_CHECKING:
     import grpc
 
-from overlay.registry import Deleted, Event, Host, HostKey, Key, Registry, Schema, Value
+from overlay.registry import AddressKey, Deleted, Event, Host, HostKey, Key, Registry, Schema, Value
 
 log = logging.getLogger("overlay.etcd")
 GRPC_OPTIONS = {
@@ -228,9 +228,48 @@ class EtcdClient:
         client = await self.connect()
         for key in list(self._pending):
             value = self.held.get(key)
-            if value is not None:
+            if isinstance(key, AddressKey) and value is not None:
+                await self._rewrite_claim(client, key, value)
+            elif value is not None:
                 await client.put(self.schema.key(key).encode(), self.schema.encode(value), self._lease)
             self._pending.discard(key)
+
+    async def _rewrite_claim(self, client: aetcd.Client, key: AddressKey, value: Value) -> None:
+        """Put a claimed address back under our lease, unless another host took it while our
+        lease was gone (then it is theirs: we stop holding it and say so)."""
+        raw, encoded = self.schema.key(key).encode(), self.schema.encode(value)
+        t = client.transactions
+        ok, _ = await client.transaction(compare=[t.create(raw) == 0], success=[t.put(raw, encoded, self._lease)],
+                                         failure=[])
+        if not ok:
+            ok, _ = await client.transaction(compare=[t.value(raw) == encoded],
+                                             success=[t.put(raw, encoded, self._lease)], failure=[])
+        if not ok:
+            self.held.pop(key, None)
+            log.warning("etcd: address %s of network %d was taken by another host while our lease was gone; "
+                        "the container holding it here must be attached again", key.address, key.vni)
+
+    async def claim(self, key: Key, value: Value) -> bool:
+        """Create ``key`` under our lease if nobody has it (an address for IPAM); True if it is
+        ours now. Held from then on like ``hold``."""
+        client = await self.connect()
+        raw = self.schema.key(key).encode()
+        ok, _ = await client.transaction(
+            compare=[client.transactions.create(raw) == 0],
+            success=[client.transactions.put(raw, self.schema.encode(value), self._lease)],
+            failure=[],
+        )
+        if ok:
+            self.held[key] = value
+        return bool(ok)
+
+    async def release(self, key: Key) -> None:
+        """Stop holding ``key`` and delete it (if it is still ours to delete: only held keys)."""
+        if self.held.pop(key, None) is None:
+            return
+        self._pending.discard(key)
+        client = await self.connect()
+        await client.delete(self.schema.key(key).encode())
 
     async def create_if_missing(self, key: Key, value: Value) -> bool:
         """Compare-and-create without a lease (e.g. a network's definition); True if we made it."""

@@ -66,8 +66,8 @@ class Lab:
         Hosts by their exact names, service hosts by what this object added and by the switch's
         ``s-<name>`` ports (so ``overlay lab down`` in another process finds them too)."""
         services = set(self.services) | self._service_ports()
-        mine = re.compile(rf"{re.escape(self.name)}-(h\d+|{'|'.join(map(re.escape, sorted(services)))})"
-                          if services else rf"{re.escape(self.name)}-h\d+")
+        mine = re.compile(rf"{re.escape(self.name)}-(h\d+|c-[a-z0-9]+|{'|'.join(map(re.escape, sorted(services)))})"
+                          if services else rf"{re.escape(self.name)}-(h\d+|c-[a-z0-9]+)")
         found = [n for n in netns.listnetns() if mine.fullmatch(n)]
         return found + ([self.switch] if self.switch in netns.listnetns() else [])
 
@@ -125,6 +125,20 @@ class Lab:
         self.services[service] = address  # first, so that down() finds a half-made one
         self._add_node(self.service_ns(service), host, port=f"s-{service}")
         return self.service_ns(service)
+
+    def container_ns(self, name: str) -> str:
+        return f"{self.name}-c-{name}"
+
+    def add_container(self, name: str) -> str:
+        """A bare network namespace ``<lab>-c-<name>`` (lo up) standing in for a container, to
+        attach to the overlay from a host; ``down`` removes it. Returns its name."""
+        if not re.fullmatch(r"[a-z0-9]{1,12}", name):
+            raise LabError(f"container name {name!r}: up to 12 lower-case letters and digits")
+        ns = self.container_ns(name)
+        netns.create(ns)
+        with NetNS(ns) as c:
+            c.link("set", index=c.link_lookup(ifname="lo")[0], state="up")
+        return ns
 
     def _add_host(self, host: int) -> None:
         self._add_node(self.ns(host), host, port=f"h{host}")

@@ -2,11 +2,15 @@
 
 Keys under a prefix (default ``/overlay/v1``), values JSON objects (DESIGN.md):
 
-    <prefix>/networks/<vni>                      {"name": str, "vni": int, "subnet": "A.B.C.D/len", "mtu": int}
-    <prefix>/hosts/<host-id>                     {"address": "A.B.C.D", "port": int}            (host's lease)
+    <prefix>/networks/<vni>                      {"name": str, "vni": int, "subnet": "A.B.C.D/len", "mtu": int,
+                                                  "gateway": "A.B.C.D"}                          (gateway optional)
+    <prefix>/hosts/<host-id>                     {"address": "A.B.C.D", "port": int,
+                                                  "probe_port": int}                             (host's lease)
     <prefix>/networks/<vni>/members/<host-id>    {}                                             (host's lease)
     <prefix>/networks/<vni>/endpoints/<mac>      {"host": str, "ipv4": [str], "ipv6": [str]}   (owner's lease,
                                                                                                   or none if written by an operator)
+    <prefix>/networks/<vni>/ipam/<A.B.C.D>       {"host": str, "mac": str, "owner": str}        (IPAM: an address taken,
+                                                                                                  under the holder's lease)
 
 ``Registry`` holds what etcd holds, keyed and typed, and turns what the client reads (a
 snapshot at a revision, then watch events) into typed events. A resync after a reconnect or
@@ -37,11 +41,13 @@ class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
     name: str = ""
     subnet: str | None = None
     mtu: int | None = None
+    gateway: str | None = None  # containers' default route when attached without --gateway
 
 
 class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
     address: str
     port: int = 4789
+    probe_port: int | None = None  # UDP port answering peer probes (overlay/probe.py); None: not probed
 
 
 class Member(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
@@ -52,6 +58,15 @@ class Endpoint(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
     host: str
     ipv4: list[str] = []
     ipv6: list[str] = []
+
+
+class Allocation(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
+    """An address taken from a network's subnet (IPAM): by which host, for which MAC and
+    attachment (``owner``: the attachment id, e.g. a CNI container id)."""
+
+    host: str
+    mac: str = ""
+    owner: str = ""
 
 
 # --- typed keys -------------------------------------------------------------------------------
@@ -79,8 +94,14 @@ class EndpointKey:
     mac: int
 
 
-Key = Union[NetworkKey, HostKey, MemberKey, EndpointKey]
-Value = Union[Network, Host, Member, Endpoint]
+@dataclass(frozen=True)
+class AddressKey:
+    vni: int
+    address: ipaddress.IPv4Address
+
+
+Key = Union[NetworkKey, HostKey, MemberKey, EndpointKey, AddressKey]
+Value = Union[Network, Host, Member, Endpoint, Allocation]
 
 
 class Schema:
@@ -97,6 +118,8 @@ class Schema:
             return f"{p}/hosts/{k.host}"
         if isinstance(k, MemberKey):
             return f"{p}/networks/{k.vni}/members/{k.host}"
+        if isinstance(k, AddressKey):
+            return f"{p}/networks/{k.vni}/ipam/{k.address}"
         return f"{p}/networks/{k.vni}/endpoints/{mac_to_str(k.mac)}"
 
     def parse_key(self, raw: str) -> Key | None:
@@ -121,13 +144,17 @@ class Schema:
                 if parts[3] != mac_to_str(mac):
                     return None  # one spelling only (lower case, colons): aliases would collide
                 return EndpointKey(vni, mac)
+            if parts[2] == "ipam":
+                address = ipaddress.IPv4Address(parts[3])
+                return AddressKey(vni, address) if parts[3] == str(address) else None
         except ValueError:
             return None
         return None
 
     def decode(self, k: Key, raw: bytes) -> Value:
         """The typed value of ``raw`` at ``k``; ValueError saying what is wrong."""
-        kind: type = {NetworkKey: Network, HostKey: Host, MemberKey: Member, EndpointKey: Endpoint}[type(k)]
+        kind: type = {NetworkKey: Network, HostKey: Host, MemberKey: Member, EndpointKey: Endpoint,
+                      AddressKey: Allocation}[type(k)]
         try:
             value = msgspec.json.decode(raw, type=kind)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -148,10 +175,16 @@ def check(k: Key, value: Value) -> None:
             ipaddress.IPv4Network(value.subnet)
         if value.mtu is not None and not 68 <= value.mtu <= 65485:
             raise ValueError(f"mtu {value.mtu} is not 68 to 65485")
+        if value.gateway is not None:
+            ipaddress.IPv4Address(value.gateway)
     elif isinstance(value, Host):
         ipaddress.IPv4Address(value.address)
-        if not 1 <= value.port <= 65535:
-            raise ValueError(f"port {value.port} is not 1 to 65535")
+        for port in (value.port, value.probe_port):
+            if port is not None and not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is not 1 to 65535")
+    elif isinstance(value, Allocation):
+        if not HOST_ID.match(value.host):
+            raise ValueError(f"host {value.host!r} is not a host id")
     elif isinstance(value, Endpoint):
         if not HOST_ID.match(value.host):
             raise ValueError(f"host {value.host!r} is not a host id")
@@ -273,6 +306,11 @@ class Registry:
     def endpoints(self, vni: int | None = None) -> dict[EndpointKey, Endpoint]:
         return {k: e.value for k, e in self.entries.items()  # type: ignore[misc]
                 if isinstance(k, EndpointKey) and (vni is None or k.vni == vni)}
+
+    def allocations(self, vni: int) -> dict[ipaddress.IPv4Address, Allocation]:
+        """The addresses taken from ``vni``'s subnet (IPAM keys)."""
+        return {k.address: e.value for k, e in self.entries.items()  # type: ignore[misc]
+                if isinstance(k, AddressKey) and k.vni == vni}
 
     def networks(self) -> dict[int, Network]:
         return {k.vni: e.value for k, e in self.entries.items() if isinstance(k, NetworkKey)}  # type: ignore[misc]

@@ -69,7 +69,7 @@ def test_an_etcdctl_endpoint_is_forwarded_without_flooding_and_del_stops_it(worl
     wait_ping(lab, 1, overlay_ip(2))
     world.etcdctl("put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2", "ipv4": ["198.19.0.99"]}')
     wait_for(lambda: world.fdb(1).get(GHOST, {}).get("vtep") == f"{lab.address(2)}:4789", 5, "the endpoint in h1's table")
-    lab.run(1, ["ip", "neigh", "replace", "198.19.0.99", "lladdr", GHOST, "dev", "ovl0"])
+    lab.run(1, ["ip", "neigh", "replace", "198.19.0.99", "lladdr", GHOST, "dev", "ovbr42"])
     to2, to3 = tx_to(world, 1, 2), tx_to(world, 1, 3)
     lab.run(1, ["ping", "-c", "20", "-i", "0.02", "-W", "1", "198.19.0.99"], check=False)  # nobody answers
     # Unicast to h2 only: h2 got the 20 pings on top of whatever h3 got (background traffic,
@@ -218,11 +218,11 @@ def test_arp_for_a_registry_address_is_answered_locally_and_unknown_ones_still_f
     lab = world.lab
     wait_ping(lab, 1, overlay_ip(2))
     wait_for(lambda: "02:00:00:00:00:02" in world.fdb(1), 10, "h2 in h1's table")
-    lab.run(1, ["ip", "neigh", "flush", "dev", "ovl0"])
+    lab.run(1, ["ip", "neigh", "flush", "dev", "ovbr42"])
     before, to3 = status(lab, 1)["arp_suppressed"], tx_to(world, 1, 3)
     wait_ping(lab, 1, overlay_ip(2))  # the kernel ARPs for h2 first: the agent answers
     assert status(lab, 1)["arp_suppressed"] > before
-    neigh = lab.run(1, ["ip", "neigh", "show", overlay_ip(2), "dev", "ovl0"]).stdout
+    neigh = lab.run(1, ["ip", "neigh", "show", overlay_ip(2), "dev", "ovbr42"]).stdout
     assert "02:00:00:00:00:02" in neigh  # the answer carried the registry's MAC
     assert tx_to(world, 1, 3) - to3 <= 2  # no broadcast ARP to h3 (background multicast aside)
     before, to3 = status(lab, 1)["arp_suppressed"], tx_to(world, 1, 3)
@@ -231,15 +231,18 @@ def test_arp_for_a_registry_address_is_answered_locally_and_unknown_ones_still_f
 
 
 def test_macs_sending_from_the_tap_are_published_as_endpoints(world: World) -> None:
-    """A second device behind h1's TAP (a macvlan standing in for a container on a bridge):
-    its frames teach h1's agent its MAC and address, which h1 publishes under its lease, so h2
-    forwards to it as a registry entry."""
+    """A container plugged into h1's bridge by hand (not with overlay attach): its frames teach
+    h1's agent its MAC and address, which h1 publishes under its lease, so h2 forwards to it as a
+    registry entry."""
     lab = world.lab
     mac = "02:00:00:00:01:01"
-    lab.run(1, ["ip", "link", "add", "mv0", "link", "ovl0", "address", mac, "type", "macvlan", "mode", "bridge"])
-    lab.run(1, ["ip", "addr", "add", "198.19.0.101/24", "dev", "mv0"])
-    lab.run(1, ["ip", "link", "set", "mv0", "up"])
-    lab.run(1, ["ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", "mv0", overlay_ip(2)], check=False)
+    c = lab.add_container("byhand")
+    lab.run(1, ["ip", "link", "add", "vc0", "type", "veth", "peer", "name", "vc1"])
+    lab.run(1, ["ip", "link", "set", "vc0", "master", "ovbr42", "up"])
+    lab.run(1, ["ip", "link", "set", "vc1", "netns", c])
+    lab.run(c, ["ip", "link", "set", "vc1", "address", mac, "up"])
+    lab.run(c, ["ip", "addr", "add", "198.19.0.101/24", "dev", "vc1"])
+    lab.run(c, ["ping", "-c", "2", "-i", "0.2", "-W", "1", overlay_ip(2)], check=False)
     key = f"{P}/networks/{VNI}/endpoints/{mac}"
     wait_for(lambda: "198.19.0.101" in world.etcdctl("get", key).stdout, 10, "h1 to publish the new MAC")
     assert '"host":"h1"' in world.etcdctl("get", key, "--print-value-only").stdout.replace(" ", "")
@@ -254,15 +257,15 @@ def test_an_agent_on_several_networks_keeps_them_apart(tmp_path: Path) -> None:
                     "--local", str(lab.address(h)), "--network", "42", "--network", "43", "--tap", "ovl"]
             start_agent(lab, h, [], log_dir=tmp_path, argv=argv, tap="ovl-42")
         assert {n["tap"] for n in status(lab, 1, tap="ovl-42")["agent"]["networks"]} == {"ovl-42", "ovl-43"}
-        lab.run(1, ["ip", "addr", "add", "198.19.42.1/24", "dev", "ovl-42"])
+        lab.run(1, ["ip", "addr", "add", "198.19.42.1/24", "dev", "ovbr42"])
         # arp_ignore=1: h2 answers ARP only on the interface holding the address (Linux answers on
         # any interface by default, which would hide what the overlay does).
         lab.run(2, ["sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=1"])
-        lab.run(2, ["ip", "addr", "add", "198.19.42.2/24", "dev", "ovl-43"])  # same subnet, other network
-        lab.run(2, ["ip", "addr", "add", "198.19.42.3/24", "dev", "ovl-42"])
-        lab.run(1, ["ip", "addr", "add", "198.19.43.1/24", "dev", "ovl-43"])
-        lab.run(2, ["ip", "addr", "add", "198.19.43.2/24", "dev", "ovl-43"])
+        lab.run(2, ["ip", "addr", "add", "198.19.42.2/24", "dev", "ovbr43"])  # same subnet, other network
+        lab.run(2, ["ip", "addr", "add", "198.19.42.3/24", "dev", "ovbr42"])
+        lab.run(1, ["ip", "addr", "add", "198.19.43.1/24", "dev", "ovbr43"])
+        lab.run(2, ["ip", "addr", "add", "198.19.43.2/24", "dev", "ovbr43"])
         wait_ping(lab, 1, "198.19.42.3")  # network 42 to network 42
         wait_ping(lab, 1, "198.19.43.2")  # network 43 to network 43
-        # 198.19.42.2 sits on h2's network-43 TAP: frames of network 42 never get there.
+        # 198.19.42.2 sits on h2's network-43 bridge: frames of network 42 never get there.
         assert lab.run(1, ["ping", "-c", "3", "-i", "0.2", "-W", "1", "198.19.42.2"], check=False).returncode != 0

@@ -1,0 +1,309 @@
+"""Linux plumbing for containers on the overlay (pyroute2 netlink), one bridge per network.
+
+On each host, network <vni> has a bridge ``ovbr<vni>`` holding the agent's TAP for that VNI
+and one veth per attached container, so traffic between local containers stays in the kernel
+and only remote traffic crosses the TAP into the agent. The host's own overlay address (and
+MAC) sit on the bridge. A container gets the other end of its veth, moved into its network
+namespace and renamed (eth0 by default), with its MAC, address, MTU and default route.
+
+Every function here is synchronous netlink. The agent calls them from a worker thread: pyroute2
+runs its own event loop, and the data path's loop must not wait on netlink.
+Failures a user can cause become PlumbingError with a one-line message (``kind`` for callers
+that map them to codes: "netns" when the namespace is missing, "invalid" for a bad name).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from overlay.wire import mac_to_str
+
+NUD_NOARP = 0x40  # 'static' in bridge fdb terms; 'permanent' would mean the bridge's own (local) address
+NTF_MASTER = 0x04
+IFNAMSIZ = 15
+
+
+class PlumbingError(RuntimeError):
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def bridge_name(vni: int) -> str:
+    return f"ovbr{vni}"
+
+
+def host_ifname(attachment_id: str) -> str:
+    """The host end of an attachment's veth: stable for the id, unique enough, <= 15 chars."""
+    return "ov" + hashlib.sha256(attachment_id.encode()).hexdigest()[:11]
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None,
+                  address: ipaddress.IPv4Interface | None) -> int:
+    """Create (or take over) network ``vni``'s bridge with ``tap`` as a port; give it the MTU,
+    the host's overlay MAC and address; bring both up. Returns the bridge's MAC.
+
+    STP off and no forwarding delay (a new container talks at once), bridge netfilter off (the
+    overlay is L2: iptables on every bridged frame would cost and surprise)."""
+    name = bridge_name(vni)
+    with IPRoute() as ipr:
+        index = _index(ipr, name)
+        if index is not None and _kind(ipr.get_links(index)[0]) != "bridge":
+            raise PlumbingError(f"{name} exists and is not a bridge: remove it ('ip link del {name}')")
+        try:
+            if index is None:
+                ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0,
+                         br_nf_call_iptables=0)
+                index = _index(ipr, name)
+                assert index is not None
+            # An explicit MAC, always: a bridge left to itself takes its lowest port's MAC, and
+            # would change it (and the host's endpoint) whenever a container is plugged in.
+            if mac is None:
+                current = ipr.get_links(index)[0]
+                mac = int(current.get_attr("IFLA_ADDRESS").replace(":", ""), 16) if index_had_mac(current) else None
+            ipr.link("set", index=index, mtu=mtu, address=mac_to_str(mac if mac is not None else random_mac()))
+            ipr.link("set", index=_index(ipr, tap), master=index, state="up")
+            if address is not None:
+                try:
+                    ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise
+            ipr.link("set", index=index, state="up")
+            link = ipr.get_links(index)[0]
+        except NetlinkError as e:
+            raise PlumbingError(f"cannot set up bridge {name} for network {vni}: {e.args[1]}") from None
+        return int(link.get_attr("IFLA_ADDRESS").replace(":", ""), 16)
+
+
+def index_had_mac(link: object) -> bool:
+    """Whether a bridge's MAC was set explicitly (by us, before a restart): then it is kept."""
+    return link.get_attr("IFLA_ADDR_ASSIGN_TYPE") == 3  # type: ignore[attr-defined]  # NET_ADDR_SET
+
+
+def random_mac() -> int:
+    """A random locally administered unicast MAC."""
+    return (0x02 << 40) | int.from_bytes(os.urandom(5), "big")
+
+
+def _kind(link: object) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")  # type: ignore[attr-defined]
+    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
+
+
+def bridge_ports(vni: int) -> list[str]:
+    """Names of the ports of network ``vni``'s bridge (empty if there is no bridge)."""
+    with IPRoute() as ipr:
+        index = _index(ipr, bridge_name(vni))
+        if index is None:
+            return []
+        return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links() if link.get_attr("IFLA_MASTER") == index]
+
+
+def remove_bridge_if_unused(vni: int) -> bool:
+    """Delete network ``vni``'s bridge unless containers are still plugged into it."""
+    if bridge_ports(vni):
+        return False
+    with IPRoute() as ipr:
+        index = _index(ipr, bridge_name(vni))
+        if index is not None:
+            try:
+                ipr.link("del", index=index)
+            except NetlinkError:
+                return False
+    return True
+
+
+@dataclass(frozen=True)
+class Plug:
+    """What to build for one container."""
+
+    netns: str  # path of the container's network namespace file
+    ifname: str  # its interface's name inside the container
+    host_ifname: str  # the host end, a port of the bridge
+    bridge: str
+    mac: int
+    address: ipaddress.IPv4Interface
+    gateway: ipaddress.IPv4Address | None
+    mtu: int
+
+
+def open_netns(path: str) -> int:
+    """An fd on a network namespace file; PlumbingError (kind "netns") if there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise PlumbingError(f"no network namespace at {path} ({e.strerror}): is the container running?",
+                            kind="netns") from None
+    return fd
+
+
+def plug(p: Plug) -> None:
+    """Create the veth pair, move one end into the container and configure both. All or
+    nothing: a failure removes what was made."""
+    if not 1 <= len(p.ifname) <= IFNAMSIZ or "/" in p.ifname or p.ifname.strip() != p.ifname:
+        raise PlumbingError(f"--ifname {p.ifname!r} is not a valid interface name (1 to 15 characters, no '/')",
+                            kind="invalid")
+    fd = open_netns(p.netns)
+    try:
+        with IPRoute() as ipr:
+            bridge = _index(ipr, p.bridge)
+            if bridge is None:
+                raise PlumbingError(f"bridge {p.bridge} is missing: is the agent running?")
+            if _index(ipr, p.host_ifname) is not None:
+                ipr.link("del", ifname=p.host_ifname)  # left over by a crash mid-attach
+            try:
+                ipr.link("add", ifname=p.host_ifname, kind="veth", peer={"ifname": p.ifname, "net_ns_fd": fd})
+            except NetlinkError as e:
+                if e.code == errno.EEXIST:
+                    raise PlumbingError(f"the container already has an interface {p.ifname}: choose another "
+                                        f"--ifname", kind="invalid") from None
+                raise
+            try:
+                _configure_container(p)
+                ipr.link("set", ifname=p.host_ifname, mtu=p.mtu)
+                _enslave(ipr, p.host_ifname, bridge, p.mac)
+            except BaseException:
+                ipr.link("del", ifname=p.host_ifname)
+                raise
+    except NetlinkError as e:
+        raise PlumbingError(f"cannot plug {p.ifname} into the container: {e.args[1]}") from None
+    finally:
+        os.close(fd)
+
+
+def _enslave(ipr: IPRoute, host_ifname: str, bridge: int, mac: int) -> None:
+    host = _index(ipr, host_ifname)
+    ipr.link("set", index=host, master=bridge, state="up")
+    # The container's MAC is on this port from the start: a MAC that moved here from another
+    # host is not left pointing at the TAP until the container speaks.
+    ipr.fdb("replace", ifindex=host, lladdr=mac_to_str(mac), state=NUD_NOARP, flags=NTF_MASTER, master=bridge)
+
+
+def replug(host_ifname: str, bridge_ifname: str, mac: int) -> None:
+    """Put an existing container veth back into its bridge (an agent restarted)."""
+    with IPRoute() as ipr:
+        bridge = _index(ipr, bridge_ifname)
+        if bridge is None:
+            raise PlumbingError(f"bridge {bridge_ifname} is missing")
+        try:
+            _enslave(ipr, host_ifname, bridge, mac)
+        except NetlinkError as e:
+            raise PlumbingError(f"cannot put {host_ifname} back into {bridge_ifname}: {e.args[1]}") from None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def netns_socket(path: str) -> IPRoute:
+    """A netlink socket inside the network namespace at ``path``.
+
+    This thread enters the namespace just long enough to open the socket (a socket belongs to
+    the namespace it was made in), then returns. pyroute2's own ``IPRoute(netns=...)`` forks a
+    helper, which is not safe in a process that runs threads (it crashed in the agent)."""
+    fd = open_netns(path)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+        try:
+            ipr = IPRoute()
+        finally:
+            _setns(home)  # if this failed the thread would be lost in the container: it raises
+    finally:
+        os.close(fd)
+        os.close(home)
+    return ipr
+
+
+def _configure_container(p: Plug) -> None:
+    with netns_socket(p.netns) as ns:
+        index = _index(ns, p.ifname)
+        ns.link("set", index=index, address=mac_to_str(p.mac), mtu=p.mtu)
+        ns.addr("add", index=index, address=str(p.address.ip), prefixlen=p.address.network.prefixlen)
+        ns.link("set", index=index, state="up")
+        lo = _index(ns, "lo")
+        if lo is not None:
+            ns.link("set", index=lo, state="up")
+        if p.gateway is not None:
+            ns.route("replace", dst="0.0.0.0/0", gateway=str(p.gateway), oif=index)
+
+
+def unplug(host_ifname: str) -> bool:
+    """Delete the veth pair (the container's end goes with it); False if it was already gone."""
+    with IPRoute() as ipr:
+        index = _index(ipr, host_ifname)
+        if index is None:
+            return False
+        try:
+            ipr.link("del", index=index)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise PlumbingError(f"cannot remove {host_ifname}: {e.args[1]}") from None
+            return False
+    return True
+
+
+def exists(ifname: str) -> bool:
+    """Whether ``ifname`` exists in this network namespace."""
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
+def problems(p: Plug) -> list[str]:
+    """What is wrong with an attachment as it stands (empty: intact). For CNI CHECK."""
+    found: list[str] = []
+    with IPRoute() as ipr:
+        host = _index(ipr, p.host_ifname)
+        bridge = _index(ipr, p.bridge)
+        if host is None:
+            return [f"the host end {p.host_ifname} of the veth is gone"]
+        link = ipr.get_links(host)[0]
+        if bridge is None or link.get_attr("IFLA_MASTER") != bridge:
+            found.append(f"{p.host_ifname} is not a port of bridge {p.bridge}")
+        if link.get_attr("IFLA_OPERSTATE") not in ("UP", "UNKNOWN"):
+            found.append(f"{p.host_ifname} is down")
+    try:
+        container = netns_socket(p.netns)
+    except PlumbingError as e:
+        return found + [str(e)]
+    with container as ns:
+        index = _index(ns, p.ifname)
+        if index is None:
+            return found + [f"the container has no interface {p.ifname}"]
+        link = ns.get_links(index)[0]
+        if link.get_attr("IFLA_ADDRESS") != mac_to_str(p.mac):
+            found.append(f"{p.ifname} has MAC {link.get_attr('IFLA_ADDRESS')}, not {mac_to_str(p.mac)}")
+        if link.get_attr("IFLA_MTU") != p.mtu:
+            found.append(f"{p.ifname} has MTU {link.get_attr('IFLA_MTU')}, not {p.mtu}")
+        addresses = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ns.get_addr(index=index, family=2)}
+        if (str(p.address.ip), p.address.network.prefixlen) not in addresses:
+            found.append(f"{p.ifname} lacks address {p.address}")
+        if p.gateway is not None:
+            routes = ns.get_routes(family=2, dst_len=0)
+            if not any(r.get_attr("RTA_GATEWAY") == str(p.gateway) for r in routes):
+                found.append(f"the container has no default route via {p.gateway}")
+    return found
