@@ -1,0 +1,495 @@
+"""`overlay-cni`: the CNI plugin (spec 1.0.0; 0.4.0 and 0.3.1 accepted) that puts a container on
+an overlay network by asking the host's agent to attach it.
+
+A container runtime runs the plugin once per operation, in the host's network namespace, with
+the operation in the environment and the network config on stdin::
+
+    CNI_COMMAND=ADD|DEL|CHECK|VERSION  CNI_CONTAINERID  CNI_NETNS (a path)  CNI_IFNAME
+    CNI_ARGS ("IP=198.19.0.7/24;MAC=02:..;IgnoreUnknown=1")  CNI_PATH (unused: nothing is delegated)
+
+and reads one JSON document from stdout: the result (ADD), nothing (DEL, CHECK), the supported
+versions (VERSION), or on failure ``{"cniVersion", "code", "msg", "details"}`` with a non-zero
+exit status. Never a traceback.
+
+The plugin itself holds no state and makes no device: it turns the invocation into one request
+on the agent's control socket (overlay.control) and the answer into a CNI result. The agent
+makes the interface, assigns and publishes the address, and remembers the attachment under the
+id ``cni/<container id>/<ifname>``:
+
+    ADD   -> attach(netns, net, ifname, id, ip, mac, gateway) -> the attachment
+    DEL   -> detach(id)  (idempotent: nothing attached is a success)
+    CHECK -> check(id)   (the agent checks the live state; here the answer is held against prevResult)
+
+Network config keys (besides cniVersion, name, type): "network" (an overlay network's name or
+VNI; default the config's "name"), "agent" (the TAP naming the agent's control socket; default
+the only agent in this namespace), "ip" ("A.B.C.D/len", or "A.B.C.D" for the network's prefix
+length; default: the agent picks a free one), "mac", "gateway", "dns" (copied into the result).
+The address and MAC may be overridden, weakest first, by CNI_ARGS IP= / MAC= and by
+runtimeConfig "ips" / "mac" (the "ips" and "mac" capabilities).
+
+Layout: the pure part (parsing and validating the invocation, building and checking results)
+raises CniError and does no IO; ``run`` adds the agent requests; ``main`` reads and writes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import socket
+import struct
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from overlay import control
+
+CURRENT = "1.0.0"
+SUPPORTED = ("0.3.1", "0.4.0", "1.0.0")
+
+# Well-known error codes (CNI spec), then this plugin's own (100 and up).
+INCOMPATIBLE_VERSION = 1
+UNSUPPORTED_FIELD = 2
+UNKNOWN_CONTAINER = 3
+INVALID_ENVIRONMENT = 4
+IO_FAILURE = 5
+DECODING_FAILURE = 6
+INVALID_CONFIG = 7
+TRY_AGAIN_LATER = 11
+NO_AGENT = 100        # no agent runs in this namespace (or not the one the config names)
+UNKNOWN_NETWORK = 101  # the agent does not serve that network
+ADDRESS = 102          # address outside the subnet, in use, or none left
+MISMATCH = 103         # CHECK: the attachment is not what prevResult says
+INTERNAL = 999         # a bug in the plugin (libcni's ErrInternal)
+
+# What the agent's refusal kind (overlay.control.ControlError.kind) means as a CNI code.
+KIND_CODES = {
+    "netns": UNKNOWN_CONTAINER,
+    "unknown": UNKNOWN_CONTAINER,  # no such attachment
+    "network": UNKNOWN_NETWORK,
+    "address": ADDRESS,
+    "invalid": INVALID_CONFIG,
+    "broken": MISMATCH,            # check: the live state differs from the attachment
+}
+
+ATTACH_TIMEOUT = 30.0  # seconds per socket operation: an attach makes devices and writes etcd
+CHECK_TIMEOUT = 10.0
+
+CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+NETWORK_NAME = CONTAINER_ID
+MAX_VNI = (1 << 24) - 1
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
+
+
+class CniError(Exception):
+    """A failure reported to the runtime as a CNI error object."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """The environment of one run."""
+
+    command: str
+    container_id: str
+    netns: str          # "" when the runtime gave none (allowed for DEL)
+    ifname: str
+    args: Mapping[str, str]  # CNI_ARGS, IgnoreUnknown removed
+    path: str
+
+    @property
+    def attachment_id(self) -> str:
+        return f"cni/{self.container_id}/{self.ifname}"
+
+
+@dataclass(frozen=True)
+class NetConf:
+    """The network config, validated, with CNI_ARGS and runtimeConfig applied."""
+
+    version: str
+    name: str
+    network: str
+    agent: str | None
+    ip: str | None
+    mac: str | None
+    gateway: str | None
+    dns: dict[str, Any]
+    prev_result: dict[str, Any] | None
+
+
+# --- the pure part: environment, config, results --------------------------------------------
+
+
+def parse_command(environ: Mapping[str, str]) -> str:
+    command = environ.get("CNI_COMMAND", "")
+    if not command:
+        raise CniError(INVALID_ENVIRONMENT, "CNI_COMMAND is not set",
+                       "overlay-cni is a CNI plugin: a container runtime runs it with CNI_COMMAND=ADD, DEL, "
+                       "CHECK or VERSION, the CNI_* variables and the network config on stdin")
+    if command not in COMMANDS:
+        raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_COMMAND {command!r}",
+                       f"overlay-cni supports {', '.join(COMMANDS)} (CNI {CURRENT})")
+    return command
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """CNI_ARGS: ``K=V`` pairs separated by ``;``. IP and MAC are understood; anything else is an
+    error unless IgnoreUnknown=1 (or true) is among them, as the CNI conventions say."""
+    pairs: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CniError(INVALID_ENVIRONMENT, f"CNI_ARGS: {item!r} is not KEY=VALUE",
+                           f"CNI_ARGS is KEY=VALUE pairs separated by ';', got {text!r}")
+        pairs[key] = value
+    ignore = pairs.pop("IgnoreUnknown", "").lower() in ("1", "true")
+    unknown = sorted(set(pairs) - {"IP", "MAC"})
+    if unknown and not ignore:
+        raise CniError(INVALID_ENVIRONMENT, f"CNI_ARGS: unknown {', '.join(unknown)}",
+                       "overlay-cni understands IP and MAC; add IgnoreUnknown=1 to pass others")
+    return {k: v for k, v in pairs.items() if k in ("IP", "MAC")}
+
+
+def parse_environment(environ: Mapping[str, str], command: str) -> Invocation:
+    """The CNI_* variables ``command`` needs, validated as libcni validates them."""
+    container_id = environ.get("CNI_CONTAINERID", "")
+    netns = environ.get("CNI_NETNS", "")
+    ifname = environ.get("CNI_IFNAME", "")
+    if not container_id:
+        raise CniError(INVALID_ENVIRONMENT, "CNI_CONTAINERID is not set")
+    if not CONTAINER_ID.fullmatch(container_id):
+        raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_CONTAINERID {container_id!r}",
+                       "a container id starts with a letter or digit, followed by letters, digits, '_', '.' or '-'")
+    if not ifname:
+        raise CniError(INVALID_ENVIRONMENT, "CNI_IFNAME is not set")
+    if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/:") or any(c.isspace() for c in ifname):
+        raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
+                       "an interface name has 1 to 15 characters, is not '.' or '..', and has no '/', ':' or spaces")
+    if command in ("ADD", "CHECK") and not netns:
+        raise CniError(INVALID_ENVIRONMENT, "CNI_NETNS is not set", f"{command} needs the container's network namespace path")
+    if netns and not netns.startswith("/"):
+        raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_NETNS {netns!r}", "give the namespace as an absolute path")
+    return Invocation(command, container_id, netns, ifname, parse_cni_args(environ.get("CNI_ARGS", "")),
+                      environ.get("CNI_PATH", ""))
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """The network config from stdin: one JSON object."""
+    try:
+        conf = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CniError(DECODING_FAILURE, "the network config on stdin is not valid JSON", str(e)) from None
+    if not isinstance(conf, dict):
+        raise CniError(DECODING_FAILURE, "the network config on stdin is not a JSON object",
+                       f"got a JSON {type(conf).__name__}")
+    return conf
+
+
+def config_version(conf: Mapping[str, Any]) -> str:
+    version = conf.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise CniError(INVALID_CONFIG, "the network config has no cniVersion",
+                       f"set \"cniVersion\" to one of {', '.join(SUPPORTED)}")
+    if version not in SUPPORTED:
+        raise CniError(INCOMPATIBLE_VERSION, f"CNI version {version} is not supported",
+                       f"overlay-cni supports {', '.join(SUPPORTED)}")
+    return version
+
+
+def _ipv4(value: Any, where: str) -> str:
+    """An IPv4 address with or without a prefix length (without, the agent takes the network's)."""
+    try:
+        if isinstance(value, str):
+            return str(ipaddress.IPv4Interface(value)) if "/" in value else str(ipaddress.IPv4Address(value))
+    except ValueError:
+        pass
+    raise CniError(INVALID_CONFIG, f"{where}: {value!r} is not an IPv4 address",
+                       "write it as A.B.C.D/LEN or A.B.C.D (the network's prefix length), e.g. 198.19.0.7/24; "
+                       "overlay-cni gives one IPv4 address per interface")
+
+
+def _mac(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}", value):
+        raise CniError(INVALID_CONFIG, f"{where}: {value!r} is not a MAC address", "write it as 02:00:00:00:00:07")
+    mac = value.lower().replace("-", ":")
+    if int(mac[:2], 16) & 1:
+        raise CniError(INVALID_CONFIG, f"{where}: {value} is a multicast MAC address",
+                       "an interface needs a unicast MAC (even first octet), e.g. 02:00:00:00:00:07")
+    return mac
+
+
+def _optional_str(conf: Mapping[str, Any], key: str) -> str | None:
+    value = conf.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise CniError(INVALID_CONFIG, f"\"{key}\" in the network config must be a non-empty string, not {value!r}")
+    return value
+
+
+def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> NetConf:
+    """Validate the config and apply CNI_ARGS and runtimeConfig to the address and MAC."""
+    name = conf.get("name")
+    if not isinstance(name, str) or not NETWORK_NAME.fullmatch(name):
+        raise CniError(INVALID_CONFIG, f"invalid network name {name!r}",
+                       "\"name\" starts with a letter or digit, followed by letters, digits, '_', '.' or '-'")
+    if not isinstance(conf.get("type"), str):
+        raise CniError(INVALID_CONFIG, "the network config has no \"type\"", "set \"type\": \"overlay-cni\"")
+    if conf.get("ipam"):
+        raise CniError(UNSUPPORTED_FIELD, "unsupported field \"ipam\"",
+                       "overlay-cni takes addresses from the overlay agent: set \"ip\" or let the agent choose")
+    network = conf.get("network", name)
+    if isinstance(network, int) and not isinstance(network, bool):
+        if not 0 <= network <= MAX_VNI:
+            raise CniError(INVALID_CONFIG, f"\"network\": VNI {network} is out of range", f"a VNI is 0 to {MAX_VNI}")
+        network = str(network)
+    if not isinstance(network, str) or not network:
+        raise CniError(INVALID_CONFIG, f"\"network\" must be an overlay network's name or VNI, not {network!r}")
+    agent = _optional_str(conf, "agent")
+    if agent is not None and len(agent) > 15:
+        raise CniError(INVALID_CONFIG, f"\"agent\": {agent!r} is not a TAP name",
+                       "name the TAP of the agent's control socket (what `overlay status` shows as tap)")
+    ip = _ipv4(conf["ip"], "\"ip\"") if conf.get("ip") is not None else None
+    mac = _mac(conf["mac"], "\"mac\"") if conf.get("mac") is not None else None
+    gateway = _optional_str(conf, "gateway")
+    if gateway is not None:
+        try:
+            gateway = str(ipaddress.IPv4Address(gateway))
+        except ValueError:
+            raise CniError(INVALID_CONFIG, f"\"gateway\": {gateway!r} is not an IPv4 address") from None
+    dns = conf.get("dns", {})
+    if not isinstance(dns, dict):
+        raise CniError(INVALID_CONFIG, "\"dns\" must be an object")
+
+    if "IP" in args:
+        ip = _ipv4(args["IP"], "CNI_ARGS IP")
+    if "MAC" in args:
+        mac = _mac(args["MAC"], "CNI_ARGS MAC")
+    runtime = conf.get("runtimeConfig", {})
+    if not isinstance(runtime, dict):
+        raise CniError(INVALID_CONFIG, "\"runtimeConfig\" must be an object")
+    if runtime.get("mac") is not None:
+        mac = _mac(runtime["mac"], "runtimeConfig mac")
+    if runtime.get("ips") is not None:
+        ips = runtime["ips"]
+        if not isinstance(ips, list) or len(ips) > 1:
+            raise CniError(INVALID_CONFIG, f"runtimeConfig ips: {ips!r}",
+                           "overlay-cni gives one IPv4 address per interface: pass a list of one address")
+        if ips:
+            ip = _ipv4(ips[0], "runtimeConfig ips")
+
+    prev = conf.get("prevResult")
+    if prev is not None and (not isinstance(prev, dict) or any(
+            not isinstance(prev.get(key, []), list) for key in ("interfaces", "ips", "routes"))):
+        raise CniError(INVALID_CONFIG, "\"prevResult\" must be a CNI result",
+                       "an object whose interfaces, ips and routes are lists")
+    return NetConf(version, name, network, agent, ip, mac, gateway, dns, prev)
+
+
+def _version_before_1(version: str) -> bool:
+    return version in ("0.3.1", "0.4.0")
+
+
+def add_result(conf: NetConf, inv: Invocation, answer: Mapping[str, Any], host_mac: str | None) -> dict[str, Any]:
+    """The ADD result for the agent's ``answer``, after what a previous plugin in the chain made."""
+    prev = conf.prev_result or {}
+    interfaces = list(prev.get("interfaces") or [])
+    ips = list(prev.get("ips") or [])
+    routes = list(prev.get("routes") or [])
+    host: dict[str, Any] = {"name": answer["host_ifname"]}
+    if host_mac:
+        host["mac"] = host_mac
+    interfaces.append(host)
+    interfaces.append({"name": inv.ifname, "mac": answer["mac"], "sandbox": inv.netns})
+    ip: dict[str, Any] = {"address": answer["address"], "interface": len(interfaces) - 1}
+    if _version_before_1(conf.version):
+        ip = {"version": "4", **ip}
+    if answer.get("gateway"):
+        ip["gateway"] = answer["gateway"]
+        routes.append({"dst": "0.0.0.0/0", "gw": answer["gateway"]})
+    ips.append(ip)
+    result: dict[str, Any] = {"cniVersion": conf.version, "interfaces": interfaces, "ips": ips}
+    if routes:
+        result["routes"] = routes
+    result["dns"] = prev.get("dns") or conf.dns or {}
+    return result
+
+
+def check_result(conf: NetConf, inv: Invocation, answer: Mapping[str, Any]) -> None:
+    """CHECK: prevResult must describe the attachment the agent holds (the agent has checked
+    that the live interface matches it): CniError(MISMATCH) saying what differs."""
+    prev = conf.prev_result or {}
+    interfaces = prev.get("interfaces") or []
+    index = next((i for i, it in enumerate(interfaces) if isinstance(it, dict) and it.get("name") == inv.ifname
+                  and it.get("sandbox") == inv.netns), None)
+    if index is None:
+        raise CniError(MISMATCH, f"prevResult has no interface {inv.ifname} in {inv.netns}",
+                       f"prevResult interfaces: {json.dumps(interfaces)}")
+    want_mac = str(interfaces[index].get("mac", "")).lower()
+    if want_mac != str(answer.get("mac", "")).lower():
+        raise CniError(MISMATCH, f"{inv.ifname} has MAC {answer.get('mac')}, prevResult says {want_mac or 'none'}")
+    ours = [ip for ip in prev.get("ips") or [] if isinstance(ip, dict) and ip.get("interface") == index]
+    mine = next((ip for ip in ours if ip.get("address") == answer.get("address")), None)
+    if mine is None:
+        said = ", ".join(str(ip.get("address")) for ip in ours) or "none"
+        raise CniError(MISMATCH, f"{inv.ifname} has address {answer.get('address')}, prevResult says {said}")
+    if mine.get("gateway") != answer.get("gateway"):
+        raise CniError(MISMATCH, f"{inv.ifname} has gateway {answer.get('gateway')}, "
+                                 f"prevResult says {mine.get('gateway')}")
+
+
+ATTACHMENT_KEYS = ("host_ifname", "mac", "address")
+
+
+def _attachment(answer: Any, what: str) -> dict[str, Any]:
+    if not isinstance(answer, dict) or any(not isinstance(answer.get(k), str) for k in ATTACHMENT_KEYS):
+        raise CniError(IO_FAILURE, f"the agent's answer to {what} is not an attachment", json.dumps(answer)[:500])
+    return answer
+
+
+# --- talking to the agent ---------------------------------------------------------------------
+
+
+FLAGS_IN_CONFIG = ("the agent's --ip, --mac and --gateway are \"ip\", \"mac\" and \"gateway\" in the network "
+                   "config (or IP= and MAC= in CNI_ARGS)")
+
+
+class NoAgent(Exception):
+    """No agent to ask; the message says which were looked for."""
+
+
+def agent_error(e: Exception, command: str) -> CniError:
+    """The CNI error for a failed request to the agent (ControlError or NoAgent)."""
+    message = str(e)
+    kind = getattr(e, "kind", None)
+    if isinstance(e, NoAgent) or kind == "agent" or message.startswith("no overlay agent"):
+        if command == "DEL":
+            return CniError(TRY_AGAIN_LATER, message,
+                            "the attachment is released by the agent: retry the DEL once the agent runs again")
+        return CniError(NO_AGENT, message, "start the overlay agent on this host (overlay agent ...)")
+    details = FLAGS_IN_CONFIG if "--" in message else ""
+    return CniError(KIND_CODES.get(kind or "", IO_FAILURE), message, details)
+
+
+def choose_agent(wanted: str | None, running: list[str]) -> str:
+    """The TAP of the agent to ask: the one the config names, or the only one running here."""
+    if wanted is not None:
+        if wanted not in running:
+            here = ", ".join(running) or "none"
+            raise NoAgent(f"no overlay agent for TAP {wanted} in this network namespace (agents here: {here})")
+        return wanted
+    if not running:
+        raise NoAgent("no overlay agent is running in this network namespace")
+    if len(running) > 1:
+        raise CniError(INVALID_CONFIG, f"several overlay agents run here ({', '.join(running)})",
+                       "name one with \"agent\": \"<tap>\" in the network config")
+    return running[0]
+
+
+def host_mac(ifname: str) -> str | None:
+    """The MAC of ``ifname`` in this network namespace, or None (SIOCGIFHWADDR)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            raw = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", ifname.encode()[:15]))
+    except OSError:
+        return None
+    return ":".join(f"{b:02x}" for b in raw[18:24])
+
+
+Ask = Callable[..., Any]
+
+
+def run(environ: Mapping[str, str], stdin: bytes, ask: Ask | None = None,
+        agents: Callable[[], list[str]] | None = None) -> dict[str, Any] | None:
+    """Do one invocation: the JSON to print, or None (DEL and CHECK print nothing). Raises CniError.
+
+    ``ask`` and ``agents`` default to overlay.control's request and running_agents."""
+    command = parse_command(environ)
+    if command == "VERSION":
+        return {"cniVersion": CURRENT, "supportedVersions": list(SUPPORTED)}
+    raw = decode(stdin)
+    version = config_version(raw)
+    inv = parse_environment(environ, command)
+    conf = netconf(raw, version, inv.args)
+    if command == "CHECK":
+        if version == "0.3.1":
+            raise CniError(INCOMPATIBLE_VERSION, f"CHECK is not part of CNI {version}", "CHECK came with CNI 0.4.0")
+        if conf.prev_result is None:  # before asking the agent: this is the runtime's mistake
+            raise CniError(INVALID_CONFIG, "CHECK needs prevResult in the network config",
+                           "the runtime passes the result of the ADD as \"prevResult\"")
+    ask = ask or control.request
+    try:
+        tap = choose_agent(conf.agent, (agents or control.running_agents)())
+        if command == "ADD":
+            answer = _attachment(ask("attach", tap, timeout=ATTACH_TIMEOUT, netns=inv.netns, net=conf.network,
+                                     ifname=inv.ifname, id=inv.attachment_id, ip=conf.ip, mac=conf.mac,
+                                     gateway=conf.gateway), "attach")
+            return add_result(conf, inv, answer, answer.get("host_mac") or host_mac(answer["host_ifname"]))
+        if command == "DEL":
+            answer = ask("detach", tap, timeout=ATTACH_TIMEOUT, id=inv.attachment_id)
+            if isinstance(answer, dict) and not answer.get("detached"):
+                print(f"overlay-cni: DEL {inv.attachment_id}: nothing was attached", file=sys.stderr)
+            return None
+        answer = _attachment(ask("check", tap, timeout=CHECK_TIMEOUT, id=inv.attachment_id), "check")
+        check_result(conf, inv, answer)
+        return None
+    except (control.ControlError, NoAgent) as e:
+        raise agent_error(e, command) from None
+
+
+def error_object(version: str, e: CniError) -> dict[str, Any]:
+    return {"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details}
+
+
+def _version_of(stdin: bytes) -> str:
+    """The config's cniVersion if it is one we speak, for error objects; else ours."""
+    try:
+        version = json.loads(stdin).get("cniVersion")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return CURRENT
+    return version if version in SUPPORTED else CURRENT
+
+
+def read_stdin() -> bytes:
+    command = os.environ.get("CNI_COMMAND")
+    if not command or (command == "VERSION" and sys.stdin.isatty()):  # a person at a terminal: don't block
+        return b""
+    try:
+        return sys.stdin.buffer.read()
+    except OSError as e:
+        raise CniError(IO_FAILURE, "cannot read the network config from stdin", str(e)) from None
+
+
+def main() -> None:
+    stdin = b""
+    status = 0
+    try:
+        stdin = read_stdin()
+        out = run(os.environ, stdin)
+    except CniError as e:
+        out, status = error_object(_version_of(stdin), e), 1
+    except KeyboardInterrupt:
+        out, status = error_object(_version_of(stdin), CniError(IO_FAILURE, "overlay-cni was interrupted")), 1
+    except Exception as e:  # noqa: BLE001 - a bug: still a CNI error, never a traceback
+        err = CniError(INTERNAL, f"overlay-cni failed: {e.__class__.__name__}: {e}",
+                       "this is a bug in overlay-cni; please report it with the network config")
+        out, status = error_object(_version_of(stdin), err), 1
+    if out is not None:
+        try:
+            sys.stdout.write(json.dumps(out) + "\n")
+            sys.stdout.flush()
+        except OSError:  # the runtime stopped listening; nothing more to tell it
+            status = status or 1
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
