@@ -152,7 +152,7 @@ class Containers:
         attachment_id = _text(req, "id", required=True)
         a = self.attached.get(attachment_id)
         if a is None:
-            raise Refused(f"{attachment_id} is not attached on this host", "invalid")
+            raise Refused(f"{attachment_id} is not attached on this host", "unknown")
         problems = await asyncio.to_thread(bridge.problems, a.plug())
         endpoint = self.registry.get(EndpointKey(a.vni, mac_to_int(a.mac)))
         if not isinstance(endpoint, Endpoint) or endpoint.host != self.host_id:

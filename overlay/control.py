@@ -23,8 +23,10 @@ MAX_REQUEST = 4096
 
 class ControlError(RuntimeError):
     """No agent answered, or it refused; the message says why. ``kind`` says what was wrong when
-    the agent refused (e.g. "netns", "network", "address", "invalid"), for callers such as the
-    CNI plugin that map it to codes."""
+    the agent refused ("netns": no such namespace, "network": network unknown or not joined,
+    "address": outside the subnet, in use or none left, "invalid": a bad request, "unknown": no
+    such attachment, "broken": check found it damaged) or "agent" when no agent answers; callers
+    such as the CNI plugin map it to codes."""
 
     def __init__(self, message: str, kind: str | None = None) -> None:
         super().__init__(message)
@@ -104,7 +106,8 @@ def request(cmd: str, tap: str | None = None, timeout: float = 5.0, **params: An
     if tap is None:
         agents = running_agents()
         if not agents:
-            raise ControlError("no overlay agent is running in this network namespace (start one with 'overlay agent')")
+            raise ControlError("no overlay agent is running in this network namespace (start one with 'overlay agent')",
+                               "agent")
         if len(agents) > 1:
             raise ControlError(f"several agents run here ({', '.join(agents)}): choose one with --tap")
         tap = agents[0]
@@ -113,7 +116,7 @@ def request(cmd: str, tap: str | None = None, timeout: float = 5.0, **params: An
         try:
             s.connect(address(tap))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise ControlError(f"no overlay agent for TAP {tap} in this network namespace") from None
+            raise ControlError(f"no overlay agent for TAP {tap} in this network namespace", "agent") from None
         try:
             s.sendall(json.dumps({"cmd": cmd, **params}).encode() + b"\n")
             data = b""

@@ -1,0 +1,219 @@
+"""Containers on the overlay: `overlay attach`/`detach` on a lab with a real etcd, IPAM races,
+isolation between networks, migration between hosts, lease expiry and agent restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from overlay import etcdlab
+from overlay.lab import Lab, wait_for
+from tests.labkit import start_agent, status
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not etcdlab.available(),
+                                reason="needs root and etcd (apt-get install etcd-server etcd-client)")
+OVERLAY = [sys.executable, "-m", "overlay.cli"]
+P = "/overlay/v1"
+TTL = 3
+BLUE, RED = 42, 43
+TAP = f"ovl0-{BLUE}"  # the control socket is named after the first network's TAP
+
+
+class World:
+    """Three hosts, etcd, networks blue (42, 198.19.42.0/24) and red (43, 198.19.43.0/24), an
+    agent on both networks on every host."""
+
+    def __init__(self, lab: Lab, etcd: etcdlab.EtcdServer, tmp: Path) -> None:
+        self.lab, self.etcd, self.tmp = lab, etcd, tmp
+        self.agents: dict[int, subprocess.Popen[Any]] = {}
+
+    def start(self, host: int) -> subprocess.Popen[Any]:
+        argv = [*OVERLAY, "agent", "--etcd", self.etcd.endpoint, "--host-id", f"h{host}",
+                "--local", str(self.lab.address(host)), "--network", str(BLUE), "--network", str(RED),
+                "--lease-ttl", str(TTL), "--state-dir", str(self.tmp / "state")]
+        self.agents[host] = start_agent(self.lab, host, [], log_dir=self.tmp, argv=argv, tap=TAP)
+        return self.agents[host]
+
+    def overlay(self, host: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = self.lab.run(host, [*OVERLAY, *args], check=False)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def attach(self, host: int, container: str, net: str, *args: str) -> dict[str, Any]:
+        ns = self.lab.container_ns(container)
+        if ns not in self.lab.namespaces():
+            self.lab.add_container(container)
+        return json.loads(self.overlay(host, "attach", ns, "--net", net, "--json", *args).stdout)
+
+    def ping(self, container: str, address: str, count: int = 1, wait: float = 1) -> bool:
+        argv = ["ping", "-n", "-c", str(count), "-i", "0.1", "-W", str(wait), address]
+        return self.lab.run(self.lab.container_ns(container), argv, check=False).returncode == 0
+
+    def etcd_keys(self, prefix: str) -> list[str]:
+        return etcdlab.etcdctl(self.etcd, "get", "--prefix", "--keys-only", prefix, check=True).stdout.split()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with Lab(f"k{os.getpid() % 100000}", hosts=3) as lab, etcdlab.single(lab) as etcd:
+        w = World(lab, etcd, tmp_path)
+        for vni, name in ((BLUE, "blue"), (RED, "red")):
+            w.overlay(1, "net", "create", str(vni), "--name", name, "--subnet", f"198.19.{vni}.0/24",
+                      "--etcd", etcd.endpoint)
+        for h in (1, 2, 3):
+            w.start(h)
+        yield w
+
+
+def ip(attachment: dict[str, Any]) -> str:
+    return attachment["address"].split("/")[0]
+
+
+def test_attach_gives_a_working_interface_registered_in_etcd_and_detach_undoes_it(world: World) -> None:
+    lab = world.lab
+    a = world.attach(1, "a", "blue", "--gateway", "198.19.42.254")
+    b = world.attach(2, "b", "blue", "--ip", "198.19.42.77/24", "--mac", "02:42:00:00:00:77", "--ifname", "net0")
+    assert (a["vni"], a["network"], a["ifname"], a["mtu"]) == (BLUE, "blue", "eth0", 1450)
+    assert (b["address"], b["mac"], b["ifname"]) == ("198.19.42.77/24", "02:42:00:00:00:77", "net0")
+    links = json.loads(lab.run(lab.container_ns("b"), ["ip", "-j", "addr", "show", "net0"]).stdout)[0]
+    assert links["address"] == "02:42:00:00:00:77" and links["mtu"] == 1450
+    assert {(x["local"], x["prefixlen"]) for x in links["addr_info"] if x["family"] == "inet"} == {("198.19.42.77", 24)}
+    routes = lab.run(lab.container_ns("a"), ["ip", "route", "show", "default"]).stdout
+    assert "via 198.19.42.254 dev eth0" in routes
+    assert world.ping("a", "198.19.42.77", count=3)  # across hosts, h1 -> h2
+    assert world.ping("b", ip(a))
+    keys = world.etcd_keys(f"{P}/networks/{BLUE}/")
+    assert f"{P}/networks/{BLUE}/ipam/198.19.42.77" in keys and f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77" in keys
+    endpoint = json.loads(etcdlab.etcdctl(world.etcd, "get", f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77",
+                                          "--print-value-only", check=True).stdout)
+    assert endpoint == {"host": "h2", "ipv4": ["198.19.42.77"], "ipv6": []}
+    assert [x["id"] for x in status(lab, 2, TAP)["attachments"]] == [b["id"]]
+
+    detached = json.loads(world.overlay(2, "detach", lab.container_ns("b"), "--json").stdout)["detached"]
+    assert [d["address"] for d in detached] == ["198.19.42.77/24"]
+    assert "net0" not in lab.run(lab.container_ns("b"), ["ip", "-br", "link"]).stdout
+    assert b["host_ifname"] not in lab.run(2, ["ip", "-br", "link"]).stdout
+    wait_for(lambda: not [k for k in world.etcd_keys(f"{P}/networks/{BLUE}/") if "77" in k], 5, "b's keys to go")
+    assert status(lab, 2, TAP)["attachments"] == []
+    again = world.overlay(2, "detach", lab.container_ns("b"))
+    assert "nothing attached" in again.stdout  # detaching twice is not an error
+
+
+def test_clear_errors_for_what_a_user_gets_wrong(world: World) -> None:
+    lab = world.lab
+    lab.add_container("e")
+    ns = lab.container_ns("e")
+    world.attach(1, "taken", "blue", "--ip", "198.19.42.10/24")
+    cases = [
+        (["attach", "nosuch", "--net", "blue"], "no network namespace nosuch"),
+        (["attach", "999999999", "--net", "blue"], "no process 999999999"),
+        (["attach", ns, "--net", "green"], "network 'green' is unknown"),
+        (["attach", ns, "--net", "blue", "--ip", "198.19.43.5/24"], "outside network blue's subnet"),
+        (["attach", ns, "--net", "blue", "--ip", "198.19.42.10/24"], "198.19.42.10 is in use"),
+        (["attach", ns, "--net", "blue", "--ip", "198.19.42.255/24"], "reserved"),
+        (["attach", ns, "--net", "blue", "--mac", "01:00:5e:00:00:01"], "multicast"),
+        (["attach", ns, "--net", "blue", "--mac", "nonsense"], "not a MAC address"),
+        (["attach", ns, "--net", "blue", "--gateway", "198.19.43.1"], "outside the container's subnet"),
+        (["attach", ns, "--net", "blue", "--ifname", "a-very-long-interface-name"], "not a valid interface name"),
+    ]
+    for args, message in cases:
+        result = world.overlay(1, *args, check=False)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    # Nothing was left behind by the refusals: the namespace is bare, only one address is taken.
+    assert lab.run(ns, ["ip", "-br", "link"]).stdout.split()[0] == "lo"
+    assert [k for k in world.etcd_keys(f"{P}/networks/{BLUE}/ipam/")] == [f"{P}/networks/{BLUE}/ipam/198.19.42.10"]
+    no_agent = lab.run(ns, [*OVERLAY, "attach", ns, "--net", "blue"], check=False)  # no agent in that namespace
+    assert no_agent.returncode == 1 and "no overlay agent is running" in no_agent.stderr
+
+
+def test_two_hosts_attaching_at_once_never_get_the_same_address(world: World) -> None:
+    jobs = [(h, f"r{h}{i}") for i in range(4) for h in (1, 2, 3)]
+    for _, c in jobs:
+        world.lab.add_container(c)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda job: world.attach(job[0], job[1], "blue"), jobs))
+    addresses = [a["address"] for a in got]
+    assert len(set(addresses)) == len(jobs), addresses
+    assert all(a.startswith("198.19.42.") and a.endswith("/24") for a in addresses)
+    held = {k.rsplit("/", 1)[1] for k in world.etcd_keys(f"{P}/networks/{BLUE}/ipam/")}
+    assert held == {ip(a) for a in got}
+    assert world.ping("r10", ip(got[1]))  # r10 on h1 reaches r20 on h2
+
+
+def test_networks_are_isolated_even_with_the_same_subnet(world: World) -> None:
+    """Tenants blue and red both use 198.19.42.0/24 here: a red container with a blue
+    container's address is never reached from blue, and blue's broadcasts never reach red."""
+    lab = world.lab
+    world.overlay(1, "net", "create", "44", "--name", "green", "--subnet", "198.19.42.0/24",
+                  "--etcd", world.etcd.endpoint)  # not joined by the agents: attach refuses it
+    refused = world.overlay(1, "attach", lab.add_container("g"), "--net", "green", check=False)
+    assert refused.returncode == 2 and "not on network green" in refused.stderr
+    blue1 = world.attach(1, "b1", "blue", "--ip", "198.19.42.11/24")
+    world.attach(2, "b2", "blue", "--ip", "198.19.42.12/24")
+    red = world.attach(2, "r2", "red", "--ip", "198.19.43.12/24")
+    lab.run(lab.container_ns("r2"), ["ip", "addr", "add", "198.19.42.13/24", "dev", "eth0"])  # blue's subnet
+    assert world.ping("b1", "198.19.42.12", count=2)
+    assert not world.ping("b1", "198.19.42.13", count=3)  # ARP for it floods blue, never red
+    assert not world.ping("b1", ip(red), count=1)
+    # Had blue's ARP requests for .13 reached red's container, it would have answered them and
+    # noted the asker: it knows nothing of blue1.
+    assert "198.19.42.11" not in lab.run(lab.container_ns("r2"), ["ip", "neigh", "show"]).stdout
+    assert blue1["vni"] != red["vni"]
+
+
+def test_an_endpoint_that_moves_to_another_host_is_followed_within_a_second(world: World) -> None:
+    lab = world.lab
+    mac, address = "02:42:00:00:01:01", "198.19.42.101/24"
+    world.attach(1, "mover", "blue", "--ip", address, "--mac", mac)
+    world.attach(3, "client", "blue")
+    assert world.ping("client", "198.19.42.101", count=2)
+    world.overlay(1, "detach", lab.container_ns("mover"))
+    lab.add_container("moved")
+    world.attach(2, "moved", "blue", "--ip", address, "--mac", mac)
+    moved_at = time.monotonic()
+    wait_for(lambda: world.ping("client", "198.19.42.101", wait=0.2), 1.0, "traffic to follow the endpoint to h2")
+    took = time.monotonic() - moved_at
+    fdb = {e["mac"]: e for e in status(lab, 3, TAP, cmd="fdb")}
+    assert fdb[mac]["vtep"] == f"{lab.address(2)}:4789"
+    print(f"traffic followed the move in {took * 1000:.0f} ms")
+
+
+def test_a_dead_hosts_addresses_come_back_when_its_lease_expires(world: World) -> None:
+    world.attach(3, "doomed", "blue", "--ip", "198.19.42.50/24")
+    world.agents[3].send_signal(signal.SIGKILL)
+    world.agents[3].wait(timeout=10)
+    key = f"{P}/networks/{BLUE}/ipam/198.19.42.50"
+    wait_for(lambda: key not in world.etcd_keys(key), TTL + 5, "the dead host's address to be released")
+    again = world.attach(1, "heir", "blue", "--ip", "198.19.42.50/24")
+    assert again["address"] == "198.19.42.50/24"
+
+
+def test_a_restarted_agent_takes_its_containers_back_and_a_vanished_one_is_released(world: World) -> None:
+    lab = world.lab
+    kept = world.attach(1, "kept", "blue")
+    gone = world.attach(1, "gone", "blue")
+    world.attach(2, "peer", "blue")
+    assert world.ping("peer", ip(kept))
+    world.agents[1].terminate()
+    assert world.agents[1].wait(timeout=15) == 0
+    assert f"ovbr{BLUE}" in lab.run(1, ["ip", "-br", "link"]).stdout  # containers still plugged: bridge stays
+    world.start(1)
+    attached = {a["id"] for a in status(lab, 1, TAP)["attachments"]}
+    assert attached == {kept["id"], gone["id"]}
+    wait_for(lambda: world.ping("peer", ip(kept), wait=0.5), 10, "the adopted container to be reachable again")
+    lab.run(1, ["ip", "netns", "delete", lab.container_ns("gone")])  # the container dies without a detach
+    wait_for(lambda: [a["id"] for a in status(lab, 1, TAP)["attachments"]] == [kept["id"]], 10,
+             "the agent to notice the container is gone")
+    wait_for(lambda: f"{P}/networks/{BLUE}/ipam/{ip(gone)}" not in world.etcd_keys(f"{P}/networks/{BLUE}/ipam/"),
+             5, "its address to be released")
