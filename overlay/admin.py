@@ -110,6 +110,18 @@ def parse_subnet(text: str) -> str:
         raise UserError(f"--subnet {text!r} is not an IPv4 network: write A.B.C.D/LEN, e.g. 198.19.42.0/24") from None
 
 
+def parse_gateway(text: str, subnet: str | None) -> str:
+    try:
+        address = ipaddress.IPv4Address(text.strip())
+    except ValueError:
+        raise UserError(f"--gateway {text!r} is not an IPv4 address like 198.19.42.1") from None
+    if subnet is None:
+        raise UserError("--gateway needs --subnet (the gateway is an address in it)")
+    if address not in ipaddress.IPv4Network(subnet):
+        raise UserError(f"--gateway {address} is outside --subnet {subnet}")
+    return str(address)
+
+
 def parse_mtu(text: str) -> int:
     t = text.strip()
     if not (t.isascii() and t.isdigit()) or not 68 <= int(t) <= 65485:
@@ -354,7 +366,8 @@ def cmd_net_create(args: argparse.Namespace) -> int:
     name = parse_name(args.name) if args.name is not None else f"net{vni}"
     subnet = parse_subnet(args.subnet) if args.subnet is not None else None
     mtu = parse_mtu(args.mtu) if args.mtu is not None else None
-    network = Network(vni=vni, name=name, subnet=subnet, mtu=mtu)
+    gateway = parse_gateway(args.gateway, subnet) if args.gateway is not None else None
+    network = Network(vni=vni, name=name, subnet=subnet, mtu=mtu, gateway=gateway)
     check(NetworkKey(vni), network)
     target = Target.from_args(args)
 
@@ -368,8 +381,9 @@ def cmd_net_create(args: argparse.Namespace) -> int:
                            f"'overlay net ls' shows it, 'overlay net rm {vni}' removes it")
 
     run(target, action)
-    data = {"vni": vni, "name": name, "subnet": subnet, "mtu": mtu}
-    emit(target, data, f"created network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'})")
+    data = {"vni": vni, "name": name, "subnet": subnet, "mtu": mtu, "gateway": gateway}
+    emit(target, data, f"created network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'}"
+                       f"{', gateway ' + gateway if gateway else ''})")
     return 0
 
 
@@ -649,6 +663,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--name", help="a name for people (default net<VNI>)")
     p.add_argument("--subnet", metavar="A.B.C.D/LEN", help="the overlay's IPv4 subnet, e.g. 198.19.42.0/24")
     p.add_argument("--mtu", help="the overlay's MTU, 68-65485 (default: each agent's underlay MTU minus 50)")
+    p.add_argument("--gateway", metavar="A.B.C.D",
+                   help="containers' default route on this network (an address in --subnet; never allocated)")
     _leaf(net, "ls", cmd_net_ls, "list networks",
           "List the networks: VNI, name, subnet, MTU, how many hosts are members and how many endpoints "
           "it has. A VNI with members or endpoints but no definition shows as '(not defined)'.",

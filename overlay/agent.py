@@ -75,6 +75,7 @@ class Agent:
                 self.table.add_vni(vni)
                 self.taps[vni] = Tap.open(name, dev=tun_device)
                 if cfg.bridge:  # the host's MAC and address belong to the bridge; the TAP is a port
+                    bridge.quiet_port(name)  # before it is up: no IPv6 chatter from the TAP's own MAC
                     self.taps[vni].configure(self.mtu, None, None)
                     self.macs[vni] = bridge.ensure_bridge(vni, name, self.mtu, cfg.mac, cfg.address)
                 else:

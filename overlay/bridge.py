@@ -52,6 +52,17 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
+def quiet_port(ifname: str) -> None:
+    """No IPv6 on a bridge port (the TAP, a container's host end). A port with a link-local
+    address sends neighbour discovery from its own MAC, which the overlay would then carry and
+    publish as an endpoint that is nobody. Only the bridge itself speaks for the host."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass  # no IPv6 in this kernel: nothing to quieten
+
+
 def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None,
                   address: ipaddress.IPv4Interface | None) -> int:
     """Create (or take over) network ``vni``'s bridge with ``tap`` as a port; give it the MTU,
@@ -76,6 +87,7 @@ def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None,
                 current = ipr.get_links(index)[0]
                 mac = int(current.get_attr("IFLA_ADDRESS").replace(":", ""), 16) if index_had_mac(current) else None
             ipr.link("set", index=index, mtu=mtu, address=mac_to_str(mac if mac is not None else random_mac()))
+            quiet_port(tap)
             ipr.link("set", index=_index(ipr, tap), master=index, state="up")
             if address is not None:
                 try:
@@ -187,6 +199,7 @@ def plug(p: Plug) -> None:
 
 
 def _enslave(ipr: IPRoute, host_ifname: str, bridge: int, mac: int) -> None:
+    quiet_port(host_ifname)
     host = _index(ipr, host_ifname)
     ipr.link("set", index=host, master=bridge, state="up")
     # The container's MAC is on this port from the start: a MAC that moved here from another

@@ -129,10 +129,12 @@ def _ask(cmd: str, tap: str | None, timeout: float = 5.0, **params: Any) -> Any:
 def format_status(s: dict[str, Any]) -> str:
     a = s["agent"]
     lines = [
-        f"agent  tap {a['tap']} ({a['mac']}, mtu {a['mtu']}{', ' + a['address'] if a['address'] else ''})  "
-        f"vni {a['vni']}  vtep {a['local']}:{a['port']}  up {a['uptime_s']} s  "
-        f"source check {'on' if a['source_check'] else 'off'}",
+        f"agent  vtep {a['local']}:{a['port']}  mtu {a['mtu']}{'  ' + a['address'] if a['address'] else ''}  "
+        f"up {a['uptime_s']} s  source check {'on' if a['source_check'] else 'off'}",
     ]
+    for n in a.get("networks") or []:
+        lines.append(f"  vni {n['vni']:<8} tap {n['tap']:15} {'bridge ' + n['bridge'] if n.get('bridge') else '':15} "
+                     f"mac {n['mac']}")
     r = s.get("registry")
     if r:
         lines.append(

@@ -1,17 +1,24 @@
-"""`overlay demo`: a lab of hosts and a real etcd, an agent on each host, pings between every
-pair, then cleanup.
+"""`overlay demo`: containers of two tenants on two overlay networks across three hosts, with a
+real etcd; shows that same-network pairs talk and cross-network pairs do not; then cleanup.
 
-What an operator would do by hand, in one command: the lab (overlay/lab.py) with etcd in a
-namespace of its own on the underlay (overlay/etcdlab.py), `overlay agent` in etcd mode on
-every host (they find each other through etcd), `ping` over the overlay, the registry as etcd
-holds it, and `overlay status` and `overlay fdb` of host 1. Everything is removed at the end,
-also after an error or Ctrl-C.
+What an operator would do by hand, in one command:
+- the lab (overlay/lab.py): hosts as network namespaces on an underlay bridge, and etcd in a
+  namespace of its own (overlay/etcdlab.py);
+- `overlay net create` for networks blue (VNI 42) and red (VNI 43);
+- `overlay agent` in etcd mode on every host, joined to both networks (a bridge per network);
+- two containers per host (bare network namespaces), one on each network, put there with
+  `overlay attach` (addresses allocated from the network's subnet in etcd);
+- a ping between every pair of containers. Each container also gets an on-link route to the
+  other network's subnet, so a cross-network ping really tries (ARP goes out) and fails only
+  because the overlay keeps the networks apart;
+- `overlay host ls`, the registry as etcd holds it, one agent's status.
+Everything is removed at the end, also after an error or Ctrl-C.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -20,11 +27,11 @@ from pathlib import Path
 from overlay import etcdlab
 from overlay.lab import Lab, LabError, wait_for
 
-VNI = 42
+NETWORKS = {"blue": 42, "red": 43}
 
 
-def overlay_ip(host: int) -> str:
-    return f"198.19.{VNI}.{host}"
+def subnet(vni: int) -> str:
+    return f"198.19.{vni}.0/24"
 
 
 def main(hosts: int = 3) -> int:
@@ -43,39 +50,64 @@ def main(hosts: int = 3) -> int:
         lab.up()
         etcd = etcdlab.single(lab)
         print(f"etcd: {etcd.endpoint} in namespace {etcd.namespace} (data in {etcd.data_dir})")
+        for name, vni in NETWORKS.items():
+            out = lab.run(1, [*overlay, "net", "create", str(vni), "--name", name, "--subnet", subnet(vni),
+                              "--etcd", etcd.endpoint])
+            print(f"  {out.stdout.strip()}")
         for h in range(1, hosts + 1):
             log = open(logs / f"agent-h{h}.log", "w")
-            lab.spawn(h, [*overlay, "agent", "--etcd", etcd.endpoint, "--host-id", f"h{h}", "--network", str(VNI),
-                          "--local", str(lab.address(h)), "--address", f"{overlay_ip(h)}/24",
-                          "--mac", f"02:00:00:00:{VNI:02x}:{h:02x}"],
+            lab.spawn(h, [*overlay, "agent", "--etcd", etcd.endpoint, "--host-id", f"h{h}",
+                          "--local", str(lab.address(h)), "--state-dir", str(logs / "state"),
+                          *[a for vni in NETWORKS.values() for a in ("--network", str(vni))]],
                       stdout=log, stderr=subprocess.STDOUT)
         for h in range(1, hosts + 1):
             wait_for(lambda h=h: lab.run(h, [*overlay, "status"], check=False).returncode == 0, 30,
                      f"the agent on host {h} (log: {logs}/agent-h{h}.log)")
-            print(f"  host {h}: {lab.ns(h)}  underlay {lab.address(h)}  agent h{h} up (etcd mode), "
-                  f"tap ovl0 {overlay_ip(h)}/24")
-        print(f"\npings across the overlay (VNI {VNI}, every pair):")
-        failed = 0
-        for src in range(1, hosts + 1):
-            for dst in range(1, hosts + 1):
-                if src == dst:
-                    continue
-                out = lab.run(src, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", overlay_ip(dst)], check=False)
-                rtt = re.search(r"= [\d.]+/([\d.]+)/", out.stdout)
-                ok = out.returncode == 0
-                failed += not ok
-                print(f"  host {src} -> {overlay_ip(dst)}: {'ok, avg rtt ' + rtt.group(1) + ' ms' if ok and rtt else 'FAILED'}")
+            print(f"  host {h}: {lab.ns(h)}  underlay {lab.address(h)}  agent h{h} up, bridges "
+                  f"{', '.join(f'ovbr{v}' for v in NETWORKS.values())}")
+
+        print("\ncontainers (namespaces), attached with 'overlay attach <netns> --net <network>':")
+        containers: dict[str, tuple[int, str, str]] = {}  # name -> (host, network, address)
+        for h in range(1, hosts + 1):
+            for name, vni in NETWORKS.items():
+                c = f"{name[0]}{h}"
+                ns = lab.add_container(c)
+                out = lab.run(h, [*overlay, "attach", ns, "--net", name, "--json"])
+                a = json.loads(out.stdout)
+                containers[c] = (h, name, a["address"].split("/")[0])
+                other = next(v for n, v in NETWORKS.items() if n != name)
+                lab.run(ns, ["ip", "route", "add", subnet(other), "dev", a["ifname"]])
+                print(f"  {c:4} on host {h}  network {name:4} (VNI {vni})  {a['address']:16} {a['mac']}  "
+                      f"[{lab.container_ns(c)}]")
+
+        print("\npings between every pair of containers (ok = answered, -- = no answer):")
+        pings = {(src, dst): lab.spawn(lab.container_ns(src), ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "1",
+                                                               containers[dst][2]],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for src in containers for dst in containers if src != dst}
+        answered = {pair: proc.wait(timeout=30) == 0 for pair, proc in pings.items()}
+        names = list(containers)
+        print("  from \\ to  " + " ".join(f"{n:>4}" for n in names))
+        for src in names:
+            cells = ["    " if src == dst else ("  ok" if answered[src, dst] else "  --") for dst in names]
+            print(f"  {src:10} " + " ".join(cells))
+        wrong = [(s, d) for (s, d), ok in answered.items() if ok != (containers[s][1] == containers[d][1])]
+        same = sum(1 for (s, d) in answered if containers[s][1] == containers[d][1])
+
         print(f"\nhost 1: overlay host ls --etcd {etcd.endpoint}")
         print(lab.run(1, [*overlay, "host", "ls", "--etcd", etcd.endpoint]).stdout)
-        print("the registry in etcd (etcdctl get --prefix /overlay/v1):")
-        for line in etcdlab.etcdctl(etcd, "get", "--prefix", "/overlay/v1", check=True).stdout.splitlines():
+        print("the registry in etcd (etcdctl get --prefix /overlay/v1/networks/42):")
+        for line in etcdlab.etcdctl(etcd, "get", "--prefix", "/overlay/v1/networks/42", check=True).stdout.splitlines():
             print(f"  {line}")
         print("\nhost 1: overlay status")
         print(lab.run(1, [*overlay, "status"]).stdout)
-        print("host 1: overlay fdb")
-        print(lab.run(1, [*overlay, "fdb"]).stdout)
-        print(f"result: {'all pings answered' if not failed else f'{failed} pings FAILED'}; removing the lab")
-        return 0 if not failed else 1
+        if wrong:
+            print("result: FAILED: " + ", ".join(f"{s}->{d} {'answered' if answered[s, d] else 'unanswered'}"
+                                                 for s, d in wrong) + "; removing the lab")
+            return 1
+        print(f"result: all {same} same-network pairs talk, all {len(answered) - same} cross-network pairs are "
+              f"kept apart; removing the lab")
+        return 0
     except (LabError, TimeoutError, etcdlab.EtcdError) as e:
         print(f"overlay: error: {e}", file=sys.stderr)
         return 1
