@@ -140,7 +140,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         try:
             # Named after the first TAP: `overlay status --tap <it>` (or no --tap) finds the agent.
-            server = await control.serve(self.taps[cfg.vni].name, self._control())
+            server = await control.serve(self.taps[cfg.vni].name, self._control(),
+                                         privileged=frozenset({"attach", "detach", "check"}))
         except control.ControlError as e:
             raise AgentError(str(e)) from None
         stop = asyncio.Event()
@@ -296,6 +297,8 @@ class Agent:
 
         def seen(local: list[tuple[int, int, int]]) -> None:
             for vni, mac, ip in local:
+                if self.containers is not None and self.containers.owns(vni, mac):
+                    continue  # attach publishes it with its address: that is authoritative
                 known = addresses.setdefault((vni, mac), set())
                 if ip:
                     known.add(str(ipaddress.IPv4Address(ip)))

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from overlay.wire import mac_to_str
+
+log = logging.getLogger("overlay.bridge")
 
 NUD_NOARP = 0x40  # 'static' in bridge fdb terms; 'permanent' would mean the bridge's own (local) address
 NTF_MASTER = 0x04
@@ -242,7 +245,11 @@ def netns_socket(path: str) -> IPRoute:
         try:
             ipr = IPRoute()
         finally:
-            _setns(home)  # if this failed the thread would be lost in the container: it raises
+            try:
+                _setns(home)
+            except OSError as e:  # this thread would go on working inside the container: stop hard
+                log.critical("cannot return to the agent's network namespace (%s); exiting", e)
+                os._exit(70)
     finally:
         os.close(fd)
         os.close(home)

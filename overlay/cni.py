@@ -73,6 +73,8 @@ KIND_CODES = {
     "address": ADDRESS,
     "invalid": INVALID_CONFIG,
     "broken": MISMATCH,            # check: the live state differs from the attachment
+    "etcd": TRY_AGAIN_LATER,       # the agent cannot reach the registry right now
+    "permission": IO_FAILURE,      # the runtime is not root
 }
 
 ATTACH_TIMEOUT = 30.0  # seconds per socket operation: an attach makes devices and writes etcd

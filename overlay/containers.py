@@ -80,15 +80,22 @@ class Containers:
         self.state = state_dir / f"{host_id}.json" if state_dir else None
         self.forget_local = forget_local  # the fast path's memory of MACs seen behind our TAP
         self.attached: dict[str, Attachment] = {}
+        self._attaching: set[tuple[int, int]] = set()  # (vni, MAC) plugged but not yet recorded
         self._lock = asyncio.Lock()  # one change at a time: IPAM picks must see each other
 
     # --- control commands ------------------------------------------------------------------
 
     async def attach(self, req: dict[str, Any]) -> dict[str, Any]:
         netns = _text(req, "netns", required=True)
+        assert netns is not None
         ifname = _text(req, "ifname") or "eth0"
         vni, network = self._network(_text(req, "net", required=True))
+        if netns_id(netns) == netns_id("/proc/self/ns/net"):
+            raise Refused(f"{netns} is the agent's own network namespace (the host's): attach containers, "
+                          f"not the host", "netns")
         attachment_id = _text(req, "id") or f"netns/{netns_id(netns)}/{ifname}"
+        gateway = self._gateway(_text(req, "gateway") or network.gateway, network)
+        self._connected()
         async with self._lock:
             existing = self.attached.get(attachment_id)
             if existing is not None:
@@ -97,33 +104,57 @@ class Containers:
                 raise Refused(f"{attachment_id} is already attached to network {existing.network}: detach it first",
                               "invalid")
             mac = self._mac(_text(req, "mac"), vni)
-            address = await self._claim(vni, network, _text(req, "ip"), mac, attachment_id)
-            gateway = _text(req, "gateway") or network.gateway
-            if gateway is not None:
-                try:
-                    gw = ipaddress.IPv4Address(gateway)
-                except ValueError:
-                    await self._release_address(vni, address)
-                    raise Refused(f"--gateway {gateway!r} is not an IPv4 address", "invalid") from None
-                if gw not in address.network:
-                    await self._release_address(vni, address)
-                    raise Refused(f"--gateway {gw} is outside the container's subnet {address.network}", "address")
+            try:
+                address = await self._claim(vni, network, _text(req, "ip"), mac, attachment_id)
+            except ETCD_ERRORS as e:
+                raise _etcd_refusal(e) from None
+            if gateway is not None and gateway not in address.network:
+                await self._quietly(self._release_address(vni, address))
+                raise Refused(f"--gateway {gateway} is outside the container's subnet {address.network}", "address")
             a = Attachment(attachment_id, vni, network.name or str(vni), netns, ifname,
-                           bridge.host_ifname(attachment_id), mac, str(address), gateway,
-                           network.mtu or self.mtu)
+                           bridge.host_ifname(attachment_id), mac, str(address), str(gateway) if gateway else None,
+                           min(network.mtu or self.mtu, self.mtu))  # never above the TAP's: the bridge would drop
+            endpoint = EndpointKey(vni, mac_to_int(mac))
+            self._attaching.add((vni, endpoint.mac))
             try:
                 await asyncio.to_thread(bridge.plug, a.plug())
-            except bridge.PlumbingError as e:
-                await self._release_address(vni, address)
-                raise Refused(str(e), e.kind) from None
-            except BaseException:
-                await self._release_address(vni, address)
+                await self.client.hold(endpoint, Endpoint(self.host_id, [str(address.ip)]))
+            except BaseException as e:  # nothing left behind: veth, endpoint, address
+                await asyncio.shield(self._undo(a, endpoint, address))
+                if isinstance(e, bridge.PlumbingError):
+                    raise Refused(str(e), e.kind) from None
+                if isinstance(e, ETCD_ERRORS):
+                    raise _etcd_refusal(e) from None
                 raise
-            await self.client.hold(EndpointKey(vni, mac_to_int(mac)), Endpoint(self.host_id, [str(address.ip)]))
+            finally:
+                self._attaching.discard((vni, endpoint.mac))
             self.attached[a.id] = a
             self._save()
         log.info("attached %s: %s %s on network %s (%s) via %s", a.id, a.mac, a.address, a.network, a.vni, a.host_ifname)
         return a.to_json()
+
+    def owns(self, vni: int, mac: int) -> bool:
+        """Whether ``mac`` on ``vni`` is an attached container's (its endpoint is ours to write)."""
+        return (vni, mac) in self._attaching or any(
+            a.vni == vni and mac_to_int(a.mac) == mac for a in self.attached.values())
+
+    async def _undo(self, a: Attachment, endpoint: EndpointKey, address: ipaddress.IPv4Interface) -> None:
+        """Roll back a half-made attach; errors here must not hide the one that caused it."""
+        await self._quietly(asyncio.to_thread(bridge.unplug, a.host_ifname))
+        self.client.forget(endpoint)
+        await self._quietly(self._release_address(a.vni, address))
+
+    @staticmethod
+    async def _quietly(step: Any) -> None:
+        try:
+            await step
+        except Exception as e:
+            log.warning("rolling back an attach: %s (%s)", e.__class__.__name__, e)
+
+    def _connected(self) -> None:
+        if not self.client.connected:
+            raise Refused("the registry (etcd) is unreachable from this agent, so addresses and endpoints "
+                          "cannot be written: try again when 'overlay status' shows it connected", "etcd")
 
     async def detach(self, req: dict[str, Any]) -> dict[str, Any]:
         """Detach by id, or by netns (and ifname); nothing attached is not an error (CNI DEL
@@ -133,6 +164,7 @@ class Containers:
         netns = _text(req, "netns")
         if attachment_id is None and netns is None:
             raise Refused("say what to detach: a namespace (netns) or an attachment id", "invalid")
+        self._connected()
         async with self._lock:
             if attachment_id is not None:
                 chosen = [self.attached[attachment_id]] if attachment_id in self.attached else []
@@ -145,7 +177,12 @@ class Containers:
                 chosen = [a for a in self.attached.values()
                           if (a.id.startswith(prefix) or a.netns == netns) and (ifname is None or a.ifname == ifname)]
             for a in chosen:
-                await self._remove(a, unplug=True)
+                try:
+                    await self._remove(a, unplug=True)
+                except ETCD_ERRORS as e:  # the veth is gone; the keys stay held, to be released next time
+                    raise _etcd_refusal(e) from None
+                except bridge.PlumbingError as e:
+                    raise Refused(str(e), e.kind) from None
         return {"detached": [a.to_json() for a in chosen]}
 
     async def check(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -153,10 +190,16 @@ class Containers:
         a = self.attached.get(attachment_id)
         if a is None:
             raise Refused(f"{attachment_id} is not attached on this host", "unknown")
-        problems = await asyncio.to_thread(bridge.problems, a.plug())
+        try:
+            problems = await asyncio.to_thread(bridge.problems, a.plug())
+        except (bridge.PlumbingError, OSError) as e:
+            problems = [str(e)]
         endpoint = self.registry.get(EndpointKey(a.vni, mac_to_int(a.mac)))
         if not isinstance(endpoint, Endpoint) or endpoint.host != self.host_id:
             problems.append(f"the registry does not have endpoint {a.mac} on this host")
+        allocation = self.registry.get(AddressKey(a.vni, ipaddress.IPv4Interface(a.address).ip))
+        if not isinstance(allocation, Allocation) or allocation.host != self.host_id:
+            problems.append(f"address {a.address} is not held by this host in the registry")
         if problems:
             raise Refused(f"{a.id} is broken: " + "; ".join(problems), "broken")
         return a.to_json()
@@ -176,21 +219,29 @@ class Containers:
             log.warning("state file %s is unreadable (%s); starting without attachments", self.state, e)
             return
         for a in saved:
-            if a.vni not in self.vnis or not await asyncio.to_thread(bridge.exists, a.host_ifname):
-                log.info("not adopting %s: its network or veth is gone", a.id)
-                continue
-            address = ipaddress.IPv4Interface(a.address)
-            if not await self.client.claim(AddressKey(a.vni, address.ip), Allocation(self.host_id, a.mac, a.id)):
-                owner = self.registry.get(AddressKey(a.vni, address.ip))
-                if not (isinstance(owner, Allocation) and owner.owner == a.id and owner.host == self.host_id):
-                    log.warning("not adopting %s: address %s was taken meanwhile; detaching it", a.id, address.ip)
-                    await asyncio.to_thread(bridge.unplug, a.host_ifname)
-                    continue
-            await asyncio.to_thread(bridge.replug, a.host_ifname, bridge.bridge_name(a.vni), mac_to_int(a.mac))
-            await self.client.hold(EndpointKey(a.vni, mac_to_int(a.mac)), Endpoint(self.host_id, [str(address.ip)]))
-            self.attached[a.id] = a
-            log.info("adopted %s: %s %s on network %s", a.id, a.mac, a.address, a.network)
+            try:
+                await self._adopt(a)
+            except Exception as e:  # one bad record must not stop the agent or the others
+                log.warning("not adopting %s: %s (%s)", a.id, e.__class__.__name__, e)
         self._save()
+
+    async def _adopt(self, a: Attachment) -> None:
+        if a.vni not in self.vnis or not await asyncio.to_thread(bridge.exists, a.host_ifname):
+            log.info("not adopting %s: its network or veth is gone", a.id)
+            return
+        address = ipaddress.IPv4Interface(a.address)
+        key, allocation = AddressKey(a.vni, address.ip), Allocation(self.host_id, a.mac, a.id)
+        if not await self.client.claim(key, allocation):
+            owner = self.registry.get(key)
+            if owner != allocation:
+                log.warning("not adopting %s: address %s was taken meanwhile; unplugging it", a.id, address.ip)
+                await asyncio.to_thread(bridge.unplug, a.host_ifname)
+                return
+            await self.client.hold(key, allocation)  # ours from before: under the new lease now
+        await asyncio.to_thread(bridge.replug, a.host_ifname, bridge.bridge_name(a.vni), mac_to_int(a.mac))
+        await self.client.hold(EndpointKey(a.vni, mac_to_int(a.mac)), Endpoint(self.host_id, [str(address.ip)]))
+        self.attached[a.id] = a
+        log.info("adopted %s: %s %s on network %s", a.id, a.mac, a.address, a.network)
 
     async def reap(self) -> None:
         """Forever: release the attachments whose veth vanished (the container's namespace
@@ -223,6 +274,18 @@ class Containers:
                           "network")
         return vni, networks.get(vni) or Network(vni, str(vni))
 
+    @staticmethod
+    def _gateway(text: str | None, network: Network) -> ipaddress.IPv4Address | None:
+        if text is None:
+            return None
+        try:
+            gateway = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise Refused(f"--gateway {text!r} is not an IPv4 address", "invalid") from None
+        if network.subnet is not None and gateway not in ipaddress.IPv4Network(network.subnet):
+            raise Refused(f"--gateway {gateway} is outside the container's subnet {network.subnet}", "address")
+        return gateway
+
     def _mac(self, wanted: str | None, vni: int) -> str:
         if wanted is None:
             return mac_to_str(bridge.random_mac())
@@ -250,7 +313,10 @@ class Containers:
                 except ValueError:
                     raise Refused(f"--ip {wanted!r} is not an address with a prefix length like 198.19.1.5/24",
                                   "invalid") from None
-                if "/" not in wanted and network.subnet:
+                if "/" not in wanted:
+                    if not network.subnet:
+                        raise Refused(f"--ip {wanted}: give the prefix length too (network {network.name or vni} "
+                                      f"has no subnet to take it from)", "invalid")
                     address = ipaddress.IPv4Interface(f"{address.ip}/{ipaddress.IPv4Network(network.subnet).prefixlen}")
                 if network.subnet is not None:
                     ipam.check(network, address, ipam.taken(self.registry, vni))
@@ -276,9 +342,9 @@ class Containers:
         if unplug:
             await asyncio.to_thread(bridge.unplug, a.host_ifname)
         mac = mac_to_int(a.mac)
+        self.forget_local(a.vni, mac)  # first: a late frame must not publish it again
         await self.client.release(EndpointKey(a.vni, mac))
         await self._release_address(a.vni, ipaddress.IPv4Interface(a.address))
-        self.forget_local(a.vni, mac)
         del self.attached[a.id]
         self._save()
         log.info("detached %s: %s %s from network %s", a.id, a.mac, a.address, a.network)
@@ -295,6 +361,10 @@ class Containers:
         except OSError as e:
             log.warning("cannot write the state file %s (%s): attachments will not survive a restart",
                         self.state, e.strerror)
+
+
+def _etcd_refusal(e: BaseException) -> Refused:
+    return Refused(f"the registry (etcd) did not answer ({e.__class__.__name__}): try again", "etcd")
 
 
 def _text(req: dict[str, Any], name: str, required: bool = False) -> str | None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
+import struct
 import inspect
 from typing import Any, Awaitable, Callable, Union
 
@@ -60,9 +62,21 @@ def running_agents() -> list[str]:
     return sorted(taps)
 
 
-async def serve(tap: str, handlers: dict[str, Handler]) -> asyncio.AbstractServer:
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The user id of the process at the other end of a unix socket (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (OSError, AttributeError):
+        return None
+    return uid
+
+
+async def serve(tap: str, handlers: dict[str, Handler], privileged: frozenset[str] = frozenset()) -> asyncio.AbstractServer:
     """Answer requests for ``tap``'s agent: each handler gets the request's parameters and may
-    be a coroutine; an unknown command gets {"error": ...}."""
+    be a coroutine; an unknown command gets {"error": ...}. Commands in ``privileged`` change
+    the host (attach plugs interfaces into namespaces): only root or the agent's own user may
+    ask them; anyone may ask status (an abstract socket has no file permissions)."""
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -76,6 +90,8 @@ async def serve(tap: str, handlers: dict[str, Handler]) -> asyncio.AbstractServe
             else:
                 handler = handlers.get(cmd) if isinstance(cmd, str) else None
                 try:
+                    if cmd in privileged and peer_uid(writer) not in (0, os.geteuid()):
+                        raise Refused(f"{cmd} needs root (it changes network namespaces)", "permission")
                     if handler is None:
                         answer = {"error": f"unknown command {cmd!r}; known: {sorted(handlers)}", "kind": "invalid"}
                     else:

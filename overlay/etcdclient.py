@@ -264,12 +264,39 @@ class EtcdClient:
         return bool(ok)
 
     async def release(self, key: Key) -> None:
-        """Stop holding ``key`` and delete it (if it is still ours to delete: only held keys)."""
-        if self.held.pop(key, None) is None:
-            return
+        """Delete ``key`` if it still holds our value (another host may own it by now: a moved
+        endpoint, a reclaimed address), then stop holding it. A failed delete raises and the
+        key stays held, so the caller can try again."""
+        value = self.held.pop(key, None)  # first: the watch must not see our delete and write it back
         self._pending.discard(key)
-        client = await self.connect()
-        await client.delete(self.schema.key(key).encode())
+        if value is None:
+            return
+        try:
+            client = await self.connect()
+            raw = self.schema.key(key).encode()
+            got = await client.get(raw)
+            if got is not None and self._still_ours(key, value, got.value):
+                t = client.transactions
+                await client.transaction(compare=[t.mod(raw) == got.mod_revision], success=[t.delete(raw)],
+                                         failure=[])
+        except BaseException:
+            self.held.setdefault(key, value)  # still ours in etcd: a later release tries again
+            raise
+
+    def _still_ours(self, key: Key, value: Value, raw: bytes) -> bool:
+        """Whether etcd's value at ``key`` is this host's: the same owning host for endpoints and
+        addresses (our own later write may differ in detail), the same value otherwise."""
+        try:
+            current = self.schema.decode(key, raw)
+        except ValueError:
+            return False
+        mine = getattr(value, "host", None)
+        return current.host == mine if mine is not None else current == value  # type: ignore[union-attr]
+
+    def forget(self, key: Key) -> None:
+        """Stop holding ``key`` without touching etcd (it goes with our lease, or was never written)."""
+        self.held.pop(key, None)
+        self._pending.discard(key)
 
     async def create_if_missing(self, key: Key, value: Value) -> bool:
         """Compare-and-create without a lease (e.g. a network's definition); True if we made it."""

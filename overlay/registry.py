@@ -176,7 +176,11 @@ def check(k: Key, value: Value) -> None:
         if value.mtu is not None and not 68 <= value.mtu <= 65485:
             raise ValueError(f"mtu {value.mtu} is not 68 to 65485")
         if value.gateway is not None:
-            ipaddress.IPv4Address(value.gateway)
+            gateway = ipaddress.IPv4Address(value.gateway)
+            if value.subnet is not None:
+                subnet = ipaddress.IPv4Network(value.subnet)
+                if gateway not in subnet or gateway in (subnet.network_address, subnet.broadcast_address):
+                    raise ValueError(f"gateway {gateway} is not a host address of subnet {subnet}")
     elif isinstance(value, Host):
         ipaddress.IPv4Address(value.address)
         for port in (value.port, value.probe_port):

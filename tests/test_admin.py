@@ -99,7 +99,7 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
     assert etcd.value("/networks/42") == etcd.schema.encode(Network(42, "blue", "198.19.42.0/24", 1450)).decode()
     one_line_error(etcd.cli("net", "create", "42"), 1, "network 42 exists")
     assert json.loads(etcd.value("/networks/42"))["name"] == "blue"  # not overwritten
-    assert etcd.json("net", "create", "420") == {"vni": 420, "name": "net420", "subnet": None, "mtu": None}
+    assert etcd.json("net", "create", "420") == {"vni": 420, "name": "net420", "subnet": None, "mtu": None, "gateway": None}
     assert etcd.value("/networks/420") == etcd.schema.encode(Network(420, "net420")).decode()
 
     # A member (an agent's, under its lease) and endpoints; 420 shares 42's digits, not its keys.
@@ -191,13 +191,14 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
     h1, h9 = rows
     assert h1["alive"] is True and 1 <= h1["ttl"] <= 30 and int(h1["lease"], 16) == int(lease, 16)
     assert h1 | {"ttl": 0} == {"host": "h1", "address": "198.18.0.1", "port": 4789, "alive": True,
-                               "lease": h1["lease"], "ttl": 0, "networks": [42]}
+                               "lease": h1["lease"], "ttl": 0, "networks": [42],
+                               "rtt_ms": None, "loss": None, "reachable": None}  # no agent here: no probes
     assert h9 == {"host": "h9", "address": None, "port": None, "alive": False, "lease": None, "ttl": None,
-                  "networks": []}
+                  "networks": [], "rtt_ms": None, "loss": None, "reachable": None}
     table = ok(etcd.cli("host", "ls")).splitlines()
-    assert table[0].split() == ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS"]
+    assert table[0].split() == ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "RTT", "LOSS", "PATH"]
     cells = table[1].split()
-    assert cells[:3] == ["h1", "198.18.0.1:4789", "yes"] and cells[4:] == ["s", "42"]
+    assert cells[:3] == ["h1", "198.18.0.1:4789", "yes"] and cells[4:] == ["s", "42", "-", "-", "-"]
     assert table[2].split()[:3] == ["h9", "-", "no"]
     # The VNI has members but no definition: listed as such.
     assert etcd.json("net", "ls")[0] == {"vni": 42, "name": None, "subnet": None, "mtu": None,

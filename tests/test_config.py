@@ -77,3 +77,90 @@ def test_etcd_settings_of_the_wrong_type_are_clear_errors(override: dict[str, ob
                 "etcd_user": "root", "etcd_password": "pw"}
     with pytest.raises(ConfigError, match=message):
         build({**settings, **override})
+
+
+# --- containers, metrics and probes ------------------------------------------------------------
+
+ETCD = {"etcd": ["http://198.18.0.250:2379"], "host_id": "h1", "network": [42], "local": "198.18.0.1"}
+
+
+def test_the_bridge_is_off_in_static_mode_and_on_in_etcd_mode() -> None:
+    assert build(BASE).bridge is False
+    assert build(ETCD).bridge is True
+    assert build({**BASE, "bridge": True}).bridge is True
+
+
+def test_no_bridge_in_etcd_mode() -> None:
+    assert build({**ETCD, "bridge": False}).bridge is False  # --no-bridge
+    assert build({**ETCD, "bridge": "off"}).bridge is False
+    with pytest.raises(ConfigError, match="bridge: 'sometimes' is not true or false"):
+        build({**ETCD, "bridge": "sometimes"})
+
+
+def test_defaults_of_state_dir_metrics_and_probes() -> None:
+    for cfg in (build(BASE), build(ETCD)):
+        assert cfg.state_dir == "/run/overlay"
+        assert cfg.metrics is None and cfg.metrics_address == ("127.0.0.1", 9465)
+        assert cfg.probe_port is None and cfg.probe == 4799
+
+
+@pytest.mark.parametrize("base", [BASE, ETCD])
+def test_state_dir_must_be_an_absolute_path(base: dict[str, object]) -> None:
+    assert build({**base, "state_dir": "/var/lib/overlay"}).state_dir == "/var/lib/overlay"
+    for bad in ("run/overlay", "", "./state", 5):
+        with pytest.raises(ConfigError, match=r"state_dir: .* is not an absolute directory path like /run/overlay"):
+            build({**base, "state_dir": bad})
+
+
+@pytest.mark.parametrize(("given", "address"), [
+    ("off", None), ("OFF", None), ("127.0.0.1:9465", ("127.0.0.1", 9465)), ("198.18.0.1:80", ("198.18.0.1", 80)),
+    (":9000", ("127.0.0.1", 9000)), ("[::1]:9465", ("::1", 9465)),
+])
+def test_metrics_endpoints(given: str, address: tuple[str, int] | None) -> None:
+    for base in (BASE, ETCD):
+        cfg = build({**base, "metrics": given})
+        assert cfg.metrics == given and cfg.metrics_address == address
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ("127.0.0.1", r"metrics: '127.0.0.1': no port; write IP:PORT"),
+    ("localhost:9465", r"metrics: 'localhost:9465': 'localhost' is not an IP address"),
+    ("127.0.0.1:0", r"metrics: '127.0.0.1:0': the port must be a number from 1 to 65535"),
+    ("127.0.0.1:65536", r"the port must be a number from 1 to 65535"),
+    ("127.0.0.1:http", r"the port must be a number from 1 to 65535"),
+    ("::1:9465", r"put an IPv6 address in brackets"),
+    ("[127.0.0.1]:9465", r"brackets are for IPv6 addresses"),
+    ("", r"metrics: '': no port"),
+    (9465, r"metrics: 9465 is not HOST:PORT \(e.g. 127.0.0.1:9465\) or \"off\""),
+    (False, r"metrics: False is not HOST:PORT"),
+])
+def test_bad_metrics_endpoints_say_what_is_accepted(given: object, message: str) -> None:
+    for base in (BASE, ETCD):
+        with pytest.raises(ConfigError, match=message):
+            build({**base, "metrics": given})
+
+
+def test_probe_port_from_0_which_turns_probes_off_to_65535() -> None:
+    assert build({**BASE, "probe_port": "0"}).probe == 0
+    assert build({**ETCD, "probe_port": 0}).probe == 0
+    assert build({**BASE, "probe_port": "65535"}).probe == 65535
+    assert build({**ETCD, "probe_port": 4800}).probe == 4800
+    for bad in ("-1", "65536", "x", True, 1.5):
+        with pytest.raises(ConfigError, match=r"probe_port: .* is not an integer from 0 to 65535"):
+            build({**BASE, "probe_port": bad})
+
+
+def test_toml_accepts_bridge_state_dir_metrics_and_probe_port() -> None:
+    text = ('etcd = ["http://198.18.0.250:2379"]\nhost_id = "h1"\nnetwork = [42]\nlocal = "198.18.0.1"\n'
+            'bridge = false\nstate_dir = "/var/lib/overlay"\nmetrics = "off"\nprobe_port = 0\n')
+    cfg = build(parse_toml(text, "a.toml"))
+    assert (cfg.bridge, cfg.state_dir, cfg.metrics_address, cfg.probe) == (False, "/var/lib/overlay", None, 0)
+    static = build(parse_toml('vni = 7\nlocal = "198.18.0.1"\nbridge = true\nmetrics = "198.18.0.1:9100"\n'
+                              'probe_port = 4800\n', "b.toml"))
+    assert (static.bridge, static.metrics_address, static.probe) == (True, ("198.18.0.1", 9100), 4800)
+
+
+def test_flags_override_the_files_bridge_and_metrics() -> None:
+    data = parse_toml('vni = 7\nlocal = "198.18.0.1"\nbridge = true\nmetrics = "off"\n', "a.toml")
+    cfg = build({**data, "bridge": False, "metrics": "127.0.0.1:9999"})
+    assert cfg.bridge is False and cfg.metrics_address == ("127.0.0.1", 9999)
