@@ -36,10 +36,10 @@ class World:
         self.lab, self.etcd, self.tmp = lab, etcd, tmp
         self.agents: dict[int, subprocess.Popen[Any]] = {}
 
-    def start(self, host: int) -> subprocess.Popen[Any]:
+    def start(self, host: int, ttl: int = TTL) -> subprocess.Popen[Any]:
         argv = [*OVERLAY, "agent", "--etcd", self.etcd.endpoint, "--host-id", f"h{host}",
                 "--local", str(self.lab.address(host)), "--network", str(BLUE), "--network", str(RED),
-                "--lease-ttl", str(TTL), "--state-dir", str(self.tmp / "state")]
+                "--lease-ttl", str(ttl), "--state-dir", str(self.tmp / "state")]
         self.agents[host] = start_agent(self.lab, host, [], log_dir=self.tmp, argv=argv, tap=TAP)
         return self.agents[host]
 
@@ -217,3 +217,48 @@ def test_a_restarted_agent_takes_its_containers_back_and_a_vanished_one_is_relea
              "the agent to notice the container is gone")
     wait_for(lambda: f"{P}/networks/{BLUE}/ipam/{ip(gone)}" not in world.etcd_keys(f"{P}/networks/{BLUE}/ipam/"),
              5, "its address to be released")
+
+
+def scrape(lab: Lab, host: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The agent's Prometheus metrics, fetched inside ``host`` (its loopback) and parsed."""
+    code = ("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9465/metrics', timeout=5)"
+            ".read().decode())")
+    text = lab.run(host, [sys.executable, "-c", code]).stdout
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_and_peer_probes_show_a_peer_that_stops_answering(world: World) -> None:
+    lab = world.lab
+    world.agents[2].terminate()
+    world.agents[2].wait(timeout=15)
+    world.start(2, ttl=60)  # its registration outlives the pause below
+    world.attach(1, "m1", "blue")
+    b = world.attach(2, "m2", "blue")
+    assert world.ping("m1", ip(b), count=3)
+
+    def probe(host: int, peer: str) -> dict[str, Any]:
+        return status(lab, host, TAP)["probes"].get(peer) or {}
+
+    wait_for(lambda: probe(1, "h2").get("reachable") and probe(1, "h3").get("reachable"), 10, "h1 to hear h2 and h3")
+    metrics = scrape(lab, 1)
+    assert metrics[("overlay_peer_reachable", (("peer", "h2"),))] == 1
+    assert 0 < metrics[("overlay_peer_rtt_seconds", (("peer", "h2"),))] < 0.5
+    assert metrics[("overlay_registry_connected", ())] == 1
+    assert metrics[("overlay_vtep_tx_frames_total", (("vtep", f"{lab.address(2)}:4789"),))] >= 3
+    assert ("overlay_fdb_entries", (("source", "registry"),)) in metrics
+    assert "RTT" in world.overlay(1, "host", "ls", "--etcd", world.etcd.endpoint).stdout
+
+    world.agents[2].send_signal(signal.SIGSTOP)  # alive in etcd (its lease has 60 s), silent on the wire
+    try:
+        wait_for(lambda: probe(1, "h2").get("reachable") is False, 10, "h1 to mark h2 unreachable")
+        assert probe(1, "h3")["reachable"] and probe(1, "h2")["loss"] > 0
+        assert scrape(lab, 1)[("overlay_peer_reachable", (("peer", "h2"),))] == 0
+        assert "UNREACHABLE" in world.overlay(1, "status").stdout
+        fdb = {e["mac"]: e for e in status(lab, 1, TAP, cmd="fdb")}
+        assert fdb[b["mac"]]["source"] == "registry"  # forwarding stays registry-driven
+    finally:
+        world.agents[2].send_signal(signal.SIGCONT)
+    wait_for(lambda: probe(1, "h2").get("reachable"), 10, "h2 to be reachable again")
