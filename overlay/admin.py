@@ -239,7 +239,7 @@ async def _connect(target: Target) -> Session:
         try:
             async def probe() -> None:
                 await client.connect()
-                await client.get(schema.prefix.encode())  # a round trip: is it really there?
+                await client.get((schema.prefix + "/").encode())  # a round trip: is it really there?
 
             await asyncio.wait_for(probe(), CONNECT_TIMEOUT)
         except Exception as e:

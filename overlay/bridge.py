@@ -86,9 +86,9 @@ def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None,
                 assert index is not None
             # An explicit MAC, always: a bridge left to itself takes its lowest port's MAC, and
             # would change it (and the host's endpoint) whenever a container is plugged in.
-            if mac is None:
+            if mac is None:  # a bridge kept from our last run keeps the MAC we gave it
                 current = ipr.get_links(index)[0]
-                mac = int(current.get_attr("IFLA_ADDRESS").replace(":", ""), 16) if index_had_mac(current) else None
+                mac = int(current.get_attr("IFLA_ADDRESS").replace(":", ""), 16) if mac_was_set(name) else None
             ipr.link("set", index=index, mtu=mtu, address=mac_to_str(mac if mac is not None else random_mac()))
             quiet_port(tap)
             ipr.link("set", index=_index(ipr, tap), master=index, state="up")
@@ -105,9 +105,14 @@ def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None,
         return int(link.get_attr("IFLA_ADDRESS").replace(":", ""), 16)
 
 
-def index_had_mac(link: object) -> bool:
-    """Whether a bridge's MAC was set explicitly (by us, before a restart): then it is kept."""
-    return link.get_attr("IFLA_ADDR_ASSIGN_TYPE") == 3  # type: ignore[attr-defined]  # NET_ADDR_SET
+def mac_was_set(ifname: str) -> bool:
+    """Whether an interface's MAC was set explicitly (NET_ADDR_SET), e.g. by us before a restart.
+    From sysfs: pyroute2 does not decode IFLA_ADDR_ASSIGN_TYPE."""
+    try:
+        with open(f"/sys/class/net/{ifname}/addr_assign_type") as f:
+            return f.read().strip() == "3"
+    except OSError:
+        return False
 
 
 def random_mac() -> int:

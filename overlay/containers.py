@@ -65,6 +65,9 @@ def netns_id(path: str) -> str:
     path or PID all lead to the same inode)."""
     try:
         st = os.stat(path)
+    except PermissionError as e:
+        raise Refused(f"the agent may not open {path} ({e.strerror}): entering another process's namespace by PID "
+                      f"needs CAP_SYS_PTRACE (and CAP_SYS_ADMIN); or give a namespace path or name", "netns") from None
     except OSError as e:
         raise Refused(f"no network namespace at {path} ({e.strerror}): is the container running?", "netns") from None
     return f"{st.st_dev}:{st.st_ino}"

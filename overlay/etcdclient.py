@@ -154,11 +154,16 @@ class EtcdClient:
                                       timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
             try:
                 await client.connect()
-                await client.get(self.schema.prefix.encode())  # a round trip: is it really there?
+                await client.get((self.schema.prefix + "/").encode())  # a round trip: is it really there?
             except ERRORS as e:
                 await client.close()
                 if "authentication failed" in str(e) or isinstance(e, aetcd.exceptions.UnauthenticatedError):
                     raise EtcdError("etcd refused the user name or password (--etcd-user, --etcd-password)") from None
+                if "permission denied" in str(e):
+                    raise EtcdError(f"etcd denied access under {self.schema.prefix}/: grant this user's role "
+                                    f"readwrite on the prefix {self.schema.prefix}/ "
+                                    f"('etcdctl role grant-permission ROLE --prefix=true readwrite "
+                                    f"{self.schema.prefix}/')") from None
                 last = e
                 continue
             self._client = client

@@ -99,3 +99,22 @@ def test_operator_commands_over_tls(tmp_path: Path) -> None:
             assert '"vni": 42' in lab.run(1, [*overlay, "net", "ls", "--json", *tls]).stdout
         finally:
             etcd.stop()
+
+
+def test_a_role_limited_to_the_prefix_is_enough_and_a_role_without_it_is_refused_at_once(tmp_path: Path) -> None:
+    """Least privilege as deploy/etcd/README.md sets it up: readwrite on <prefix>/ and nothing else."""
+    with Lab(f"r{os.getpid() % 100000}", hosts=2) as lab, etcdlab.single(lab) as etcd:
+        for args in (("user", "add", "root:rootpw"), ("user", "grant-role", "root", "root"),
+                     ("role", "add", "overlay"),
+                     ("role", "grant-permission", "overlay", "readwrite", "--prefix=true", "/overlay/v1/"),
+                     ("user", "add", "agent:agentpw"), ("user", "grant-role", "agent", "overlay"),
+                     ("user", "add", "nobody:nobodypw"), ("auth", "enable")):
+            etcdlab.etcdctl(etcd, *args, check=True)
+        auth = ["--etcd-user", "agent", "--etcd-password", "agentpw"]
+        for h in (1, 2):
+            start_agent(lab, h, [], log_dir=tmp_path, argv=etcd_agent_argv(lab, h, [etcd.endpoint], *auth))
+        wait_ping(lab, 1, overlay_ip(2))
+        argv = etcd_agent_argv(lab, 1, [etcd.endpoint], "--etcd-user", "nobody", "--etcd-password", "nobodypw",
+                               "--tap", "ovl3", "--port", "4791", "--host-id", "h9")
+        refused = lab.run(1, argv, check=False, timeout=60)
+        assert refused.returncode == 1 and "denied access under /overlay/v1/" in refused.stderr
