@@ -59,9 +59,10 @@ def setup_overlay(lab: Lab, etcd: str | None = None) -> Callable[[], None]:
         procs.append(lab.spawn(h, [sys.executable, "-m", "overlay.cli", "agent", *mode,
                                    "--local", str(lab.address(h)), "--tap", "ovl0", "--address", OVERLAY_NET.format(h)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    for h in (1, 2):
-        wait_for(lambda h=h: "ovl0" in lab.run(h, ["ip", "-br", "addr"]).stdout and "198.19.42" in
-                 lab.run(h, ["ip", "-br", "addr", "show", "ovl0"], check=False).stdout, 20, f"agent on host {h}")
+    for h in (1, 2):  # the address is on ovl0 (static) or on the network's bridge ovbr42 (etcd mode)
+        address = OVERLAY_NET.format(h).split("/")[0]
+        wait_for(lambda h=h, address=address: f" {address}/" in lab.run(h, ["ip", "-br", "addr"]).stdout, 20,
+                 f"agent on host {h}")
 
     def teardown() -> None:
         for p in procs:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from overlay import bridge, control, metrics
 from overlay.probe import Prober, ProbeError
-from overlay.containers import Containers
+from overlay.containers import Containers, read_state
 from overlay.config import AgentConfig, tap_names
 from overlay.etcdclient import ERRORS as ETCD_ERRORS
 from overlay.etcdclient import EtcdClient, EtcdError, Tls, retry
@@ -196,7 +196,11 @@ class Agent:
             if metrics_server is not None:
                 metrics_server.close()
             if self.etcd is not None:
-                await self.etcd.close()
+                keep = self.containers is not None and self.containers.stopping(self.etcd.lease)
+                if keep:
+                    log.info("containers stay attached: the lease lives on for %d s for the next agent to resume",
+                             cfg.lease_ttl)
+                await self.etcd.close(revoke=not keep)
             server.close()
             self.dataplane.stop()
         if failure:
@@ -256,8 +260,14 @@ class Agent:
         self.etcd = client = EtcdClient(list(cfg.etcd), registry, lambda evs: topology.apply(evs, time.monotonic()),
                                         ttl=cfg.lease_ttl, user=cfg.etcd_user, password=cfg.etcd_password, tls=tls)
         await retry("connecting to etcd", client.connect, 30)
+        resume = None
+        if cfg.bridge:
+            try:
+                resume = read_state(Path(cfg.state_dir) / f"{cfg.host_id}.json")[0]
+            except (OSError, ValueError, AttributeError):
+                resume = None  # Containers.adopt says what is wrong with the file
         await client.register(cfg.host_id, Host(str(cfg.local), cfg.port, cfg.probe or None),
-                              wait_for_old=cfg.lease_ttl + 2)
+                              wait_for_old=cfg.lease_ttl + 2, resume=resume)
         subnet = str(cfg.address.network) if cfg.address else None
         for vni, mac in self.macs.items():
             if await client.create_if_missing(NetworkKey(vni), Network(vni, f"net{vni}", subnet, self.mtu)):

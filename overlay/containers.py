@@ -217,7 +217,7 @@ class Containers:
         if self.state is None or not self.state.exists():
             return
         try:
-            saved = [Attachment(**a) for a in json.loads(self.state.read_text())]
+            saved = [Attachment(**a) for a in read_state(self.state)[1]]
         except (OSError, ValueError, TypeError) as e:
             log.warning("state file %s is unreadable (%s); starting without attachments", self.state, e)
             return
@@ -245,6 +245,14 @@ class Containers:
         await self.client.hold(EndpointKey(a.vni, mac_to_int(a.mac)), Endpoint(self.host_id, [str(address.ip)]))
         self.attached[a.id] = a
         log.info("adopted %s: %s %s on network %s", a.id, a.mac, a.address, a.network)
+
+    def stopping(self, lease: int | None) -> bool:
+        """The agent stops. With containers attached, keep the lease alive (True): their
+        addresses and endpoints stay claimed for the lease's TTL, and a restarted agent resumes
+        the lease, so no other host can take an address meanwhile."""
+        keep = bool(self.attached) and lease is not None
+        self._save(lease if keep else None)
+        return keep
 
     async def reap(self) -> None:
         """Forever: release the attachments whose veth vanished (the container's namespace
@@ -352,18 +360,32 @@ class Containers:
         self._save()
         log.info("detached %s: %s %s from network %s", a.id, a.mac, a.address, a.network)
 
-    def _save(self) -> None:
-        """Write the attachments atomically (a crash mid-write keeps the old file)."""
+    def _save(self, lease: int | None = None) -> None:
+        """Write the attachments atomically (a crash mid-write keeps the old file), with the
+        lease a successor may resume (only when stopping: see ``stopping``)."""
         if self.state is None:
             return
         try:
             self.state.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state.with_suffix(".tmp")
-            tmp.write_text(json.dumps([a.to_json() for a in self.attached.values()], indent=1))
+            state = {"lease": lease, "attachments": [a.to_json() for a in self.attached.values()]}
+            tmp.write_text(json.dumps(state, indent=1))
             os.replace(tmp, self.state)
         except OSError as e:
             log.warning("cannot write the state file %s (%s): attachments will not survive a restart",
                         self.state, e.strerror)
+
+
+def read_state(path: Path) -> tuple[int | None, list[dict[str, Any]]]:
+    """(lease to resume, attachments) from a state file; (None, []) if there is none."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, []
+    if isinstance(data, list):  # the first format: attachments only
+        return None, data
+    lease = data.get("lease")
+    return (lease if isinstance(lease, int) else None), list(data.get("attachments") or [])
 
 
 def _etcd_refusal(e: BaseException) -> Refused:

@@ -184,9 +184,10 @@ class EtcdClient:
             except Exception:
                 pass
 
-    async def close(self) -> None:
-        """Revoke our lease (our keys vanish at once) and disconnect."""
-        if self._client is not None and self._lease is not None:
+    async def close(self, revoke: bool = True) -> None:
+        """Revoke our lease (our keys vanish at once) and disconnect. ``revoke=False`` leaves
+        the lease to live out its TTL, for a successor to resume (``register(resume=...)``)."""
+        if revoke and self._client is not None and self._lease is not None:
             try:
                 await asyncio.wait_for(self._client.revoke_lease(self._lease), 2)
             except Exception:
@@ -195,12 +196,16 @@ class EtcdClient:
 
     # --- lease and what we hold under it ----------------------------------------------------------
 
-    async def register(self, host_id: str, host: Host, wait_for_old: float) -> None:
+    async def register(self, host_id: str, host: Host, wait_for_old: float, resume: int | None = None) -> None:
         """Claim hosts/<host_id> under a fresh lease by compare-and-create. If another agent holds
         it, wait up to ``wait_for_old`` seconds (the key of a dead agent goes with its lease),
-        then raise EtcdError."""
+        then raise EtcdError. ``resume``: the lease of this host's previous agent, left alive on
+        purpose (a restart with containers attached); if it still lives it is taken over, so the
+        host's keys never leave the registry."""
         client = await self.connect()
         key = self.schema.key(HostKey(host_id)).encode()
+        if resume is not None and await self._resume(client, key, host_id, host, resume):
+            return
         lease = await client.lease(self.ttl)
         self._lease = lease.id
         deadline = asyncio.get_running_loop().time() + wait_for_old
@@ -221,6 +226,24 @@ class EtcdClient:
                 )
             await asyncio.sleep(0.5)
             await client.refresh_lease(lease.id)  # ours must outlive the wait
+
+    async def _resume(self, client: aetcd.Client, key: bytes, host_id: str, host: Host, lease: int) -> bool:
+        try:
+            alive = getattr(await client.refresh_lease(lease), "TTL", 0) > 0
+        except ERRORS:
+            alive = False
+        current = await client.get(key) if alive else None
+        if not alive or (current is not None and current.lease != lease):
+            return False
+        self._lease = lease
+        await client.put(key, self.schema.encode(host), lease)
+        self.held[HostKey(host_id)] = host
+        log.info("etcd: resumed the lease of this host's previous agent (%x): its keys stayed in place", lease)
+        return True
+
+    @property
+    def lease(self) -> int | None:
+        return self._lease
 
     async def hold(self, key: Key, value: Value) -> None:
         """Write ``key`` under our lease, and again whenever the lease is renewed, after a failed

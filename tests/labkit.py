@@ -29,7 +29,7 @@ def agent_argv(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "o
 def etcd_agent_argv(lab: Lab, host: int, etcd: list[str], *extra: str, tap: str = "ovl0") -> list[str]:
     argv = [sys.executable, "-m", "overlay.cli", "agent", "--host-id", f"h{host}", "--network", str(VNI),
             "--local", str(lab.address(host)), "--tap", tap, "--address", f"{overlay_ip(host)}/24",
-            "--mac", f"02:00:00:00:00:{host:02x}"]
+            "--mac", f"02:00:00:00:00:{host:02x}", "--state-dir", f"/tmp/overlay-state-{lab.name}"]
     for e in etcd:
         argv += ["--etcd", e]
     return argv + list(extra)

@@ -208,7 +208,13 @@ def test_a_restarted_agent_takes_its_containers_back_and_a_vanished_one_is_relea
     world.agents[1].terminate()
     assert world.agents[1].wait(timeout=15) == 0
     assert f"ovbr{BLUE}" in lab.run(1, ["ip", "-br", "link"]).stdout  # containers still plugged: bridge stays
+    # The lease was left alive for the next agent: the addresses stay claimed across the restart.
+    claims = {f"{P}/networks/{BLUE}/ipam/{ip(kept)}", f"{P}/networks/{BLUE}/ipam/{ip(gone)}"}
+    assert claims <= set(world.etcd_keys(f"{P}/networks/{BLUE}/ipam/"))
     world.start(1)
+    log = (world.tmp / f"agent-{lab.name}-h1-{TAP}.log").read_text()
+    assert "resumed the lease of this host's previous agent" in log
+    assert claims <= set(world.etcd_keys(f"{P}/networks/{BLUE}/ipam/"))
     attached = {a["id"] for a in status(lab, 1, TAP)["attachments"]}
     assert attached == {kept["id"], gone["id"]}
     wait_for(lambda: world.ping("peer", ip(kept), wait=0.5), 10, "the adopted container to be reachable again")
