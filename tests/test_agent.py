@@ -56,6 +56,14 @@ def test_status_reports_traffic_per_peer(lab3: Lab) -> None:
     assert status(lab3, 2)["agent"]["local"] == str(lab3.address(2))
 
 
+def test_static_agents_probe_their_peers_and_refuse_attach_clearly(lab3: Lab) -> None:
+    wait_for(lambda: all(p["reachable"] for p in status(lab3, 1)["probes"].values())
+             and len(status(lab3, 1)["probes"]) == 2, 10, "h1's probes of h2 and h3")
+    ns = lab3.add_container("static")
+    result = lab3.run(1, [sys.executable, "-m", "overlay.cli", "attach", ns, "--net", str(VNI)], check=False)
+    assert result.returncode == 2 and "needs the registry" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_100_mb_tcp_transfer_arrives_byte_identical(lab3: Lab, tmp_path: Path) -> None:
     data = tmp_path / "payload"
     with open(data, "wb") as f:
