@@ -333,9 +333,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="bring up a lab with agents, ping across it, tear it down",
-                       description="A local multi-host demo: a lab of hosts, an agent on each, pings "
-                                   "between every pair over the overlay, the agents' status, then cleanup.")
+    p = sub.add_parser("demo", help="bring up a lab with agents and containers on two networks, ping across it, tear it down",
+                       description="A local multi-host demo: a lab of hosts and a real etcd, an agent on "
+                                   "each on networks blue and red, two containers per host attached with "
+                                   "'overlay attach', pings between every pair of containers (same network "
+                                   "talks, cross network does not), the registry and status, then cleanup.")
     p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
     p.set_defaults(func=cmd_demo)
 
