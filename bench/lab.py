@@ -73,12 +73,15 @@ def setup_overlay(lab: Lab, etcd: str | None = None) -> Callable[[], None]:
     return teardown
 
 
+FIXED_RATE = "20M"  # 64-byte payloads: 39 kpps offered, below every dataplane's capacity on this lab
+
+
 def measure(lab: Lab, seconds: int, dst: str | None = None, streams: int = 1, only_tcp: bool = False,
             tcp: bool = True, progress: Callable[[str], None] = lambda what: None,
             cpu: Callable[[], float] | None = None) -> dict[str, float]:
     """iperf3 TCP (``streams`` streams; its bytes as tcp_bytes and, with ``cpu``, the CPU
-    seconds ``cpu()`` counted during it as tcp_cpu_s), 64-byte UDP at full offered load, and
-    200 pings, from host 1 to ``dst`` (default: host 2's overlay address)."""
+    seconds ``cpu()`` counted during it as tcp_cpu_s), 64-byte UDP at full offered load and at
+    FIXED_RATE, and 200 pings, from host 1 to ``dst`` (default: host 2's overlay address)."""
     dst = dst or OVERLAY_NET.format(2).split("/")[0]
     wait_for(lambda: lab.run(1, ["ping", "-c", "1", "-W", "1", dst], check=False).returncode == 0, 20, "ping")
     out: dict[str, float] = {}
@@ -103,6 +106,10 @@ def measure(lab: Lab, seconds: int, dst: str | None = None, streams: int = 1, on
         s = udp["end"]["sum"]
         out["udp64_kpps"] = (s["packets"] - s["lost_packets"]) / s["seconds"] / 1e3
         out["udp64_loss_pct"] = s["lost_percent"]
+        progress(f"UDP, 64-byte payloads at {FIXED_RATE}bit/s")
+        udp = json.loads(lab.run(1, ["iperf3", "-c", dst, "-u", "-l", "64", "-b", FIXED_RATE, "-t", str(seconds),
+                                     "-J"], timeout=seconds + 30).stdout)
+        out["udp64_fixed_loss_pct"] = udp["end"]["sum"]["lost_percent"]
     finally:
         server.kill()
         server.wait()
@@ -130,7 +137,7 @@ def main() -> None:
                     results[name].append({k: v for k, v in measure(lab, args.seconds).items() if k != "tcp_bytes"})
                 finally:
                     teardown()
-    keys = ["tcp_gbps", "udp64_kpps", "udp64_loss_pct", "rtt_median_ms", "rtt_p99_ms"]
+    keys = ["tcp_gbps", "udp64_kpps", "udp64_loss_pct", "udp64_fixed_loss_pct", "rtt_median_ms", "rtt_p99_ms"]
     med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in results.items()}
     lines = [f"medians of {args.rounds} rounds, {args.seconds} s each (spread: min-max)", "",
              "| figure | kernel vxlan | overlay | overlay/kernel |", "|---|---:|---:|---:|"]
