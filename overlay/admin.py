@@ -117,8 +117,9 @@ def parse_gateway(text: str, subnet: str | None) -> str:
         raise UserError(f"--gateway {text!r} is not an IPv4 address like 198.19.42.1") from None
     if subnet is None:
         raise UserError("--gateway needs --subnet (the gateway is an address in it)")
-    if address not in ipaddress.IPv4Network(subnet):
-        raise UserError(f"--gateway {address} is outside --subnet {subnet}")
+    network = ipaddress.IPv4Network(subnet)
+    if address not in network or address in (network.network_address, network.broadcast_address):
+        raise UserError(f"--gateway {address} is not a host address of --subnet {subnet}")
     return str(address)
 
 

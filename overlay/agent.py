@@ -26,7 +26,7 @@ from overlay.containers import Containers, read_state
 from overlay.config import AgentConfig, tap_names
 from overlay.etcdclient import ERRORS as ETCD_ERRORS
 from overlay.etcdclient import EtcdClient, EtcdError, Tls, retry
-from overlay.registry import Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
+from overlay.registry import AddressKey, Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
 from overlay.topology import Topology
 from overlay.dataplane import Dataplane, DataplaneError
 from overlay.fastpath import CoreSink, load
@@ -155,27 +155,25 @@ class Agent:
 
         self.dataplane.on_fatal = fatal
         tasks: list[asyncio.Task[None]] = []
-        if cfg.etcd:  # peers first: frames the TAP sends meanwhile wait in its queue
-            try:
-                tasks = await self._join_registry()
-            except (EtcdError, *ETCD_ERRORS) as e:
-                server.close()
-                self.dataplane.stop()
-                if self.etcd is not None:
-                    await self.etcd.close()  # revokes the lease if we got one
-                raise AgentError(str(e) if isinstance(e, EtcdError) else f"joining the registry failed: {e}") from None
-
-            def supervise(task: asyncio.Task[None]) -> None:
-                if not task.cancelled() and task.exception() is not None:
-                    log.error("registry task failed: %r", task.exception())
-                    fatal(f"the registry task stopped: {task.exception()!r}")
-
-            for task in tasks:
-                task.add_done_callback(supervise)
-        self.dataplane.start(loop)
-        metrics_server = await self._serve_metrics()
-        await self._start_probes()
+        metrics_server: asyncio.AbstractServer | None = None
         try:
+            # Metrics and probes first: the probe port published in the registry must be bound.
+            metrics_server = await self._serve_metrics()
+            await self._start_probes()
+            if cfg.etcd:  # peers first: frames the TAP sends meanwhile wait in its queue
+                try:
+                    tasks = await self._join_registry()
+                except (EtcdError, *ETCD_ERRORS) as e:
+                    raise AgentError(str(e) if isinstance(e, EtcdError) else f"joining the registry failed: {e}") from None
+
+                def supervise(task: asyncio.Task[None]) -> None:
+                    if not task.cancelled() and task.exception() is not None:
+                        log.error("registry task failed: %r", task.exception())
+                        fatal(f"the registry task stopped: {task.exception()!r}")
+
+                for task in tasks:
+                    task.add_done_callback(supervise)
+            self.dataplane.start(loop)
             peers = ", ".join(str(p) for p in cfg.peers) or "none"
             log.info(
                 "ready: tap %s (%s, mtu %d%s) vni %s vtep %s:%d %s",
@@ -189,6 +187,7 @@ class Agent:
             log.info("stopping: removing tap %s", ", ".join(t.name for t in self.taps.values()))
             sd_notify("STOPPING=1")
         finally:
+            server.close()  # first: no attach may start while we stop
             for task in tasks:
                 task.cancel()
             if self.prober is not None:
@@ -196,12 +195,14 @@ class Agent:
             if metrics_server is not None:
                 metrics_server.close()
             if self.etcd is not None:
-                keep = self.containers is not None and self.containers.stopping(self.etcd.lease)
+                keep = False
+                if self.containers is not None:
+                    async with self.containers.lock:  # an attach in flight finishes (or rolls back) first
+                        keep = self.containers.stopping(self.etcd.lease)
                 if keep:
                     log.info("containers stay attached: the lease lives on for %d s for the next agent to resume",
                              cfg.lease_ttl)
                 await self.etcd.close(revoke=not keep)
-            server.close()
             self.dataplane.stop()
         if failure:
             raise AgentError(failure[0])
@@ -228,11 +229,11 @@ class Agent:
         cfg = self.cfg
         if cfg.probe == 0:
             return
-        if self.etcd is not None:
-            registry = self.etcd.registry
-
+        if cfg.etcd:
             def peers() -> dict[str, tuple[str, int]]:
-                return {host: (h.address, h.probe_port) for host, h in registry.hosts().items()
+                if self.etcd is None:
+                    return {}
+                return {host: (h.address, h.probe_port) for host, h in self.etcd.registry.hosts().items()
                         if host != cfg.host_id and h.probe_port}
         else:
             static = {str(p): (str(p), cfg.probe) for p in cfg.peers}
@@ -266,7 +267,8 @@ class Agent:
                 resume = read_state(Path(cfg.state_dir) / f"{cfg.host_id}.json")[0]
             except (OSError, ValueError, AttributeError):
                 resume = None  # Containers.adopt says what is wrong with the file
-        await client.register(cfg.host_id, Host(str(cfg.local), cfg.port, cfg.probe or None),
+        probe_port = self.prober.address[1] if self.prober is not None else None  # only if we answer probes
+        await client.register(cfg.host_id, Host(str(cfg.local), cfg.port, probe_port),
                               wait_for_old=cfg.lease_ttl + 2, resume=resume)
         subnet = str(cfg.address.network) if cfg.address else None
         for vni, mac in self.macs.items():
@@ -286,8 +288,23 @@ class Agent:
             self.containers = Containers(client, registry, cfg.host_id, list(self.macs), self.mtu,
                                          Path(cfg.state_dir), self.core.local_forget)
             await self.containers.adopt()
+            if client.resumed:
+                await self._sweep(client, registry)
             tasks.append(loop.create_task(self.containers.reap()))
         return tasks
+
+    async def _sweep(self, client: EtcdClient, registry: Registry) -> None:
+        """After resuming the previous agent's lease: delete what it held that we do not (the
+        keys of containers not adopted, MACs it had learned, networks no longer joined), or they
+        would live as long as the lease, which is now forever."""
+        cfg = self.cfg
+        stale = [k for k, v in registry.entries.items() if k not in client.held and (
+            (isinstance(k, MemberKey) and k.host == cfg.host_id)
+            or (isinstance(k, (EndpointKey, AddressKey)) and getattr(v.value, "host", None) == cfg.host_id))]
+        for k in stale:
+            await client.delete_if_unchanged(k, registry.revision_of(k))
+        if stale:
+            log.info("registry: removed %d keys the previous agent held and this one does not", len(stale))
 
     def _publish_local(self, client: EtcdClient) -> None:
         """Publish, under our lease, every MAC that sends from our TAP with the IPv4 addresses

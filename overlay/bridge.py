@@ -62,8 +62,11 @@ def quiet_port(ifname: str) -> None:
     try:
         with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
             f.write("1")
-    except OSError:
+    except FileNotFoundError:
         pass  # no IPv6 in this kernel: nothing to quieten
+    except OSError as e:  # e.g. /proc/sys read-only in a container
+        log.warning("cannot turn IPv6 off on bridge port %s (%s): its own neighbour discovery will reach the "
+                    "overlay and be published as an endpoint; mount /proc/sys writable to avoid it", ifname, e.strerror)
 
 
 def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None,
@@ -246,7 +249,11 @@ def netns_socket(path: str) -> IPRoute:
     fd = open_netns(path)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(fd)
+        try:
+            _setns(fd)
+        except OSError as e:
+            hint = ": the agent needs CAP_SYS_ADMIN to enter a container's namespace" if e.errno == errno.EPERM else ""
+            raise PlumbingError(f"cannot enter the network namespace at {path} ({e.strerror}){hint}", "netns") from None
         try:
             ipr = IPRoute()
         finally:

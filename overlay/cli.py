@@ -83,7 +83,8 @@ def add_agent(sub: Any) -> None:
     p.add_argument("--max-per-vni", dest="max_per_vni", metavar="N", help="cap on MACs per VNI (default 65536)")
     p.add_argument("--bridge", dest="bridge", action="store_const", const=True,
                    help="put each network's TAP in a Linux bridge ovbr<vni> that containers are attached to "
-                        "('overlay attach'); the host's --address and --mac go to the bridge (default in etcd mode)")
+                        "('overlay attach', which needs etcd mode); the host's --address and --mac go to the "
+                        "bridge (default in etcd mode)")
     p.add_argument("--no-bridge", dest="bridge", action="store_const", const=False,
                    help="no bridge: the TAP itself holds --address (default in static mode)")
     p.add_argument("--state-dir", dest="state_dir", metavar="DIR",

@@ -22,20 +22,24 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from overlay import bridge, ipam
 from overlay.control import Refused
-from overlay.etcdclient import ERRORS as ETCD_ERRORS
-from overlay.etcdclient import EtcdClient
+from overlay.etcdclient import ERRORS, EtcdClient, EtcdError
 from overlay.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
 from overlay.wire import mac_to_int, mac_to_str
 
 log = logging.getLogger("overlay.containers")
+ETCD_ERRORS = (*ERRORS, EtcdError)  # etcd away, or refusing (a role revoked)
 CLAIM_TRIES = 64
 REAP_EVERY = 2.0
+DETACH_GRACE = 10.0  # seconds a detached MAC's late frames are not taken for a new local endpoint
 
 
 @dataclass(frozen=True)
@@ -65,11 +69,15 @@ def netns_id(path: str) -> str:
     path or PID all lead to the same inode)."""
     try:
         st = os.stat(path)
+        nsfs = os.stat("/proc/self/ns/net").st_dev
     except PermissionError as e:
         raise Refused(f"the agent may not open {path} ({e.strerror}): entering another process's namespace by PID "
                       f"needs CAP_SYS_PTRACE (and CAP_SYS_ADMIN); or give a namespace path or name", "netns") from None
     except OSError as e:
         raise Refused(f"no network namespace at {path} ({e.strerror}): is the container running?", "netns") from None
+    if st.st_dev != nsfs:
+        raise Refused(f"{path} is not a network namespace: give a name from 'ip netns', a path like "
+                      f"/run/netns/NAME or /proc/PID/ns/net, or a PID", "netns")
     return f"{st.st_dev}:{st.st_ino}"
 
 
@@ -84,7 +92,8 @@ class Containers:
         self.forget_local = forget_local  # the fast path's memory of MACs seen behind our TAP
         self.attached: dict[str, Attachment] = {}
         self._attaching: set[tuple[int, int]] = set()  # (vni, MAC) plugged but not yet recorded
-        self._lock = asyncio.Lock()  # one change at a time: IPAM picks must see each other
+        self._detached: dict[tuple[int, int], float] = {}  # (vni, MAC) -> when: its frames may still be queued
+        self.lock = asyncio.Lock()  # one change at a time: IPAM picks must see each other
 
     # --- control commands ------------------------------------------------------------------
 
@@ -99,7 +108,7 @@ class Containers:
         attachment_id = _text(req, "id") or f"netns/{netns_id(netns)}/{ifname}"
         gateway = self._gateway(_text(req, "gateway") or network.gateway, network)
         self._connected()
-        async with self._lock:
+        async with self.lock:
             existing = self.attached.get(attachment_id)
             if existing is not None:
                 if existing.vni == vni and await asyncio.to_thread(bridge.exists, existing.host_ifname):
@@ -108,7 +117,7 @@ class Containers:
                               "invalid")
             mac = self._mac(_text(req, "mac"), vni)
             try:
-                address = await self._claim(vni, network, _text(req, "ip"), mac, attachment_id)
+                address = await self._claim(vni, network, _text(req, "ip"), mac, attachment_id, gateway)
             except ETCD_ERRORS as e:
                 raise _etcd_refusal(e) from None
             if gateway is not None and gateway not in address.network:
@@ -137,14 +146,20 @@ class Containers:
         return a.to_json()
 
     def owns(self, vni: int, mac: int) -> bool:
-        """Whether ``mac`` on ``vni`` is an attached container's (its endpoint is ours to write)."""
-        return (vni, mac) in self._attaching or any(
-            a.vni == vni and mac_to_int(a.mac) == mac for a in self.attached.values())
+        """Whether ``mac`` on ``vni`` is (or just was) an attached container's: attach publishes
+        its endpoint, and a frame it sent before a detach, read from the TAP after it, must not
+        publish it again."""
+        if (vni, mac) in self._attaching or any(a.vni == vni and mac_to_int(a.mac) == mac
+                                                for a in self.attached.values()):
+            return True
+        when = self._detached.get((vni, mac))
+        return when is not None and time.monotonic() - when < DETACH_GRACE
 
     async def _undo(self, a: Attachment, endpoint: EndpointKey, address: ipaddress.IPv4Interface) -> None:
         """Roll back a half-made attach; errors here must not hide the one that caused it."""
         await self._quietly(asyncio.to_thread(bridge.unplug, a.host_ifname))
-        self.client.forget(endpoint)
+        await self._quietly(self.client.release(endpoint))  # it may have been written before the failure
+        self.client.forget(endpoint)  # and if etcd did not answer, it must not be written later
         await self._quietly(self._release_address(a.vni, address))
 
     @staticmethod
@@ -167,8 +182,7 @@ class Containers:
         netns = _text(req, "netns")
         if attachment_id is None and netns is None:
             raise Refused("say what to detach: a namespace (netns) or an attachment id", "invalid")
-        self._connected()
-        async with self._lock:
+        async with self.lock:
             if attachment_id is not None:
                 chosen = [self.attached[attachment_id]] if attachment_id in self.attached else []
             else:
@@ -182,8 +196,11 @@ class Containers:
             for a in chosen:
                 try:
                     await self._remove(a, unplug=True)
-                except ETCD_ERRORS as e:  # the veth is gone; the keys stay held, to be released next time
-                    raise _etcd_refusal(e) from None
+                except ETCD_ERRORS as e:
+                    # The container is off the network; its address and endpoint stay held until
+                    # etcd answers again: the reaper (its veth is gone) releases them then.
+                    log.warning("detached %s, but etcd did not answer (%s): its address and endpoint are "
+                                "released once it does", a.id, e.__class__.__name__)
                 except bridge.PlumbingError as e:
                     raise Refused(str(e), e.kind) from None
         return {"detached": [a.to_json() for a in chosen]}
@@ -195,7 +212,7 @@ class Containers:
             raise Refused(f"{attachment_id} is not attached on this host", "unknown")
         try:
             problems = await asyncio.to_thread(bridge.problems, a.plug())
-        except (bridge.PlumbingError, OSError) as e:
+        except (bridge.PlumbingError, OSError, NetlinkError) as e:
             problems = [str(e)]
         endpoint = self.registry.get(EndpointKey(a.vni, mac_to_int(a.mac)))
         if not isinstance(endpoint, Endpoint) or endpoint.host != self.host_id:
@@ -261,7 +278,7 @@ class Containers:
             await asyncio.sleep(REAP_EVERY)
             for a in list(self.attached.values()):
                 if not await asyncio.to_thread(bridge.exists, a.host_ifname):
-                    async with self._lock:
+                    async with self.lock:
                         if self.attached.get(a.id) is a:
                             log.info("container of %s is gone; releasing %s and %s", a.id, a.address, a.mac)
                             try:
@@ -273,9 +290,14 @@ class Containers:
 
     def _network(self, name: str) -> tuple[int, Network]:
         networks = self.registry.networks()
-        vni = next((v for v, n in networks.items() if n.name == name), None)
-        if vni is None and name.isdigit():
-            vni = int(name)
+        named = [v for v, n in networks.items() if n.name == name]
+        if name.isdigit() and (int(name) in networks or int(name) in self.vnis):
+            vni: int | None = int(name)  # a VNI first: names are for people, and need not be unique
+        elif len(named) > 1:
+            raise Refused(f"several networks are named {name!r} (VNIs {', '.join(map(str, sorted(named)))}): "
+                          f"give the VNI", "network")
+        else:
+            vni = named[0] if named else (int(name) if name.isdigit() else None)
         if vni is None or (vni not in networks and vni not in self.vnis):
             known = ", ".join(f"{n.name or v} ({v})" for v, n in sorted(networks.items())) or "none"
             raise Refused(f"network {name!r} is unknown; networks in the registry: {known} "
@@ -293,8 +315,12 @@ class Containers:
             gateway = ipaddress.IPv4Address(text)
         except ValueError:
             raise Refused(f"--gateway {text!r} is not an IPv4 address", "invalid") from None
-        if network.subnet is not None and gateway not in ipaddress.IPv4Network(network.subnet):
-            raise Refused(f"--gateway {gateway} is outside the container's subnet {network.subnet}", "address")
+        if network.subnet is not None:
+            subnet = ipaddress.IPv4Network(network.subnet)
+            if gateway not in subnet:
+                raise Refused(f"--gateway {gateway} is outside the container's subnet {subnet}", "address")
+            if gateway in (subnet.network_address, subnet.broadcast_address):
+                raise Refused(f"--gateway {gateway} is the network or broadcast address of {subnet}", "address")
         return gateway
 
     def _mac(self, wanted: str | None, vni: int) -> str:
@@ -314,9 +340,10 @@ class Containers:
             raise Refused(f"MAC {mac_to_str(mac)} is already attached here on network {vni}", "address")
         return mac_to_str(mac)
 
-    async def _claim(self, vni: int, network: Network, wanted: str | None, mac: str,
-                     owner: str) -> ipaddress.IPv4Interface:
+    async def _claim(self, vni: int, network: Network, wanted: str | None, mac: str, owner: str,
+                     gateway: ipaddress.IPv4Address | None) -> ipaddress.IPv4Interface:
         allocation = Allocation(self.host_id, mac, owner)
+        used = ipam.taken(self.registry, vni) | ({gateway} if gateway else set())  # never the route out
         try:
             if wanted is not None:
                 try:
@@ -330,14 +357,14 @@ class Containers:
                                       f"has no subnet to take it from)", "invalid")
                     address = ipaddress.IPv4Interface(f"{address.ip}/{ipaddress.IPv4Network(network.subnet).prefixlen}")
                 if network.subnet is not None:
-                    ipam.check(network, address, ipam.taken(self.registry, vni))
+                    ipam.check(network, address, used)
                 if not await self.client.claim(AddressKey(vni, address.ip), allocation):
                     raise Refused(f"address {address.ip} is in use on network {network.name or vni}: pick another, "
                                   f"or leave out --ip to get a free one", "address")
                 return address
             lost: set[ipaddress.IPv4Address] = set()
             for _ in range(CLAIM_TRIES):
-                address = ipam.pick(network, ipam.taken(self.registry, vni) | lost)
+                address = ipam.pick(network, used | lost)
                 if await self.client.claim(AddressKey(vni, address.ip), allocation):
                     return address
                 lost.add(address.ip)  # another host got it first: take the next
@@ -353,7 +380,9 @@ class Containers:
         if unplug:
             await asyncio.to_thread(bridge.unplug, a.host_ifname)
         mac = mac_to_int(a.mac)
-        self.forget_local(a.vni, mac)  # first: a late frame must not publish it again
+        self._detached = {k: t for k, t in self._detached.items() if time.monotonic() - t < DETACH_GRACE}
+        self._detached[a.vni, mac] = time.monotonic()  # first: a late frame must not publish it again
+        self.forget_local(a.vni, mac)
         await self.client.release(EndpointKey(a.vni, mac))
         await self._release_address(a.vni, ipaddress.IPv4Interface(a.address))
         del self.attached[a.id]
@@ -384,6 +413,8 @@ def read_state(path: Path) -> tuple[int | None, list[dict[str, Any]]]:
         return None, []
     if isinstance(data, list):  # the first format: attachments only
         return None, data
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
     lease = data.get("lease")
     return (lease if isinstance(lease, int) else None), list(data.get("attachments") or [])
 

@@ -27,7 +27,8 @@ class ControlError(RuntimeError):
     """No agent answered, or it refused; the message says why. ``kind`` says what was wrong when
     the agent refused ("netns": no such namespace, "network": network unknown or not joined,
     "address": outside the subnet, in use or none left, "invalid": a bad request, "unknown": no
-    such attachment, "broken": check found it damaged) or "agent" when no agent answers; callers
+    such attachment, "broken": check found it damaged, "etcd": the registry is unreachable,
+    "permission": the caller is not root) or "agent" when no agent answers; callers
     such as the CNI plugin map it to codes."""
 
     def __init__(self, message: str, kind: str | None = None) -> None:
@@ -80,7 +81,10 @@ async def serve(tap: str, handlers: dict[str, Handler], privileged: frozenset[st
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout=5)
+            except ValueError:  # longer than the reader's limit
+                line = b"too long"
             try:
                 request = json.loads(line[:MAX_REQUEST])
                 cmd = request.pop("cmd")
@@ -111,7 +115,7 @@ async def serve(tap: str, handlers: dict[str, Handler], privileged: frozenset[st
             writer.close()
 
     try:
-        return await asyncio.start_unix_server(on_client, path=address(tap))
+        return await asyncio.start_unix_server(on_client, path=address(tap), limit=MAX_REQUEST)
     except OSError as e:
         raise ControlError(f"control socket @{PREFIX}{tap} is taken: is an agent for {tap} already running here? ({e.strerror})") from None
 

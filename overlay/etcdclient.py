@@ -119,6 +119,7 @@ class EtcdClient:
     tls: Tls | None = None
     held: dict[Key, Value] = field(default_factory=dict)  # written under our lease, rewritten on renewal
     connected: bool = False
+    resumed: bool = False  # register() took over the previous agent's lease
     reconnects: int = 0
     resyncs: int = 0
     _client: aetcd.Client | None = None
@@ -236,6 +237,7 @@ class EtcdClient:
         if not alive or (current is not None and current.lease != lease):
             return False
         self._lease = lease
+        self.resumed = True
         await client.put(key, self.schema.encode(host), lease)
         self.held[HostKey(host_id)] = host
         log.info("etcd: resumed the lease of this host's previous agent (%x): its keys stayed in place", lease)
@@ -320,6 +322,14 @@ class EtcdClient:
             return False
         mine = getattr(value, "host", None)
         return current.host == mine if mine is not None else current == value  # type: ignore[union-attr]
+
+    async def delete_if_unchanged(self, key: Key, mod_revision: int) -> bool:
+        """Delete ``key`` unless it was written since ``mod_revision``; True if deleted."""
+        client = await self.connect()
+        raw = self.schema.key(key).encode()
+        t = client.transactions
+        ok, _ = await client.transaction(compare=[t.mod(raw) == mod_revision], success=[t.delete(raw)], failure=[])
+        return bool(ok)
 
     def forget(self, key: Key) -> None:
         """Stop holding ``key`` without touching etcd (it goes with our lease, or was never written)."""

@@ -52,6 +52,9 @@ def reserved(network: Network) -> set[ipaddress.IPv4Address]:
 def check(network: Network, wanted: ipaddress.IPv4Interface, used: Iterable[ipaddress.IPv4Address]) -> None:
     """Raise IpamError unless ``wanted`` (an explicit --ip) fits the network and is free."""
     subnet = subnet_of(network)
+    if wanted.ip in subnet and wanted.network != subnet:
+        raise IpamError(f"address {wanted}: network {network.name or network.vni}'s subnet is {subnet}, so the "
+                        f"prefix length must be /{subnet.prefixlen}")
     if wanted.network != subnet:
         raise IpamError(f"address {wanted} is outside network {network.name or network.vni}'s subnet {subnet}: "
                         f"pick one in {subnet}, or leave out --ip to get one")

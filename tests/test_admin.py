@@ -98,6 +98,8 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
     # Exactly what the agents decode: Schema.encode of the registry type.
     assert etcd.value("/networks/42") == etcd.schema.encode(Network(42, "blue", "198.19.42.0/24", 1450)).decode()
     one_line_error(etcd.cli("net", "create", "42"), 1, "network 42 exists")
+    one_line_error(etcd.cli("net", "create", "421", "--subnet", "198.19.42.0/24", "--gateway", "198.19.42.255"), 2,
+                   "not a host address")
     assert json.loads(etcd.value("/networks/42"))["name"] == "blue"  # not overwritten
     assert etcd.json("net", "create", "420") == {"vni": 420, "name": "net420", "subnet": None, "mtu": None, "gateway": None}
     assert etcd.value("/networks/420") == etcd.schema.encode(Network(420, "net420")).decode()

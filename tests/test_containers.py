@@ -125,6 +125,9 @@ def test_clear_errors_for_what_a_user_gets_wrong(world: World) -> None:
         (["attach", ns, "--net", "blue", "--mac", "nonsense"], "not a MAC address"),
         (["attach", ns, "--net", "blue", "--gateway", "198.19.43.1"], "outside the container's subnet"),
         (["attach", ns, "--net", "blue", "--ifname", "a-very-long-interface-name"], "not a valid interface name"),
+        (["attach", ns, "--net", "blue", "--ip", "198.19.42.20/16"], "prefix length must be /24"),
+        (["attach", ns, "--net", "blue", "--gateway", "198.19.42.255"], "network or broadcast address"),
+        (["attach", "/tmp", "--net", "blue"], "/tmp is not a network namespace"),
     ]
     for args, message in cases:
         result = world.overlay(1, *args, check=False)
@@ -133,6 +136,9 @@ def test_clear_errors_for_what_a_user_gets_wrong(world: World) -> None:
     # Nothing was left behind by the refusals: the namespace is bare, only one address is taken.
     assert lab.run(ns, ["ip", "-br", "link"]).stdout.split()[0] == "lo"
     assert [k for k in world.etcd_keys(f"{P}/networks/{BLUE}/ipam/")] == [f"{P}/networks/{BLUE}/ipam/198.19.42.10"]
+    # A gateway given on the command line is never handed out as a container's address.
+    routed = world.attach(1, "routed", "blue", "--gateway", "198.19.42.1")
+    assert routed["address"] != "198.19.42.1/24" and routed["gateway"] == "198.19.42.1"
     no_agent = lab.run(ns, [*OVERLAY, "attach", ns, "--net", "blue"], check=False)  # no agent in that namespace
     assert no_agent.returncode == 1 and "no overlay agent is running" in no_agent.stderr
 
@@ -203,6 +209,7 @@ def test_a_restarted_agent_takes_its_containers_back_and_a_vanished_one_is_relea
     lab = world.lab
     kept = world.attach(1, "kept", "blue")
     gone = world.attach(1, "gone", "blue")
+    dead = world.attach(1, "dead", "blue")
     world.attach(2, "peer", "blue")
     assert world.ping("peer", ip(kept))
     world.agents[1].terminate()
@@ -211,12 +218,16 @@ def test_a_restarted_agent_takes_its_containers_back_and_a_vanished_one_is_relea
     # The lease was left alive for the next agent: the addresses stay claimed across the restart.
     claims = {f"{P}/networks/{BLUE}/ipam/{ip(kept)}", f"{P}/networks/{BLUE}/ipam/{ip(gone)}"}
     assert claims <= set(world.etcd_keys(f"{P}/networks/{BLUE}/ipam/"))
+    lab.run(1, ["ip", "netns", "delete", lab.container_ns("dead")])  # dies while no agent runs
     world.start(1)
     log = (world.tmp / f"agent-{lab.name}-h1-{TAP}.log").read_text()
     assert "resumed the lease of this host's previous agent" in log
     assert claims <= set(world.etcd_keys(f"{P}/networks/{BLUE}/ipam/"))
     attached = {a["id"] for a in status(lab, 1, TAP)["attachments"]}
     assert attached == {kept["id"], gone["id"]}
+    # What the previous agent held for the dead container went with the resumed lease's sweep.
+    assert f"{P}/networks/{BLUE}/ipam/{ip(dead)}" not in world.etcd_keys(f"{P}/networks/{BLUE}/ipam/")
+    assert f"{P}/networks/{BLUE}/endpoints/{dead['mac']}" not in world.etcd_keys(f"{P}/networks/{BLUE}/endpoints/")
     wait_for(lambda: world.ping("peer", ip(kept), wait=0.5), 10, "the adopted container to be reachable again")
     lab.run(1, ["ip", "netns", "delete", lab.container_ns("gone")])  # the container dies without a detach
     wait_for(lambda: [a["id"] for a in status(lab, 1, TAP)["attachments"]] == [kept["id"]], 10,
