@@ -61,18 +61,12 @@ def parse_vni(text: str, flag: str = "") -> int:
 
 
 def parse_mac(text: str) -> int:
-    from overlay.wire import is_multicast_mac, mac_to_int
+    from overlay.wire import unicast_mac
 
     try:
-        mac = mac_to_int(text.strip())
-    except ValueError:
-        raise UserError(f"--mac {text!r} is not a MAC address: write six hex pairs, e.g. 02:00:00:00:00:01") from None
-    if is_multicast_mac(mac):
-        raise UserError(f"--mac {text}: a multicast or broadcast address (first octet odd); an endpoint's "
-                        f"MAC is unicast, e.g. 02:00:00:00:00:01")
-    if mac == 0:
-        raise UserError(f"--mac {text}: the all-zero address is not an endpoint's; e.g. 02:00:00:00:00:01")
-    return mac
+        return unicast_mac(text)
+    except ValueError as e:
+        raise UserError(f"--mac {e}") from None
 
 
 def parse_host_id(text: str) -> str:

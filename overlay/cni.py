@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from overlay import control
+from overlay.wire import mac_to_str, unicast_mac
 
 CURRENT = "1.0.0"
 SUPPORTED = ("0.3.1", "0.4.0", "1.0.0")
@@ -219,13 +220,12 @@ def _ipv4(value: Any, where: str) -> str:
 
 
 def _mac(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}", value):
+    if not isinstance(value, str):
         raise CniError(INVALID_CONFIG, f"{where}: {value!r} is not a MAC address", "write it as 02:00:00:00:00:07")
-    mac = value.lower().replace("-", ":")
-    if int(mac[:2], 16) & 1:
-        raise CniError(INVALID_CONFIG, f"{where}: {value} is a multicast MAC address",
-                       "an interface needs a unicast MAC (even first octet), e.g. 02:00:00:00:00:07")
-    return mac
+    try:
+        return mac_to_str(unicast_mac(value))
+    except ValueError as e:
+        raise CniError(INVALID_CONFIG, f"{where}: {e}") from None
 
 
 def _optional_str(conf: Mapping[str, Any], key: str) -> str | None:

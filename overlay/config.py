@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from overlay.fdb import DEFAULT_AGEING, DEFAULT_MAX_PER_VNI
-from overlay.wire import DEFAULT_PORT, IPV4_OVERHEAD, VNI_MAX, is_multicast_mac, mac_to_int
+from overlay.wire import DEFAULT_PORT, IPV4_OVERHEAD, VNI_MAX, unicast_mac
 
 TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/', ':' or spaces
 MIN_MTU = 68  # the IPv4 minimum
@@ -268,12 +268,9 @@ def _interface(value: Any) -> ipaddress.IPv4Interface:
 
 def _mac(value: Any) -> int:
     try:
-        mac = mac_to_int(str(value))
+        return unicast_mac(str(value))
     except ValueError as e:
         raise ConfigError(f"mac: {e}") from None
-    if is_multicast_mac(mac) or mac == 0:
-        raise ConfigError(f"mac: {value} is a group or null address; use a unicast one such as 02:00:00:00:00:01")
-    return mac
 
 
 def _tap(value: Any) -> str:

@@ -33,7 +33,7 @@ from overlay import bridge, ipam
 from overlay.control import Refused
 from overlay.etcdclient import ERRORS, EtcdClient, EtcdError
 from overlay.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
-from overlay.wire import mac_to_int, mac_to_str
+from overlay.wire import mac_to_int, mac_to_str, unicast_mac
 
 log = logging.getLogger("overlay.containers")
 ETCD_ERRORS = (*ERRORS, EtcdError)  # etcd away, or refusing (a role revoked)
@@ -327,11 +327,9 @@ class Containers:
         if wanted is None:
             return mac_to_str(bridge.random_mac())
         try:
-            mac = mac_to_int(wanted)
-        except ValueError:
-            raise Refused(f"--mac {wanted!r} is not a MAC address like 02:42:c6:13:00:05", "invalid") from None
-        if mac >> 40 & 1 or mac == 0:
-            raise Refused(f"--mac {wanted} is a multicast or zero address: containers need a unicast MAC", "invalid")
+            mac = unicast_mac(wanted)
+        except ValueError as e:
+            raise Refused(f"--mac {e}", "invalid") from None
         owner = self.registry.get(EndpointKey(vni, mac))
         if isinstance(owner, Endpoint) and owner.host != self.host_id:
             raise Refused(f"MAC {mac_to_str(mac)} is in use on network {vni} by host {owner.host}: detach it there "

@@ -216,3 +216,17 @@ def mac_to_str(mac: int) -> str:
 def is_multicast_mac(mac: int) -> bool:
     """Group bit (I/G, the low bit of the first octet): broadcast and multicast."""
     return bool((mac >> 40) & 1)
+
+
+def unicast_mac(text: str) -> int:
+    """A MAC an interface or endpoint can have, from text: six hex pairs, neither a group
+    (multicast, broadcast) nor the null address. The one rule for every place that takes a MAC
+    from a user; ValueError saying what is wrong."""
+    try:
+        mac = mac_to_int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a MAC address: write six hex pairs, e.g. 02:00:00:00:00:01") from None
+    if is_multicast_mac(mac) or mac == 0:
+        raise ValueError(f"{text} is a group or null address (multicast, broadcast or all zeros): use a unicast "
+                         f"one such as 02:00:00:00:00:01")
+    return mac
