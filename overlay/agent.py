@@ -14,15 +14,14 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from pathlib import Path
-
 from overlay import bridge, control, metrics
 from overlay.probe import Prober, ProbeError
-from overlay.containers import Containers, read_state
+from overlay.containers import Containers, read_state, state_path
 from overlay.config import AgentConfig, tap_names
 from overlay.etcdclient import ERRORS as ETCD_ERRORS
 from overlay.etcdclient import EtcdClient, EtcdError, Tls, retry
@@ -130,8 +129,9 @@ class Agent:
                 return getattr(self.containers, name)(req)
             return handler
 
-        for name in ("attach", "detach", "check", "list"):
-            handlers["attachments" if name == "list" else name] = containers(name)
+        for command, method in (("attach", "attach"), ("detach", "detach"), ("check", "check"),
+                                ("attachments", "list")):
+            handlers[command] = containers(method)
         return handlers
 
     async def serve(self) -> None:
@@ -264,8 +264,8 @@ class Agent:
         resume = None
         if cfg.bridge:
             try:
-                resume = read_state(Path(cfg.state_dir) / f"{cfg.host_id}.json")[0]
-            except (OSError, ValueError, AttributeError):
+                resume = read_state(state_path(Path(cfg.state_dir), cfg.host_id))[0]
+            except (OSError, ValueError):
                 resume = None  # Containers.adopt says what is wrong with the file
         probe_port = self.prober.address[1] if self.prober is not None else None  # only if we answer probes
         await client.register(cfg.host_id, Host(str(cfg.local), cfg.port, probe_port),

@@ -88,7 +88,7 @@ class Containers:
                  state_dir: Path | None, forget_local: Callable[[int, int], None]) -> None:
         self.client, self.registry, self.host_id = client, registry, host_id
         self.vnis, self.mtu = vnis, mtu
-        self.state = state_dir / f"{host_id}.json" if state_dir else None
+        self.state = state_path(state_dir, host_id) if state_dir else None
         self.forget_local = forget_local  # the fast path's memory of MACs seen behind our TAP
         self.attached: dict[str, Attachment] = {}
         self._attaching: set[tuple[int, int]] = set()  # (vni, MAC) plugged but not yet recorded
@@ -401,6 +401,11 @@ class Containers:
         except OSError as e:
             log.warning("cannot write the state file %s (%s): attachments will not survive a restart",
                         self.state, e.strerror)
+
+
+def state_path(state_dir: Path, host_id: str) -> Path:
+    """Where a host's agent remembers its attachments (and, when stopped, its lease)."""
+    return state_dir / f"{host_id}.json"
 
 
 def read_state(path: Path) -> tuple[int | None, list[dict[str, Any]]]:

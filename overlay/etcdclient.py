@@ -269,8 +269,7 @@ class EtcdClient:
         lease was gone (then it is theirs: we stop holding it and say so)."""
         raw, encoded = self.schema.key(key).encode(), self.schema.encode(value)
         t = client.transactions
-        ok, _ = await client.transaction(compare=[t.create(raw) == 0], success=[t.put(raw, encoded, self._lease)],
-                                         failure=[])
+        ok = await self._create(client, key, value, self._lease)
         if not ok:
             ok, _ = await client.transaction(compare=[t.value(raw) == encoded],
                                              success=[t.put(raw, encoded, self._lease)], failure=[])
@@ -282,16 +281,10 @@ class EtcdClient:
     async def claim(self, key: Key, value: Value) -> bool:
         """Create ``key`` under our lease if nobody has it (an address for IPAM); True if it is
         ours now. Held from then on like ``hold``."""
-        client = await self.connect()
-        raw = self.schema.key(key).encode()
-        ok, _ = await client.transaction(
-            compare=[client.transactions.create(raw) == 0],
-            success=[client.transactions.put(raw, self.schema.encode(value), self._lease)],
-            failure=[],
-        )
+        ok = await self._create(await self.connect(), key, value, self._lease)
         if ok:
             self.held[key] = value
-        return bool(ok)
+        return ok
 
     async def release(self, key: Key) -> None:
         """Delete ``key`` if it still holds our value (another host may own it by now: a moved
@@ -303,12 +296,9 @@ class EtcdClient:
             return
         try:
             client = await self.connect()
-            raw = self.schema.key(key).encode()
-            got = await client.get(raw)
+            got = await client.get(self.schema.key(key).encode())
             if got is not None and self._still_ours(key, value, got.value):
-                t = client.transactions
-                await client.transaction(compare=[t.mod(raw) == got.mod_revision], success=[t.delete(raw)],
-                                         failure=[])
+                await self.delete_if_unchanged(key, got.mod_revision)
         except BaseException:
             self.held.setdefault(key, value)  # still ours in etcd: a later release tries again
             raise
@@ -338,13 +328,14 @@ class EtcdClient:
 
     async def create_if_missing(self, key: Key, value: Value) -> bool:
         """Compare-and-create without a lease (e.g. a network's definition); True if we made it."""
-        client = await self.connect()
+        return await self._create(await self.connect(), key, value, None)
+
+    async def _create(self, client: aetcd.Client, key: Key, value: Value, lease: int | None) -> bool:
+        """Put ``key`` (under ``lease``, if given) only if it does not exist; True if we made it."""
         raw = self.schema.key(key).encode()
-        ok, _ = await client.transaction(
-            compare=[client.transactions.create(raw) == 0],
-            success=[client.transactions.put(raw, self.schema.encode(value))],
-            failure=[],
-        )
+        t = client.transactions
+        ok, _ = await client.transaction(compare=[t.create(raw) == 0],
+                                         success=[t.put(raw, self.schema.encode(value), lease)], failure=[])
         return bool(ok)
 
     async def keepalive(self) -> None:
