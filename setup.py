@@ -1,4 +1,4 @@
-"""Builds the Cython fast path (ext/_fastpath.pyx and its .pxi includes) as overlay._fastpath.
+"""Builds the Cython fast path (ext/_fastpath.pyx and its .pxi includes) as overlay.fastpath._fastpath.
 
 Everything else about the package is in pyproject.toml; setuptools still needs this file to
 declare a compiled extension.
@@ -8,7 +8,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extension = Extension(
-    "overlay._fastpath",
+    "overlay.fastpath._fastpath",
     sources=["ext/_fastpath.pyx"],
     depends=["ext/hashmap.pxi", "ext/codec.pxi", "ext/table.pxi", "ext/syscalls.pxi", "ext/batch.pxi", "ext/io.pxi"],
     extra_compile_args=["-O3"],

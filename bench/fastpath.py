@@ -28,7 +28,7 @@ import time
 from functools import partial
 from typing import Callable
 
-from overlay import wire
+from overlay.core import wire
 from overlay.fastpath import load
 
 VNI = 42

@@ -120,7 +120,7 @@ def main() -> None:
     etcd: list[Any] = []
 
     def etcd_url() -> str:
-        from overlay import etcdlab
+        from overlay.lab import etcd as etcdlab
         if not etcd:
             etcd.append(etcdlab.single(lab))
         return etcd[0].endpoint

@@ -56,7 +56,7 @@ def setup_overlay(lab: Lab, etcd: str | None = None) -> Callable[[], None]:
     for h, peer in ((1, 2), (2, 1)):
         mode = (["--etcd", etcd, "--host-id", f"h{h}", "--network", str(VNI)] if etcd
                 else ["--vni", str(VNI), "--peer", str(lab.address(peer))])
-        procs.append(lab.spawn(h, [sys.executable, "-m", "overlay.cli", "agent", *mode,
+        procs.append(lab.spawn(h, [sys.executable, "-m", "overlay", "agent", *mode,
                                    "--local", str(lab.address(h)), "--tap", "ovl0", "--address", OVERLAY_NET.format(h)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for h in (1, 2):  # the address is on ovl0 (static) or on the network's bridge ovbr42 (etcd mode)

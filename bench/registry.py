@@ -47,11 +47,12 @@ from typing import Any
 import aetcd
 import uvloop
 
-import overlay.etcdclient as etcdclient
+import overlay.io.etcd as etcdclient
 from bench import results_dir
-from overlay import etcdlab
-from overlay.etcdclient import GRPC_OPTIONS, EtcdClient, parse_endpoint
-from overlay.registry import Endpoint, EndpointKey, Event, Host, Put, Registry, Schema
+from overlay.lab import etcd as etcdlab
+from overlay.core.addresses import parse_endpoint
+from overlay.io.etcd import GRPC_OPTIONS, EtcdClient
+from overlay.core.registry import Endpoint, EndpointKey, Event, Host, Put, Registry, Schema
 
 VNI = 42
 WATCHERS, WATCHERS_QUICK = (1, 10, 100), (1, 10)

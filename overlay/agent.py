@@ -19,19 +19,23 @@ from typing import Any
 
 import uvloop
 
-from overlay import bridge, control, metrics
-from overlay.probe import Prober, ProbeError
-from overlay.containers import Containers, read_state, state_path
-from overlay.config import AgentConfig, tap_names
-from overlay.etcdclient import ERRORS as ETCD_ERRORS
-from overlay.etcdclient import EtcdClient, EtcdError, Tls, retry
-from overlay.registry import AddressKey, Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
-from overlay.topology import Topology
-from overlay.dataplane import Dataplane, DataplaneError
-from overlay.fastpath import CoreSink, load
-from overlay.fdb import ForwardingTable, Vtep
-from overlay.tap import Tap, TapError, default_overlay_mtu
-from overlay.wire import mac_to_str
+from overlay.io import bridge
+from overlay.io import control
+from overlay.io import metrics
+from overlay.io.prober import Prober, ProbeError
+from overlay.io.containers import Containers, read_state, state_path
+from overlay.core.config import AgentConfig, tap_names
+from overlay.io.etcd import ERRORS as ETCD_ERRORS
+from overlay.io.etcd import EtcdClient, EtcdError, Tls, retry
+from overlay.core.registry import AddressKey, Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
+from overlay.core.topology import Topology
+from overlay.io.dataplane import Dataplane, DataplaneError
+from overlay.fastpath.api import ForwardingCore
+from overlay.fastpath.sinks import CoreSink
+from overlay.core.fdb import ForwardingTable, Vtep
+from overlay.io.tap import Tap, TapError, default_overlay_mtu
+from overlay.core.wire import mac_to_str
+from overlay.core.addresses import format_address
 
 log = logging.getLogger("overlay.agent")
 
@@ -60,12 +64,11 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, tun_device: str = "/dev/net/tun") -> None:
         self.cfg = cfg
-        fp = load()
         try:
             self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(cfg.local)
         except TapError as e:
             raise AgentError(str(e)) from None
-        self.core = fp.ForwardingCore(allow_vlan=cfg.allow_vlan, source_check=cfg.source_check)
+        self.core = ForwardingCore(allow_vlan=cfg.allow_vlan, source_check=cfg.source_check)
         self.table = ForwardingTable(CoreSink(self.core), ageing=cfg.ageing, max_per_vni=cfg.max_per_vni)
         self.taps: dict[int, Tap] = {}  # VNI -> its TAP
         self.macs: dict[int, int] = {}  # VNI -> its TAP's MAC
@@ -80,7 +83,7 @@ class Agent:
                 else:
                     self.macs[vni] = self.taps[vni].configure(self.mtu, cfg.mac, cfg.address)
             self.table.set_flood(cfg.vni, [Vtep(p, cfg.port) for p in cfg.peers])
-            self.dataplane = Dataplane(fp, self.core, self.table, {v: t.fd for v, t in self.taps.items()},
+            self.dataplane = Dataplane(self.core, self.table, {v: t.fd for v, t in self.taps.items()},
                                        cfg.local, cfg.port, self.mtu)
         except (TapError, DataplaneError, bridge.PlumbingError) as e:
             self.close()
@@ -220,7 +223,7 @@ class Agent:
                 raise AgentError(str(e)) from None
             log.warning("%s; running without metrics", e)
             return None
-        log.info("metrics: http://%s/metrics", metrics.format_address(*address))
+        log.info("metrics: http://%s/metrics", format_address(*address))
         return server
 
     async def _start_probes(self) -> None:

@@ -6,7 +6,7 @@ import struct
 
 from hypothesis import strategies as st
 
-from overlay.wire import VNI_MAX
+from overlay.core.wire import VNI_MAX
 
 vnis = st.one_of(st.sampled_from([0, 1, 42, VNI_MAX]), st.integers(0, VNI_MAX))
 macs = st.binary(min_size=6, max_size=6)

@@ -19,7 +19,7 @@ def overlay_ip(host: int) -> str:
 
 
 def agent_argv(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "ovl0") -> list[str]:
-    argv = [sys.executable, "-m", "overlay.cli", "agent", "--vni", str(VNI), "--local", str(lab.address(host)),
+    argv = [sys.executable, "-m", "overlay", "agent", "--vni", str(VNI), "--local", str(lab.address(host)),
             "--tap", tap, "--address", f"{overlay_ip(host)}/24", "--mac", f"02:00:00:00:00:{host:02x}"]
     for p in peers:
         argv += ["--peer", str(lab.address(p))]
@@ -27,7 +27,7 @@ def agent_argv(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "o
 
 
 def etcd_agent_argv(lab: Lab, host: int, etcd: list[str], *extra: str, tap: str = "ovl0") -> list[str]:
-    argv = [sys.executable, "-m", "overlay.cli", "agent", "--host-id", f"h{host}", "--network", str(VNI),
+    argv = [sys.executable, "-m", "overlay", "agent", "--host-id", f"h{host}", "--network", str(VNI),
             "--local", str(lab.address(host)), "--tap", tap, "--address", f"{overlay_ip(host)}/24",
             "--mac", f"02:00:00:00:00:{host:02x}", "--state-dir", f"/tmp/overlay-state-{lab.name}"]
     for e in etcd:
@@ -55,7 +55,7 @@ def stop_agent(proc: subprocess.Popen[Any]) -> int:
 
 def status(lab: Lab, host: int, tap: str | None = None, cmd: str = "status") -> Any:
     """The agent's `overlay status --json` (or fdb), or None if no agent answers."""
-    argv = [sys.executable, "-m", "overlay.cli", cmd, "--json"] + (["--tap", tap] if tap else [])
+    argv = [sys.executable, "-m", "overlay", cmd, "--json"] + (["--tap", tap] if tap else [])
     result = lab.run(host, argv, check=False, timeout=30)
     return json.loads(result.stdout) if result.returncode == 0 else None
 

@@ -12,12 +12,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from overlay import etcdlab
-from overlay.registry import Endpoint, Network, Schema
+from overlay.lab import etcd as etcdlab
+from overlay.core.registry import Endpoint, Network, Schema
 
 needs_etcd = pytest.mark.skipif(not etcdlab.available(),
                                 reason="needs etcd: apt-get install etcd-server etcd-client")
-CLI = [sys.executable, "-m", "overlay.cli"]
+CLI = [sys.executable, "-m", "overlay"]
 
 
 def overlay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from overlay import wire
+from overlay.core import wire
 from overlay.lab import Lab, wait_for
 from tests.labkit import VNI, overlay_ip, ping, start_agent, status, stop_agent, tcp_transfer, wait_ping
 
@@ -60,7 +60,7 @@ def test_static_agents_probe_their_peers_and_refuse_attach_clearly(lab3: Lab) ->
     wait_for(lambda: all(p["reachable"] for p in status(lab3, 1)["probes"].values())
              and len(status(lab3, 1)["probes"]) == 2, 10, "h1's probes of h2 and h3")
     ns = lab3.add_container("static")
-    result = lab3.run(1, [sys.executable, "-m", "overlay.cli", "attach", ns, "--net", str(VNI)], check=False)
+    result = lab3.run(1, [sys.executable, "-m", "overlay", "attach", ns, "--net", str(VNI)], check=False)
     assert result.returncode == 2 and "needs the registry" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -141,12 +141,12 @@ def test_stopping_removes_the_tap_and_a_second_agent_on_the_port_fails_clearly(t
         sock.settimeout(10)
         agent = start_agent(lab, 1, [2], log_dir=tmp_path, env={"NOTIFY_SOCKET": str(notify)})
         assert sock.recv(100) == b"READY=1"
-        second = lab.run(1, [sys.executable, "-m", "overlay.cli", "agent", "--vni", "42", "--local",
+        second = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local",
                              str(lab.address(1)), "--tap", "ovl1"], check=False)
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert "UDP port 4789 on 198.18.0.1 is in use" in second.stderr
         assert "ovl1" not in lab.run(1, ["ip", "-br", "link"]).stdout  # nothing left behind
-        same_tap = lab.run(1, [sys.executable, "-m", "overlay.cli", "agent", "--vni", "42", "--local",
+        same_tap = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local",
                                str(lab.address(1)), "--port", "4790"], check=False)
         assert same_tap.returncode == 1 and "interface ovl0 already exists" in same_tap.stderr
         assert stop_agent(agent) == 0
@@ -162,7 +162,7 @@ def test_agent_reads_a_toml_config_and_flags_override_it(tmp_path: Path) -> None
                         f'tap = "ovl9"\naddress = "198.19.0.2/24"\nmtu = 1400\n')
         start_agent(lab, 1, [2], log_dir=tmp_path)
         log = open(tmp_path / "toml.log", "w")
-        proc = lab.spawn(2, [sys.executable, "-m", "overlay.cli", "agent", "--config", str(conf), "--mtu", "1300"],
+        proc = lab.spawn(2, [sys.executable, "-m", "overlay", "agent", "--config", str(conf), "--mtu", "1300"],
                          stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: proc.poll() is not None or status(lab, 2) is not None, 30, "the TOML agent")
         s = status(lab, 2)
@@ -183,27 +183,27 @@ def test_agent_reads_a_toml_config_and_flags_override_it(tmp_path: Path) -> None
     ],
 )
 def test_bad_input_is_one_clear_line(flags: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "overlay.cli", "agent", *flags], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([sys.executable, "-m", "overlay", "agent", *flags], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_local_address_not_on_this_host_is_a_clear_error(tmp_path: Path) -> None:
     with Lab(f"tl{os.getpid() % 100000}", hosts=1) as lab:
-        result = lab.run(1, [sys.executable, "-m", "overlay.cli", "agent", "--vni", "1", "--local", "198.18.0.99"], check=False)
+        result = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "1", "--local", "198.18.0.99"], check=False)
         assert result.returncode == 1 and "198.18.0.99 is not an address of this host" in result.stderr
 
 
 def test_without_privileges_the_error_says_what_is_needed() -> None:
     with Lab(f"tp{os.getpid() % 100000}", hosts=1) as lab:
         # root without CAP_NET_ADMIN: the capability dropped from the bounding set before exec
-        result = lab.run(1, ["setpriv", "--bounding-set=-net_admin", sys.executable, "-m", "overlay.cli", "agent", "--vni", "1", "--local", "198.18.0.1"],
+        result = lab.run(1, ["setpriv", "--bounding-set=-net_admin", sys.executable, "-m", "overlay", "agent", "--vni", "1", "--local", "198.18.0.1"],
                          check=False)
         assert result.returncode == 1 and "CAP_NET_ADMIN" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_tun_device_is_a_clear_error() -> None:
-    from overlay.tap import Tap, TapError
+    from overlay.io.tap import Tap, TapError
 
     with pytest.raises(TapError, match="modprobe tun"):
         Tap.open("ovlx", dev="/nonexistent/tun")
@@ -220,7 +220,7 @@ def test_deleting_the_tap_stops_the_agent_with_a_clear_error(tmp_path: Path) -> 
 
 TAP_TWICE = """
 import ipaddress
-from overlay.tap import Tap
+from overlay.io.tap import Tap
 tap = Tap.open("ovlt")
 addr = ipaddress.IPv4Interface("198.19.0.9/24")
 first = tap.configure(1400, 0x020000000009, addr)

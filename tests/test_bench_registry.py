@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay import etcdlab
+from overlay.lab import etcd as etcdlab
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"\d+(?:\.\d+)?"

@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 
-from overlay import cni, control, etcdlab
+from overlay.cmd import cni
+from overlay.io import control
+from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, wait_for
 from tests.labkit import VNI, etcd_agent_argv, overlay_ip, start_agent, status
 
-PLUGIN = [sys.executable, "-m", "overlay.cni"]
+PLUGIN = [sys.executable, "-m", "overlay.cmd.cni"]
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 

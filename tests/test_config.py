@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from overlay.config import ConfigError, build, parse_toml
+from overlay.core.config import ConfigError, build, parse_toml
 
 BASE = {"vni": "42", "local": "198.18.0.1"}
 

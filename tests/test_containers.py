@@ -15,13 +15,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from overlay import etcdlab
+from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, wait_for
 from tests.labkit import start_agent, status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not etcdlab.available(),
                                 reason="needs root and etcd (apt-get install etcd-server etcd-client)")
-OVERLAY = [sys.executable, "-m", "overlay.cli"]
+OVERLAY = [sys.executable, "-m", "overlay"]
 P = "/overlay/v1"
 TTL = 3
 BLUE, RED = 42, 43

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from overlay import etcdlab
+from overlay.lab import etcd as etcdlab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not etcdlab.available(),
                                 reason="needs root and etcd (apt-get install etcd-server etcd-client)")
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not etcdlab.available(),
 
 def test_the_demo_shows_networks_kept_apart_and_cleans_up() -> None:
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    result = subprocess.run([sys.executable, "-m", "overlay.cli", "demo"], capture_output=True, text=True, timeout=240)
+    result = subprocess.run([sys.executable, "-m", "overlay", "demo"], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "result: all 12 same-network pairs talk, all 18 cross-network pairs are kept apart" in result.stdout
     assert "UNREACHABLE" not in result.stdout

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from overlay import etcdlab
+from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, wait_for
 from tests.labkit import VNI, etcd_agent_argv, overlay_ip, start_agent, status, wait_ping
 
@@ -131,7 +131,7 @@ def test_a_second_agent_claiming_a_host_id_refuses_clearly(world: World) -> None
 
 
 def test_a_bad_etcd_endpoint_is_a_clear_error() -> None:
-    result = subprocess.run([sys.executable, "-m", "overlay.cli", "agent", "--etcd", "ftp://x", "--host-id", "h1",
+    result = subprocess.run([sys.executable, "-m", "overlay", "agent", "--etcd", "ftp://x", "--host-id", "h1",
                              "--network", "42", "--local", "198.18.0.1"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "write it as http://HOST:PORT" in result.stderr
 
@@ -254,7 +254,7 @@ def test_macs_sending_from_the_tap_are_published_as_endpoints(world: World) -> N
 def test_an_agent_on_several_networks_keeps_them_apart(tmp_path: Path) -> None:
     with Lab(f"m{os.getpid() % 100000}", hosts=2) as lab, etcdlab.single(lab) as etcd:
         for h in (1, 2):
-            argv = [sys.executable, "-m", "overlay.cli", "agent", "--etcd", etcd.endpoint, "--host-id", f"h{h}",
+            argv = [sys.executable, "-m", "overlay", "agent", "--etcd", etcd.endpoint, "--host-id", f"h{h}",
                     "--local", str(lab.address(h)), "--network", "42", "--network", "43", "--tap", "ovl"]
             start_agent(lab, h, [], log_dir=tmp_path, argv=argv, tap="ovl-42")
         assert {n["tap"] for n in status(lab, 1, tap="ovl-42")["agent"]["networks"]} == {"ovl-42", "ovl-43"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay import etcdlab
+from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, wait_for
 from tests.labkit import etcd_agent_argv, overlay_ip, start_agent, status, wait_ping
 
@@ -94,7 +94,7 @@ def test_operator_commands_over_tls(tmp_path: Path) -> None:
         try:
             tls = ["--etcd", f"https://{ADDRESS}:2379", "--etcd-ca", certs["ca.pem"], "--etcd-cert", certs["client.pem"],
                    "--etcd-key", certs["client.key"]]
-            overlay = [sys.executable, "-m", "overlay.cli"]
+            overlay = [sys.executable, "-m", "overlay"]
             lab.run(1, [*overlay, "net", "create", "42", *tls])
             assert '"vni": 42' in lab.run(1, [*overlay, "net", "ls", "--json", *tls]).stdout
         finally:

@@ -11,8 +11,8 @@ from typing import Iterator, TypeVar
 
 import pytest
 
-from overlay import etcdlab
-from overlay.etcdlab import EtcdError, EtcdServer, etcdctl
+from overlay.lab import etcd as etcdlab
+from overlay.lab.etcd import EtcdError, EtcdServer, etcdctl
 from overlay.lab import Lab, LabError, wait_for
 
 TAG = os.getpid() % 100000

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
 
-from overlay import wire
+from overlay.core import wire
 from overlay.fastpath import load
-from overlay.wire import Decoded, Drop
+from overlay.core.wire import Decoded, Drop
 from tests.frames import datagrams, frames, unicast_macs, vnis
 
 fp = load()

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from overlay import ipam
-from overlay.ipam import IpamError
-from overlay.registry import Network, Registry
+from overlay.core import ipam
+from overlay.core.ipam import IpamError
+from overlay.core.registry import Network, Registry
 
 P = "/overlay/v1"
 A = ipaddress.IPv4Address

@@ -14,7 +14,8 @@ import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from overlay.metrics import CONTENT_TYPE_LATEST, MetricsError, StatusCollector, parse_address, serve
+from overlay.core.addresses import parse_address
+from overlay.io.metrics import CONTENT_TYPE_LATEST, MetricsError, StatusCollector, serve
 
 STATUS: dict[str, Any] = {
     "agent": {"tap": "ovl0", "vni": 42, "local": "198.18.0.1", "port": 4789, "peers": ["198.18.0.2"],

@@ -12,10 +12,10 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from overlay import offload
+from overlay.core import offload
 from overlay.fastpath import load
-from overlay.offload import GSO_ECN, GSO_TCPV4, GSO_TCPV6, F_NEEDS_CSUM, OffloadError, VnetHdr
-from overlay.wire import Drop
+from overlay.core.offload import GSO_ECN, GSO_TCPV4, GSO_TCPV6, F_NEEDS_CSUM, OffloadError, VnetHdr
+from overlay.core.wire import Drop
 
 fp = load()
 ETH = dict(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")

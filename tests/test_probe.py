@@ -11,7 +11,8 @@ import asyncio_dgram
 import pytest
 import uvloop
 
-from overlay.probe import HEADER, REPLY, REQUEST, ProbeError, Prober, Probes, encode
+from overlay.core.probing import HEADER, REPLY, REQUEST, Probes, encode
+from overlay.io.prober import ProbeError, Prober
 
 A = ("198.18.0.2", 4788)
 B = ("198.18.0.3", 4788)

@@ -10,9 +10,9 @@ import socket
 
 import pytest
 
-from overlay import wire
+from overlay.core import wire
 from overlay.fastpath import load
-from overlay.wire import Drop
+from overlay.core.wire import Drop
 
 fp = load()
 LOOPBACK = 0x7F000001
@@ -174,7 +174,7 @@ def through_rx_pump(frames: list[bytes], sockets) -> list[bytes]:
     ids=["run", "run-v6", "psh", "interleaved", "gap", "bad-checksum"],
 )
 def test_received_tcp_runs_are_written_as_the_reference_coalesces_them(frames: list[bytes], sockets) -> None:
-    from overlay import offload
+    from overlay.core import offload
 
     expected = [h.pack() + f for h, f in offload.coalesce(frames)]
     assert through_rx_pump(frames, sockets) == expected
@@ -182,7 +182,7 @@ def test_received_tcp_runs_are_written_as_the_reference_coalesces_them(frames: l
 
 
 def test_a_coalesced_super_frame_segments_back_into_the_original_frames(sockets) -> None:
-    from overlay import offload
+    from overlay.core import offload
 
     frames = tcp_stream(8, 1200)
     (written,) = through_rx_pump(frames, sockets)

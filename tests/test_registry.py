@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from overlay.fdb import ForwardingTable, Source, Vtep
-from overlay.registry import (AddressKey, Allocation, Deleted, EndpointKey, Host, HostKey, MemberKey, Network,
+from overlay.core.fdb import ForwardingTable, Source, Vtep
+from overlay.core.registry import (AddressKey, Allocation, Deleted, EndpointKey, Host, HostKey, MemberKey, Network,
                               NetworkKey, Put, Registry, Schema)
-from overlay.topology import Topology
+from overlay.core.topology import Topology
 
 P = "/overlay/v1"
 MAC1, MAC2 = 0x020000000001, 0x020000000002

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
 
-from overlay import wire
-from overlay.wire import Decoded, Drop
+from overlay.core import wire
+from overlay.core.wire import Decoded, Drop
 from tests.frames import datagrams, frames, vnis
 
 ARP_BROADCAST = b"\xff" * 6 + bytes.fromhex("020000000001") + b"\x08\x06" + bytes(28)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable
 
-from overlay.registry import Network, Registry
+from overlay.core.registry import Network, Registry
 
 
 class IpamError(ValueError):

@@ -29,11 +29,12 @@ from typing import Any, Callable
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from overlay import bridge, ipam
-from overlay.control import Refused
-from overlay.etcdclient import ERRORS, EtcdClient, EtcdError
-from overlay.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
-from overlay.wire import mac_to_int, mac_to_str, unicast_mac
+from overlay.io import bridge
+from overlay.core import ipam
+from overlay.io.control import Refused
+from overlay.io.etcd import ERRORS, EtcdClient, EtcdError
+from overlay.core.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
+from overlay.core.wire import mac_to_int, mac_to_str, unicast_mac
 
 log = logging.getLogger("overlay.containers")
 ETCD_ERRORS = (*ERRORS, EtcdError)  # etcd away, or refusing (a role revoked)

@@ -17,7 +17,7 @@ import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from overlay.wire import IPV4_OVERHEAD, mac_to_str
+from overlay.core.wire import IPV4_OVERHEAD, mac_to_str
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETOFFLOAD = 0x400454D0

@@ -22,8 +22,10 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from overlay.fdb import DEFAULT_AGEING, DEFAULT_MAX_PER_VNI
-from overlay.wire import DEFAULT_PORT, IPV4_OVERHEAD, VNI_MAX, unicast_mac
+from overlay.core.addresses import parse_address, parse_endpoint
+from overlay.core.registry import HOST_ID
+from overlay.core.fdb import DEFAULT_AGEING, DEFAULT_MAX_PER_VNI
+from overlay.core.wire import DEFAULT_PORT, IPV4_OVERHEAD, VNI_MAX, unicast_mac
 
 TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/', ':' or spaces
 MIN_MTU = 68  # the IPv4 minimum
@@ -67,8 +69,6 @@ class AgentConfig:
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
-        from overlay.metrics import parse_address
-
         return parse_address(self.metrics if self.metrics is not None else DEFAULT_METRICS)
 
     @property
@@ -143,8 +143,6 @@ def _path(name: str, value: Any) -> str:
 
 
 def _metrics(value: Any) -> str:
-    from overlay.metrics import parse_address
-
     if not isinstance(value, str):
         raise ConfigError(f"metrics: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9465) or \"off\"")
     try:
@@ -155,9 +153,6 @@ def _metrics(value: Any) -> str:
 
 
 def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
-    from overlay.etcdclient import parse_endpoint
-    from overlay.registry import HOST_ID
-
     if settings.get("vni") is not None or settings.get("peer"):
         raise ConfigError("--vni and --peer are for static mode; with --etcd give --network VNI "
                           "(peers come from etcd)")

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from overlay import etcdlab
+from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, LabError, wait_for
 
 NETWORKS = {"blue": 42, "red": 43}
@@ -41,7 +41,7 @@ def main(hosts: int = 3) -> int:
     if not 2 <= hosts <= 20:
         print("overlay: error: --hosts must be 2 to 20", file=sys.stderr)
         return 2
-    overlay = [sys.executable, "-m", "overlay.cli"]
+    overlay = [sys.executable, "-m", "overlay"]
     logs = Path(tempfile.mkdtemp(prefix="overlay-demo-"))
     lab = Lab(f"demo{os.getpid() % 10000}", hosts=hosts)
     etcd = None

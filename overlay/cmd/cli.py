@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from overlay import __version__
-from overlay.errors import RunError, UserError
+from overlay.cmd.errors import RunError, UserError
 from overlay.fastpath import FastPathMissing, load
 
 
@@ -21,7 +21,7 @@ from overlay.fastpath import FastPathMissing, load
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from overlay import agent, config
+    from overlay.core import config
 
     settings: dict[str, Any] = {}
     if args.config:
@@ -38,7 +38,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if "etcd_password" not in settings and os.environ.get("OVERLAY_ETCD_PASSWORD"):
         settings["etcd_password"] = os.environ["OVERLAY_ETCD_PASSWORD"]
     cfg = config.build(settings)
-    load()
+    load()  # a missing fast path is one line, before anything imports it
+    from overlay import agent
+
     try:
         agent.run(cfg)
     except agent.AgentError as e:
@@ -117,7 +119,7 @@ def add_agent(sub: Any) -> None:
 
 
 def _ask(cmd: str, tap: str | None, timeout: float = 5.0, **params: Any) -> Any:
-    from overlay import control
+    from overlay.io import control
 
     try:
         return control.request(cmd, tap, timeout, **params)
@@ -328,7 +330,7 @@ def add_lab(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from overlay import demo
+    from overlay.lab import demo
 
     return demo.main(hosts=args.hosts)
 
@@ -366,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (add_agent, add_status, add_attach, add_lab, add_demo):
         add(sub)
-    from overlay import admin  # net, host, endpoint: operator commands against etcd (aetcd loaded lazily)
+    from overlay.cmd import admin  # net, host, endpoint: operator commands against etcd (aetcd loaded lazily)
 
     admin.add_commands(sub)
     return parser
@@ -379,7 +381,7 @@ def version_line() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from overlay.config import ConfigError
+    from overlay.core.config import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)

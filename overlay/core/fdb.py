@@ -27,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Protocol, Sequence
 
-from overlay.wire import DEFAULT_PORT, check_vni, is_multicast_mac
+from overlay.core.wire import DEFAULT_PORT, check_vni, is_multicast_mac
 
 DEFAULT_AGEING = 300.0
 DEFAULT_MAX_PER_VNI = 65536

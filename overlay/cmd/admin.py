@@ -32,13 +32,13 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from overlay.errors import RunError, UserError
+from overlay.cmd.errors import RunError, UserError
 
 if TYPE_CHECKING:
     import aetcd
 
-    from overlay.etcdclient import Tls
-    from overlay.registry import Endpoint, Host, Network, Schema
+    from overlay.io.etcd import Tls
+    from overlay.core.registry import Endpoint, Host, Network, Schema
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 ENV_ETCD = "OVERLAY_ETCD"  # comma-separated endpoints, used when no --etcd is given
@@ -61,7 +61,7 @@ def parse_vni(text: str, flag: str = "") -> int:
 
 
 def parse_mac(text: str) -> int:
-    from overlay.wire import unicast_mac
+    from overlay.core.wire import unicast_mac
 
     try:
         return unicast_mac(text)
@@ -70,7 +70,7 @@ def parse_mac(text: str) -> int:
 
 
 def parse_host_id(text: str) -> str:
-    from overlay.registry import HOST_ID
+    from overlay.core.registry import HOST_ID
 
     if not HOST_ID.match(text):
         raise UserError(f"--host {text!r} is not a host id: {HOST_ID_FORM}")
@@ -146,7 +146,7 @@ class Target:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Target":
-        from overlay.etcdclient import parse_endpoint
+        from overlay.core.addresses import parse_endpoint
 
         given = args.etcd or [e for e in os.environ.get(ENV_ETCD, "").split(",") if e.strip()] or [DEFAULT_ETCD]
         endpoints = []
@@ -161,7 +161,7 @@ class Target:
             endpoints.append(url)
         tls = None
         if getattr(args, "etcd_ca", None):
-            from overlay.etcdclient import Tls
+            from overlay.io.etcd import Tls
 
             if (args.etcd_cert is None) != (args.etcd_key is None):
                 raise UserError("etcd client certificates need both --etcd-cert and --etcd-key")
@@ -216,8 +216,9 @@ async def _connect(target: Target) -> Session:
 
     import aetcd
 
-    from overlay.etcdclient import GRPC_OPTIONS, EtcdError, SecureClient, parse_endpoint
-    from overlay.registry import Schema
+    from overlay.core.addresses import parse_endpoint
+    from overlay.io.etcd import GRPC_OPTIONS, EtcdError, SecureClient
+    from overlay.core.registry import Schema
 
     schema = Schema(target.prefix)
     for url in target.endpoints:
@@ -299,7 +300,7 @@ def warn(text: str) -> None:
 async def read(s: Session, under: str = "") -> Snapshot:
     """Read ``<prefix>/<under>`` (everything by default); a key or value outside the schema is
     reported on stderr and skipped, as the agents skip it."""
-    from overlay.registry import EndpointKey, HostKey, MemberKey, NetworkKey
+    from overlay.core.registry import EndpointKey, HostKey, MemberKey, NetworkKey
 
     result = await s.client.get_prefix(f"{s.schema.prefix}/{under}".encode())
     snap = Snapshot()
@@ -331,7 +332,7 @@ def lease_str(lease: int) -> str | None:
 
 
 def endpoint_json(vni: int, mac: int, ep: "Endpoint", lease: int) -> dict[str, Any]:
-    from overlay.wire import mac_to_str
+    from overlay.core.wire import mac_to_str
 
     return {"vni": vni, "mac": mac_to_str(mac), "host": ep.host, "ipv4": list(ep.ipv4), "ipv6": list(ep.ipv6),
             "lease": lease_str(lease), "static": not lease}
@@ -355,7 +356,7 @@ def emit(target: Target, data: Any, human: str) -> None:
 
 
 def cmd_net_create(args: argparse.Namespace) -> int:
-    from overlay.registry import Network, NetworkKey, check
+    from overlay.core.registry import Network, NetworkKey, check
 
     vni = parse_vni(args.vni)
     name = parse_name(args.name) if args.name is not None else f"net{vni}"
@@ -409,7 +410,7 @@ def cmd_net_ls(args: argparse.Namespace) -> int:
 def cmd_net_rm(args: argparse.Namespace) -> int:
     from aetcd.utils import prefix_range_end  # only reached for a real removal
 
-    from overlay.registry import EndpointKey, MemberKey, NetworkKey
+    from overlay.core.registry import EndpointKey, MemberKey, NetworkKey
 
     vni = parse_vni(args.vni)
     target = Target.from_args(args)
@@ -493,7 +494,7 @@ def cmd_host_ls(args: argparse.Namespace) -> int:
 def local_probes() -> dict[str, dict[str, Any]]:
     """The peer probes of the agent running in this network namespace, if one runs: it sees
     the underlay path from here, which etcd cannot know."""
-    from overlay import control
+    from overlay.io import control
 
     try:
         agents = control.running_agents()
@@ -526,7 +527,7 @@ def cmd_endpoint_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_endpoint_add(args: argparse.Namespace) -> int:
-    from overlay.registry import Endpoint, EndpointKey, HostKey, NetworkKey, check
+    from overlay.core.registry import Endpoint, EndpointKey, HostKey, NetworkKey, check
 
     vni = parse_vni(args.net, "--net")
     mac = parse_mac(args.mac)
@@ -565,7 +566,7 @@ def cmd_endpoint_add(args: argparse.Namespace) -> int:
 
 
 def cmd_endpoint_rm(args: argparse.Namespace) -> int:
-    from overlay.registry import EndpointKey
+    from overlay.core.registry import EndpointKey
 
     vni = parse_vni(args.net, "--net")
     mac = parse_mac(args.mac)

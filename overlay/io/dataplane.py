@@ -23,8 +23,11 @@ import struct
 import time
 from typing import Any, Callable
 
-from overlay.fdb import ForwardingTable, Source, Vtep
-from overlay.wire import Drop, mac_to_str
+from overlay.fastpath import api as fp
+from overlay.fastpath.api import ForwardingCore, FrameBatch
+
+from overlay.core.fdb import ForwardingTable, Source, Vtep
+from overlay.core.wire import Drop, mac_to_str
 
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # never fragment outer packets
 SO_ATTACH_FILTER = 26
@@ -40,7 +43,7 @@ MAX_READ = 65535 + 10  # the largest TAP read: an IP datagram's limit plus the v
 MAINTENANCE_EVERY = 5.0  # seconds between ageing passes
 
 
-def slot_size(fp: Any, frame: int) -> int:
+def slot_size(frame: int) -> int:
     """A FrameBatch slot size that holds ``frame`` bytes behind the headroom, plus tailroom."""
     return -(-(fp.HEADROOM_BYTES + frame + fp.TAILROOM_BYTES) // 64) * 64
 
@@ -121,8 +124,7 @@ class Dataplane:
 
     def __init__(
         self,
-        fp: Any,
-        core: Any,
+        core: ForwardingCore,
         table: ForwardingTable,
         taps: dict[int, int],
         local: ipaddress.IPv4Address,
@@ -130,7 +132,7 @@ class Dataplane:
         mtu: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.fp, self.core, self.table = fp, core, table
+        self.core, self.table = core, table
         self.taps, self.local, self.port = dict(taps), local, port  # VNI -> TAP fd
         self.tap_fd = next(iter(self.taps.values()))
         for vni, fd in self.taps.items():
@@ -138,12 +140,12 @@ class Dataplane:
         self.clock = clock
         self.udp, self.senders = open_sockets(local, port)
         self.send_fds = [s.fileno() for s in self.senders]
-        frame = slot_size(fp, mtu + 18)  # + Ethernet header and a VLAN tag
-        self.reads = fp.FrameBatch(READS, slot_size=slot_size(fp, MAX_READ))
-        self.frames = fp.FrameBatch(FRAMES, slot_size=frame)
-        self.messages = fp.FrameBatch(MESSAGES, slot_size=slot_size(fp, MAX_READ))
-        self.datagrams = fp.FrameBatch(DATAGRAMS, slot_size=frame)
-        self.merge = fp.FrameBatch(1, slot_size=slot_size(fp, MAX_READ))
+        frame = slot_size(mtu + 18)  # + Ethernet header and a VLAN tag
+        self.reads = FrameBatch(READS, slot_size=slot_size(MAX_READ))
+        self.frames = FrameBatch(FRAMES, slot_size=frame)
+        self.messages = FrameBatch(MESSAGES, slot_size=slot_size(MAX_READ))
+        self.datagrams = FrameBatch(DATAGRAMS, slot_size=frame)
+        self.merge = FrameBatch(1, slot_size=slot_size(MAX_READ))
         self.on_fatal: Callable[[str], None] = lambda message: None
         self.on_local: Callable[[list[tuple[int, int, int]]], None] | None = None  # MACs behind our TAP
         self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
@@ -170,7 +172,7 @@ class Dataplane:
 
     def _on_tap(self, vni: int, fd: int) -> None:
         self.wakeups["tx"] += 1
-        self.wakeups["tx_frames"] += self.fp.pump_tx(
+        self.wakeups["tx_frames"] += fp.pump_tx(
             self.core, self.reads, self.frames, vni, fd, self.send_fds, BUDGET)
         if self.reads.io_error:
             self._fatal(f"the TAP failed ({os.strerror(self.reads.io_error)}): was it deleted?")
@@ -189,7 +191,7 @@ class Dataplane:
 
     def _on_udp(self) -> None:
         self.wakeups["rx"] += 1
-        self.wakeups["rx_frames"] += self.fp.pump_rx(
+        self.wakeups["rx_frames"] += fp.pump_rx(
             self.core, self.messages, self.datagrams, self.merge, self.udp.fileno(), self.tap_fd, BUDGET)
         if self.messages.io_error:
             self._fatal(f"the UDP socket failed: {os.strerror(self.messages.io_error)}")

@@ -30,7 +30,7 @@ from typing import Iterable, Union
 
 import msgspec
 
-from overlay.wire import VNI_MAX, mac_to_int, mac_to_str
+from overlay.core.wire import VNI_MAX, mac_to_int, mac_to_str
 
 DEFAULT_PREFIX = "/overlay/v1"
 HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

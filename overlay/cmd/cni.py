@@ -45,8 +45,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from overlay import control
-from overlay.wire import mac_to_str, unicast_mac
+from overlay.io import control
+from overlay.core.wire import mac_to_str, unicast_mac
 
 CURRENT = "1.0.0"
 SUPPORTED = ("0.3.1", "0.4.0", "1.0.0")

@@ -20,8 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from overlay import __version__
+from overlay.core.addresses import format_address
 
-DEFAULT_ADDRESS = ("127.0.0.1", 9465)
 MAX_HEAD = 8192  # request line and headers, bytes
 READ_TIMEOUT = 5.0
 log = logging.getLogger("overlay.metrics")
@@ -212,32 +212,3 @@ async def serve(host: str, port: int, status: Status) -> asyncio.AbstractServer:
         where = format_address(host, port)
         raise MetricsError(f"cannot serve metrics on {where}: {e.strerror or e}; pass --metrics HOST:PORT for "
                            "another address, or --metrics off") from None
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_address(text: str) -> tuple[str, int] | None:
-    """The --metrics flag: "HOST:PORT", "[V6]:PORT", ":PORT" (loopback) or "off" (None)."""
-    text = text.strip()
-    if text.lower() == "off":
-        return None
-    form = "write IP:PORT, [IPv6]:PORT, :PORT (127.0.0.1) or off, e.g. 127.0.0.1:9465"
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        raise ValueError(f"{text!r}: no port; {form}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if ":" not in host:
-            raise ValueError(f"{text!r}: brackets are for IPv6 addresses; {form}")
-    elif ":" in host:
-        raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:9465")
-    host = host or DEFAULT_ADDRESS[0]
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address; {form}") from None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535; {form}")
-    return host, int(port_text)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable
 
-from overlay.fdb import ForwardingTable, Outcome, Source, Vtep
-from overlay.registry import EndpointKey, Event, HostKey, MemberKey, NetworkKey, Registry
+from overlay.core.fdb import ForwardingTable, Outcome, Source, Vtep
+from overlay.core.registry import EndpointKey, Event, HostKey, MemberKey, NetworkKey, Registry
 
 
 class Topology:

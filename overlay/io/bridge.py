@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from overlay.wire import mac_to_str
+from overlay.core.wire import mac_to_str
 
 log = logging.getLogger("overlay.bridge")
 

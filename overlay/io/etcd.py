@@ -20,7 +20,6 @@ import logging
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
-from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
@@ -28,7 +27,8 @@ import aetcd.exceptions
 if TYPE_CHECKING:
     import grpc
 
-from overlay.registry import AddressKey, Deleted, Event, Host, HostKey, Key, Registry, Schema, Value
+from overlay.core.addresses import parse_endpoint
+from overlay.core.registry import AddressKey, Deleted, Event, Host, HostKey, Key, Registry, Schema, Value
 
 log = logging.getLogger("overlay.etcd")
 GRPC_OPTIONS = {
@@ -98,14 +98,6 @@ class SecureClient(aetcd.Client):
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
         self._connected.set()
-
-
-def parse_endpoint(url: str) -> tuple[str, int]:
-    """'http://198.18.0.250:2379' -> ('198.18.0.250', 2379); ValueError saying the form."""
-    parts = urlsplit(url if "://" in url else "http://" + url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"etcd endpoint {url!r}: write it as http://HOST:PORT")
-    return parts.hostname, parts.port or 2379
 
 
 @dataclass

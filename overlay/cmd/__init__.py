@@ -1,0 +1,1 @@
+"""Console entry points: ``overlay`` (cli; the operator commands in admin) and ``overlay-cni`` (cni)."""
