@@ -176,7 +176,7 @@ def test_other_paths_are_404_other_methods_405_and_garbage_400() -> None:
 
 
 def test_a_client_that_sends_nothing_is_dropped_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("overlay.metrics.READ_TIMEOUT", 0.1)
+    monkeypatch.setattr("overlay.io.metrics.READ_TIMEOUT", 0.1)
 
     async def main() -> None:
         server = await serve("127.0.0.1", 0, lambda: STATUS)
