@@ -43,8 +43,7 @@ MODELS = ("active", "uniform")
 
 def make_frame(dst: int, size: int, rng: random.Random) -> bytes:
     src = 0x020000000000 | rng.getrandbits(40)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size - 14, 0, 0x4000, 64, 17, 0,
-                     rng.randbytes(4), rng.randbytes(4))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size - 14, 0, 0x4000, 64, 17, 0, rng.randbytes(4), rng.randbytes(4))
     udp = struct.pack("!HHHH", rng.getrandbits(16), 5001, size - 34, 0)
     return dst.to_bytes(6, "big") + src.to_bytes(6, "big") + b"\x08\x00" + ip + udp + bytes(size - 42)
 
@@ -55,7 +54,9 @@ def ns_per_frame(run: Callable[[], None], frames: int) -> float:
     return (time.perf_counter_ns() - t0) / frames
 
 
-def build_cases(entries: int, pool: int, ref_frames: int) -> dict[tuple[str, str, int], tuple[Callable[[], None], int, Callable[[], None], int]]:
+def build_cases(
+    entries: int, pool: int, ref_frames: int
+) -> dict[tuple[str, str, int], tuple[Callable[[], None], int, Callable[[], None], int]]:
     """For one table size: per (stage, frame size), the fast and the reference run and their frame counts."""
     fp = load()
     rng = random.Random(entries)
@@ -71,8 +72,10 @@ def build_cases(entries: int, pool: int, ref_frames: int) -> dict[tuple[str, str
     # from), so streaming the pool itself does not push the table out of the caches.
     pools = {
         "uniform": [b"".join(rng.choice(macs).to_bytes(6, "big") for _ in range(BATCH)) for _ in range(pool // BATCH)],
-        "active": [b"".join(rng.choice(active).to_bytes(6, "big") for _ in range(BATCH))
-                   for _ in range(pool // BATCH // 16)] * 16,
+        "active": [
+            b"".join(rng.choice(active).to_bytes(6, "big") for _ in range(BATCH)) for _ in range(pool // BATCH // 16)
+        ]
+        * 16,
     }
     ref_table = {(VNI, m): VTEP for m in macs[:100_000]}  # a dict's cost hardly depends on size
     ref_macs = [m for _, m in ref_table]
@@ -89,12 +92,12 @@ def build_cases(entries: int, pool: int, ref_frames: int) -> dict[tuple[str, str
             frame = make_frame(rng.choice(ref_macs), size, rng)
             ref_in.append((frame, wire.encode(VNI, frame)))
 
-        def fast_encap(tx: "fp.FrameBatch" = tx, model: str = "uniform") -> None:
+        def fast_encap(tx: fp.FrameBatch = tx, model: str = "uniform") -> None:
             for chunk in pools[model]:
                 tx.set_macs(chunk, 0)
                 fp.encap(core, tx, VNI)
 
-        def fast_decap(rx: "fp.FrameBatch" = rx, model: str = "uniform") -> None:
+        def fast_decap(rx: fp.FrameBatch = rx, model: str = "uniform") -> None:
             for chunk in pools[model]:
                 rx.set_macs(chunk, 6)
                 fp.decap(core, rx, BATCH)
@@ -163,11 +166,17 @@ def main() -> None:
         encap = [results[n][model, "encap", s] for n in TABLES for s in SIZES]
         worst_ns = max(f for f, _ in encap)
         worst_ratio = min(r / f for f, r in encap)
-        worst_flat = max(results[TABLES[-1]][model, "encap", s][0] / results[TABLES[0]][model, "encap", s][0] for s in SIZES)
+        worst_flat = max(
+            results[TABLES[-1]][model, "encap", s][0] / results[TABLES[0]][model, "encap", s][0] for s in SIZES
+        )
         print(f"  {model} destinations:")
         print(f"    slowest {worst_ns:.1f} ns/frame (target <= {TARGET_NS:.0f}): {verdict(worst_ns <= TARGET_NS)}")
-        print(f"    smallest speed-up {worst_ratio:.0f}x (target >= {TARGET_RATIO:.0f}x): {verdict(worst_ratio >= TARGET_RATIO)}")
-        print(f"    1M vs 10 entries {worst_flat:.2f}x (target <= {TARGET_FLAT:.2f}x): {verdict(worst_flat <= TARGET_FLAT)}")
+        print(
+            f"    smallest speed-up {worst_ratio:.0f}x (target >= {TARGET_RATIO:.0f}x): {verdict(worst_ratio >= TARGET_RATIO)}"
+        )
+        print(
+            f"    1M vs 10 entries {worst_flat:.2f}x (target <= {TARGET_FLAT:.2f}x): {verdict(worst_flat <= TARGET_FLAT)}"
+        )
 
 
 def verdict(ok: bool) -> str:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -61,6 +61,7 @@ def cpu_seconds(procs: list[Any]) -> float:
 
 def underlay(lab: Lab, workdir: Path) -> Callable[[], None]:
     def teardown() -> None: ...
+
     teardown.procs = []  # type: ignore[attr-defined]
     teardown.target = str(lab.address(2))  # type: ignore[attr-defined]
     return teardown
@@ -69,12 +70,15 @@ def underlay(lab: Lab, workdir: Path) -> Callable[[], None]:
 def tinc(cipher: bool) -> Callable[[Lab, Path], Callable[[], None]]:
     def setup(lab: Lab, workdir: Path) -> Callable[[], None]:
         from bench.tinc import setup_tinc
+
         return setup_tinc(lab, cipher, workdir)
+
     return setup
 
 
 def naive(lab: Lab, workdir: Path) -> Callable[[], None]:
     from bench.naive import setup_naive
+
     return setup_naive(lab)
 
 
@@ -90,8 +94,13 @@ def dataplanes(etcd_url: Callable[[], str]) -> dict[str, Callable[[Lab, Path], C
     }
 
 
-def run_one(lab: Lab, setup: Callable[[Lab, Path], Callable[[], None]], seconds: int, workdir: Path,
-            progress: Callable[[str], None]) -> dict[str, float | None]:
+def run_one(
+    lab: Lab,
+    setup: Callable[[Lab, Path], Callable[[], None]],
+    seconds: int,
+    workdir: Path,
+    progress: Callable[[str], None],
+) -> dict[str, float | None]:
     teardown = setup(lab, workdir)
     try:
         target = getattr(teardown, "target", OVERLAY_NET.format(2).split("/")[0])
@@ -111,8 +120,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are shown (default 3)")
     parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 run (default 5)")
-    parser.add_argument("--only", help="comma-separated dataplanes (default: all): " +
-                        "underlay,kernel,tinc-none,tinc,naive,overlay,overlay-etcd")
+    parser.add_argument(
+        "--only",
+        help="comma-separated dataplanes (default: all): "
+        + "underlay,kernel,tinc-none,tinc,naive,overlay,overlay-etcd",
+    )
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<commit>/)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the lab is torn down
@@ -121,6 +133,7 @@ def main() -> None:
 
     def etcd_url() -> str:
         from overlay.lab import etcd as etcdlab
+
         if not etcd:
             etcd.append(etcdlab.single(lab))
         return etcd[0].endpoint
@@ -139,8 +152,10 @@ def main() -> None:
                 etcd_url()
             for r in range(rounds):
                 for name in names:
+
                     def progress(what: str, name: str = name, r: int = r) -> None:
                         print(f"... round {r + 1}/{rounds}  {name:13}  {what}", flush=True)
+
                     progress("setting up")
                     results[name].append(run_one(lab, all_planes[name], seconds, Path(tmp) / name, progress))
         finally:
@@ -168,17 +183,24 @@ def report(results: dict[str, list[dict[str, float | None]]], rounds: int, secon
         a, b = med[n].get(k), med.get(base, {}).get(k)
         return f"{a / b:.2f}" if a is not None and b else "-"
 
-    lines = [f"# overlay vs the alternatives: medians of {rounds} round(s), {seconds} s per iperf3 run "
-             f"(spread: min-max)", ""]
+    lines = [
+        f"# overlay vs the alternatives: medians of {rounds} round(s), {seconds} s per iperf3 run (spread: min-max)",
+        "",
+    ]
     lines.append("| figure | " + " | ".join(names) + " |")
     lines.append("|---|" + "---:|" * len(names))
     for k, label, unit, _ in FIGURES:
         lines.append(f"| {label} ({unit}) | " + " | ".join(cell(n, k) for n in names) + " |")
     for base in ("kernel", "tinc-none"):
         if base in names:
-            lines += ["", f"ratio to {base} (same run)", "", "| figure | " + " | ".join(names) + " |",
-                      "|---|" + "---:|" * len(names)]
-            for k, label, unit, _ in FIGURES:
+            lines += [
+                "",
+                f"ratio to {base} (same run)",
+                "",
+                "| figure | " + " | ".join(names) + " |",
+                "|---|" + "---:|" * len(names),
+            ]
+            for k, label, _unit, _ in FIGURES:
                 lines.append(f"| {label} | " + " | ".join(ratio(n, k, base) for n in names) + " |")
     table = "\n".join(lines)
     print("\n" + table)
@@ -189,10 +211,12 @@ def report(results: dict[str, list[dict[str, float | None]]], rounds: int, secon
     print(f"\nwritten: {out}/bench.md, bench.json, bench.png")
 
 
-def chart(results: dict[str, list[dict[str, float | None]]], med: dict[str, dict[str, float | None]],
-          path: Path) -> None:
+def chart(
+    results: dict[str, list[dict[str, float | None]]], med: dict[str, dict[str, float | None]], path: Path
+) -> None:
     """One panel per figure, a bar per dataplane with its spread; overlay's bars stand out."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

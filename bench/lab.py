@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import re
+import signal
 import statistics
 import subprocess
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from bench import results_dir
 from overlay.lab import Lab, wait_for
@@ -34,8 +34,21 @@ def setup_kernel(lab: Lab) -> Callable[[], None]:
     tunnel, so this is the kernel at its best on this lab."""
     for h, peer in ((1, 2), (2, 1)):
         for cmd in (
-            ["ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "dstport", str(PORT),
-             "local", str(lab.address(h)), "nolearning"],
+            [
+                "ip",
+                "link",
+                "add",
+                "vx0",
+                "type",
+                "vxlan",
+                "id",
+                str(VNI),
+                "dstport",
+                str(PORT),
+                "local",
+                str(lab.address(h)),
+                "nolearning",
+            ],
             ["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", str(lab.address(peer))],
             ["ip", "addr", "add", OVERLAY_NET.format(h), "dev", "vx0"],
             ["ip", "link", "set", "vx0", "up"],
@@ -54,15 +67,38 @@ def setup_overlay(lab: Lab, etcd: str | None = None) -> Callable[[], None]:
     The returned teardown has ``procs``: the agent processes (for CPU accounting)."""
     procs = []
     for h, peer in ((1, 2), (2, 1)):
-        mode = (["--etcd", etcd, "--host-id", f"h{h}", "--network", str(VNI)] if etcd
-                else ["--vni", str(VNI), "--peer", str(lab.address(peer))])
-        procs.append(lab.spawn(h, [sys.executable, "-m", "overlay", "agent", *mode,
-                                   "--local", str(lab.address(h)), "--tap", "ovl0", "--address", OVERLAY_NET.format(h)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        mode = (
+            ["--etcd", etcd, "--host-id", f"h{h}", "--network", str(VNI)]
+            if etcd
+            else ["--vni", str(VNI), "--peer", str(lab.address(peer))]
+        )
+        procs.append(
+            lab.spawn(
+                h,
+                [
+                    sys.executable,
+                    "-m",
+                    "overlay",
+                    "agent",
+                    *mode,
+                    "--local",
+                    str(lab.address(h)),
+                    "--tap",
+                    "ovl0",
+                    "--address",
+                    OVERLAY_NET.format(h),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     for h in (1, 2):  # the address is on ovl0 (static) or on the network's bridge ovbr42 (etcd mode)
         address = OVERLAY_NET.format(h).split("/")[0]
-        wait_for(lambda h=h, address=address: f" {address}/" in lab.run(h, ["ip", "-br", "addr"]).stdout, 20,
-                 f"agent on host {h}")
+        wait_for(
+            lambda h=h, address=address: f" {address}/" in lab.run(h, ["ip", "-br", "addr"]).stdout,
+            20,
+            f"agent on host {h}",
+        )
 
     def teardown() -> None:
         for p in procs:
@@ -74,11 +110,37 @@ def setup_overlay(lab: Lab, etcd: str | None = None) -> Callable[[], None]:
 
 
 FIXED_RATE = "20M"  # 64-byte payloads: 39 kpps offered, below every dataplane's capacity on this lab
+IPERF_TRIES = 3  # an iperf3 run that ends without its summary (it lost its control connection) is run again
 
 
-def measure(lab: Lab, seconds: int, dst: str | None = None, streams: int = 1, only_tcp: bool = False,
-            tcp: bool = True, progress: Callable[[str], None] = lambda what: None,
-            cpu: Callable[[], float] | None = None) -> dict[str, float]:
+def iperf(lab: Lab, argv: list[str], seconds: int, summary: str) -> dict[str, Any]:
+    """Run ``iperf3 -J`` on host 1 and return its JSON, whose ``end`` has ``summary``. On a loaded
+    machine iperf3 sometimes reports an error instead (e.g. "unable to receive control message"):
+    such a run is repeated, up to IPERF_TRIES times, then reported with iperf3's own words."""
+    error = ""
+    for _ in range(IPERF_TRIES):
+        run = lab.run(1, ["iperf3", *argv, "-J"], check=False, timeout=seconds + 30)
+        try:
+            result = json.loads(run.stdout)
+        except ValueError:
+            error = (run.stderr or run.stdout).strip()[-300:]
+            continue
+        if summary in result.get("end", {}):
+            return result
+        error = result.get("error", "no summary in its output")
+    raise RuntimeError(f"iperf3 {' '.join(argv)} failed {IPERF_TRIES} times: {error}")
+
+
+def measure(
+    lab: Lab,
+    seconds: int,
+    dst: str | None = None,
+    streams: int = 1,
+    only_tcp: bool = False,
+    tcp: bool = True,
+    progress: Callable[[str], None] = lambda what: None,
+    cpu: Callable[[], float] | None = None,
+) -> dict[str, float]:
     """iperf3 TCP (``streams`` streams; its bytes as tcp_bytes and, with ``cpu``, the CPU
     seconds ``cpu()`` counted during it as tcp_cpu_s), 64-byte UDP at full offered load and at
     FIXED_RATE, and 200 pings, from host 1 to ``dst`` (default: host 2's overlay address)."""
@@ -87,13 +149,15 @@ def measure(lab: Lab, seconds: int, dst: str | None = None, streams: int = 1, on
     out: dict[str, float] = {}
     server = lab.spawn(2, ["iperf3", "-s", "-B", dst], stdout=subprocess.DEVNULL)
     try:
-        wait_for(lambda: lab.run(1, ["iperf3", "-c", dst, "-t", "1", "-J"], check=False, timeout=30).returncode == 0,
-                 20, "iperf3 server")
+        wait_for(
+            lambda: lab.run(1, ["iperf3", "-c", dst, "-t", "1", "-J"], check=False, timeout=30).returncode == 0,
+            20,
+            "iperf3 server",
+        )
         if tcp:
             progress(f"TCP, {streams} stream(s)")
             before = cpu() if cpu else 0.0
-            result = json.loads(lab.run(1, ["iperf3", "-c", dst, "-t", str(seconds), "-P", str(streams), "-J"],
-                                        timeout=seconds + 30).stdout)
+            result = iperf(lab, ["-c", dst, "-t", str(seconds), "-P", str(streams)], seconds, "sum_received")
             if cpu:
                 out["tcp_cpu_s"] = cpu() - before
             out["tcp_gbps"] = result["end"]["sum_received"]["bits_per_second"] / 1e9
@@ -101,14 +165,12 @@ def measure(lab: Lab, seconds: int, dst: str | None = None, streams: int = 1, on
         if only_tcp:
             return out
         progress("UDP, 64-byte payloads")
-        udp = json.loads(lab.run(1, ["iperf3", "-c", dst, "-u", "-l", "64", "-b", "0", "-t", str(seconds), "-J"],
-                                 timeout=seconds + 30).stdout)
+        udp = iperf(lab, ["-c", dst, "-u", "-l", "64", "-b", "0", "-t", str(seconds)], seconds, "sum")
         s = udp["end"]["sum"]
         out["udp64_kpps"] = (s["packets"] - s["lost_packets"]) / s["seconds"] / 1e3
         out["udp64_loss_pct"] = s["lost_percent"]
         progress(f"UDP, 64-byte payloads at {FIXED_RATE}bit/s")
-        udp = json.loads(lab.run(1, ["iperf3", "-c", dst, "-u", "-l", "64", "-b", FIXED_RATE, "-t", str(seconds),
-                                     "-J"], timeout=seconds + 30).stdout)
+        udp = iperf(lab, ["-c", dst, "-u", "-l", "64", "-b", FIXED_RATE, "-t", str(seconds)], seconds, "sum")
         out["udp64_fixed_loss_pct"] = udp["end"]["sum"]["lost_percent"]
     finally:
         server.kill()
@@ -139,8 +201,12 @@ def main() -> None:
                     teardown()
     keys = ["tcp_gbps", "udp64_kpps", "udp64_loss_pct", "udp64_fixed_loss_pct", "rtt_median_ms", "rtt_p99_ms"]
     med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in results.items()}
-    lines = [f"medians of {args.rounds} rounds, {args.seconds} s each (spread: min-max)", "",
-             "| figure | kernel vxlan | overlay | overlay/kernel |", "|---|---:|---:|---:|"]
+    lines = [
+        f"medians of {args.rounds} rounds, {args.seconds} s each (spread: min-max)",
+        "",
+        "| figure | kernel vxlan | overlay | overlay/kernel |",
+        "|---|---:|---:|---:|",
+    ]
     for k in keys:
         cells = []
         for n in ("kernel", "overlay"):

@@ -23,7 +23,7 @@ TUNNEL = Path(__file__).with_name("naive_tunnel.py")
 TAP = "nv0"
 OVERLAY_NET = "198.19.42.{}/24"
 START_TIMEOUT = 20.0  # s: both tunnels up and a ping through them
-STOP_TIMEOUT = 5.0    # s: after SIGTERM, before SIGKILL
+STOP_TIMEOUT = 5.0  # s: after SIGTERM, before SIGKILL
 
 
 class NaiveTeardown:
@@ -48,8 +48,11 @@ class NaiveTeardown:
                 p.stderr.close()
         # The TAPs go with the processes' fds; make sure before the next dataplane is set up.
         for h in (1, 2):
-            wait_for(lambda h=h: self.lab.run(h, ["ip", "link", "show", TAP], check=False).returncode != 0,
-                     STOP_TIMEOUT, f"{TAP} gone from host {h}")
+            wait_for(
+                lambda h=h: self.lab.run(h, ["ip", "link", "show", TAP], check=False).returncode != 0,
+                STOP_TIMEOUT,
+                f"{TAP} gone from host {h}",
+            )
 
 
 def setup_naive(lab: Lab) -> Callable[[], None]:
@@ -61,10 +64,26 @@ def setup_naive(lab: Lab) -> Callable[[], None]:
     try:
         for h, peer in ((1, 2), (2, 1)):
             # stderr: a pipe, read only once the process has died (a running tunnel writes nothing)
-            procs.append(lab.spawn(h, [sys.executable, str(TUNNEL), "--tap", TAP,
-                                       "--local", str(lab.address(h)), "--peer", str(lab.address(peer)),
-                                       "--address", OVERLAY_NET.format(h)],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            procs.append(
+                lab.spawn(
+                    h,
+                    [
+                        sys.executable,
+                        str(TUNNEL),
+                        "--tap",
+                        TAP,
+                        "--local",
+                        str(lab.address(h)),
+                        "--peer",
+                        str(lab.address(peer)),
+                        "--address",
+                        OVERLAY_NET.format(h),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
         dst = OVERLAY_NET.format(2).split("/")[0]
 
         def pings() -> bool:

@@ -49,10 +49,10 @@ import uvloop
 
 import overlay.io.etcd as etcdclient
 from bench import results_dir
-from overlay.lab import etcd as etcdlab
 from overlay.core.addresses import parse_endpoint
-from overlay.io.etcd import GRPC_OPTIONS, EtcdClient
 from overlay.core.registry import Endpoint, EndpointKey, Event, Host, Put, Registry, Schema
+from overlay.io.etcd import GRPC_OPTIONS, EtcdClient
+from overlay.lab import etcd as etcdlab
 
 VNI = 42
 WATCHERS, WATCHERS_QUICK = (1, 10, 100), (1, 10)
@@ -67,8 +67,12 @@ CLIENT_BOUND = 0.7  # of one core: above it the process, not etcd, sets the pace
 VALUE = Endpoint(host="h2", ipv4=["198.19.42.9"])
 # One TCP connection per client, as with one agent per host (see the docstring).
 OWN_CONNECTION = {"grpc.use_local_subchannel_pool": 1}
-METRICS = ("grpc_server_started_total", "grpc_server_handled_total", "grpc_server_msg_received_total",
-           "grpc_server_msg_sent_total")
+METRICS = (
+    "grpc_server_started_total",
+    "grpc_server_handled_total",
+    "grpc_server_msg_received_total",
+    "grpc_server_msg_sent_total",
+)
 
 
 def progress(text: str) -> None:
@@ -102,6 +106,7 @@ async def propagation(endpoint: str, watchers: int, puts: int, spacing: float = 
             for ev in events:
                 if type(ev) is Put and type(ev.key) is EndpointKey:
                     record.setdefault(ev.key.mac, t)
+
         return on_events
 
     clients = [EtcdClient([endpoint], Registry(schema), on_events_of(arrivals[w])) for w in range(watchers)]
@@ -169,14 +174,23 @@ async def propagation(endpoint: str, watchers: int, puts: int, spacing: float = 
         rtt = [(t1 - t0) * 1000 for t0, t1 in sent]
         reconnects = sum(c.reconnects for c in clients)
         return {
-            "watchers": watchers, "puts": puts, "spacing_ms": spacing * 1000, "pairs": len(pairs),
+            "watchers": watchers,
+            "puts": puts,
+            "spacing_ms": spacing * 1000,
+            "pairs": len(pairs),
             "achieved_spacing_ms": (sent[-1][0] - sent[0][0]) / max(1, puts - 1) * 1000,
-            "lost": lost, "complete": complete,
-            "p50_ms": pct(pairs, 50), "p99_ms": pct(pairs, 99), "max_ms": max(pairs, default=float("nan")),
+            "lost": lost,
+            "complete": complete,
+            "p50_ms": pct(pairs, 50),
+            "p99_ms": pct(pairs, 99),
+            "max_ms": max(pairs, default=float("nan")),
             "mean_ms": statistics.fmean(pairs) if pairs else float("nan"),
-            "first_p50_ms": pct(first, 50), "first_p99_ms": pct(first, 99),
-            "last_p50_ms": pct(slowest, 50), "last_p99_ms": pct(slowest, 99),
-            "put_rtt_p50_ms": pct(rtt, 50), "put_rtt_p99_ms": pct(rtt, 99),
+            "first_p50_ms": pct(first, 50),
+            "first_p99_ms": pct(first, 99),
+            "last_p50_ms": pct(slowest, 50),
+            "last_p99_ms": pct(slowest, 99),
+            "put_rtt_p50_ms": pct(rtt, 50),
+            "put_rtt_p99_ms": pct(rtt, 99),
             "client_cpu": cpu / wall if wall > 0 else float("nan"),
             "client_us_per_event": cpu / max(1, len(pairs)) * 1e6,
             "client_cpu_ms_per_put": cpu / puts * 1000,
@@ -204,7 +218,7 @@ def scrape(endpoint: str) -> dict[str, dict[str, float]]:
         text = response.read().decode()
     out: dict[str, dict[str, float]] = {name: {} for name in METRICS}
     for line in text.splitlines():
-        m = re.match(r'^(\w+)\{([^}]*)\}\s+(\S+)$', line)
+        m = re.match(r"^(\w+)\{([^}]*)\}\s+(\S+)$", line)
         if not m or m.group(1) not in out:
             continue
         method = re.search(r'grpc_method="([^"]*)"', m.group(2))
@@ -253,7 +267,10 @@ async def at_rest(endpoint: str, clients_n: int, seconds: float, ttl: int = TTL)
     started = sum(m["grpc_server_started_total"] for m in methods.values())
     keepalive = methods.get("LeaseKeepAlive", {}).get("grpc_server_msg_received_total", 0.0)
     return {
-        "clients": clients_n, "seconds": window, "ttl": ttl, "methods": methods,
+        "clients": clients_n,
+        "seconds": window,
+        "ttl": ttl,
+        "methods": methods,
         "msgs_per_client_s": received / clients_n / window,
         "calls_per_client_s": started / clients_n / window,
         "keepalive_per_client_s": keepalive / clients_n / window,
@@ -273,82 +290,116 @@ def f(x: float, digits: int = 1) -> str:
 
 def report(args: argparse.Namespace, env: dict[str, Any], lat: list[dict[str, Any]], rest: dict[str, Any]) -> str:
     main_rows = [r for r in lat if r["spacing_ms"] == SPACING * 1000]
-    lines = [f"etcd registry on loopback: etcd {env['etcd']}, {env['cpus']} CPUs, one benchmark process "
-             f"(uvloop), {env['date']} at {env['commit']}{' (--quick)' if args.quick else ''}", "",
-             f"### Propagation: put -> EtcdClient on_events, {lat[0]['puts'] if lat else 0} puts per row (ms)", "",
-             "| watchers | puts every (achieved) | p50 | p99 | max | first to receive p50 / p99 "
-             "| last to receive p50 / p99 | put round trip p50 / p99 | process CPU | lost |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"etcd registry on loopback: etcd {env['etcd']}, {env['cpus']} CPUs, one benchmark process "
+        f"(uvloop), {env['date']} at {env['commit']}{' (--quick)' if args.quick else ''}",
+        "",
+        f"### Propagation: put -> EtcdClient on_events, {lat[0]['puts'] if lat else 0} puts per row (ms)",
+        "",
+        "| watchers | puts every (achieved) | p50 | p99 | max | first to receive p50 / p99 "
+        "| last to receive p50 / p99 | put round trip p50 / p99 | process CPU | lost |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in lat:
-        lines.append(f"| {r['watchers']} | {r['spacing_ms']:.0f} ({r['achieved_spacing_ms']:.1f}) "
-                     f"| {f(r['p50_ms'])} | {f(r['p99_ms'])} | {f(r['max_ms'])} "
-                     f"| {f(r['first_p50_ms'])} / {f(r['first_p99_ms'])} | {f(r['last_p50_ms'])} / {f(r['last_p99_ms'])} "
-                     f"| {f(r['put_rtt_p50_ms'])} / {f(r['put_rtt_p99_ms'])} | {r['client_cpu'] * 100:.0f}% | {r['lost']} |")
-    lines += ["", "p50/p99 over all (watcher, put) pairs; first/last to receive: per put, the earliest and the "
-              "latest watcher; process CPU: this process's CPU time over the row's wall time (100% = one core; "
-              "gRPC's own threads count too)", ""]
+        lines.append(
+            f"| {r['watchers']} | {r['spacing_ms']:.0f} ({r['achieved_spacing_ms']:.1f}) "
+            f"| {f(r['p50_ms'])} | {f(r['p99_ms'])} | {f(r['max_ms'])} "
+            f"| {f(r['first_p50_ms'])} / {f(r['first_p99_ms'])} | {f(r['last_p50_ms'])} / {f(r['last_p99_ms'])} "
+            f"| {f(r['put_rtt_p50_ms'])} / {f(r['put_rtt_p99_ms'])} | {r['client_cpu'] * 100:.0f}% | {r['lost']} |"
+        )
+    lines += [
+        "",
+        "p50/p99 over all (watcher, put) pairs; first/last to receive: per put, the earliest and the "
+        "latest watcher; process CPU: this process's CPU time over the row's wall time (100% = one core; "
+        "gRPC's own threads count too)",
+        "",
+    ]
     big = max(main_rows, key=lambda r: r["watchers"]) if main_rows else None
     if big is not None:
         ok = big["p99_ms"] <= TARGET_P99_MS and big["lost"] == 0
         scope = "" if big["watchers"] == 100 else f" (measured at {big['watchers']}: --quick stops there)"
-        lines.append(f"target: p99 <= {TARGET_P99_MS:.0f} ms at 100 watchers{scope}: "
-                     f"p99 {f(big['p99_ms'])} ms at {big['watchers']}: {'met' if ok else 'MISSED'}")
+        lines.append(
+            f"target: p99 <= {TARGET_P99_MS:.0f} ms at 100 watchers{scope}: "
+            f"p99 {f(big['p99_ms'])} ms at {big['watchers']}: {'met' if ok else 'MISSED'}"
+        )
     for r in lat:
         if r["client_cpu"] >= CLIENT_BOUND:
-            lines.append(f"note: at {r['watchers']} watchers, puts every {r['spacing_ms']:.0f} ms, this process was busy "
-                         f"{r['client_cpu'] * 100:.0f}% of a core: the client, not etcd, sets the pace there, and the "
-                         f"writer, which shares the loop, waits too (its round trip grows).")
+            lines.append(
+                f"note: at {r['watchers']} watchers, puts every {r['spacing_ms']:.0f} ms, this process was busy "
+                f"{r['client_cpu'] * 100:.0f}% of a core: the client, not etcd, sets the pace there, and the "
+                f"writer, which shares the loop, waits too (its round trip grows)."
+            )
     base = {r["spacing_ms"]: r["client_cpu_ms_per_put"] for r in lat if r["watchers"] == 1}
-    marginal = [((r["client_cpu_ms_per_put"] - base[r["spacing_ms"]]) / (r["watchers"] - 1), r)
-                for r in lat if r["watchers"] > 1 and r["spacing_ms"] in base]
+    marginal = [
+        ((r["client_cpu_ms_per_put"] - base[r["spacing_ms"]]) / (r["watchers"] - 1), r)
+        for r in lat
+        if r["watchers"] > 1 and r["spacing_ms"] in base
+    ]
     if marginal:
         cost, r = max(marginal, key=lambda m: m[1]["watchers"])
         most = r["watchers"]
-        lines.append(f"note: one process delivers every put {most} times here, at ~{cost * 1000:.0f} us of its CPU per "
-                     f"extra watcher (per put, {most} watchers vs 1), ~{most * cost:.1f} ms of serial work per put "
-                     f"that no agent does (an agent has a process of its own and receives each put once); the "
-                     f"spread from the first to the last watcher (p50 {r['last_p50_ms'] - r['first_p50_ms']:.1f} ms) "
-                     f"comes mostly from it. What one agent sees at {most} watchers lies between 'first to "
-                     f"receive' and p50/p99 over all pairs.")
+        lines.append(
+            f"note: one process delivers every put {most} times here, at ~{cost * 1000:.0f} us of its CPU per "
+            f"extra watcher (per put, {most} watchers vs 1), ~{most * cost:.1f} ms of serial work per put "
+            f"that no agent does (an agent has a process of its own and receives each put once); the "
+            f"spread from the first to the last watcher (p50 {r['last_p50_ms'] - r['first_p50_ms']:.1f} ms) "
+            f"comes mostly from it. What one agent sees at {most} watchers lies between 'first to "
+            f"receive' and p50/p99 over all pairs."
+        )
     if any(r["reconnects"] for r in lat):
-        lines.append("note: watchers reconnected during the run: " +
-                     ", ".join(f"{r['reconnects']} at {r['watchers']}" for r in lat if r["reconnects"]))
-    lines += ["", f"### etcd requests at rest: {rest['clients']} idle agents (register, lease keepalive every "
-              f"TTL/3 with TTL {rest['ttl']} s, watch), {rest['seconds']:.1f} s", "",
-              "| gRPC method | calls started | messages received | handled (ended) | messages / agent / s |",
-              "|---|---:|---:|---:|---:|"]
+        lines.append(
+            "note: watchers reconnected during the run: "
+            + ", ".join(f"{r['reconnects']} at {r['watchers']}" for r in lat if r["reconnects"])
+        )
+    lines += [
+        "",
+        f"### etcd requests at rest: {rest['clients']} idle agents (register, lease keepalive every "
+        f"TTL/3 with TTL {rest['ttl']} s, watch), {rest['seconds']:.1f} s",
+        "",
+        "| gRPC method | calls started | messages received | handled (ended) | messages / agent / s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for method, m in sorted(rest["methods"].items()):
-        lines.append(f"| {method} | {m['grpc_server_started_total']:.0f} | {m['grpc_server_msg_received_total']:.0f} "
-                     f"| {m['grpc_server_handled_total']:.0f} "
-                     f"| {m['grpc_server_msg_received_total'] / rest['clients'] / rest['seconds']:.3f} |")
+        lines.append(
+            f"| {method} | {m['grpc_server_started_total']:.0f} | {m['grpc_server_msg_received_total']:.0f} "
+            f"| {m['grpc_server_handled_total']:.0f} "
+            f"| {m['grpc_server_msg_received_total'] / rest['clients'] / rest['seconds']:.3f} |"
+        )
     if not rest["methods"]:
         lines.append("| (none) | 0 | 0 | 0 | 0 |")
     no_polling = rest["range_calls"] == 0 and rest["other_msgs"] == 0
-    lines += ["",
-              f"requests/s per idle agent: {rest['msgs_per_client_s']:.3f} messages, {rest['calls_per_client_s']:.3f} "
-              f"calls (LeaseKeepAlive {rest['keepalive_per_client_s']:.3f}/s; 3/TTL = "
-              f"{rest['keepalive_expected_per_client_s']:.3f}/s expected)",
-              f"no polling at rest (no Range, nothing but LeaseKeepAlive): "
-              f"{'met' if no_polling else 'MISSED'} ({rest['range_calls']:.0f} Range calls, "
-              f"{rest['other_msgs']:.0f} other messages, {rest['reconnects_or_resyncs']} reconnects)",
-              f"(gRPC keepalive pings, an HTTP/2 PING per connection every "
-              f"{GRPC_OPTIONS['grpc.keepalive_time_ms'] / 1000:g} s, are no RPCs and not counted here)"]
+    lines += [
+        "",
+        f"requests/s per idle agent: {rest['msgs_per_client_s']:.3f} messages, {rest['calls_per_client_s']:.3f} "
+        f"calls (LeaseKeepAlive {rest['keepalive_per_client_s']:.3f}/s; 3/TTL = "
+        f"{rest['keepalive_expected_per_client_s']:.3f}/s expected)",
+        f"no polling at rest (no Range, nothing but LeaseKeepAlive): "
+        f"{'met' if no_polling else 'MISSED'} ({rest['range_calls']:.0f} Range calls, "
+        f"{rest['other_msgs']:.0f} other messages, {rest['reconnects_or_resyncs']} reconnects)",
+        f"(gRPC keepalive pings, an HTTP/2 PING per connection every "
+        f"{GRPC_OPTIONS['grpc.keepalive_time_ms'] / 1000:g} s, are no RPCs and not counted here)",
+    ]
     if rest["reconnects_or_resyncs"]:
-        lines.append(f"note: idle clients lost their connection {rest['reconnects_or_resyncs']} times and came back "
-                     f"(a Range and a new Watch each). If gRPC logged 'too_many_pings' above, etcd closed them: its "
-                     f"--grpc-keepalive-min-time (5 s by default) is longer than the client's "
-                     f"{GRPC_OPTIONS['grpc.keepalive_time_ms'] / 1000:g} s keepalive pings, and "
-                     f"only traffic from etcd (here the lease refresh every TTL/3) resets its count of pings.")
+        lines.append(
+            f"note: idle clients lost their connection {rest['reconnects_or_resyncs']} times and came back "
+            f"(a Range and a new Watch each). If gRPC logged 'too_many_pings' above, etcd closed them: its "
+            f"--grpc-keepalive-min-time (5 s by default) is longer than the client's "
+            f"{GRPC_OPTIONS['grpc.keepalive_time_ms'] / 1000:g} s keepalive pings, and "
+            f"only traffic from etcd (here the lease refresh every TTL/3) resets its count of pings."
+        )
     return "\n".join(lines)
 
 
-async def run(endpoint: str, watchers: tuple[int, ...], puts: int, idle_clients: int,
-              idle_seconds: float, quick: bool, ttl: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+async def run(
+    endpoint: str, watchers: tuple[int, ...], puts: int, idle_clients: int, idle_seconds: float, quick: bool, ttl: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     lat = []
 
     async def row(w: int, spacing: float) -> dict[str, Any]:
         r = await asyncio.wait_for(propagation(endpoint, w, puts, spacing), 120 + puts * spacing * 2)
-        progress(f"{w} watchers: p50 {f(r['p50_ms'])} ms, p99 {f(r['p99_ms'])} ms, process CPU {r['client_cpu'] * 100:.0f}%")
+        progress(
+            f"{w} watchers: p50 {f(r['p50_ms'])} ms, p99 {f(r['p99_ms'])} ms, process CPU {r['client_cpu'] * 100:.0f}%"
+        )
         return r
 
     for w in watchers:
@@ -362,30 +413,49 @@ async def run(endpoint: str, watchers: tuple[int, ...], puts: int, idle_clients:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {PUTS_QUICK} puts, 1 and 10 watchers, {IDLE_CLIENTS_QUICK} idle clients "
-                             f"for {IDLE_SECONDS_QUICK:.0f} s")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {PUTS_QUICK} puts, 1 and 10 watchers, {IDLE_CLIENTS_QUICK} idle clients "
+        f"for {IDLE_SECONDS_QUICK:.0f} s",
+    )
     parser.add_argument("--puts", type=int, default=None, help=f"puts per watcher count (default {PUTS})")
     parser.add_argument("--idle-clients", type=int, default=None, help=f"idle agents (default {IDLE_CLIENTS})")
     parser.add_argument("--idle-seconds", type=float, default=None, help=f"window at rest (default {IDLE_SECONDS:.0f})")
-    parser.add_argument("--ttl", type=int, default=TTL, help=f"idle agents' lease TTL in s (default {TTL}, the agent's)")
+    parser.add_argument(
+        "--ttl", type=int, default=TTL, help=f"idle agents' lease TTL in s (default {TTL}, the agent's)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<date>-<commit>)")
     args = parser.parse_args()
     puts = args.puts or (PUTS_QUICK if args.quick else PUTS)
     idle_clients = args.idle_clients or (IDLE_CLIENTS_QUICK if args.quick else IDLE_CLIENTS)
     idle_seconds = args.idle_seconds or (IDLE_SECONDS_QUICK if args.quick else IDLE_SECONDS)
-    if not 1 <= puts <= 10_000 or not 1 <= idle_clients <= 1000 or not 1 <= idle_seconds <= 300 \
-            or not 2 <= args.ttl <= 3600:
-        parser.error("bounds: 1 <= --puts <= 10000, 1 <= --idle-clients <= 1000, 1 <= --idle-seconds <= 300, "
-                     "2 <= --ttl <= 3600")
+    if (
+        not 1 <= puts <= 10_000
+        or not 1 <= idle_clients <= 1000
+        or not 1 <= idle_seconds <= 300
+        or not 2 <= args.ttl <= 3600
+    ):
+        parser.error(
+            "bounds: 1 <= --puts <= 10000, 1 <= --idle-clients <= 1000, 1 <= --idle-seconds <= 300, 2 <= --ttl <= 3600"
+        )
     watchers = WATCHERS_QUICK if args.quick else WATCHERS
     etcdclient.GRPC_OPTIONS = {**etcdclient.GRPC_OPTIONS, **OWN_CONNECTION}  # this process only
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "nogit"
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        or "nogit"
+    )
     version = subprocess.run([etcdlab.binary("etcd"), "--version"], capture_output=True, text=True, timeout=10)
-    env = {"etcd": (version.stdout.split("\n")[0].split(":")[-1].strip() or "?"), "cpus": os.cpu_count(),
-           "python": sys.version.split()[0], "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"),
-           "loadavg_before": os.getloadavg()}
+    env = {
+        "etcd": (version.stdout.split("\n")[0].split(":")[-1].strip() or "?"),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "loadavg_before": os.getloadavg(),
+    }
     progress("starting etcd on 127.0.0.1")
     etcd = etcdlab.single(None)
     try:
@@ -398,10 +468,24 @@ def main() -> None:
     out = args.out or results_dir()
     out.mkdir(parents=True, exist_ok=True)
     (out / "registry.md").write_text(table + "\n")
-    (out / "registry.json").write_text(json.dumps(
-        {"args": {**vars(args), "out": str(out), "puts": puts, "idle_clients": idle_clients,
-                  "idle_seconds": idle_seconds, "watchers": list(watchers)},
-         "env": env, "propagation": lat, "at_rest": rest}, indent=2))
+    (out / "registry.json").write_text(
+        json.dumps(
+            {
+                "args": {
+                    **vars(args),
+                    "out": str(out),
+                    "puts": puts,
+                    "idle_clients": idle_clients,
+                    "idle_seconds": idle_seconds,
+                    "watchers": list(watchers),
+                },
+                "env": env,
+                "propagation": lat,
+                "at_rest": rest,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwritten: {out}/registry.md, registry.json")
 
 

@@ -36,14 +36,17 @@ def _write_config(lab: Lab, h: int, peer: int, cipher: bool, conf: Path) -> None
         f"AddressFamily = ipv4\nBindToAddress = {lab.address(h)} {PORT}\n"
         # The same 8 MiB socket buffers overlay's agent asks for: with tinc's defaults its
         # receiving socket overflows on this lab and TCP runs at a third of what it can do.
-        f"UDPRcvBuf = {8 << 20}\nUDPSndBuf = {8 << 20}\n")
+        f"UDPRcvBuf = {8 << 20}\nUDPSndBuf = {8 << 20}\n"
+    )
     crypto = "" if cipher else "Cipher = none\nDigest = none\n"
     (conf / "hosts" / f"h{h}").write_text(f"Address = {lab.address(h)}\nPort = {PORT}\n{crypto}")
     up = conf / "tinc-up"
-    up.write_text("#!/bin/sh\nset -e\n"
-                  f'ip link set "$INTERFACE" mtu {MTU}\n'
-                  f'ip addr add {OVERLAY_NET.format(h)} dev "$INTERFACE"\n'
-                  'ip link set "$INTERFACE" up\n')
+    up.write_text(
+        "#!/bin/sh\nset -e\n"
+        f'ip link set "$INTERFACE" mtu {MTU}\n'
+        f'ip addr add {OVERLAY_NET.format(h)} dev "$INTERFACE"\n'
+        'ip link set "$INTERFACE" up\n'
+    )
     up.chmod(0o755)
     # -K asks where to save the keys unless stdin says: answer the defaults (conf/rsa_key.priv and
     # the public key appended to conf/hosts/h<h>).
@@ -86,9 +89,23 @@ def setup_tinc(lab: Lab, cipher: bool, workdir: Path) -> Callable[[], None]:
     try:
         for h in HOSTS:
             c = confs[h]
-            procs.append(lab.spawn(h, ["tincd", "-D", "-d0", "-c", str(c), f"--pidfile={c / 'tincd.pid'}",
-                                       f"--logfile={c / 'tincd.log'}"],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                lab.spawn(
+                    h,
+                    [
+                        "tincd",
+                        "-D",
+                        "-d0",
+                        "-c",
+                        str(c),
+                        f"--pidfile={c / 'tincd.pid'}",
+                        f"--logfile={c / 'tincd.log'}",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         dst = OVERLAY_NET.format(2).split("/")[0]
 
         def pings() -> bool:

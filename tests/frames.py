@@ -15,8 +15,22 @@ unicast_macs = macs.map(lambda m: bytes([m[0] & 0xFE]) + m[1:])
 
 def _ipv4(proto: int, frag: int, ihl: int, l4: bytes) -> bytes:
     opts = bytes((ihl - 5) * 4)
-    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(opts) + len(l4), 1, frag, 64, proto, 0,
-                         b"\xc6\x13\x00\x01", b"\xc6\x13\x00\x02") + opts
+    header = (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x40 | ihl,
+            0,
+            20 + len(opts) + len(l4),
+            1,
+            frag,
+            64,
+            proto,
+            0,
+            b"\xc6\x13\x00\x01",
+            b"\xc6\x13\x00\x02",
+        )
+        + opts
+    )
     return header + l4
 
 
@@ -35,8 +49,18 @@ def frames(draw: st.DrawFn, max_size: int = 1500) -> bytes:
         return dst + src + b"\x08\x00" + body
     if kind == "ipv6":
         nh = draw(st.sampled_from([6, 17, 58, 132]))
-        body = struct.pack("!IHBB16s16s", 0x60000000, len(payload), nh, 64, draw(st.binary(min_size=16, max_size=16)),
-                           draw(st.binary(min_size=16, max_size=16))) + payload
+        body = (
+            struct.pack(
+                "!IHBB16s16s",
+                0x60000000,
+                len(payload),
+                nh,
+                64,
+                draw(st.binary(min_size=16, max_size=16)),
+                draw(st.binary(min_size=16, max_size=16)),
+            )
+            + payload
+        )
         body = body[: draw(st.integers(0, len(body)))]
         return dst + src + b"\x86\xdd" + body
     if kind == "vlan":

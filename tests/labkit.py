@@ -19,30 +19,73 @@ def overlay_ip(host: int) -> str:
 
 
 def agent_argv(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "ovl0") -> list[str]:
-    argv = [sys.executable, "-m", "overlay", "agent", "--vni", str(VNI), "--local", str(lab.address(host)),
-            "--tap", tap, "--address", f"{overlay_ip(host)}/24", "--mac", f"02:00:00:00:00:{host:02x}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "overlay",
+        "agent",
+        "--vni",
+        str(VNI),
+        "--local",
+        str(lab.address(host)),
+        "--tap",
+        tap,
+        "--address",
+        f"{overlay_ip(host)}/24",
+        "--mac",
+        f"02:00:00:00:00:{host:02x}",
+    ]
     for p in peers:
         argv += ["--peer", str(lab.address(p))]
     return argv + list(extra)
 
 
 def etcd_agent_argv(lab: Lab, host: int, etcd: list[str], *extra: str, tap: str = "ovl0") -> list[str]:
-    argv = [sys.executable, "-m", "overlay", "agent", "--host-id", f"h{host}", "--network", str(VNI),
-            "--local", str(lab.address(host)), "--tap", tap, "--address", f"{overlay_ip(host)}/24",
-            "--mac", f"02:00:00:00:00:{host:02x}", "--state-dir", f"/tmp/overlay-state-{lab.name}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "overlay",
+        "agent",
+        "--host-id",
+        f"h{host}",
+        "--network",
+        str(VNI),
+        "--local",
+        str(lab.address(host)),
+        "--tap",
+        tap,
+        "--address",
+        f"{overlay_ip(host)}/24",
+        "--mac",
+        f"02:00:00:00:00:{host:02x}",
+        "--state-dir",
+        f"/tmp/overlay-state-{lab.name}",
+    ]
     for e in etcd:
         argv += ["--etcd", e]
     return argv + list(extra)
 
 
-def start_agent(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "ovl0",
-                log_dir: Path | None = None, env: dict[str, str] | None = None,
-                argv: list[str] | None = None) -> subprocess.Popen[Any]:
+def start_agent(
+    lab: Lab,
+    host: int,
+    peers: list[int],
+    *extra: str,
+    tap: str = "ovl0",
+    log_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+) -> subprocess.Popen[Any]:
     """Start `overlay agent` in ``host`` (static mode with ``peers``, or ``argv`` as given) and
     wait until its control socket answers."""
     log = open((log_dir or Path("/tmp")) / f"agent-{lab.name}-h{host}-{tap}.log", "w")
-    proc = lab.spawn(host, argv or agent_argv(lab, host, peers, *extra, tap=tap), stdout=log,
-                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = lab.spawn(
+        host,
+        argv or agent_argv(lab, host, peers, *extra, tap=tap),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     wait_for(lambda: proc.poll() is not None or status(lab, host, tap) is not None, 30, f"agent on host {host}")
     assert proc.poll() is None, Path(log.name).read_text()
     return proc
@@ -60,8 +103,9 @@ def status(lab: Lab, host: int, tap: str | None = None, cmd: str = "status") -> 
     return json.loads(result.stdout) if result.returncode == 0 else None
 
 
-def ping(lab: Lab, src: int, dst_ip: str, count: int = 1, size: int | None = None,
-         dont_fragment: bool = False) -> subprocess.CompletedProcess[str]:
+def ping(
+    lab: Lab, src: int, dst_ip: str, count: int = 1, size: int | None = None, dont_fragment: bool = False
+) -> subprocess.CompletedProcess[str]:
     argv = ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", dst_ip]
     if size is not None:
         argv += ["-s", str(size)]

@@ -12,23 +12,32 @@ from typing import Any, Iterator
 
 import pytest
 
-from overlay.lab import etcd as etcdlab
 from overlay.core.registry import Endpoint, Network, Schema
+from overlay.lab import etcd as etcdlab
 
-needs_etcd = pytest.mark.skipif(not etcdlab.available(),
-                                reason="needs etcd: apt-get install etcd-server etcd-client")
+needs_etcd = pytest.mark.skipif(not etcdlab.available(), reason="needs etcd: apt-get install etcd-server etcd-client")
 CLI = [sys.executable, "-m", "overlay"]
 
 
 def overlay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def overlay_many(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
     """Several independent invocations at once (they do not touch etcd's state): faster."""
-    procs = [subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              stdin=subprocess.DEVNULL) for argv in argvs]
+    procs = [
+        subprocess.Popen(
+            [*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        )
+        for argv in argvs
+    ]
     results = []
     for argv, p in zip(argvs, procs):
         out, err = p.communicate(timeout=30)
@@ -98,10 +107,19 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
     # Exactly what the agents decode: Schema.encode of the registry type.
     assert etcd.value("/networks/42") == etcd.schema.encode(Network(42, "blue", "198.19.42.0/24", 1450)).decode()
     one_line_error(etcd.cli("net", "create", "42"), 1, "network 42 exists")
-    one_line_error(etcd.cli("net", "create", "421", "--subnet", "198.19.42.0/24", "--gateway", "198.19.42.255"), 2,
-                   "not a host address")
+    one_line_error(
+        etcd.cli("net", "create", "421", "--subnet", "198.19.42.0/24", "--gateway", "198.19.42.255"),
+        2,
+        "not a host address",
+    )
     assert json.loads(etcd.value("/networks/42"))["name"] == "blue"  # not overwritten
-    assert etcd.json("net", "create", "420") == {"vni": 420, "name": "net420", "subnet": None, "mtu": None, "gateway": None}
+    assert etcd.json("net", "create", "420") == {
+        "vni": 420,
+        "name": "net420",
+        "subnet": None,
+        "mtu": None,
+        "gateway": None,
+    }
     assert etcd.value("/networks/420") == etcd.schema.encode(Network(420, "net420")).decode()
 
     # A member (an agent's, under its lease) and endpoints; 420 shares 42's digits, not its keys.
@@ -111,8 +129,15 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
     etcd.ctl("put", f"{etcd.prefix}/networks/420/endpoints/02:00:00:00:00:06", '{"host": "h1"}')
     rows = etcd.json("net", "ls")
     assert rows == [
-        {"vni": 42, "name": "blue", "subnet": "198.19.42.0/24", "mtu": 1450, "defined": True,
-         "members": 1, "endpoints": 1},
+        {
+            "vni": 42,
+            "name": "blue",
+            "subnet": "198.19.42.0/24",
+            "mtu": 1450,
+            "defined": True,
+            "members": 1,
+            "endpoints": 1,
+        },
         {"vni": 420, "name": "net420", "subnet": None, "mtu": None, "defined": True, "members": 0, "endpoints": 1},
     ]
     table = ok(etcd.cli("net", "ls")).splitlines()
@@ -121,8 +146,13 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
 
     one_line_error(etcd.cli("net", "rm", "42"), 1, "network 42 has 1 member (h1)", "--force")
     assert f"{etcd.prefix}/networks/42" in etcd.keys()
-    assert etcd.json("net", "rm", "42", "--force") == {"vni": 42, "deleted_keys": 3, "defined": True,
-                                                       "members": 1, "endpoints": 1}
+    assert etcd.json("net", "rm", "42", "--force") == {
+        "vni": 42,
+        "deleted_keys": 3,
+        "defined": True,
+        "members": 1,
+        "endpoints": 1,
+    }
     assert etcd.keys() == [f"{etcd.prefix}/networks/420", f"{etcd.prefix}/networks/420/endpoints/02:00:00:00:00:06"]
     one_line_error(etcd.cli("net", "rm", "42"), 1, "network 42 does not exist")
     assert "removed network 420" in ok(etcd.cli("net", "rm", "420"))  # no members: no --force needed
@@ -135,8 +165,21 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
 @needs_etcd
 def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None:
     ok(etcd.cli("net", "create", "42"))
-    r = etcd.cli("endpoint", "add", "--net", "42", "--mac", "02:00:00:00:00:AA", "--host", "h2",
-                 "--ip", "198.19.42.10", "fd00::a", "--ip", "198.19.42.11")
+    r = etcd.cli(
+        "endpoint",
+        "add",
+        "--net",
+        "42",
+        "--mac",
+        "02:00:00:00:00:AA",
+        "--host",
+        "h2",
+        "--ip",
+        "198.19.42.10",
+        "fd00::a",
+        "--ip",
+        "198.19.42.11",
+    )
     assert "added endpoint 02:00:00:00:00:aa" in ok(r)
     assert "warning: host h2 is not registered" in r.stderr  # a warning, not an error
     key = "/networks/42/endpoints/02:00:00:00:00:aa"
@@ -144,15 +187,30 @@ def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None
     assert etcd.ctl("get", "-w", "json", etcd.prefix + key).count('"lease"') == 0  # written without a lease
 
     # etcdctl put of a schema value: `endpoint ls` shows it as if the command had added it.
-    etcd.ctl("put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:bb",
-             '{"host": "h3", "ipv4": ["198.19.42.20"]}')
+    etcd.ctl(
+        "put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:bb", '{"host": "h3", "ipv4": ["198.19.42.20"]}'
+    )
     etcd.ctl("put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:cc", '{"host": 7}')  # bad: skipped, warned
     r = etcd.cli("endpoint", "ls", "--net", "42", "--json")
     assert json.loads(ok(r)) == [
-        {"vni": 42, "mac": "02:00:00:00:00:aa", "host": "h2", "ipv4": ["198.19.42.10", "198.19.42.11"],
-         "ipv6": ["fd00::a"], "lease": None, "static": True},
-        {"vni": 42, "mac": "02:00:00:00:00:bb", "host": "h3", "ipv4": ["198.19.42.20"], "ipv6": [],
-         "lease": None, "static": True},
+        {
+            "vni": 42,
+            "mac": "02:00:00:00:00:aa",
+            "host": "h2",
+            "ipv4": ["198.19.42.10", "198.19.42.11"],
+            "ipv6": ["fd00::a"],
+            "lease": None,
+            "static": True,
+        },
+        {
+            "vni": 42,
+            "mac": "02:00:00:00:00:bb",
+            "host": "h3",
+            "ipv4": ["198.19.42.20"],
+            "ipv6": [],
+            "lease": None,
+            "static": True,
+        },
     ]
     assert "ignoring" in r.stderr and "02:00:00:00:00:cc" in r.stderr
     etcd.ctl("del", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:cc")
@@ -166,16 +224,23 @@ def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None
     removed = etcd.json("endpoint", "rm", "--net", "42", "--mac", "02-00-00-00-00-AA")
     assert removed["mac"] == "02:00:00:00:00:aa" and removed["host"] == "h2" and removed["static"] is True
     assert etcd.keys() == [f"{etcd.prefix}/networks/42"]
-    one_line_error(etcd.cli("endpoint", "rm", "--net", "42", "--mac", "02:00:00:00:00:aa"), 1,
-                   "no endpoint 02:00:00:00:00:aa on network 42")
+    one_line_error(
+        etcd.cli("endpoint", "rm", "--net", "42", "--mac", "02:00:00:00:00:aa"),
+        1,
+        "no endpoint 02:00:00:00:00:aa on network 42",
+    )
 
 
 @needs_etcd
 def test_endpoint_add_leaves_an_agents_endpoint_alone(etcd: Etcd) -> None:
     lease = etcd.ctl("lease", "grant", "30").split()[1]
     etcd.ctl("put", f"--lease={lease}", f"{etcd.prefix}/networks/7/endpoints/02:00:00:00:00:01", '{"host": "h1"}')
-    one_line_error(etcd.cli("endpoint", "add", "--net", "7", "--mac", "02:00:00:00:00:01", "--host", "h2"), 1,
-                   "held by an agent", lease)
+    one_line_error(
+        etcd.cli("endpoint", "add", "--net", "7", "--mac", "02:00:00:00:00:01", "--host", "h2"),
+        1,
+        "held by an agent",
+        lease,
+    )
     assert json.loads(etcd.value("/networks/7/endpoints/02:00:00:00:00:01"))["host"] == "h1"
 
 
@@ -192,19 +257,45 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
     assert [r["host"] for r in rows] == ["h1", "h9"]
     h1, h9 = rows
     assert h1["alive"] is True and 1 <= h1["ttl"] <= 30 and int(h1["lease"], 16) == int(lease, 16)
-    assert h1 | {"ttl": 0} == {"host": "h1", "address": "198.18.0.1", "port": 4789, "alive": True,
-                               "lease": h1["lease"], "ttl": 0, "networks": [42],
-                               "rtt_ms": None, "loss": None, "reachable": None}  # no agent here: no probes
-    assert h9 == {"host": "h9", "address": None, "port": None, "alive": False, "lease": None, "ttl": None,
-                  "networks": [], "rtt_ms": None, "loss": None, "reachable": None}
+    assert h1 | {"ttl": 0} == {
+        "host": "h1",
+        "address": "198.18.0.1",
+        "port": 4789,
+        "alive": True,
+        "lease": h1["lease"],
+        "ttl": 0,
+        "networks": [42],
+        "rtt_ms": None,
+        "loss": None,
+        "reachable": None,
+    }  # no agent here: no probes
+    assert h9 == {
+        "host": "h9",
+        "address": None,
+        "port": None,
+        "alive": False,
+        "lease": None,
+        "ttl": None,
+        "networks": [],
+        "rtt_ms": None,
+        "loss": None,
+        "reachable": None,
+    }
     table = ok(etcd.cli("host", "ls")).splitlines()
     assert table[0].split() == ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "RTT", "LOSS", "PATH"]
     cells = table[1].split()
     assert cells[:3] == ["h1", "198.18.0.1:4789", "yes"] and cells[4:] == ["s", "42", "-", "-", "-"]
     assert table[2].split()[:3] == ["h9", "-", "no"]
     # The VNI has members but no definition: listed as such.
-    assert etcd.json("net", "ls")[0] == {"vni": 42, "name": None, "subnet": None, "mtu": None,
-                                             "defined": False, "members": 1, "endpoints": 1}
+    assert etcd.json("net", "ls")[0] == {
+        "vni": 42,
+        "name": None,
+        "subnet": None,
+        "mtu": None,
+        "defined": False,
+        "members": 1,
+        "endpoints": 1,
+    }
 
 
 # --- errors and help --------------------------------------------------------------------------
@@ -219,8 +310,19 @@ def test_bad_input_is_one_line_exit_2_before_any_connection() -> None:
         ["net", "rm", "16777216", *nowhere],
         ["endpoint", "ls", "--net", "x", *nowhere],
         ["endpoint", "add", "--net", "42", "--mac", "02:00:00:00:00:01", "--host=-h1", *nowhere],
-        ["endpoint", "add", "--net", "42", "--mac", "02:00:00:00:00:01", "--host", "h1", "--ip", "198.19.0.300",
-         *nowhere],
+        [
+            "endpoint",
+            "add",
+            "--net",
+            "42",
+            "--mac",
+            "02:00:00:00:00:01",
+            "--host",
+            "h1",
+            "--ip",
+            "198.19.0.300",
+            *nowhere,
+        ],
         ["net", "create", "42", "--subnet", "198.19.42.1/24", *nowhere],
         ["net", "ls", "--etcd", "ftp://somewhere"],
         ["host", "ls", "--etcd", "https://127.0.0.1:2379"],
@@ -247,8 +349,14 @@ def test_unreachable_etcd_is_one_line_exit_1() -> None:
 
 
 def test_help_teaches_with_examples() -> None:
-    results = overlay_many(["--help"], ["net", "--help"], ["net", "create", "--help"], ["host", "ls", "--help"],
-                           ["endpoint", "add", "--help"], ["endpoint", "rm", "--help"])
+    results = overlay_many(
+        ["--help"],
+        ["net", "--help"],
+        ["net", "create", "--help"],
+        ["host", "ls", "--help"],
+        ["endpoint", "add", "--help"],
+        ["endpoint", "rm", "--help"],
+    )
     top, net, create, host, add, rm = (ok(r) for r in results)
     assert all(w in top for w in ("net", "host", "endpoint"))
     assert "overlay net create 42 --name blue --subnet 198.19.42.0/24" in net
@@ -266,7 +374,8 @@ def test_login_with_user_and_password() -> None:
         etcdlab.etcdctl(server, "auth", "enable", check=True)
         at = ["--etcd", server.endpoint]
         anonymous, wrong, flags, colon = overlay_many(
-            ["net", "ls", *at], ["net", "ls", *at, "--user", "root", "--password", "nope"],
+            ["net", "ls", *at],
+            ["net", "ls", *at, "--user", "root", "--password", "nope"],
             ["net", "create", "5", *at, "--user", "root", "--password", "secret"],
             ["endpoint", "ls", *at, "--user", "root:secret", "--json"],
         )

@@ -57,8 +57,11 @@ def test_status_reports_traffic_per_peer(lab3: Lab) -> None:
 
 
 def test_static_agents_probe_their_peers_and_refuse_attach_clearly(lab3: Lab) -> None:
-    wait_for(lambda: all(p["reachable"] for p in status(lab3, 1)["probes"].values())
-             and len(status(lab3, 1)["probes"]) == 2, 10, "h1's probes of h2 and h3")
+    wait_for(
+        lambda: all(p["reachable"] for p in status(lab3, 1)["probes"].values()) and len(status(lab3, 1)["probes"]) == 2,
+        10,
+        "h1's probes of h2 and h3",
+    )
     ns = lab3.add_container("static")
     result = lab3.run(1, [sys.executable, "-m", "overlay", "attach", ns, "--net", str(VNI)], check=False)
     assert result.returncode == 2 and "needs the registry" in result.stderr and "Traceback" not in result.stderr
@@ -88,7 +91,10 @@ def test_mtu_1450_crosses_and_larger_is_refused_never_fragmented(lab3: Lab) -> N
     assert ok.returncode == 0, ok.stdout
     too_big = ping(lab3, 1, overlay_ip(2), count=1, size=1451 - 28, dont_fragment=True)
     assert too_big.returncode != 0
-    assert "mtu = 1450" in (too_big.stdout + too_big.stderr).lower() or "too long" in (too_big.stdout + too_big.stderr).lower()
+    assert (
+        "mtu = 1450" in (too_big.stdout + too_big.stderr).lower()
+        or "too long" in (too_big.stdout + too_big.stderr).lower()
+    )
     assert underlay_fragments(lab3, 1) + underlay_fragments(lab3, 2) == before
 
 
@@ -103,11 +109,11 @@ for hexdata in sys.argv[2:]:
 def test_hostile_datagrams_are_counted_drops_and_the_overlay_keeps_working(lab3: Lab) -> None:
     frame = bytes.fromhex("020000000001 020000000002 0806") + bytes(28)
     junk = [
-        random.Random(7).randbytes(40),                       # random bytes (no I flag)
-        bytes.fromhex("080000"),                              # truncated header
-        bytes.fromhex("00000000 00002a00") + frame,           # I flag missing
-        bytes.fromhex("08000000 00002a00") + frame[:10],      # inner frame truncated
-        wire.encode(VNI + 1, frame),                          # unknown VNI
+        random.Random(7).randbytes(40),  # random bytes (no I flag)
+        bytes.fromhex("080000"),  # truncated header
+        bytes.fromhex("00000000 00002a00") + frame,  # I flag missing
+        bytes.fromhex("08000000 00002a00") + frame[:10],  # inner frame truncated
+        wire.encode(VNI + 1, frame),  # unknown VNI
     ]
     before = status(lab3, 1)["drops"]
     lab3.run(2, [sys.executable, "-c", SEND_JUNK, str(lab3.address(1)), *(j.hex() for j in junk)])
@@ -141,13 +147,19 @@ def test_stopping_removes_the_tap_and_a_second_agent_on_the_port_fails_clearly(t
         sock.settimeout(10)
         agent = start_agent(lab, 1, [2], log_dir=tmp_path, env={"NOTIFY_SOCKET": str(notify)})
         assert sock.recv(100) == b"READY=1"
-        second = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local",
-                             str(lab.address(1)), "--tap", "ovl1"], check=False)
+        second = lab.run(
+            1,
+            [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local", str(lab.address(1)), "--tap", "ovl1"],
+            check=False,
+        )
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert "UDP port 4789 on 198.18.0.1 is in use" in second.stderr
         assert "ovl1" not in lab.run(1, ["ip", "-br", "link"]).stdout  # nothing left behind
-        same_tap = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local",
-                               str(lab.address(1)), "--port", "4790"], check=False)
+        same_tap = lab.run(
+            1,
+            [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local", str(lab.address(1)), "--port", "4790"],
+            check=False,
+        )
         assert same_tap.returncode == 1 and "interface ovl0 already exists" in same_tap.stderr
         assert stop_agent(agent) == 0
         assert sock.recv(100) == b"STOPPING=1"
@@ -158,12 +170,18 @@ def test_stopping_removes_the_tap_and_a_second_agent_on_the_port_fails_clearly(t
 def test_agent_reads_a_toml_config_and_flags_override_it(tmp_path: Path) -> None:
     with Lab(f"tc{os.getpid() % 100000}", hosts=2) as lab:
         conf = tmp_path / "agent.toml"
-        conf.write_text(f'vni = 42\nlocal = "{lab.address(2)}"\npeer = ["{lab.address(1)}"]\n'
-                        f'tap = "ovl9"\naddress = "198.19.0.2/24"\nmtu = 1400\n')
+        conf.write_text(
+            f'vni = 42\nlocal = "{lab.address(2)}"\npeer = ["{lab.address(1)}"]\n'
+            f'tap = "ovl9"\naddress = "198.19.0.2/24"\nmtu = 1400\n'
+        )
         start_agent(lab, 1, [2], log_dir=tmp_path)
         log = open(tmp_path / "toml.log", "w")
-        proc = lab.spawn(2, [sys.executable, "-m", "overlay", "agent", "--config", str(conf), "--mtu", "1300"],
-                         stdout=log, stderr=subprocess.STDOUT)
+        proc = lab.spawn(
+            2,
+            [sys.executable, "-m", "overlay", "agent", "--config", str(conf), "--mtu", "1300"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for(lambda: proc.poll() is not None or status(lab, 2) is not None, 30, "the TOML agent")
         s = status(lab, 2)
         assert s["agent"]["tap"] == "ovl9" and s["agent"]["mtu"] == 1300
@@ -183,22 +201,40 @@ def test_agent_reads_a_toml_config_and_flags_override_it(tmp_path: Path) -> None
     ],
 )
 def test_bad_input_is_one_clear_line(flags: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "overlay", "agent", *flags], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "overlay", "agent", *flags], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_local_address_not_on_this_host_is_a_clear_error(tmp_path: Path) -> None:
     with Lab(f"tl{os.getpid() % 100000}", hosts=1) as lab:
-        result = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "1", "--local", "198.18.0.99"], check=False)
+        result = lab.run(
+            1, [sys.executable, "-m", "overlay", "agent", "--vni", "1", "--local", "198.18.0.99"], check=False
+        )
         assert result.returncode == 1 and "198.18.0.99 is not an address of this host" in result.stderr
 
 
 def test_without_privileges_the_error_says_what_is_needed() -> None:
     with Lab(f"tp{os.getpid() % 100000}", hosts=1) as lab:
         # root without CAP_NET_ADMIN: the capability dropped from the bounding set before exec
-        result = lab.run(1, ["setpriv", "--bounding-set=-net_admin", sys.executable, "-m", "overlay", "agent", "--vni", "1", "--local", "198.18.0.1"],
-                         check=False)
+        result = lab.run(
+            1,
+            [
+                "setpriv",
+                "--bounding-set=-net_admin",
+                sys.executable,
+                "-m",
+                "overlay",
+                "agent",
+                "--vni",
+                "1",
+                "--local",
+                "198.18.0.1",
+            ],
+            check=False,
+        )
         assert result.returncode == 1 and "CAP_NET_ADMIN" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -16,8 +16,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("iperf3"),
 
 
 def test_quick_harness_run_produces_figures_table_and_chart(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "kernel,overlay", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "kernel,overlay", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent.parent,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "bench.json").read_text())
     for plane in ("kernel", "overlay"):

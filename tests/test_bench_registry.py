@@ -22,8 +22,15 @@ NUMBER = r"\d+(?:\.\d+)?"
 @pytest.mark.skipif(not etcdlab.available(), reason="needs etcd: apt-get install etcd-server etcd-client")
 def test_quick_run_prints_latency_and_requests_per_second(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "bench.registry", "--quick", "--out", str(tmp_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.registry", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "... 10 watchers:" in out  # progress while running

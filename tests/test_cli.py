@@ -21,10 +21,12 @@ def test_version_names_the_release_and_the_fast_path() -> None:
 
 def test_missing_fast_path_is_one_clear_line_not_a_traceback() -> None:
     # The one fault that cannot be produced without breaking the install: block the import.
-    result = run(code=(
-        "import sys; sys.modules['overlay.fastpath._fastpath'] = None\n"
-        "from overlay.cmd.cli import main; sys.exit(main(['--version']))"
-    ))
+    result = run(
+        code=(
+            "import sys; sys.modules['overlay.fastpath._fastpath'] = None\n"
+            "from overlay.cmd.cli import main; sys.exit(main(['--version']))"
+        )
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -21,8 +21,8 @@ import pytest
 
 from overlay.cmd import cni
 from overlay.io import control
-from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, wait_for
+from overlay.lab import etcd as etcdlab
 from tests.labkit import VNI, etcd_agent_argv, overlay_ip, start_agent, status
 
 PLUGIN = [sys.executable, "-m", "overlay.cmd.cni"]
@@ -40,13 +40,25 @@ class Outcome:
     stderr: str
 
 
-def invoke(command: str | None, conf: dict[str, Any] | bytes | None, *, container: str = "c0ffee",
-           netns: str | None = "/run/netns/none", ifname: str | None = "eth0", args: str | None = None,
-           via: list[str] | None = None) -> Outcome:
+def invoke(
+    command: str | None,
+    conf: dict[str, Any] | bytes | None,
+    *,
+    container: str = "c0ffee",
+    netns: str | None = "/run/netns/none",
+    ifname: str | None = "eth0",
+    args: str | None = None,
+    via: list[str] | None = None,
+) -> Outcome:
     """Run the plugin as a runtime does; None drops that variable from the environment."""
     env = {"PATH": os.environ["PATH"], "CNI_PATH": "/opt/cni/bin"}
-    for key, value in (("CNI_COMMAND", command), ("CNI_CONTAINERID", container), ("CNI_NETNS", netns),
-                       ("CNI_IFNAME", ifname), ("CNI_ARGS", args)):
+    for key, value in (
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", container),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", ifname),
+        ("CNI_ARGS", args),
+    ):
         if value is not None:
             env[key] = value
     stdin = conf if isinstance(conf, bytes) else b"" if conf is None else json.dumps(conf).encode()
@@ -104,12 +116,20 @@ def test_an_error_speaks_the_configs_cni_version() -> None:
     assert error_code(outcome) == cni.INVALID_CONFIG and outcome.out["cniVersion"] == "0.4.0"
 
 
-@pytest.mark.parametrize("command,missing", [
-    (None, "CNI_COMMAND"),
-    ("ADD", "CNI_CONTAINERID"), ("ADD", "CNI_IFNAME"), ("ADD", "CNI_NETNS"),
-    ("DEL", "CNI_CONTAINERID"), ("DEL", "CNI_IFNAME"),
-    ("CHECK", "CNI_CONTAINERID"), ("CHECK", "CNI_IFNAME"), ("CHECK", "CNI_NETNS"),
-])
+@pytest.mark.parametrize(
+    "command,missing",
+    [
+        (None, "CNI_COMMAND"),
+        ("ADD", "CNI_CONTAINERID"),
+        ("ADD", "CNI_IFNAME"),
+        ("ADD", "CNI_NETNS"),
+        ("DEL", "CNI_CONTAINERID"),
+        ("DEL", "CNI_IFNAME"),
+        ("CHECK", "CNI_CONTAINERID"),
+        ("CHECK", "CNI_IFNAME"),
+        ("CHECK", "CNI_NETNS"),
+    ],
+)
 def test_a_missing_environment_variable_is_code_4(command: str | None, missing: str) -> None:
     names = {"CNI_CONTAINERID": "container", "CNI_IFNAME": "ifname", "CNI_NETNS": "netns"}
     kw: dict[str, Any] = {names[missing]: None} if missing in names else {}
@@ -122,31 +142,42 @@ def test_an_unknown_command_is_code_4(command: str) -> None:
     assert error_code(invoke(command, config())) == cni.INVALID_ENVIRONMENT
 
 
-@pytest.mark.parametrize("kw", [
-    {"container": "-starts-with-a-dash"}, {"container": "has/slash"},
-    {"ifname": "a-name-longer-than-15"}, {"ifname": "eth:0"}, {"ifname": ".."}, {"ifname": "eth 0"},
-    {"netns": "relative/path"},
-    {"args": "IP"}, {"args": "FOO=bar"},  # not KEY=VALUE; an unknown key without IgnoreUnknown
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"container": "-starts-with-a-dash"},
+        {"container": "has/slash"},
+        {"ifname": "a-name-longer-than-15"},
+        {"ifname": "eth:0"},
+        {"ifname": ".."},
+        {"ifname": "eth 0"},
+        {"netns": "relative/path"},
+        {"args": "IP"},
+        {"args": "FOO=bar"},  # not KEY=VALUE; an unknown key without IgnoreUnknown
+    ],
+)
 def test_invalid_environment_values_are_code_4(kw: dict[str, str]) -> None:
     assert error_code(invoke("ADD", config(), **kw)) == cni.INVALID_ENVIRONMENT
 
 
-@pytest.mark.parametrize("over,code", [
-    ({"ip": "198.19.0.300/24"}, cni.INVALID_CONFIG),
-    ({"ip": 3322085127}, cni.INVALID_CONFIG),
-    ({"ip": "2001:db8::1/64"}, cni.INVALID_CONFIG),        # IPv4 only
-    ({"mac": "02:00:00:00:00"}, cni.INVALID_CONFIG),
-    ({"mac": "01:00:5e:00:00:01"}, cni.INVALID_CONFIG),    # multicast
-    ({"gateway": "198.19.0"}, cni.INVALID_CONFIG),
-    ({"network": 1 << 24}, cni.INVALID_CONFIG),
-    ({"network": ""}, cni.INVALID_CONFIG),
-    ({"name": "-blue"}, cni.INVALID_CONFIG),
-    ({"agent": "a-tap-name-too-long"}, cni.INVALID_CONFIG),
-    ({"runtimeConfig": {"ips": ["198.19.0.7/24", "198.19.0.8/24"]}}, cni.INVALID_CONFIG),
-    ({"prevResult": {"interfaces": {}}}, cni.INVALID_CONFIG),
-    ({"ipam": {"type": "host-local"}}, cni.UNSUPPORTED_FIELD),
-])
+@pytest.mark.parametrize(
+    "over,code",
+    [
+        ({"ip": "198.19.0.300/24"}, cni.INVALID_CONFIG),
+        ({"ip": 3322085127}, cni.INVALID_CONFIG),
+        ({"ip": "2001:db8::1/64"}, cni.INVALID_CONFIG),  # IPv4 only
+        ({"mac": "02:00:00:00:00"}, cni.INVALID_CONFIG),
+        ({"mac": "01:00:5e:00:00:01"}, cni.INVALID_CONFIG),  # multicast
+        ({"gateway": "198.19.0"}, cni.INVALID_CONFIG),
+        ({"network": 1 << 24}, cni.INVALID_CONFIG),
+        ({"network": ""}, cni.INVALID_CONFIG),
+        ({"name": "-blue"}, cni.INVALID_CONFIG),
+        ({"agent": "a-tap-name-too-long"}, cni.INVALID_CONFIG),
+        ({"runtimeConfig": {"ips": ["198.19.0.7/24", "198.19.0.8/24"]}}, cni.INVALID_CONFIG),
+        ({"prevResult": {"interfaces": {}}}, cni.INVALID_CONFIG),
+        ({"ipam": {"type": "host-local"}}, cni.UNSUPPORTED_FIELD),
+    ],
+)
 def test_a_bad_network_config_is_refused_before_asking_the_agent(over: dict[str, Any], code: int) -> None:
     assert error_code(invoke("ADD", config(**over))) == code
 
@@ -177,9 +208,18 @@ def test_with_no_agent_in_the_namespace_add_is_code_100_and_del_is_code_11() -> 
 
 # --- what the plugin asks and how it reads answers (a fake agent, in process) ------------------
 
-ANSWER = {"id": "cni/c0ffee/eth0", "vni": VNI, "network": "net42", "netns": "/run/netns/pod", "ifname": "eth0",
-          "host_ifname": "ovc1a2b3c4", "mac": "02:00:00:00:01:07", "address": "198.19.0.7/24",
-          "gateway": "198.19.0.1", "mtu": 1450}
+ANSWER = {
+    "id": "cni/c0ffee/eth0",
+    "vni": VNI,
+    "network": "net42",
+    "netns": "/run/netns/pod",
+    "ifname": "eth0",
+    "host_ifname": "ovc1a2b3c4",
+    "mac": "02:00:00:00:01:07",
+    "address": "198.19.0.7/24",
+    "gateway": "198.19.0.1",
+    "mtu": 1450,
+}
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c0ffee", "CNI_NETNS": "/run/netns/pod", "CNI_IFNAME": "eth0"}
 
 
@@ -202,16 +242,35 @@ def run(conf: dict[str, Any], agent: FakeAgent, agents: tuple[str, ...] = ("ovl0
 def test_add_asks_the_agent_to_attach_with_the_contracts_parameters() -> None:
     agent = FakeAgent(ANSWER)
     run(config(network=42, ip="198.19.0.7/24", mac="02:00:00:00:01:07", gateway="198.19.0.1"), agent)
-    assert agent.calls == [("attach", "ovl0", {"netns": "/run/netns/pod", "net": "42", "ifname": "eth0",
-                                               "id": "cni/c0ffee/eth0", "ip": "198.19.0.7/24",
-                                               "mac": "02:00:00:00:01:07", "gateway": "198.19.0.1"})]
+    assert agent.calls == [
+        (
+            "attach",
+            "ovl0",
+            {
+                "netns": "/run/netns/pod",
+                "net": "42",
+                "ifname": "eth0",
+                "id": "cni/c0ffee/eth0",
+                "ip": "198.19.0.7/24",
+                "mac": "02:00:00:00:01:07",
+                "gateway": "198.19.0.1",
+            },
+        )
+    ]
 
 
 def test_the_network_defaults_to_the_configs_name_and_the_address_to_the_agents_choice() -> None:
     agent = FakeAgent(ANSWER)
     run(config(), agent)
-    assert agent.calls[0][2] == {"netns": "/run/netns/pod", "net": "blue", "ifname": "eth0",
-                                      "id": "cni/c0ffee/eth0", "ip": None, "mac": None, "gateway": None}
+    assert agent.calls[0][2] == {
+        "netns": "/run/netns/pod",
+        "net": "blue",
+        "ifname": "eth0",
+        "id": "cni/c0ffee/eth0",
+        "ip": None,
+        "mac": None,
+        "gateway": None,
+    }
 
 
 def test_cni_args_override_the_config_and_runtime_config_overrides_both() -> None:
@@ -219,8 +278,11 @@ def test_cni_args_override_the_config_and_runtime_config_overrides_both() -> Non
     conf = config(ip="198.19.0.5/24", mac="02:00:00:00:01:05")
     run(conf, agent, CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=web;IP=198.19.0.6/24;MAC=02:00:00:00:01:06")
     assert (agent.calls[-1][2]["ip"], agent.calls[-1][2]["mac"]) == ("198.19.0.6/24", "02:00:00:00:01:06")
-    run({**conf, "runtimeConfig": {"ips": ["198.19.0.7/24"], "mac": "02:00:00:00:01:07"}}, agent,
-        CNI_ARGS="IP=198.19.0.6/24;MAC=02:00:00:00:01:06")
+    run(
+        {**conf, "runtimeConfig": {"ips": ["198.19.0.7/24"], "mac": "02:00:00:00:01:07"}},
+        agent,
+        CNI_ARGS="IP=198.19.0.6/24;MAC=02:00:00:00:01:06",
+    )
     assert (agent.calls[-1][2]["ip"], agent.calls[-1][2]["mac"]) == ("198.19.0.7/24", "02:00:00:00:01:07")
 
 
@@ -228,8 +290,10 @@ def test_the_add_result_of_1_0_0() -> None:
     result = run(config(), FakeAgent({**ANSWER, "host_mac": "02:00:00:00:ff:01"}))
     assert result == {
         "cniVersion": "1.0.0",
-        "interfaces": [{"name": "ovc1a2b3c4", "mac": "02:00:00:00:ff:01"},
-                       {"name": "eth0", "mac": "02:00:00:00:01:07", "sandbox": "/run/netns/pod"}],
+        "interfaces": [
+            {"name": "ovc1a2b3c4", "mac": "02:00:00:00:ff:01"},
+            {"name": "eth0", "mac": "02:00:00:00:01:07", "sandbox": "/run/netns/pod"},
+        ],
         "ips": [{"address": "198.19.0.7/24", "gateway": "198.19.0.1", "interface": 1}],
         "routes": [{"dst": "0.0.0.0/0", "gw": "198.19.0.1"}],
         "dns": {},
@@ -238,15 +302,20 @@ def test_the_add_result_of_1_0_0() -> None:
 
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0"])
 def test_before_1_0_0_ips_carry_their_version(version: str) -> None:
-    result = run(config(cniVersion=version, dns={"nameservers": ["198.19.0.1"]}), FakeAgent({**ANSWER, "gateway": None}))
+    result = run(
+        config(cniVersion=version, dns={"nameservers": ["198.19.0.1"]}), FakeAgent({**ANSWER, "gateway": None})
+    )
     assert result["cniVersion"] == version
     assert result["ips"] == [{"version": "4", "address": "198.19.0.7/24", "interface": 1}]  # no gateway, no routes
     assert "routes" not in result and result["dns"] == {"nameservers": ["198.19.0.1"]}
 
 
 def test_a_chained_add_keeps_the_previous_result_and_points_past_it() -> None:
-    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "sandbox": "/run/netns/pod"}],
-            "ips": [{"address": "127.0.0.1/8", "interface": 0}]}
+    prev = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "lo", "sandbox": "/run/netns/pod"}],
+        "ips": [{"address": "127.0.0.1/8", "interface": 0}],
+    }
     result = run(config(prevResult=prev), FakeAgent(ANSWER))
     assert [i["name"] for i in result["interfaces"]] == ["lo", "ovc1a2b3c4", "eth0"]
     assert result["ips"][1] == {"address": "198.19.0.7/24", "gateway": "198.19.0.1", "interface": 2}
@@ -259,9 +328,14 @@ def test_del_asks_to_detach_and_prints_nothing() -> None:
 
 
 def prev_result(**ip: Any) -> dict[str, Any]:
-    return {"cniVersion": "1.0.0",
-            "interfaces": [{"name": "ovc1a2b3c4"}, {"name": "eth0", "mac": "02:00:00:00:01:07", "sandbox": "/run/netns/pod"}],
-            "ips": [{"address": "198.19.0.7/24", "gateway": "198.19.0.1", "interface": 1, **ip}]}
+    return {
+        "cniVersion": "1.0.0",
+        "interfaces": [
+            {"name": "ovc1a2b3c4"},
+            {"name": "eth0", "mac": "02:00:00:00:01:07", "sandbox": "/run/netns/pod"},
+        ],
+        "ips": [{"address": "198.19.0.7/24", "gateway": "198.19.0.1", "interface": 1, **ip}],
+    }
 
 
 def test_check_passes_when_the_agents_attachment_is_the_previous_result() -> None:
@@ -270,11 +344,14 @@ def test_check_passes_when_the_agents_attachment_is_the_previous_result() -> Non
     assert agent.calls == [("check", "ovl0", {"id": "cni/c0ffee/eth0"})]
 
 
-@pytest.mark.parametrize("answer,said", [
-    ({**ANSWER, "mac": "02:00:00:00:01:99"}, "MAC"),
-    ({**ANSWER, "address": "198.19.0.8/24"}, "address"),
-    ({**ANSWER, "gateway": None}, "gateway"),
-])
+@pytest.mark.parametrize(
+    "answer,said",
+    [
+        ({**ANSWER, "mac": "02:00:00:00:01:99"}, "MAC"),
+        ({**ANSWER, "address": "198.19.0.8/24"}, "address"),
+        ({**ANSWER, "gateway": None}, "gateway"),
+    ],
+)
 def test_check_fails_when_the_attachment_differs_from_the_previous_result(answer: dict[str, Any], said: str) -> None:
     with pytest.raises(cni.CniError) as e:
         run(config(prevResult=prev_result()), FakeAgent(answer), CNI_COMMAND="CHECK")
@@ -287,8 +364,9 @@ def test_check_fails_when_the_previous_result_has_no_such_interface() -> None:
     assert e.value.code == cni.MISMATCH
 
 
-@pytest.mark.parametrize("kind,code", [("netns", 3), ("network", 101), ("address", 102), ("invalid", 7),
-                                       (None, 5), ("something-new", 5)])
+@pytest.mark.parametrize(
+    "kind,code", [("netns", 3), ("network", 101), ("address", 102), ("invalid", 7), (None, 5), ("something-new", 5)]
+)
 def test_the_agents_refusals_become_cni_codes(kind: str | None, code: int) -> None:
     with pytest.raises(cni.CniError) as e:
         run(config(), FakeAgent(error=control.ControlError("refused for a reason", kind)))
@@ -297,7 +375,10 @@ def test_the_agents_refusals_become_cni_codes(kind: str | None, code: int) -> No
 
 def test_a_refusal_naming_the_agents_flags_says_what_they_are_called_here() -> None:
     with pytest.raises(cni.CniError) as e:
-        run(config(), FakeAgent(error=control.ControlError("address in use: pick another, or leave out --ip", "address")))
+        run(
+            config(),
+            FakeAgent(error=control.ControlError("address in use: pick another, or leave out --ip", "address")),
+        )
     assert e.value.code == cni.ADDRESS and '"ip"' in e.value.details
 
 
@@ -342,8 +423,9 @@ def test_an_answer_that_is_not_an_attachment_is_an_io_failure() -> None:
 
 # --- against real agents: a lab with etcd, containers as namespaces ---------------------------
 
-lab_only = pytest.mark.skipif(os.geteuid() != 0 or not etcdlab.available(),
-                              reason="needs root and etcd (apt-get install etcd-server etcd-client)")
+lab_only = pytest.mark.skipif(
+    os.geteuid() != 0 or not etcdlab.available(), reason="needs root and etcd (apt-get install etcd-server etcd-client)"
+)
 SUBNET = ipaddress.IPv4Network(f"{overlay_ip(0)}/24")  # the agents' network 42: 198.19.0.0/24
 
 
@@ -361,9 +443,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 @dataclass
 class Pod:
-    host: int       # the lab host whose agent attaches it (the plugin runs there)
-    ns: str         # its network namespace
-    id: str         # CNI_CONTAINERID
+    host: int  # the lab host whose agent attaches it (the plugin runs there)
+    ns: str  # its network namespace
+    id: str  # CNI_CONTAINERID
 
     @property
     def netns(self) -> str:
@@ -403,8 +485,9 @@ class Pods:
         for pod in self.pods:
             self.cni("DEL", pod, config(network="net42"))  # releases what the test left attached
             if Path(pod.netns).exists():
-                pids = subprocess.run(["ip", "netns", "pids", pod.ns], capture_output=True, text=True,
-                                      check=False).stdout.split()
+                pids = subprocess.run(
+                    ["ip", "netns", "pids", pod.ns], capture_output=True, text=True, check=False
+                ).stdout.split()
                 for pid in pids:
                     try:
                         os.kill(int(pid), 9)
@@ -442,12 +525,16 @@ def test_add_puts_the_interface_with_the_returned_mac_and_address_into_the_names
     eth0 = pods.links(pod)["eth0"]
     assert eth0["address"] == "02:00:00:00:01:11" and inet(eth0) == ["198.19.0.11/24"]
     assert eth0["operstate"] in ("UP", "UNKNOWN") and eth0["mtu"] == status(lab, 1)["agent"]["mtu"]
-    routes = json.loads(subprocess.run(["ip", "-n", pod.ns, "-j", "route"], capture_output=True, text=True,
-                                       check=True).stdout)
+    routes = json.loads(
+        subprocess.run(["ip", "-n", pod.ns, "-j", "route"], capture_output=True, text=True, check=True).stdout
+    )
     assert any(r["dst"] == "default" and r.get("gateway") == overlay_ip(1) for r in routes)
     assert pods.host_link(pod, host["name"])
     if "mac" in host:
-        assert json.loads(lab.run(1, ["ip", "-j", "link", "show", "dev", host["name"]]).stdout)[0]["address"] == host["mac"]
+        assert (
+            json.loads(lab.run(1, ["ip", "-j", "link", "show", "dev", host["name"]]).stdout)[0]["address"]
+            == host["mac"]
+        )
 
 
 @lab_only
@@ -502,7 +589,10 @@ def test_check_passes_then_fails_once_the_interface_is_broken(lab: Lab, pods: Po
     ok = pods.cni("CHECK", pod, check)
     assert (ok.status, ok.out) == (0, None)
 
-    other_mac = {**result, "interfaces": [result["interfaces"][0], {**result["interfaces"][1], "mac": "02:00:00:00:09:99"}]}
+    other_mac = {
+        **result,
+        "interfaces": [result["interfaces"][0], {**result["interfaces"][1], "mac": "02:00:00:00:09:99"}],
+    }
     assert error_code(pods.cni("CHECK", pod, config(network="net42", prevResult=other_mac))) == cni.MISMATCH
 
     subprocess.run(["ip", "-n", pod.ns, "addr", "flush", "dev", "eth0"], check=True, capture_output=True)
@@ -517,9 +607,11 @@ def test_check_passes_then_fails_once_the_interface_is_broken(lab: Lab, pods: Po
 @lab_only
 def test_check_of_something_never_added_fails(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
-    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "x"}, {"name": "eth0", "mac": "02:00:00:00:01:51",
-                                                                   "sandbox": pod.netns}],
-            "ips": [{"address": "198.19.0.51/24", "interface": 1}]}
+    prev = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "x"}, {"name": "eth0", "mac": "02:00:00:00:01:51", "sandbox": pod.netns}],
+        "ips": [{"address": "198.19.0.51/24", "interface": 1}],
+    }
     assert pods.cni("CHECK", pod, config(network="net42", prevResult=prev)).status != 0
 
 
@@ -543,7 +635,9 @@ def test_an_address_in_use_or_outside_the_subnet_is_code_102(lab: Lab, pods: Pod
     a, b = pods.new(1), pods.new(2)
     pods.add(a, ip="198.19.0.61/24")
     assert error_code(pods.cni("ADD", b, config(network="net42", ip="198.19.0.61/24"))) == cni.ADDRESS  # other host
-    assert error_code(pods.cni("ADD", b, config(network="net42", ip=f"{overlay_ip(1)}/24"))) == cni.ADDRESS  # an agent's
+    assert (
+        error_code(pods.cni("ADD", b, config(network="net42", ip=f"{overlay_ip(1)}/24"))) == cni.ADDRESS
+    )  # an agent's
     assert error_code(pods.cni("ADD", b, config(network="net42", ip="198.19.1.5/24"))) == cni.ADDRESS
     assert "eth0" not in pods.links(b)
 

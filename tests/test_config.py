@@ -14,12 +14,22 @@ BASE = {"vni": "42", "local": "198.18.0.1"}
 def test_minimal_settings_get_sane_defaults() -> None:
     cfg = build(BASE)
     assert (cfg.vni, cfg.tap, cfg.port, cfg.mtu, cfg.mac, cfg.source_check, cfg.ageing) == (
-        42, "ovl0", 4789, None, None, True, 300.0)
+        42,
+        "ovl0",
+        4789,
+        None,
+        None,
+        True,
+        300.0,
+    )
 
 
 def test_toml_keys_are_the_flag_names() -> None:
-    data = parse_toml('vni = 7\nlocal = "198.18.0.1"\npeer = ["198.18.0.2", "198.18.0.3"]\n'
-                      'address = "198.19.0.1/24"\nmac = "02:00:00:00:00:01"\nsource_check = false\n', "a.toml")
+    data = parse_toml(
+        'vni = 7\nlocal = "198.18.0.1"\npeer = ["198.18.0.2", "198.18.0.3"]\n'
+        'address = "198.19.0.1/24"\nmac = "02:00:00:00:00:01"\nsource_check = false\n',
+        "a.toml",
+    )
     cfg = build(data)
     assert cfg.peers == (ipaddress.IPv4Address("198.18.0.2"), ipaddress.IPv4Address("198.18.0.3"))
     assert cfg.address == ipaddress.IPv4Interface("198.19.0.1/24") and cfg.mac == 0x020000000001
@@ -68,13 +78,22 @@ def test_invalid_toml_says_where() -> None:
         parse_toml("vni = = 1", "a.toml")
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ({"etcd": 5}, "is not a list of URLs"),
-    ({"etcd_password": 1234}, "must be a string"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"etcd": 5}, "is not a list of URLs"),
+        ({"etcd_password": 1234}, "must be a string"),
+    ],
+)
 def test_etcd_settings_of_the_wrong_type_are_clear_errors(override: dict[str, object], message: str) -> None:
-    settings = {"etcd": ["http://198.18.0.250:2379"], "host_id": "h1", "network": [42], "local": "198.18.0.1",
-                "etcd_user": "root", "etcd_password": "pw"}
+    settings = {
+        "etcd": ["http://198.18.0.250:2379"],
+        "host_id": "h1",
+        "network": [42],
+        "local": "198.18.0.1",
+        "etcd_user": "root",
+        "etcd_password": "pw",
+    }
     with pytest.raises(ConfigError, match=message):
         build({**settings, **override})
 
@@ -112,28 +131,38 @@ def test_state_dir_must_be_an_absolute_path(base: dict[str, object]) -> None:
             build({**base, "state_dir": bad})
 
 
-@pytest.mark.parametrize(("given", "address"), [
-    ("off", None), ("OFF", None), ("127.0.0.1:9465", ("127.0.0.1", 9465)), ("198.18.0.1:80", ("198.18.0.1", 80)),
-    (":9000", ("127.0.0.1", 9000)), ("[::1]:9465", ("::1", 9465)),
-])
+@pytest.mark.parametrize(
+    ("given", "address"),
+    [
+        ("off", None),
+        ("OFF", None),
+        ("127.0.0.1:9465", ("127.0.0.1", 9465)),
+        ("198.18.0.1:80", ("198.18.0.1", 80)),
+        (":9000", ("127.0.0.1", 9000)),
+        ("[::1]:9465", ("::1", 9465)),
+    ],
+)
 def test_metrics_endpoints(given: str, address: tuple[str, int] | None) -> None:
     for base in (BASE, ETCD):
         cfg = build({**base, "metrics": given})
         assert cfg.metrics == given and cfg.metrics_address == address
 
 
-@pytest.mark.parametrize(("given", "message"), [
-    ("127.0.0.1", r"metrics: '127.0.0.1': no port; write IP:PORT"),
-    ("localhost:9465", r"metrics: 'localhost:9465': 'localhost' is not an IP address"),
-    ("127.0.0.1:0", r"metrics: '127.0.0.1:0': the port must be a number from 1 to 65535"),
-    ("127.0.0.1:65536", r"the port must be a number from 1 to 65535"),
-    ("127.0.0.1:http", r"the port must be a number from 1 to 65535"),
-    ("::1:9465", r"put an IPv6 address in brackets"),
-    ("[127.0.0.1]:9465", r"brackets are for IPv6 addresses"),
-    ("", r"metrics: '': no port"),
-    (9465, r"metrics: 9465 is not HOST:PORT \(e.g. 127.0.0.1:9465\) or \"off\""),
-    (False, r"metrics: False is not HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("127.0.0.1", r"metrics: '127.0.0.1': no port; write IP:PORT"),
+        ("localhost:9465", r"metrics: 'localhost:9465': 'localhost' is not an IP address"),
+        ("127.0.0.1:0", r"metrics: '127.0.0.1:0': the port must be a number from 1 to 65535"),
+        ("127.0.0.1:65536", r"the port must be a number from 1 to 65535"),
+        ("127.0.0.1:http", r"the port must be a number from 1 to 65535"),
+        ("::1:9465", r"put an IPv6 address in brackets"),
+        ("[127.0.0.1]:9465", r"brackets are for IPv6 addresses"),
+        ("", r"metrics: '': no port"),
+        (9465, r"metrics: 9465 is not HOST:PORT \(e.g. 127.0.0.1:9465\) or \"off\""),
+        (False, r"metrics: False is not HOST:PORT"),
+    ],
+)
 def test_bad_metrics_endpoints_say_what_is_accepted(given: object, message: str) -> None:
     for base in (BASE, ETCD):
         with pytest.raises(ConfigError, match=message):
@@ -151,12 +180,17 @@ def test_probe_port_from_0_which_turns_probes_off_to_65535() -> None:
 
 
 def test_toml_accepts_bridge_state_dir_metrics_and_probe_port() -> None:
-    text = ('etcd = ["http://198.18.0.250:2379"]\nhost_id = "h1"\nnetwork = [42]\nlocal = "198.18.0.1"\n'
-            'bridge = false\nstate_dir = "/var/lib/overlay"\nmetrics = "off"\nprobe_port = 0\n')
+    text = (
+        'etcd = ["http://198.18.0.250:2379"]\nhost_id = "h1"\nnetwork = [42]\nlocal = "198.18.0.1"\n'
+        'bridge = false\nstate_dir = "/var/lib/overlay"\nmetrics = "off"\nprobe_port = 0\n'
+    )
     cfg = build(parse_toml(text, "a.toml"))
     assert (cfg.bridge, cfg.state_dir, cfg.metrics_address, cfg.probe) == (False, "/var/lib/overlay", None, 0)
-    static = build(parse_toml('vni = 7\nlocal = "198.18.0.1"\nbridge = true\nmetrics = "198.18.0.1:9100"\n'
-                              'probe_port = 4800\n', "b.toml"))
+    static = build(
+        parse_toml(
+            'vni = 7\nlocal = "198.18.0.1"\nbridge = true\nmetrics = "198.18.0.1:9100"\nprobe_port = 4800\n', "b.toml"
+        )
+    )
     assert (static.bridge, static.metrics_address, static.probe) == (True, ("198.18.0.1", 9100), 4800)
 
 

@@ -15,12 +15,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, wait_for
+from overlay.lab import etcd as etcdlab
 from tests.labkit import start_agent, status
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not etcdlab.available(),
-                                reason="needs root and etcd (apt-get install etcd-server etcd-client)")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not etcdlab.available(), reason="needs root and etcd (apt-get install etcd-server etcd-client)"
+)
 OVERLAY = [sys.executable, "-m", "overlay"]
 P = "/overlay/v1"
 TTL = 3
@@ -37,9 +38,24 @@ class World:
         self.agents: dict[int, subprocess.Popen[Any]] = {}
 
     def start(self, host: int, ttl: int = TTL) -> subprocess.Popen[Any]:
-        argv = [*OVERLAY, "agent", "--etcd", self.etcd.endpoint, "--host-id", f"h{host}",
-                "--local", str(self.lab.address(host)), "--network", str(BLUE), "--network", str(RED),
-                "--lease-ttl", str(ttl), "--state-dir", str(self.tmp / "state")]
+        argv = [
+            *OVERLAY,
+            "agent",
+            "--etcd",
+            self.etcd.endpoint,
+            "--host-id",
+            f"h{host}",
+            "--local",
+            str(self.lab.address(host)),
+            "--network",
+            str(BLUE),
+            "--network",
+            str(RED),
+            "--lease-ttl",
+            str(ttl),
+            "--state-dir",
+            str(self.tmp / "state"),
+        ]
         self.agents[host] = start_agent(self.lab, host, [], log_dir=self.tmp, argv=argv, tap=TAP)
         return self.agents[host]
 
@@ -68,8 +84,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     with Lab(f"k{os.getpid() % 100000}", hosts=3) as lab, etcdlab.single(lab) as etcd:
         w = World(lab, etcd, tmp_path)
         for vni, name in ((BLUE, "blue"), (RED, "red")):
-            w.overlay(1, "net", "create", str(vni), "--name", name, "--subnet", f"198.19.{vni}.0/24",
-                      "--etcd", etcd.endpoint)
+            w.overlay(
+                1, "net", "create", str(vni), "--name", name, "--subnet", f"198.19.{vni}.0/24", "--etcd", etcd.endpoint
+            )
         for h in (1, 2, 3):
             w.start(h)
         yield w
@@ -93,9 +110,14 @@ def test_attach_gives_a_working_interface_registered_in_etcd_and_detach_undoes_i
     assert world.ping("a", "198.19.42.77", count=3)  # across hosts, h1 -> h2
     assert world.ping("b", ip(a))
     keys = world.etcd_keys(f"{P}/networks/{BLUE}/")
-    assert f"{P}/networks/{BLUE}/ipam/198.19.42.77" in keys and f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77" in keys
-    endpoint = json.loads(etcdlab.etcdctl(world.etcd, "get", f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77",
-                                          "--print-value-only", check=True).stdout)
+    assert (
+        f"{P}/networks/{BLUE}/ipam/198.19.42.77" in keys and f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77" in keys
+    )
+    endpoint = json.loads(
+        etcdlab.etcdctl(
+            world.etcd, "get", f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77", "--print-value-only", check=True
+        ).stdout
+    )
     assert endpoint == {"host": "h2", "ipv4": ["198.19.42.77"], "ipv6": []}
     assert [x["id"] for x in status(lab, 2, TAP)["attachments"]] == [b["id"]]
 
@@ -161,8 +183,9 @@ def test_networks_are_isolated_even_with_the_same_subnet(world: World) -> None:
     """Tenants blue and red both use 198.19.42.0/24 here: a red container with a blue
     container's address is never reached from blue, and blue's broadcasts never reach red."""
     lab = world.lab
-    world.overlay(1, "net", "create", "44", "--name", "green", "--subnet", "198.19.42.0/24",
-                  "--etcd", world.etcd.endpoint)  # not joined by the agents: attach refuses it
+    world.overlay(
+        1, "net", "create", "44", "--name", "green", "--subnet", "198.19.42.0/24", "--etcd", world.etcd.endpoint
+    )  # not joined by the agents: attach refuses it
     refused = world.overlay(1, "attach", lab.add_container("g"), "--net", "green", check=False)
     assert refused.returncode == 2 and "not on network green" in refused.stderr
     blue1 = world.attach(1, "b1", "blue", "--ip", "198.19.42.11/24")
@@ -230,21 +253,32 @@ def test_a_restarted_agent_takes_its_containers_back_and_a_vanished_one_is_relea
     assert f"{P}/networks/{BLUE}/endpoints/{dead['mac']}" not in world.etcd_keys(f"{P}/networks/{BLUE}/endpoints/")
     wait_for(lambda: world.ping("peer", ip(kept), wait=0.5), 10, "the adopted container to be reachable again")
     lab.run(1, ["ip", "netns", "delete", lab.container_ns("gone")])  # the container dies without a detach
-    wait_for(lambda: [a["id"] for a in status(lab, 1, TAP)["attachments"]] == [kept["id"]], 10,
-             "the agent to notice the container is gone")
-    wait_for(lambda: f"{P}/networks/{BLUE}/ipam/{ip(gone)}" not in world.etcd_keys(f"{P}/networks/{BLUE}/ipam/"),
-             5, "its address to be released")
+    wait_for(
+        lambda: [a["id"] for a in status(lab, 1, TAP)["attachments"]] == [kept["id"]],
+        10,
+        "the agent to notice the container is gone",
+    )
+    wait_for(
+        lambda: f"{P}/networks/{BLUE}/ipam/{ip(gone)}" not in world.etcd_keys(f"{P}/networks/{BLUE}/ipam/"),
+        5,
+        "its address to be released",
+    )
 
 
 def scrape(lab: Lab, host: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The agent's Prometheus metrics, fetched inside ``host`` (its loopback) and parsed."""
-    code = ("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9465/metrics', timeout=5)"
-            ".read().decode())")
+    code = (
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9465/metrics', timeout=5)"
+        ".read().decode())"
+    )
     text = lab.run(host, [sys.executable, "-c", code]).stdout
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_and_peer_probes_show_a_peer_that_stops_answering(world: World) -> None:

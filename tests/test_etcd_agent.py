@@ -12,12 +12,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, wait_for
+from overlay.lab import etcd as etcdlab
 from tests.labkit import VNI, etcd_agent_argv, overlay_ip, start_agent, status, wait_ping
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not etcdlab.available(),
-                                reason="needs root and etcd (apt-get install etcd-server etcd-client)")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not etcdlab.available(), reason="needs root and etcd (apt-get install etcd-server etcd-client)"
+)
 TTL = 3
 P = "/overlay/v1"
 GHOST = "02:00:00:00:00:99"  # an endpoint an operator declares with etcdctl
@@ -68,7 +69,9 @@ def test_an_etcdctl_endpoint_is_forwarded_without_flooding_and_del_stops_it(worl
     lab = world.lab
     wait_ping(lab, 1, overlay_ip(2))
     world.etcdctl("put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2", "ipv4": ["198.19.0.99"]}')
-    wait_for(lambda: world.fdb(1).get(GHOST, {}).get("vtep") == f"{lab.address(2)}:4789", 5, "the endpoint in h1's table")
+    wait_for(
+        lambda: world.fdb(1).get(GHOST, {}).get("vtep") == f"{lab.address(2)}:4789", 5, "the endpoint in h1's table"
+    )
     lab.run(1, ["ip", "neigh", "replace", "198.19.0.99", "lladdr", GHOST, "dev", "ovbr42"])
     to2, to3 = tx_to(world, 1, 2), tx_to(world, 1, 3)
     lab.run(1, ["ping", "-c", "20", "-i", "0.02", "-W", "1", "198.19.0.99"], check=False)  # nobody answers
@@ -115,15 +118,21 @@ def test_hostile_values_under_the_prefix_never_crash_an_agent(world: World) -> N
 def test_an_agents_own_keys_deleted_by_someone_are_written_back(world: World) -> None:
     world.etcdctl("del", f"{P}/hosts/h2")
     world.etcdctl("del", f"{P}/networks/{VNI}/members/h2")
-    wait_for(lambda: f"{P}/hosts/h2" in world.etcdctl("get", "--prefix", "--keys-only", P).stdout.split()
-             and f"{P}/networks/{VNI}/members/h2" in world.etcdctl("get", "--prefix", "--keys-only", P).stdout.split(),
-             10, "h2 to write its keys back")
+    wait_for(
+        lambda: (
+            f"{P}/hosts/h2" in world.etcdctl("get", "--prefix", "--keys-only", P).stdout.split()
+            and f"{P}/networks/{VNI}/members/h2" in world.etcdctl("get", "--prefix", "--keys-only", P).stdout.split()
+        ),
+        10,
+        "h2 to write its keys back",
+    )
     wait_ping(world.lab, 1, overlay_ip(2))
 
 
 def test_a_second_agent_claiming_a_host_id_refuses_clearly(world: World) -> None:
-    argv = etcd_agent_argv(world.lab, 1, [world.etcd.endpoint], "--lease-ttl", str(TTL), "--tap", "ovl7",
-                           "--port", "4790")
+    argv = etcd_agent_argv(
+        world.lab, 1, [world.etcd.endpoint], "--lease-ttl", str(TTL), "--tap", "ovl7", "--port", "4790"
+    )
     result = world.lab.run(1, argv, check=False, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "host id h1 is registered by another running agent" in result.stderr
@@ -131,8 +140,25 @@ def test_a_second_agent_claiming_a_host_id_refuses_clearly(world: World) -> None
 
 
 def test_a_bad_etcd_endpoint_is_a_clear_error() -> None:
-    result = subprocess.run([sys.executable, "-m", "overlay", "agent", "--etcd", "ftp://x", "--host-id", "h1",
-                             "--network", "42", "--local", "198.18.0.1"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "overlay",
+            "agent",
+            "--etcd",
+            "ftp://x",
+            "--host-id",
+            "h1",
+            "--network",
+            "42",
+            "--local",
+            "198.18.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and "write it as http://HOST:PORT" in result.stderr
 
 
@@ -182,7 +208,9 @@ def test_etcd_outage_and_compaction_keep_traffic_flowing_and_agents_resync(tmp_p
         assert source.wait(timeout=60) == 0
         out, _ = sink.communicate(timeout=60)
         digest, count = out.split()
-        import hashlib, random
+        import hashlib
+        import random
+
         rng, h, n = random.Random(5), hashlib.sha256(), 0
         while n < int(count):
             chunk = rng.randbytes(32768)
@@ -205,8 +233,11 @@ def test_a_three_member_cluster_losing_a_member_keeps_the_agents_working(tmp_pat
             survivors = members[1:]
             wait_for(lambda: etcdlab.leader(survivors) is not None, 20, "a leader among the survivors")
             etcdlab.etcdctl(survivors, "put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2"}', check=True)
-            wait_for(lambda: GHOST in {e["mac"] for e in status(lab, 1, cmd="fdb") or []}, 30,
-                     "the endpoint to reach h1 through a surviving member")
+            wait_for(
+                lambda: GHOST in {e["mac"] for e in status(lab, 1, cmd="fdb") or []},
+                30,
+                "the endpoint to reach h1 through a surviving member",
+            )
             wait_ping(lab, 1, overlay_ip(2))
             assert status(lab, 1)["registry"]["reconnects"] >= 1
         finally:
@@ -254,8 +285,24 @@ def test_macs_sending_from_the_tap_are_published_as_endpoints(world: World) -> N
 def test_an_agent_on_several_networks_keeps_them_apart(tmp_path: Path) -> None:
     with Lab(f"m{os.getpid() % 100000}", hosts=2) as lab, etcdlab.single(lab) as etcd:
         for h in (1, 2):
-            argv = [sys.executable, "-m", "overlay", "agent", "--etcd", etcd.endpoint, "--host-id", f"h{h}",
-                    "--local", str(lab.address(h)), "--network", "42", "--network", "43", "--tap", "ovl"]
+            argv = [
+                sys.executable,
+                "-m",
+                "overlay",
+                "agent",
+                "--etcd",
+                etcd.endpoint,
+                "--host-id",
+                f"h{h}",
+                "--local",
+                str(lab.address(h)),
+                "--network",
+                "42",
+                "--network",
+                "43",
+                "--tap",
+                "ovl",
+            ]
             start_agent(lab, h, [], log_dir=tmp_path, argv=argv, tap="ovl-42")
         assert {n["tap"] for n in status(lab, 1, tap="ovl-42")["agent"]["networks"]} == {"ovl-42", "ovl-43"}
         lab.run(1, ["ip", "addr", "add", "198.19.42.1/24", "dev", "ovbr42"])

@@ -11,9 +11,9 @@ from typing import Iterator, TypeVar
 
 import pytest
 
+from overlay.lab import Lab, LabError, wait_for
 from overlay.lab import etcd as etcdlab
 from overlay.lab.etcd import EtcdError, EtcdServer, etcdctl
-from overlay.lab import Lab, LabError, wait_for
 
 TAG = os.getpid() % 100000
 LABS = (f"tes{TAG}", f"tec{TAG}", f"tel{TAG}")  # this module's labs
@@ -81,8 +81,12 @@ def test_service_hosts_are_checked_and_found_by_another_lab_object() -> None:
     with pytest.raises(LabError, match="not up"):
         lab.add_service("etcd1", 250)
     with lab:
-        for name, host, error in [("sw", 201, "service name"), ("h2", 201, "service name"),
-                                  ("Etcd", 201, "service name"), ("etcd1", 200, r"\.201 \.\. \.254")]:
+        for name, host, error in [
+            ("sw", 201, "service name"),
+            ("h2", 201, "service name"),
+            ("Etcd", 201, "service name"),
+            ("etcd1", 200, r"\.201 \.\. \.254"),
+        ]:
             with pytest.raises(LabError, match=error):
                 lab.add_service(name, host)
         assert lab.add_service("etcd1", 250) == f"{lab.name}-etcd1"
@@ -103,13 +107,25 @@ def test_etcd_in_a_service_host_serves_the_lab_hosts() -> None:
         try:
             assert server.endpoint == "http://198.18.0.250:2379" and server.namespace == f"{lab.name}-etcd1"
             env = {**os.environ, "ETCDCTL_API": "3"}
-            lab.run(1, ["etcdctl", "--endpoints", "http://198.18.0.250:2379", "put", "/overlay/h1", "up"],
-                    timeout=15, env=env)
-            got = lab.run(1, ["etcdctl", "--endpoints", "http://198.18.0.250:2379", "get", "/overlay/h1",
-                              "--print-value-only"], timeout=15, env=env)
+            lab.run(
+                1,
+                ["etcdctl", "--endpoints", "http://198.18.0.250:2379", "put", "/overlay/h1", "up"],
+                timeout=15,
+                env=env,
+            )
+            got = lab.run(
+                1,
+                ["etcdctl", "--endpoints", "http://198.18.0.250:2379", "get", "/overlay/h1", "--print-value-only"],
+                timeout=15,
+                env=env,
+            )
             assert got.stdout.strip() == "up"
-            assert etcdctl(server, "get", "/overlay/h1", "--print-value-only", lab=lab, namespace=2,
-                           check=True).stdout.strip() == "up"
+            assert (
+                etcdctl(
+                    server, "get", "/overlay/h1", "--print-value-only", lab=lab, namespace=2, check=True
+                ).stdout.strip()
+                == "up"
+            )
             assert f"{lab.name}-etcd1" in lab.namespaces()
         except BaseException:
             server.stop()

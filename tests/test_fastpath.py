@@ -9,8 +9,8 @@ from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
 
 from overlay.core import wire
-from overlay.fastpath import load
 from overlay.core.wire import Decoded, Drop
+from overlay.fastpath import load
 from tests.frames import datagrams, frames, unicast_macs, vnis
 
 fp = load()
@@ -20,7 +20,7 @@ VTEP_B = (0xC6120003, 4789)  # 198.18.0.3
 ARP_BROADCAST = b"\xff" * 6 + bytes.fromhex("020000000001") + b"\x08\x06" + bytes(28)
 
 
-def core_with(vni: int, flood: list[tuple[int, int]] = [VTEP_A], allow_vlan: bool = False) -> "fp.ForwardingCore":
+def core_with(vni: int, flood: list[tuple[int, int]] = [VTEP_A], allow_vlan: bool = False) -> fp.ForwardingCore:
     core = fp.ForwardingCore(allow_vlan=allow_vlan)
     core.vni_add(vni)
     core.flood_set(vni, flood)
@@ -149,9 +149,7 @@ def test_known_unicast_goes_to_its_vtep_only(mac: bytes, vni: int) -> None:
     assert [core.vtep(v) for _, v, _ in batch.outputs()] == [VTEP_B]
 
 
-@pytest.mark.parametrize(
-    "dst", ["ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01", "33:33:00:00:00:01", "02:00:00:00:00:99"]
-)
+@pytest.mark.parametrize("dst", ["ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01", "33:33:00:00:00:01", "02:00:00:00:00:99"])
 def test_broadcast_multicast_and_unknown_unicast_flood(dst: str) -> None:
     core = core_with(42, flood=[VTEP_A, VTEP_B])
     core.fdb_set(42, 0x020000000002, *VTEP_A)

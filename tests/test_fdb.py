@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from overlay.core.fdb import ForwardingTable, Outcome, Source, Vtep
 from overlay.fastpath import load
 from overlay.fastpath.sinks import CoreSink
-from overlay.core.fdb import ForwardingTable, Outcome, Source, Vtep
 
 A, B, C = Vtep.parse("198.18.0.2"), Vtep.parse("198.18.0.3"), Vtep.parse("198.18.0.4")
 M1, M2, M3 = 0x020000000001, 0x020000000002, 0x020000000003

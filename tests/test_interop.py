@@ -33,8 +33,24 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for h in (1, 2):
             start_agent(lab, h, [p for p in (1, 2, 3) if p != h], log_dir=logs)
         k = lab.address(KERNEL)
-        lab.run(KERNEL, ["ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "dstport", "4789",
-                         "local", str(k), "nolearning"])
+        lab.run(
+            KERNEL,
+            [
+                "ip",
+                "link",
+                "add",
+                "vx0",
+                "type",
+                "vxlan",
+                "id",
+                str(VNI),
+                "dstport",
+                "4789",
+                "local",
+                str(k),
+                "nolearning",
+            ],
+        )
         for h in (1, 2):
             lab.run(KERNEL, ["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", str(lab.address(h))])
         lab.run(KERNEL, ["ethtool", "-K", "vx0", "tx", "off"])
@@ -52,7 +68,8 @@ def test_agent_learns_the_kernel_hosts_mac(mixed: Lab) -> None:
     wait_ping(mixed, 1, overlay_ip(KERNEL))
     fdb = status(mixed, 1, cmd="fdb")
     assert {"mac": "02:00:00:00:00:03", "vtep": f"{mixed.address(KERNEL)}:4789"}.items() <= next(
-        e for e in fdb if e["mac"] == "02:00:00:00:00:03").items()
+        e for e in fdb if e["mac"] == "02:00:00:00:00:03"
+    ).items()
 
 
 @pytest.mark.parametrize(("src", "dst"), [(1, KERNEL), (KERNEL, 1)])

@@ -53,10 +53,17 @@ def test_an_exhausted_subnet_is_an_address_error_that_says_what_to_do() -> None:
 
 def test_a_network_without_a_subnet_is_a_network_error_naming_the_fix() -> None:
     bare = Network(9, "red")
-    for call in (lambda: ipam.pick(bare, set()), lambda: ipam.subnet_of(bare), lambda: ipam.reserved(bare),
-                 lambda: ipam.check(bare, I("198.19.9.5/24"), set())):
-        with pytest.raises(IpamError, match=r"network red has no subnet to allocate from: give --ip, or set one "
-                                            r"with 'overlay net create red --vni 9 --subnet") as e:
+    for call in (
+        lambda: ipam.pick(bare, set()),
+        lambda: ipam.subnet_of(bare),
+        lambda: ipam.reserved(bare),
+        lambda: ipam.check(bare, I("198.19.9.5/24"), set()),
+    ):
+        with pytest.raises(
+            IpamError,
+            match=r"network red has no subnet to allocate from: give --ip, or set one "
+            r"with 'overlay net create red --vni 9 --subnet",
+        ) as e:
             call()
         assert e.value.kind == "network"
 
@@ -88,14 +95,17 @@ def test_a_31_and_a_32_give_no_address() -> None:
 
 def test_taken_counts_claims_and_addresses_announced_by_endpoints_of_that_network_only() -> None:
     r = Registry()
-    r.snapshot([
-        kv("/networks/42", {"vni": 42, "subnet": "198.19.42.0/24"}, 2),
-        kv("/networks/42/ipam/198.19.42.3", {"host": "h1", "mac": "02:00:00:00:00:03", "owner": "cni/x/eth0"}, 3),
-        kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": ["198.19.42.1"]}, 4),  # a bridge
-        kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2", "ipv4": ["198.19.42.2", "198.19.42.9"]}, 5),
-        kv("/networks/7/ipam/198.19.42.4", {"host": "h1"}, 6),  # another network: same address is free here
-        kv("/networks/7/endpoints/02:00:00:00:00:05", {"host": "h1", "ipv4": ["198.19.42.5"]}, 7),
-    ], 7)
+    r.snapshot(
+        [
+            kv("/networks/42", {"vni": 42, "subnet": "198.19.42.0/24"}, 2),
+            kv("/networks/42/ipam/198.19.42.3", {"host": "h1", "mac": "02:00:00:00:00:03", "owner": "cni/x/eth0"}, 3),
+            kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": ["198.19.42.1"]}, 4),  # a bridge
+            kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2", "ipv4": ["198.19.42.2", "198.19.42.9"]}, 5),
+            kv("/networks/7/ipam/198.19.42.4", {"host": "h1"}, 6),  # another network: same address is free here
+            kv("/networks/7/endpoints/02:00:00:00:00:05", {"host": "h1", "ipv4": ["198.19.42.5"]}, 7),
+        ],
+        7,
+    )
     used = ipam.taken(r, 42)
     assert used == addresses(1, 2, 3, 9)
     assert ipam.pick(NET, used) == I("198.19.42.4/24")
@@ -109,16 +119,22 @@ def test_check_accepts_a_free_address_in_the_subnet() -> None:
     ipam.check(NET, I("198.19.42.10/24"), addresses(1, 2))
 
 
-@pytest.mark.parametrize(("wanted", "message"), [
-    ("198.19.43.10/24", r"address 198.19.43.10/24 is outside network blue's subnet 198.19.42.0/24: pick one in "
-                        r"198.19.42.0/24, or leave out --ip"),
-    ("198.19.42.10/16", r"so the prefix length must be /24"),
-    ("198.19.42.10/25", r"so the prefix length must be /24"),
-    ("198.19.42.0/24", r"address 198.19.42.0 is reserved in 198.19.42.0/24 \(network, broadcast or gateway"),
-    ("198.19.42.255/24", r"address 198.19.42.255 is reserved"),
-    ("198.19.42.1/24", r"address 198.19.42.1 is reserved"),  # the gateway
-    ("198.19.42.2/24", r"address 198.19.42.2 is in use on network blue: pick another, or leave out --ip"),
-])
+@pytest.mark.parametrize(
+    ("wanted", "message"),
+    [
+        (
+            "198.19.43.10/24",
+            r"address 198.19.43.10/24 is outside network blue's subnet 198.19.42.0/24: pick one in "
+            r"198.19.42.0/24, or leave out --ip",
+        ),
+        ("198.19.42.10/16", r"so the prefix length must be /24"),
+        ("198.19.42.10/25", r"so the prefix length must be /24"),
+        ("198.19.42.0/24", r"address 198.19.42.0 is reserved in 198.19.42.0/24 \(network, broadcast or gateway"),
+        ("198.19.42.255/24", r"address 198.19.42.255 is reserved"),
+        ("198.19.42.1/24", r"address 198.19.42.1 is reserved"),  # the gateway
+        ("198.19.42.2/24", r"address 198.19.42.2 is in use on network blue: pick another, or leave out --ip"),
+    ],
+)
 def test_check_refuses_with_a_message_saying_why(wanted: str, message: str) -> None:
     net = Network(42, "blue", "198.19.42.0/24", gateway="198.19.42.1")
     with pytest.raises(IpamError, match=message) as e:
@@ -135,8 +151,9 @@ def test_check_takes_any_iterable_of_used_addresses() -> None:
 
 
 @given(prefix=st.integers(min_value=26, max_value=30), data=st.data())
-def test_pick_never_gives_a_taken_or_reserved_address_and_gives_the_lowest_free(prefix: int,
-                                                                               data: st.DataObject) -> None:
+def test_pick_never_gives_a_taken_or_reserved_address_and_gives_the_lowest_free(
+    prefix: int, data: st.DataObject
+) -> None:
     subnet = ipaddress.IPv4Network(f"198.19.42.0/{prefix}")
     hosts = list(subnet)
     gateway = data.draw(st.none() | st.sampled_from(hosts))

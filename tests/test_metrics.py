@@ -1,10 +1,9 @@
 """The Prometheus endpoint: a real server on loopback, scraped with urllib and parsed with
-prometheus_client's own parser; the values must be the status dict's."""
+prometheus_client's own parser; the values must be the status's."""
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import socket
 import urllib.error
 import urllib.request
@@ -12,37 +11,83 @@ from typing import Any, Callable
 
 import pytest
 import uvloop
+from msgspec.structs import replace
 from prometheus_client.parser import text_string_to_metric_families
 
 from overlay.core.addresses import parse_address
+from overlay.core.status import (
+    AgentInfo,
+    DataplaneStatus,
+    FdbStatus,
+    NetworkInfo,
+    PeerTraffic,
+    ProbeCounters,
+    ProbeStatus,
+    RegistryStatus,
+    Status,
+    Totals,
+    Wakeups,
+)
 from overlay.io.metrics import CONTENT_TYPE_LATEST, MetricsError, StatusCollector, serve
 
-STATUS: dict[str, Any] = {
-    "agent": {"tap": "ovl0", "vni": 42, "local": "198.18.0.1", "port": 4789, "peers": ["198.18.0.2"],
-              "mtu": 1450, "mac": "02:00:00:00:00:01", "address": "198.19.0.1/24", "source_check": True,
-              "uptime_s": 12.5, "networks": [{"vni": 42, "tap": "ovl0", "mac": "02:00:00:00:00:01"}]},
-    "registry": {"endpoints": ["http://198.18.0.250:2379"], "host_id": "h1", "connected": True,
-                 "revision": 17, "reconnects": 2, "resyncs": 1},
-    "wakeups": {"tx": 10, "tx_frames": 250, "rx": 9, "rx_frames": 240},
-    "peers": [{"vtep": "198.18.0.2:4789", "rx_frames": 3, "rx_bytes": 300, "tx_frames": 4, "tx_bytes": 400},
-              {"vtep": "198.18.0.3:4789", "rx_frames": 5, "rx_bytes": 500, "tx_frames": 6, "tx_bytes": 600}],
-    "totals": {"rx_frames": 8, "rx_bytes": 800, "tx_frames": 10, "tx_bytes": 1000},
-    "drops": {"too_short": 1, "no_i_flag": 2, "unknown_vni": 0},
-    "fdb": {"static": 1, "registry": 2, "learned": 3, "moves": 4, "expired": 5},
-    "coalesced_frames": 7,
-    "arp_suppressed": 11,
-    "probes": {"h2": {"address": "198.18.0.2:4788", "rtt_ms": 0.25, "srtt_ms": 0.5, "loss": 0.1,
-                      "reachable": True, "sent": 20, "received": 18},
-               "h3": {"address": "198.18.0.3:4788", "rtt_ms": None, "srtt_ms": None, "loss": 1.0,
-                      "reachable": False, "sent": 5, "received": 0}},
-    "probe_counters": {"bad": 3, "answered": 40},
-}
+STATUS = Status(
+    agent=AgentInfo(
+        tap="ovl0",
+        vni=42,
+        local="198.18.0.1",
+        port=4789,
+        peers=["198.18.0.2"],
+        mtu=1450,
+        mac="02:00:00:00:00:01",
+        address="198.19.0.1/24",
+        source_check=True,
+        uptime_s=12.5,
+        networks=[NetworkInfo(vni=42, tap="ovl0", mac="02:00:00:00:00:01")],
+    ),
+    registry=RegistryStatus(
+        endpoints=["http://198.18.0.250:2379"], host_id="h1", connected=True, revision=17, reconnects=2, resyncs=1
+    ),
+    dataplane=DataplaneStatus(
+        wakeups=Wakeups(tx=10, tx_frames=250, rx=9, rx_frames=240),
+        peers=[
+            PeerTraffic(vtep="198.18.0.2:4789", rx_frames=3, rx_bytes=300, tx_frames=4, tx_bytes=400),
+            PeerTraffic(vtep="198.18.0.3:4789", rx_frames=5, rx_bytes=500, tx_frames=6, tx_bytes=600),
+        ],
+        totals=Totals(rx_frames=8, rx_bytes=800, tx_frames=10, tx_bytes=1000),
+        drops={"too_short": 1, "no_i_flag": 2, "unknown_vni": 0},
+        fdb=FdbStatus(
+            static=1,
+            registry=2,
+            learned=3,
+            refused_cap=0,
+            moves=4,
+            expired=5,
+            evicted=0,
+            refused_table_full=0,
+            learn_overflow=0,
+        ),
+        coalesced_frames=7,
+        arp_suppressed=11,
+    ),
+    probes={
+        "h2": ProbeStatus(
+            address="198.18.0.2:4788", rtt_ms=0.25, srtt_ms=0.5, loss=0.1, reachable=True, sent=20, received=18
+        ),
+        "h3": ProbeStatus(
+            address="198.18.0.3:4788", rtt_ms=None, srtt_ms=None, loss=1.0, reachable=False, sent=5, received=0
+        ),
+    },
+    probe_counters=ProbeCounters(bad=3, answered=40, errors=0),
+)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """{(sample name, sorted labels): value} of an exposition."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
@@ -60,19 +105,20 @@ def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
 
 
 def test_a_scrape_of_the_served_endpoint_reports_the_status_values(run: Callable[..., Any]) -> None:
-    status = copy.deepcopy(STATUS)
+    status = [STATUS]
     calls = []
 
-    def current() -> dict[str, Any]:
+    def current() -> Status:
         calls.append(1)
-        return status
+        return status[0]
 
     async def main() -> tuple[int, str, str, str]:
         server = await serve("127.0.0.1", 0, current)
         port = server.sockets[0].getsockname()[1]
         try:
             code, ctype, first = await asyncio.to_thread(scrape, port)
-            status["totals"]["rx_frames"] = 99  # read afresh on every scrape
+            d = STATUS.dataplane  # read afresh on every scrape:
+            status[0] = replace(STATUS, dataplane=replace(d, totals=replace(d.totals, rx_frames=99)))
             _, _, second = await asyncio.to_thread(scrape, port)
             return code, ctype, first, second
         finally:
@@ -85,8 +131,10 @@ def test_a_scrape_of_the_served_endpoint_reports_the_status_values(run: Callable
     expected = {
         ("overlay_agent_uptime_seconds", ()): 12.5,
         ("overlay_network_info", (("mac", "02:00:00:00:00:01"), ("tap", "ovl0"), ("vni", "42"))): 1,
-        ("overlay_rx_frames_total", ()): 8, ("overlay_rx_bytes_total", ()): 800,
-        ("overlay_tx_frames_total", ()): 10, ("overlay_tx_bytes_total", ()): 1000,
+        ("overlay_rx_frames_total", ()): 8,
+        ("overlay_rx_bytes_total", ()): 800,
+        ("overlay_tx_frames_total", ()): 10,
+        ("overlay_tx_bytes_total", ()): 1000,
         ("overlay_vtep_rx_frames_total", (("vtep", "198.18.0.2:4789"),)): 3,
         ("overlay_vtep_rx_bytes_total", (("vtep", "198.18.0.3:4789"),)): 500,
         ("overlay_vtep_tx_frames_total", (("vtep", "198.18.0.3:4789"),)): 6,
@@ -125,20 +173,60 @@ def test_a_scrape_of_the_served_endpoint_reports_the_status_values(run: Callable
 
 
 def test_a_static_agent_without_registry_or_probes_scrapes_without_them() -> None:
-    status = {k: v for k, v in STATUS.items() if k not in ("probes", "probe_counters")}
-    status["registry"] = None
+    status = replace(STATUS, registry=None, probes={}, probe_counters=None)
     names = {m.name for m in StatusCollector(lambda: status).collect()}
     assert "overlay_rx_frames" in names and "overlay_drops" in names
-    assert not any(n.startswith(("overlay_registry", "overlay_peer_rtt", "overlay_peer_reachable", "overlay_probe"))
-                   for n in names)
+    assert not any(
+        n.startswith(("overlay_registry", "overlay_peer_rtt", "overlay_peer_reachable", "overlay_probe")) for n in names
+    )
 
 
-@pytest.mark.parametrize("status", [
-    {}, {"agent": None, "registry": "?", "peers": None, "totals": [], "drops": {"x": "many"}, "probes": {"h": None}},
-    {"peers": [{"rx_frames": 1}, "junk"], "probes": {"h2": {"rtt_ms": "fast", "reachable": None}}},
-])
-def test_missing_or_odd_keys_never_fail_a_scrape(status: dict[str, Any]) -> None:
+QUIET = Status.from_json(
+    {  # what a static agent just started says, with every optional part left out
+        "agent": {
+            "tap": "ovl0",
+            "vni": 42,
+            "local": "198.18.0.1",
+            "port": 4789,
+            "peers": [],
+            "mtu": 1450,
+            "mac": "02:00:00:00:00:01",
+            "address": None,
+            "source_check": True,
+            "uptime_s": 0.0,
+        },
+        "wakeups": {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0},
+        "peers": [],
+        "totals": {"rx_frames": 0, "rx_bytes": 0, "tx_frames": 0, "tx_bytes": 0},
+        "drops": {},
+        "fdb": {
+            "static": 0,
+            "registry": 0,
+            "learned": 0,
+            "refused_cap": 0,
+            "moves": 0,
+            "expired": 0,
+            "evicted": 0,
+            "refused_table_full": 0,
+            "learn_overflow": 0,
+        },
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        QUIET,
+        replace(
+            QUIET, probes={"h": ProbeStatus(address="198.18.0.2:4788", loss=0.0, reachable=False, sent=0, received=0)}
+        ),
+        replace(STATUS, registry=replace(STATUS.registry, connected=False), probe_counters=None),
+    ],
+)
+def test_a_status_missing_its_optional_parts_never_fails_a_scrape(status: Status) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry()
     registry.register(StatusCollector(lambda: status))
     assert samples(generate_latest(registry).decode()) is not None
@@ -164,7 +252,8 @@ def test_other_paths_are_404_other_methods_405_and_garbage_400() -> None:
             assert (await raw(port, b"POST /metrics HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 405 ")
             assert (await raw(port, b"hello\r\n\r\n")).startswith(b"HTTP/1.0 400 ")
             assert (await raw(port, b"GET /metrics HTTP/1.0\r\nX: " + b"a" * 20000 + b"\r\n\r\n")).startswith(
-                b"HTTP/1.0 400 ")
+                b"HTTP/1.0 400 "
+            )
             assert (await raw(port, b"GET /metrics HTTP/1.0\r\n")).startswith(b"HTTP/1.0 400 ")  # cut short
             head = await raw(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
             assert head.startswith(b"HTTP/1.0 200 ") and head.endswith(b"\r\n\r\n")
@@ -172,6 +261,7 @@ def test_other_paths_are_404_other_methods_405_and_garbage_400() -> None:
         finally:
             server.close()
             await server.wait_closed()
+
     asyncio.run(main())
 
 
@@ -188,13 +278,14 @@ def test_a_client_that_sends_nothing_is_dropped_after_the_timeout(monkeypatch: p
         finally:
             server.close()
             await server.wait_closed()
+
     asyncio.run(main())
 
 
 def test_a_failing_status_is_a_500_and_the_server_keeps_serving() -> None:
     state = {"fail": True}
 
-    def status() -> dict[str, Any]:
+    def status() -> Status:
         if state["fail"]:
             raise RuntimeError("boom")
         return STATUS
@@ -210,6 +301,7 @@ def test_a_failing_status_is_a_500_and_the_server_keeps_serving() -> None:
         finally:
             server.close()
             await server.wait_closed()
+
     asyncio.run(main())
 
 
@@ -221,32 +313,39 @@ def test_a_port_in_use_is_a_metrics_error_saying_where_and_what_to_do(run: Calla
             port = taken.getsockname()[1]
             with pytest.raises(MetricsError, match=rf"127\.0\.0\.1:{port}: .*--metrics HOST:PORT.*--metrics off"):
                 await serve("127.0.0.1", port, lambda: STATUS)
+
     run(main())
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("127.0.0.1:9465", ("127.0.0.1", 9465)),
-    ("0.0.0.0:9100", ("0.0.0.0", 9100)),
-    ("[::1]:9465", ("::1", 9465)),
-    (":9465", ("127.0.0.1", 9465)),
-    ("off", None),
-    ("OFF", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:9465", ("127.0.0.1", 9465)),
+        ("0.0.0.0:9100", ("0.0.0.0", 9100)),
+        ("[::1]:9465", ("::1", 9465)),
+        (":9465", ("127.0.0.1", 9465)),
+        ("off", None),
+        ("OFF", None),
+    ],
+)
 def test_parse_address_accepts(text: str, expected: tuple[str, int] | None) -> None:
     assert parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("9465", "no port"),
-    ("127.0.0.1", "no port"),
-    ("localhost:9465", "not an IP address"),
-    ("::1:9465", "brackets"),
-    ("[127.0.0.1]:9465", "brackets are for IPv6"),
-    ("127.0.0.1:0", "1 to 65535"),
-    ("127.0.0.1:65536", "1 to 65535"),
-    ("127.0.0.1:http", "1 to 65535"),
-    ("", "no port"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("9465", "no port"),
+        ("127.0.0.1", "no port"),
+        ("localhost:9465", "not an IP address"),
+        ("::1:9465", "brackets"),
+        ("[127.0.0.1]:9465", "brackets are for IPv6"),
+        ("127.0.0.1:0", "1 to 65535"),
+        ("127.0.0.1:65536", "1 to 65535"),
+        ("127.0.0.1:http", "1 to 65535"),
+        ("", "no port"),
+    ],
+)
 def test_parse_address_refuses_with_a_message_saying_the_form(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_address(text)

@@ -13,9 +13,9 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from overlay.core import offload
-from overlay.fastpath import load
-from overlay.core.offload import GSO_ECN, GSO_TCPV4, GSO_TCPV6, F_NEEDS_CSUM, OffloadError, VnetHdr
+from overlay.core.offload import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, OffloadError, VnetHdr
 from overlay.core.wire import Drop
+from overlay.fastpath import load
 
 fp = load()
 ETH = dict(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")
@@ -23,7 +23,9 @@ ETH = dict(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")
 
 def tcp_superframe(v6: bool, payload: bytes, flags: str, options: list, ip_id: int = 7) -> bytes:
     l3 = IPv6(src="2001:db8::1", dst="2001:db8::2") if v6 else IP(src="198.19.0.1", dst="198.19.0.2", id=ip_id)
-    return bytes(Ether(**ETH) / l3 / TCP(sport=40000, dport=5201, seq=0xFFFFFF00, flags=flags, options=options) / payload)
+    return bytes(
+        Ether(**ETH) / l3 / TCP(sport=40000, dport=5201, seq=0xFFFFFF00, flags=flags, options=options) / payload
+    )
 
 
 def fast_prepare(hdr: VnetHdr, frame: bytes, slots: int = 256) -> tuple[int, list[bytes]]:
@@ -50,8 +52,9 @@ def checksums_ok(frame: bytes) -> bool:
     options=st.sampled_from([[], [("NOP", None), ("NOP", None), ("Timestamp", (1, 2))]]),
     ecn=st.booleans(),
 )
-def test_segmentation_equals_reference_and_checksums_verify(v6: bool, size: int, mss: int, flags: str,
-                                                            options: list, ecn: bool) -> None:
+def test_segmentation_equals_reference_and_checksums_verify(
+    v6: bool, size: int, mss: int, flags: str, options: list, ecn: bool
+) -> None:
     frame = tcp_superframe(v6, bytes(range(256)) * (size // 256) + bytes(size % 256), flags, options)
     l4 = 14 + (40 if v6 else 20)
     hdr = VnetHdr(F_NEEDS_CSUM, (GSO_TCPV6 if v6 else GSO_TCPV4) | (GSO_ECN if ecn else 0), 0, mss, l4, 16)
@@ -59,7 +62,10 @@ def test_segmentation_equals_reference_and_checksums_verify(v6: bool, size: int,
     status, segments = fast_prepare(hdr, frame)
     assert status == 0 and segments == expected
     assert all(checksums_ok(s) for s in segments)
-    assert b"".join(s[len(s) - (len(s) - l4 - (s[l4 + 12] >> 4) * 4):] for s in segments) == frame[l4 + (frame[l4 + 12] >> 4) * 4:]
+    assert (
+        b"".join(s[len(s) - (len(s) - l4 - (s[l4 + 12] >> 4) * 4) :] for s in segments)
+        == frame[l4 + (frame[l4 + 12] >> 4) * 4 :]
+    )
     tcp_flags = [s[l4 + 13] for s in segments]
     assert all(not f & 0x09 for f in tcp_flags[:-1]) and all(not f & 0x80 for f in tcp_flags[1:])
 

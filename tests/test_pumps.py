@@ -11,18 +11,22 @@ import socket
 import pytest
 
 from overlay.core import wire
-from overlay.fastpath import load
 from overlay.core.wire import Drop
+from overlay.fastpath import load
 
 fp = load()
 LOOPBACK = 0x7F000001
 PLAIN = bytes(10)  # virtio-net header of a plain frame: the TAP runs with IFF_VNET_HDR
 
-FRAME = bytes.fromhex("020000000002 020000000001 0800") + bytes.fromhex(
-    "4500001c000140004011000 0c6130001c6130002".replace(" ", "")) + bytes.fromhex("13881389000800000000") + bytes(20)
+FRAME = (
+    bytes.fromhex("020000000002 020000000001 0800")
+    + bytes.fromhex("4500001c000140004011000 0c6130001c6130002".replace(" ", ""))
+    + bytes.fromhex("13881389000800000000")
+    + bytes(20)
+)
 
 
-def merge() -> "fp.FrameBatch":
+def merge() -> fp.FrameBatch:
     return fp.FrameBatch(1, slot_size=65536 + 128)
 
 
@@ -135,10 +139,21 @@ def tcp_stream(count: int, mss: int, v6: bool = False, psh_at: int | None = None
     frames = []
     for k in range(count):
         flags = "PA" if k == psh_at else "A"
-        frames.append(bytes(Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01") / l3
-                            / TCP(sport=5201, dport=40000, seq=1000 + k * mss, ack=77, flags=flags,
-                                  options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))])
-                            / (bytes([k]) * mss)))
+        frames.append(
+            bytes(
+                Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")
+                / l3
+                / TCP(
+                    sport=5201,
+                    dport=40000,
+                    seq=1000 + k * mss,
+                    ack=77,
+                    flags=flags,
+                    options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))],
+                )
+                / (bytes([k]) * mss)
+            )
+        )
     return frames
 
 
@@ -151,7 +166,9 @@ def through_rx_pump(frames: list[bytes], sockets) -> list[bytes]:
     for f in frames:
         sender.sendto(wire.encode(42, f), udp.getsockname())
     sender.close()
-    assert fp.pump_rx(core, fp.FrameBatch(64, slot_size=65664), fp.FrameBatch(64), merge(), udp.fileno(), tap_agent.fileno()) == len(frames)
+    assert fp.pump_rx(
+        core, fp.FrameBatch(64, slot_size=65664), fp.FrameBatch(64), merge(), udp.fileno(), tap_agent.fileno()
+    ) == len(frames)
     tap_kernel.setblocking(False)
     out = []
     while True:
@@ -164,11 +181,11 @@ def through_rx_pump(frames: list[bytes], sockets) -> list[bytes]:
 @pytest.mark.parametrize(
     "frames",
     [
-        tcp_stream(10, 1000),                          # one run
+        tcp_stream(10, 1000),  # one run
         tcp_stream(10, 1000, v6=True),
-        tcp_stream(10, 1000, psh_at=4),                # PSH ends a run
+        tcp_stream(10, 1000, psh_at=4),  # PSH ends a run
         tcp_stream(3, 1000) + [FRAME] + tcp_stream(3, 1000),  # another frame in between
-        tcp_stream(5, 1000)[:2] + tcp_stream(5, 1000)[3:],    # a gap in the sequence
+        tcp_stream(5, 1000)[:2] + tcp_stream(5, 1000)[3:],  # a gap in the sequence
         [tcp_stream(1, 1000)[0][:-1] + b"x"] + tcp_stream(4, 1000)[1:],  # bad checksum: alone
     ],
     ids=["run", "run-v6", "psh", "interleaved", "gap", "bad-checksum"],
@@ -218,15 +235,25 @@ def test_an_arp_request_for_a_known_neighbour_is_answered_on_the_tap_not_sent(so
     core.vni_add(42)
     core.flood_set(42, [(LOOPBACK, udp.getsockname()[1])])
     core.neigh_set(42, 0xC6130002, 0x020000000002)  # 198.19.0.2 is at 02:00:00:00:00:02
-    ask = lambda ip: bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:01")  # noqa: E731
-                           / ARP(op=1, hwsrc="02:00:00:00:00:01", psrc="198.19.0.1", pdst=ip))
+
+    def ask(ip: str) -> bytes:
+        return bytes(
+            Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:01")
+            / ARP(op=1, hwsrc="02:00:00:00:00:01", psrc="198.19.0.1", pdst=ip)
+        )
+
     tap_kernel.send(PLAIN + ask("198.19.0.2"))
     tap_kernel.send(PLAIN + ask("198.19.0.3"))  # unknown: flooded as usual
     fp.pump_tx(core, fp.FrameBatch(8), fp.FrameBatch(8), 42, tap_agent.fileno(), [raw.fileno()])
     reply = Ether(tap_kernel.recv(4096)[10:])
     assert reply.dst == "02:00:00:00:00:01" and reply.src == "02:00:00:00:00:02"
     assert (reply[ARP].op, reply[ARP].hwsrc, reply[ARP].psrc, reply[ARP].hwdst, reply[ARP].pdst) == (
-        2, "02:00:00:00:00:02", "198.19.0.2", "02:00:00:00:00:01", "198.19.0.1")
+        2,
+        "02:00:00:00:00:02",
+        "198.19.0.2",
+        "02:00:00:00:00:01",
+        "198.19.0.1",
+    )
     udp.settimeout(5)
     assert udp.recv(4096) == wire.encode(42, ask("198.19.0.3"))  # only the unknown one went out
     assert core.arp_suppressed == 1

@@ -11,8 +11,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.core.fdb import ForwardingTable, Source, Vtep
-from overlay.core.registry import (AddressKey, Allocation, Deleted, EndpointKey, Host, HostKey, MemberKey, Network,
-                              NetworkKey, Put, Registry, Schema)
+from overlay.core.registry import (
+    AddressKey,
+    Allocation,
+    Deleted,
+    EndpointKey,
+    Host,
+    HostKey,
+    MemberKey,
+    Network,
+    NetworkKey,
+    Put,
+    Registry,
+    Schema,
+)
 from overlay.core.topology import Topology
 
 P = "/overlay/v1"
@@ -25,8 +37,13 @@ def kv(key: str, value: object, mod: int) -> tuple[str, bytes, int]:
 
 def test_keys_round_trip() -> None:
     s = Schema()
-    for k in (NetworkKey(42), HostKey("h1"), MemberKey(42, "h1"), EndpointKey(42, MAC1),
-              AddressKey(42, ipaddress.IPv4Address("198.19.42.5"))):
+    for k in (
+        NetworkKey(42),
+        HostKey("h1"),
+        MemberKey(42, "h1"),
+        EndpointKey(42, MAC1),
+        AddressKey(42, ipaddress.IPv4Address("198.19.42.5")),
+    ):
         assert s.parse_key(s.key(k)) == k
     assert s.key(EndpointKey(42, MAC1)) == "/overlay/v1/networks/42/endpoints/02:00:00:00:00:01"
     assert s.key(AddressKey(42, ipaddress.IPv4Address("198.19.42.5"))) == "/overlay/v1/networks/42/ipam/198.19.42.5"
@@ -38,16 +55,35 @@ def test_address_keys_round_trip(vni: int, address: int) -> None:
     assert s.parse_key(s.key(k)) == k
 
 
-@pytest.mark.parametrize("raw", [
-    "/other/hosts/h1", P + "/hosts/", P + "/hosts/a/b", P + "/networks/x", P + "/networks/16777216",
-    P + "/networks/042", P + "/networks/42/endpoints/zz", P + "/networks/42/other/h1", P + "/hosts/-bad",
-    P + "/networks/42/endpoints/02-00-00-00-00-01", P + "/networks/42/endpoints/0A:00:00:00:00:01",
-    # IPAM keys: one spelling of an address only (an alias would let two hosts claim it at once)
-    P + "/networks/42/ipam/198.019.0.5", P + "/networks/42/ipam/198.19.0.05", P + "/networks/42/ipam/3322609669",
-    P + "/networks/42/ipam/0xc6.19.0.5", P + "/networks/42/ipam/ 198.19.0.5", P + "/networks/42/ipam/198.19.0.5 ",
-    P + "/networks/42/ipam/198.19.0.5/32", P + "/networks/42/ipam/198.19.0.256", P + "/networks/42/ipam/::1",
-    P + "/networks/42/ipam/", P + "/networks/042/ipam/198.19.0.5", P + "/networks/42/ipam",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/other/hosts/h1",
+        P + "/hosts/",
+        P + "/hosts/a/b",
+        P + "/networks/x",
+        P + "/networks/16777216",
+        P + "/networks/042",
+        P + "/networks/42/endpoints/zz",
+        P + "/networks/42/other/h1",
+        P + "/hosts/-bad",
+        P + "/networks/42/endpoints/02-00-00-00-00-01",
+        P + "/networks/42/endpoints/0A:00:00:00:00:01",
+        # IPAM keys: one spelling of an address only (an alias would let two hosts claim it at once)
+        P + "/networks/42/ipam/198.019.0.5",
+        P + "/networks/42/ipam/198.19.0.05",
+        P + "/networks/42/ipam/3322609669",
+        P + "/networks/42/ipam/0xc6.19.0.5",
+        P + "/networks/42/ipam/ 198.19.0.5",
+        P + "/networks/42/ipam/198.19.0.5 ",
+        P + "/networks/42/ipam/198.19.0.5/32",
+        P + "/networks/42/ipam/198.19.0.256",
+        P + "/networks/42/ipam/::1",
+        P + "/networks/42/ipam/",
+        P + "/networks/042/ipam/198.19.0.5",
+        P + "/networks/42/ipam",
+    ],
+)
 def test_keys_outside_the_schema_are_not_parsed(raw: str) -> None:
     assert Schema().parse_key(raw) is None
 
@@ -64,52 +100,70 @@ def test_snapshot_then_watch_events() -> None:
 
 def test_resync_diffs_by_mod_revision_so_nothing_in_a_gap_is_lost() -> None:
     r = Registry()
-    r.snapshot([kv("/hosts/h1", {"address": "198.18.0.1"}, 3), kv("/hosts/h2", {"address": "198.18.0.2"}, 4),
-                kv("/hosts/h3", {"address": "198.18.0.3"}, 5)], 5)
+    r.snapshot(
+        [
+            kv("/hosts/h1", {"address": "198.18.0.1"}, 3),
+            kv("/hosts/h2", {"address": "198.18.0.2"}, 4),
+            kv("/hosts/h3", {"address": "198.18.0.3"}, 5),
+        ],
+        5,
+    )
     # During an outage (and a compaction) h1 was deleted, h2 changed and changed back, h4 added.
-    events = r.snapshot([kv("/hosts/h2", {"address": "198.18.0.2"}, 9), kv("/hosts/h3", {"address": "198.18.0.3"}, 5),
-                         kv("/hosts/h4", {"address": "198.18.0.4"}, 10)], 12)
-    assert events == [Deleted(HostKey("h1"), Host("198.18.0.1")), Put(HostKey("h2"), Host("198.18.0.2")),
-                      Put(HostKey("h4"), Host("198.18.0.4"))]
+    events = r.snapshot(
+        [
+            kv("/hosts/h2", {"address": "198.18.0.2"}, 9),
+            kv("/hosts/h3", {"address": "198.18.0.3"}, 5),
+            kv("/hosts/h4", {"address": "198.18.0.4"}, 10),
+        ],
+        12,
+    )
+    assert events == [
+        Deleted(HostKey("h1"), Host("198.18.0.1")),
+        Put(HostKey("h2"), Host("198.18.0.2")),
+        Put(HostKey("h4"), Host("198.18.0.4")),
+    ]
     assert r.revision == 12
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("/hosts/h1", b"{not json"),
-    ("/hosts/h1", {"address": 5}),
-    ("/hosts/h1", {"address": "198.18.0.300"}),
-    ("/hosts/h1", {"address": "198.18.0.1", "port": 0}),
-    ("/hosts/h1", {"address": "198.18.0.1", "port": True}),
-    ("/networks/42", {"vni": 43}),
-    ("/networks/42", {"vni": 42, "subnet": "198.19.42.0/33"}),
-    ("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": ["nope"]}),
-    ("/networks/42/endpoints/02:00:00:00:00:01", {"host": ""}),
-    ("/networks/42/endpoints/02:00:00:00:00:01", []),
-    ("/whatever", {}),
-    ("/networks/42", {"vni": 42, "gateway": "198.19.42.300"}),
-    ("/networks/42", {"vni": 42, "gateway": "198.19.042.1"}),
-    ("/networks/42", {"vni": 42, "gateway": "fe80::1"}),
-    ("/networks/42", {"vni": 42, "gateway": 3322609665}),
-    ("/networks/42", {"vni": 42, "subnet": "198.19.42.1/24"}),  # host bits set
-    ("/hosts/h1", {"address": "198.18.0.1", "probe_port": 0}),
-    ("/hosts/h1", {"address": "198.18.0.1", "probe_port": 65536}),
-    ("/hosts/h1", {"address": "198.18.0.1", "probe_port": -1}),
-    ("/hosts/h1", {"address": "198.18.0.1", "probe_port": "4799"}),
-    ("/hosts/h1", {"address": "198.18.0.1", "probe_port": True}),
-    ("/networks/42/ipam/198.19.42.5", {}),
-    ("/networks/42/ipam/198.19.42.5", {"host": ""}),
-    ("/networks/42/ipam/198.19.42.5", {"host": "-h1"}),
-    ("/networks/42/ipam/198.19.42.5", {"host": "h1/../h2"}),
-    ("/networks/42/ipam/198.19.42.5", {"host": "h" * 64}),
-    ("/networks/42/ipam/198.19.42.5", {"host": 1}),
-    ("/networks/42/ipam/198.19.42.5", {"host": None}),
-    ("/networks/42/ipam/198.19.42.5", {"host": "h1", "mac": 2}),
-    ("/networks/42/ipam/198.19.42.5", {"host": "h1", "owner": ["cni"]}),
-    ("/networks/42/ipam/198.19.42.5", ["h1"]),
-    ("/networks/42/ipam/198.19.42.5", "h1"),
-    ("/networks/42/ipam/198.19.42.5", b"\xff\xfe"),
-    ("/networks/42/ipam/198.019.42.5", {"host": "h1"}),  # the value is fine, the key is an alias
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("/hosts/h1", b"{not json"),
+        ("/hosts/h1", {"address": 5}),
+        ("/hosts/h1", {"address": "198.18.0.300"}),
+        ("/hosts/h1", {"address": "198.18.0.1", "port": 0}),
+        ("/hosts/h1", {"address": "198.18.0.1", "port": True}),
+        ("/networks/42", {"vni": 43}),
+        ("/networks/42", {"vni": 42, "subnet": "198.19.42.0/33"}),
+        ("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": ["nope"]}),
+        ("/networks/42/endpoints/02:00:00:00:00:01", {"host": ""}),
+        ("/networks/42/endpoints/02:00:00:00:00:01", []),
+        ("/whatever", {}),
+        ("/networks/42", {"vni": 42, "gateway": "198.19.42.300"}),
+        ("/networks/42", {"vni": 42, "gateway": "198.19.042.1"}),
+        ("/networks/42", {"vni": 42, "gateway": "fe80::1"}),
+        ("/networks/42", {"vni": 42, "gateway": 3322609665}),
+        ("/networks/42", {"vni": 42, "subnet": "198.19.42.1/24"}),  # host bits set
+        ("/hosts/h1", {"address": "198.18.0.1", "probe_port": 0}),
+        ("/hosts/h1", {"address": "198.18.0.1", "probe_port": 65536}),
+        ("/hosts/h1", {"address": "198.18.0.1", "probe_port": -1}),
+        ("/hosts/h1", {"address": "198.18.0.1", "probe_port": "4799"}),
+        ("/hosts/h1", {"address": "198.18.0.1", "probe_port": True}),
+        ("/networks/42/ipam/198.19.42.5", {}),
+        ("/networks/42/ipam/198.19.42.5", {"host": ""}),
+        ("/networks/42/ipam/198.19.42.5", {"host": "-h1"}),
+        ("/networks/42/ipam/198.19.42.5", {"host": "h1/../h2"}),
+        ("/networks/42/ipam/198.19.42.5", {"host": "h" * 64}),
+        ("/networks/42/ipam/198.19.42.5", {"host": 1}),
+        ("/networks/42/ipam/198.19.42.5", {"host": None}),
+        ("/networks/42/ipam/198.19.42.5", {"host": "h1", "mac": 2}),
+        ("/networks/42/ipam/198.19.42.5", {"host": "h1", "owner": ["cni"]}),
+        ("/networks/42/ipam/198.19.42.5", ["h1"]),
+        ("/networks/42/ipam/198.19.42.5", "h1"),
+        ("/networks/42/ipam/198.19.42.5", b"\xff\xfe"),
+        ("/networks/42/ipam/198.019.42.5", {"host": "h1"}),  # the value is fine, the key is an alias
+    ],
+)
 def test_bad_values_are_reported_once_and_ignored(key: str, value: object) -> None:
     r = Registry()
     assert r.snapshot([kv(key, value, 3)], 3) == []
@@ -136,18 +190,20 @@ def test_no_value_or_key_makes_the_registry_raise(value: bytes, key: str) -> Non
     r.delete(P + "/" + key, 6)
 
 
-JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                       lambda inner: st.lists(inner, max_size=3)
-                       | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                       max_leaves=8)
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @given(st.dictionaries(st.sampled_from(["host", "mac", "owner", "other"]), JSONISH, max_size=4))
 def test_hostile_allocations_never_raise_and_never_replace_a_good_one(value: dict[str, object]) -> None:
     good = Allocation("h1", "02:00:00:00:00:05", "cni/c1/eth0")
     r = Registry()
-    r.snapshot([kv("/networks/42/ipam/198.19.42.5", {"host": "h1", "mac": "02:00:00:00:00:05",
-                                                     "owner": "cni/c1/eth0"}, 3)], 3)
+    r.snapshot(
+        [kv("/networks/42/ipam/198.19.42.5", {"host": "h1", "mac": "02:00:00:00:00:05", "owner": "cni/c1/eth0"}, 3)], 3
+    )
     raw = kv("/networks/42/ipam/198.19.42.5", value, 4)
     try:
         expected = Schema().decode(AddressKey(42, ipaddress.IPv4Address("198.19.42.5")), raw[1])
@@ -174,24 +230,34 @@ def test_a_claimed_address_overwritten_by_a_bad_value_stays_claimed_by_its_holde
 
 def test_allocations_are_per_network_and_typed() -> None:
     r = Registry()
-    events = r.snapshot([kv("/networks/42/ipam/198.19.42.5", {"host": "h1", "mac": "02:00:00:00:00:05",
-                                                              "owner": "cni/c1/eth0"}, 3),
-                         kv("/networks/42/ipam/198.19.42.6", {"host": "h2"}, 4),
-                         kv("/networks/7/ipam/198.19.42.5", {"host": "h3"}, 5)], 5)
+    events = r.snapshot(
+        [
+            kv("/networks/42/ipam/198.19.42.5", {"host": "h1", "mac": "02:00:00:00:00:05", "owner": "cni/c1/eth0"}, 3),
+            kv("/networks/42/ipam/198.19.42.6", {"host": "h2"}, 4),
+            kv("/networks/7/ipam/198.19.42.5", {"host": "h3"}, 5),
+        ],
+        5,
+    )
     assert Put(AddressKey(42, ipaddress.IPv4Address("198.19.42.6")), Allocation("h2")) in events
-    assert r.allocations(42) == {ipaddress.IPv4Address("198.19.42.5"): Allocation("h1", "02:00:00:00:00:05",
-                                                                                   "cni/c1/eth0"),
-                                 ipaddress.IPv4Address("198.19.42.6"): Allocation("h2")}
+    assert r.allocations(42) == {
+        ipaddress.IPv4Address("198.19.42.5"): Allocation("h1", "02:00:00:00:00:05", "cni/c1/eth0"),
+        ipaddress.IPv4Address("198.19.42.6"): Allocation("h2"),
+    }
     assert r.allocations(7) == {ipaddress.IPv4Address("198.19.42.5"): Allocation("h3")}
     assert r.allocations(8) == {}
 
 
 def test_a_network_gateway_and_a_host_probe_port_are_read() -> None:
     r = Registry()
-    r.snapshot([kv("/networks/42", {"vni": 42, "subnet": "198.19.42.0/24", "gateway": "198.19.42.1"}, 2),
-                kv("/hosts/h1", {"address": "198.18.0.1", "probe_port": 1}, 3),
-                kv("/hosts/h2", {"address": "198.18.0.2", "probe_port": 65535}, 4),
-                kv("/hosts/h3", {"address": "198.18.0.3"}, 5)], 5)
+    r.snapshot(
+        [
+            kv("/networks/42", {"vni": 42, "subnet": "198.19.42.0/24", "gateway": "198.19.42.1"}, 2),
+            kv("/hosts/h1", {"address": "198.18.0.1", "probe_port": 1}, 3),
+            kv("/hosts/h2", {"address": "198.18.0.2", "probe_port": 65535}, 4),
+            kv("/hosts/h3", {"address": "198.18.0.3"}, 5),
+        ],
+        5,
+    )
     assert r.networks()[42].gateway == "198.19.42.1"
     assert [h.probe_port for _, h in sorted(r.hosts().items())] == [1, 65535, None]
 
@@ -208,14 +274,20 @@ def test_a_gateway_that_cannot_be_a_gateway_of_the_subnet_is_rejected(gateway: s
 
 def world(*extra: tuple[str, bytes, int]) -> tuple[Registry, ForwardingTable, Topology]:
     r = Registry()
-    r.snapshot([
-        kv("/hosts/h1", {"address": "198.18.0.1"}, 2), kv("/hosts/h2", {"address": "198.18.0.2"}, 3),
-        kv("/hosts/h3", {"address": "198.18.0.3", "port": 8472}, 4),
-        kv("/networks/42/members/h1", {}, 5), kv("/networks/42/members/h2", {}, 6), kv("/networks/42/members/h3", {}, 7),
-        kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": ["198.19.42.1"]}, 8),
-        kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2", "ipv4": ["198.19.42.2"]}, 9),
-        *extra,
-    ], 20)
+    r.snapshot(
+        [
+            kv("/hosts/h1", {"address": "198.18.0.1"}, 2),
+            kv("/hosts/h2", {"address": "198.18.0.2"}, 3),
+            kv("/hosts/h3", {"address": "198.18.0.3", "port": 8472}, 4),
+            kv("/networks/42/members/h1", {}, 5),
+            kv("/networks/42/members/h2", {}, 6),
+            kv("/networks/42/members/h3", {}, 7),
+            kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": ["198.19.42.1"]}, 8),
+            kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2", "ipv4": ["198.19.42.2"]}, 9),
+            *extra,
+        ],
+        20,
+    )
     t = ForwardingTable()
     topo = Topology(r, t, "h1")
     topo.serve(42, now=0)
@@ -272,16 +344,22 @@ def test_other_vnis_do_not_reach_the_table() -> None:
 
 def test_an_address_claimed_twice_goes_to_the_newest_endpoint() -> None:
     r, t, topo = world()
-    topo.apply(r.put(P + "/networks/42/endpoints/02:00:00:00:00:05", b'{"host": "h3", "ipv4": ["198.19.42.2"]}', 30),
-               now=1)
+    topo.apply(
+        r.put(P + "/networks/42/endpoints/02:00:00:00:00:05", b'{"host": "h3", "ipv4": ["198.19.42.2"]}', 30), now=1
+    )
     assert t.neighbours(42)[ipaddress.IPv4Address("198.19.42.2")] == 0x020000000005
 
 
 def test_an_endpoint_refused_at_the_cap_is_taken_once_there_is_room() -> None:
     r = Registry()
-    r.snapshot([kv("/hosts/h2", {"address": "198.18.0.2"}, 2),
-                kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2"}, 3),
-                kv("/networks/42/endpoints/02:00:00:00:00:03", {"host": "h2"}, 4)], 4)
+    r.snapshot(
+        [
+            kv("/hosts/h2", {"address": "198.18.0.2"}, 2),
+            kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2"}, 3),
+            kv("/networks/42/endpoints/02:00:00:00:00:03", {"host": "h2"}, 4),
+        ],
+        4,
+    )
     t = ForwardingTable(max_per_vni=1)
     topo = Topology(r, t, "h1")
     topo.serve(42, now=0)

@@ -107,8 +107,12 @@ def test_source_port_follows_the_flow_not_the_payload() -> None:
     from scapy.layers.l2 import Ether
 
     def tcp(sport: int, payload: bytes) -> bytes:
-        return bytes(Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")
-                     / IP(src="198.19.0.1", dst="198.19.0.2") / TCP(sport=sport, dport=80) / payload)
+        return bytes(
+            Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")
+            / IP(src="198.19.0.1", dst="198.19.0.2")
+            / TCP(sport=sport, dport=80)
+            / payload
+        )
 
     assert wire.source_port(tcp(1000, b"a")) == wire.source_port(tcp(1000, b"b" * 100))
     ports = {wire.source_port(tcp(p, b"")) for p in range(1000, 1064)}

@@ -33,20 +33,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from overlay.cmd.errors import RunError, UserError
+from overlay.core.wire import MTU_MAX, MTU_MIN, VNI_MAX, unicast_mac
 
 if TYPE_CHECKING:
     import aetcd
 
-    from overlay.io.etcd import Tls
     from overlay.core.registry import Endpoint, Host, Network, Schema
+    from overlay.core.status import ProbeStatus
+    from overlay.io.etcd import Tls
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 ENV_ETCD = "OVERLAY_ETCD"  # comma-separated endpoints, used when no --etcd is given
 ENV_PASSWORD = "OVERLAY_ETCD_PASSWORD"  # used when --user is given without a password
 CONNECT_TIMEOUT = 3.0  # per endpoint: a first round trip must come back within this
 REQUEST_TIMEOUT = 5  # every later RPC
-VNI_MAX = (1 << 24) - 1
-HOST_ID_FORM = "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit, e.g. h1"
 
 
 # --- input checks (before any connection) ---------------------------------------------------
@@ -61,8 +61,6 @@ def parse_vni(text: str, flag: str = "") -> int:
 
 
 def parse_mac(text: str) -> int:
-    from overlay.core.wire import unicast_mac
-
     try:
         return unicast_mac(text)
     except ValueError as e:
@@ -70,10 +68,10 @@ def parse_mac(text: str) -> int:
 
 
 def parse_host_id(text: str) -> str:
-    from overlay.core.registry import HOST_ID
+    from overlay.core.registry import HOST_ID, HOST_ID_FORM
 
     if not HOST_ID.match(text):
-        raise UserError(f"--host {text!r} is not a host id: {HOST_ID_FORM}")
+        raise UserError(f"--host {text!r} is not a host id: {HOST_ID_FORM}, e.g. h1")
     return text
 
 
@@ -86,8 +84,10 @@ def parse_ips(texts: list[str]) -> tuple[list[str], list[str]]:
             try:
                 ip = ipaddress.ip_address(item)
             except ValueError:
-                raise UserError(f"--ip {item!r} is not an IP address: write an IPv4 (198.19.0.5) or "
-                                f"IPv6 (fd00::5) address, without a prefix length") from None
+                raise UserError(
+                    f"--ip {item!r} is not an IP address: write an IPv4 (198.19.0.5) or "
+                    f"IPv6 (fd00::5) address, without a prefix length"
+                ) from None
             bucket = v4 if ip.version == 4 else v6
             if str(ip) not in bucket:
                 bucket.append(str(ip))
@@ -119,8 +119,8 @@ def parse_gateway(text: str, subnet: str | None) -> str:
 
 def parse_mtu(text: str) -> int:
     t = text.strip()
-    if not (t.isascii() and t.isdigit()) or not 68 <= int(t) <= 65485:
-        raise UserError(f"--mtu {text!r} is not an MTU: write an integer from 68 to 65485, e.g. 1450")
+    if not (t.isascii() and t.isdigit()) or not MTU_MIN <= int(t) <= MTU_MAX:
+        raise UserError(f"--mtu {text!r} is not an MTU: write an integer from {MTU_MIN} to {MTU_MAX}, e.g. 1450")
     return int(t)
 
 
@@ -142,10 +142,10 @@ class Target:
     user: str | None = None
     password: str | None = None
     as_json: bool = False
-    tls: "Tls | None" = None
+    tls: Tls | None = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Target":
+    def from_args(cls, args: argparse.Namespace) -> Target:
         from overlay.core.addresses import parse_endpoint
 
         given = args.etcd or [e for e in os.environ.get(ENV_ETCD, "").split(",") if e.strip()] or [DEFAULT_ETCD]
@@ -157,7 +157,9 @@ class Target:
             except ValueError as e:
                 raise UserError(f"--etcd: {e}") from None
             if url.startswith("https://") and not getattr(args, "etcd_ca", None):
-                raise UserError(f"--etcd {raw}: an https:// endpoint needs --etcd-ca (the CA that signed etcd's certificate)")
+                raise UserError(
+                    f"--etcd {raw}: an https:// endpoint needs --etcd-ca (the CA that signed etcd's certificate)"
+                )
             endpoints.append(url)
         tls = None
         if getattr(args, "etcd_ca", None):
@@ -183,9 +185,9 @@ class Target:
 
 @dataclass
 class Session:
-    client: "aetcd.Client"
+    client: aetcd.Client
     url: str
-    schema: "Schema"
+    schema: Schema
 
 
 def _is_unreachable(e: BaseException) -> bool:
@@ -214,32 +216,18 @@ def _refusal(e: BaseException, url: str, target: Target) -> RunError:
 async def _connect(target: Target) -> Session:
     import asyncio
 
-    import aetcd
-
-    from overlay.core.addresses import parse_endpoint
-    from overlay.io.etcd import GRPC_OPTIONS, EtcdError, SecureClient
     from overlay.core.registry import Schema
+    from overlay.io.etcd import EtcdError, open_client
 
     schema = Schema(target.prefix)
     for url in target.endpoints:
-        host, port = parse_endpoint(url)
-        if target.tls is not None:
-            try:
-                client: aetcd.Client = SecureClient(host, port, username=target.user, password=target.password,
-                                                    timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS, tls=target.tls)
-            except EtcdError as e:
-                raise RunError(str(e)) from None
-        else:
-            client = aetcd.Client(host, port, username=target.user, password=target.password,
-                                  timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
         try:
-            async def probe() -> None:
-                await client.connect()
-                await client.get((schema.prefix + "/").encode())  # a round trip: is it really there?
-
-            await asyncio.wait_for(probe(), CONNECT_TIMEOUT)
+            client = await asyncio.wait_for(
+                open_client(url, schema.prefix, target.user, target.password, target.tls), CONNECT_TIMEOUT
+            )
+        except EtcdError as e:  # the TLS files could not be read
+            raise RunError(str(e)) from None
         except Exception as e:
-            await _close(client)
             if _is_unreachable(e):
                 continue
             raise _refusal(e, url, target) from None
@@ -247,7 +235,7 @@ async def _connect(target: Target) -> Session:
     raise RunError(f"no etcd answered at {', '.join(target.endpoints)}: start etcd or give --etcd")
 
 
-async def _close(client: "aetcd.Client") -> None:
+async def _close(client: aetcd.Client) -> None:
     import asyncio
 
     try:
@@ -287,10 +275,10 @@ def run(target: Target, action: Callable[[Session], Awaitable[Any]]) -> Any:
 class Snapshot:
     """Everything under the prefix at one revision, typed, with each key's lease (0: none)."""
 
-    networks: dict[int, "Network"] = field(default_factory=dict)
-    hosts: dict[str, tuple["Host", int]] = field(default_factory=dict)
+    networks: dict[int, Network] = field(default_factory=dict)
+    hosts: dict[str, tuple[Host, int]] = field(default_factory=dict)
     members: dict[int, dict[str, int]] = field(default_factory=dict)  # vni -> host -> lease
-    endpoints: dict[tuple[int, int], tuple["Endpoint", int]] = field(default_factory=dict)  # (vni, mac)
+    endpoints: dict[tuple[int, int], tuple[Endpoint, int]] = field(default_factory=dict)  # (vni, mac)
 
 
 def warn(text: str) -> None:
@@ -331,11 +319,18 @@ def lease_str(lease: int) -> str | None:
     return f"{lease:016x}" if lease else None
 
 
-def endpoint_json(vni: int, mac: int, ep: "Endpoint", lease: int) -> dict[str, Any]:
+def endpoint_json(vni: int, mac: int, ep: Endpoint, lease: int) -> dict[str, Any]:
     from overlay.core.wire import mac_to_str
 
-    return {"vni": vni, "mac": mac_to_str(mac), "host": ep.host, "ipv4": list(ep.ipv4), "ipv6": list(ep.ipv6),
-            "lease": lease_str(lease), "static": not lease}
+    return {
+        "vni": vni,
+        "mac": mac_to_str(mac),
+        "host": ep.host,
+        "ipv4": list(ep.ipv4),
+        "ipv6": list(ep.ipv6),
+        "lease": lease_str(lease),
+        "static": not lease,
+    }
 
 
 def table(headers: list[str], rows: list[list[Any]], right: frozenset[int] | set[int] = frozenset()) -> str:
@@ -370,16 +365,23 @@ def cmd_net_create(args: argparse.Namespace) -> int:
     async def action(s: Session) -> None:
         key = s.schema.key(NetworkKey(vni)).encode()
         t = s.client.transactions
-        ok, _ = await s.client.transaction(compare=[t.create(key) == 0],
-                                           success=[t.put(key, s.schema.encode(network))], failure=[])
+        ok, _ = await s.client.transaction(
+            compare=[t.create(key) == 0], success=[t.put(key, s.schema.encode(network))], failure=[]
+        )
         if not ok:
-            raise RunError(f"network {vni} exists ({s.schema.key(NetworkKey(vni))}): "
-                           f"'overlay net ls' shows it, 'overlay net rm {vni}' removes it")
+            raise RunError(
+                f"network {vni} exists ({s.schema.key(NetworkKey(vni))}): "
+                f"'overlay net ls' shows it, 'overlay net rm {vni}' removes it"
+            )
 
     run(target, action)
     data = {"vni": vni, "name": name, "subnet": subnet, "mtu": mtu, "gateway": gateway}
-    emit(target, data, f"created network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'}"
-                       f"{', gateway ' + gateway if gateway else ''})")
+    emit(
+        target,
+        data,
+        f"created network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'}"
+        f"{', gateway ' + gateway if gateway else ''})",
+    )
     return 0
 
 
@@ -394,13 +396,32 @@ def cmd_net_ls(args: argparse.Namespace) -> int:
     rows = []
     for vni in vnis:
         net = snap.networks.get(vni)
-        rows.append({"vni": vni, "name": net.name if net else None, "subnet": net.subnet if net else None,
-                     "mtu": net.mtu if net else None, "defined": net is not None,
-                     "members": len(snap.members.get(vni, {})),
-                     "endpoints": sum(1 for v, _ in snap.endpoints if v == vni)})
-    human = table(["VNI", "NAME", "SUBNET", "MTU", "MEMBERS", "ENDPOINTS"],
-                  [[r["vni"], r["name"] if r["defined"] else "(not defined)", r["subnet"], r["mtu"], r["members"],
-                    r["endpoints"]] for r in rows], right={0, 3, 4, 5})
+        rows.append(
+            {
+                "vni": vni,
+                "name": net.name if net else None,
+                "subnet": net.subnet if net else None,
+                "mtu": net.mtu if net else None,
+                "defined": net is not None,
+                "members": len(snap.members.get(vni, {})),
+                "endpoints": sum(1 for v, _ in snap.endpoints if v == vni),
+            }
+        )
+    human = table(
+        ["VNI", "NAME", "SUBNET", "MTU", "MEMBERS", "ENDPOINTS"],
+        [
+            [
+                r["vni"],
+                r["name"] if r["defined"] else "(not defined)",
+                r["subnet"],
+                r["mtu"],
+                r["members"],
+                r["endpoints"],
+            ]
+            for r in rows
+        ],
+        right={0, 3, 4, 5},
+    )
     if not rows:
         human += f"\n(no networks under {target.prefix}: 'overlay net create VNI' defines one)"
     emit(target, rows, human)
@@ -428,21 +449,29 @@ def cmd_net_rm(args: argparse.Namespace) -> int:
         )
         if not ok:
             hosts = sorted(kv.key.decode(errors="replace").rsplit("/", 1)[-1] for _, kv in responses[0])
-            raise RunError(f"network {vni} has {len(hosts)} member{'s' if len(hosts) != 1 else ''} "
-                           f"({', '.join(hosts)}): their agents use it; stop them first, or give --force")
+            raise RunError(
+                f"network {vni} has {len(hosts)} member{'s' if len(hosts) != 1 else ''} "
+                f"({', '.join(hosts)}): their agents use it; stop them first, or give --force"
+            )
         gone = [kv for r in responses for kv in r.response_delete_range.prev_kvs]
         if not gone:
             raise RunError(f"network {vni} does not exist under {s.schema.prefix} ('overlay net ls' lists them)")
         kinds = [s.schema.parse_key(kv.key.decode(errors="replace")) for kv in gone]
-        return {"vni": vni, "deleted_keys": len(gone),
-                "defined": any(isinstance(k, NetworkKey) for k in kinds),
-                "members": sum(isinstance(k, MemberKey) for k in kinds),
-                "endpoints": sum(isinstance(k, EndpointKey) for k in kinds)}
+        return {
+            "vni": vni,
+            "deleted_keys": len(gone),
+            "defined": any(isinstance(k, NetworkKey) for k in kinds),
+            "members": sum(isinstance(k, MemberKey) for k in kinds),
+            "endpoints": sum(isinstance(k, EndpointKey) for k in kinds),
+        }
 
     data = run(target, action)
     what = "removed network" if data["defined"] else "removed the keys of undefined network"
-    emit(target, data, f"{what} {vni} ({data['deleted_keys']} keys: {data['members']} members, "
-                       f"{data['endpoints']} endpoints)")
+    emit(
+        target,
+        data,
+        f"{what} {vni} ({data['deleted_keys']} keys: {data['members']} members, {data['endpoints']} endpoints)",
+    )
     return 0
 
 
@@ -471,18 +500,37 @@ def cmd_host_ls(args: argparse.Namespace) -> int:
         host, lease = snap.hosts.get(host_id, (None, 0))
         ttl = ttls.get(lease) if lease else None
         alive = host is not None and (ttl is None or ttl >= 0)
-        probe = probes.get(host_id) or {}
-        rows.append({"host": host_id, "address": host.address if host else None, "port": host.port if host else None,
-                     "alive": alive, "lease": lease_str(lease), "ttl": ttl if alive else None,
-                     "networks": sorted(vni for vni, hosts in snap.members.items() if host_id in hosts),
-                     "rtt_ms": probe.get("srtt_ms"), "loss": probe.get("loss"), "reachable": probe.get("reachable")})
-    human = table(["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "RTT", "LOSS", "PATH"],
-                  [[r["host"], f"{r['address']}:{r['port']}" if r["address"] else None, "yes" if r["alive"] else "no",
-                    (f"{r['ttl']} s" if r["ttl"] is not None else "no lease" if r["alive"] else None),
-                    ",".join(map(str, r["networks"])),
-                    f"{r['rtt_ms']:.3f} ms" if r["rtt_ms"] is not None else None,
-                    f"{r['loss']:.0%}" if r["loss"] is not None else None,
-                    None if r["reachable"] is None else "ok" if r["reachable"] else "UNREACHABLE"] for r in rows])
+        probe = probes.get(host_id)
+        rows.append(
+            {
+                "host": host_id,
+                "address": host.address if host else None,
+                "port": host.port if host else None,
+                "alive": alive,
+                "lease": lease_str(lease),
+                "ttl": ttl if alive else None,
+                "networks": sorted(vni for vni, hosts in snap.members.items() if host_id in hosts),
+                "rtt_ms": probe.srtt_ms if probe else None,
+                "loss": probe.loss if probe else None,
+                "reachable": probe.reachable if probe else None,
+            }
+        )
+    human = table(
+        ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "RTT", "LOSS", "PATH"],
+        [
+            [
+                r["host"],
+                f"{r['address']}:{r['port']}" if r["address"] else None,
+                "yes" if r["alive"] else "no",
+                (f"{r['ttl']} s" if r["ttl"] is not None else "no lease" if r["alive"] else None),
+                ",".join(map(str, r["networks"])),
+                f"{r['rtt_ms']:.3f} ms" if r["rtt_ms"] is not None else None,
+                f"{r['loss']:.0%}" if r["loss"] is not None else None,
+                None if r["reachable"] is None else "ok" if r["reachable"] else "UNREACHABLE",
+            ]
+            for r in rows
+        ],
+    )
     if probes:
         human += "\n(RTT, LOSS, PATH: underlay probes from the agent on this host)"
     if not rows:
@@ -491,18 +539,19 @@ def cmd_host_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def local_probes() -> dict[str, dict[str, Any]]:
+def local_probes() -> dict[str, ProbeStatus]:
     """The peer probes of the agent running in this network namespace, if one runs: it sees
     the underlay path from here, which etcd cannot know."""
+    from overlay.core.status import Status
     from overlay.io import control
 
     try:
         agents = control.running_agents()
-        answer = control.request("status", agents[0], 2.0) if len(agents) == 1 else {}
-    except (control.ControlError, OSError):
+        if len(agents) != 1:
+            return {}
+        return Status.from_json(control.request("status", agents[0], 2.0)).probes
+    except (control.ControlError, OSError, ValueError):  # no agent, or one that answers something else
         return {}
-    probes = answer.get("probes") if isinstance(answer, dict) else None
-    return probes if isinstance(probes, dict) else {}
 
 
 # --- overlay endpoint -------------------------------------------------------------------------
@@ -517,9 +566,14 @@ def cmd_endpoint_ls(args: argparse.Namespace) -> int:
 
     snap: Snapshot = run(target, action)
     rows = [endpoint_json(v, mac, ep, lease) for (v, mac), (ep, lease) in sorted(snap.endpoints.items())]
-    human = table(["VNI", "MAC", "HOST", "IPV4", "IPV6", "LEASE"],
-                  [[r["vni"], r["mac"], r["host"], ",".join(r["ipv4"]), ",".join(r["ipv6"]), r["lease"] or "static"]
-                   for r in rows], right={0})
+    human = table(
+        ["VNI", "MAC", "HOST", "IPV4", "IPV6", "LEASE"],
+        [
+            [r["vni"], r["mac"], r["host"], ",".join(r["ipv4"]), ",".join(r["ipv6"]), r["lease"] or "static"]
+            for r in rows
+        ],
+        right={0},
+    )
     if not rows:
         human += "\n(no endpoints" + (f" on network {vni})" if vni is not None else ")")
     emit(target, rows, human)
@@ -542,17 +596,22 @@ def cmd_endpoint_add(args: argparse.Namespace) -> int:
         t = s.client.transactions
         old = await s.client.get(key.encode())
         if old is not None and old.lease:
-            raise RunError(f"endpoint {key.rsplit('/', 1)[-1]} on network {vni} is held by an agent under lease "
-                           f"{lease_str(old.lease)}: it is not the operator's to change; 'overlay endpoint rm' "
-                           f"it first to take it over")
+            raise RunError(
+                f"endpoint {key.rsplit('/', 1)[-1]} on network {vni} is held by an agent under lease "
+                f"{lease_str(old.lease)}: it is not the operator's to change; 'overlay endpoint rm' "
+                f"it first to take it over"
+            )
         compare = [t.create(key.encode()) == 0] if old is None else [t.mod(key.encode()) == old.mod_revision]
-        ok, _ = await s.client.transaction(compare=compare, success=[t.put(key.encode(), s.schema.encode(endpoint))],
-                                           failure=[])
+        ok, _ = await s.client.transaction(
+            compare=compare, success=[t.put(key.encode(), s.schema.encode(endpoint))], failure=[]
+        )
         if not ok:
             raise RunError(f"{key} changed while it was being written: run the command again")
         if await s.client.get(s.schema.key(HostKey(host)).encode()) is None:
-            warn(f"host {host} is not registered ({s.schema.key(HostKey(host))} is absent): agents forward to "
-                 f"this endpoint once {host}'s agent runs")
+            warn(
+                f"host {host} is not registered ({s.schema.key(HostKey(host))} is absent): agents forward to "
+                f"this endpoint once {host}'s agent runs"
+            )
         if await s.client.get(s.schema.key(NetworkKey(vni)).encode()) is None:
             warn(f"network {vni} is not defined: 'overlay net create {vni}' defines it")
         return old is not None
@@ -560,8 +619,11 @@ def cmd_endpoint_add(args: argparse.Namespace) -> int:
     replaced = run(target, action)
     data = {**endpoint_json(vni, mac, endpoint, 0), "replaced": replaced}
     ips = ", ".join(ipv4 + ipv6) or "no addresses"
-    emit(target, data, f"{'replaced' if replaced else 'added'} endpoint {data['mac']} on network {vni}: "
-                       f"host {host}, {ips} (static)")
+    emit(
+        target,
+        data,
+        f"{'replaced' if replaced else 'added'} endpoint {data['mac']} on network {vni}: host {host}, {ips} (static)",
+    )
     return 0
 
 
@@ -576,14 +638,22 @@ def cmd_endpoint_rm(args: argparse.Namespace) -> int:
         key = s.schema.key(EndpointKey(vni, mac))
         gone = await s.client.delete(key.encode(), prev_kv=True)
         if gone is None:
-            raise RunError(f"no endpoint {key.rsplit('/', 1)[-1]} on network {vni} ('overlay endpoint ls --net {vni}' "
-                           f"lists them)")
+            raise RunError(
+                f"no endpoint {key.rsplit('/', 1)[-1]} on network {vni} ('overlay endpoint ls --net {vni}' lists them)"
+            )
         prev = gone.prev_kv
         try:
             ep = s.schema.decode(EndpointKey(vni, mac), prev.value)
         except ValueError:
-            return {"vni": vni, "mac": key.rsplit("/", 1)[-1], "host": None, "ipv4": [], "ipv6": [],
-                    "lease": lease_str(prev.lease), "static": not prev.lease}
+            return {
+                "vni": vni,
+                "mac": key.rsplit("/", 1)[-1],
+                "host": None,
+                "ipv4": [],
+                "ipv6": [],
+                "lease": lease_str(prev.lease),
+                "static": not prev.lease,
+            }
         return endpoint_json(vni, mac, ep, prev.lease)  # type: ignore[arg-type]
 
     data = run(target, action)
@@ -598,22 +668,35 @@ def cmd_endpoint_rm(args: argparse.Namespace) -> int:
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("etcd connection")
-    g.add_argument("--etcd", metavar="URL", action="append",
-                   help=f"etcd endpoint, e.g. http://198.18.0.250:2379; repeat for each member of a cluster, tried in "
-                        f"turn (default: ${ENV_ETCD}, comma-separated, else {DEFAULT_ETCD})")
+    g.add_argument(
+        "--etcd",
+        metavar="URL",
+        action="append",
+        help=f"etcd endpoint, e.g. http://198.18.0.250:2379; repeat for each member of a cluster, tried in "
+        f"turn (default: ${ENV_ETCD}, comma-separated, else {DEFAULT_ETCD})",
+    )
     g.add_argument("--user", metavar="NAME[:PW]", help="etcd user, when etcd has authentication on")
     g.add_argument("--password", metavar="PW", help=f"the user's password (or ${ENV_PASSWORD}, kept out of ps)")
     g.add_argument("--prefix", help="registry key prefix (default /overlay/v1)")
-    g.add_argument("--etcd-ca", dest="etcd_ca", metavar="FILE", help="TLS: the CA that signed etcd's certificate (https://)")
-    g.add_argument("--etcd-cert", dest="etcd_cert", metavar="FILE", help="TLS: client certificate, when etcd asks for one")
+    g.add_argument(
+        "--etcd-ca", dest="etcd_ca", metavar="FILE", help="TLS: the CA that signed etcd's certificate (https://)"
+    )
+    g.add_argument(
+        "--etcd-cert", dest="etcd_cert", metavar="FILE", help="TLS: client certificate, when etcd asks for one"
+    )
     g.add_argument("--etcd-key", dest="etcd_key", metavar="FILE", help="TLS: the client certificate's key")
     common.add_argument("--json", action="store_true", help="machine-readable output (shapes in README.md)")
     return common
 
 
 def _group(sub: Any, name: str, help_text: str, description: str, epilog: str) -> tuple[Any, Any]:
-    p = sub.add_parser(name, help=help_text, description=textwrap.fill(description, 88), epilog=epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=textwrap.fill(description, 88),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     def show_help(_: argparse.Namespace) -> int:
         p.print_help()
@@ -623,102 +706,174 @@ def _group(sub: Any, name: str, help_text: str, description: str, epilog: str) -
     return p, p.add_subparsers(title="actions", metavar="ACTION")
 
 
-def _leaf(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str, description: str,
-          epilog: str, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, parents=[common], help=help_text, description=textwrap.fill(description, 88),
-                       epilog=epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def _leaf(
+    sub: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help_text: str,
+    description: str,
+    epilog: str,
+    common: argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        parents=[common],
+        help=help_text,
+        description=textwrap.fill(description, 88),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=func)
+    assert isinstance(p, argparse.ArgumentParser)
     return p
 
 
-REGISTRY_NOTE = ("These commands read and write the etcd registry (DESIGN.md): the same keys and values "
-                 "as etcdctl put/del under the prefix, which every agent applies.")
+REGISTRY_NOTE = (
+    "These commands read and write the etcd registry (DESIGN.md): the same keys and values "
+    "as etcdctl put/del under the prefix, which every agent applies."
+)
 
 
 def add_commands(sub: Any) -> None:
     """Register ``net``, ``host`` and ``endpoint`` on the ``overlay`` command's subparsers."""
     common = _common()
 
-    _, net = _group(sub, "net", "define, list and remove networks (VNIs) in etcd",
-                    "Networks in the etcd registry: <prefix>/networks/<vni>. " + REGISTRY_NOTE,
-                    "examples:\n"
-                    "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
-                    "  overlay net ls --etcd http://198.18.0.250:2379\n"
-                    "  overlay net rm 42")
-    p = _leaf(net, "create", cmd_net_create, "define a network",
-              "Define network VNI: write <prefix>/networks/<vni> if it does not exist (compare-and-create; "
-              "an existing network is an error, never overwritten). Agents that join the VNI use its MTU "
-              "and subnet.",
-              "examples:\n"
-              "  overlay net create 42\n"
-              "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
-              "  same as: etcdctl put /overlay/v1/networks/42 "
-              "'{\"vni\":42,\"name\":\"blue\",\"subnet\":\"198.19.42.0/24\",\"mtu\":1450}'", common)
+    _, net = _group(
+        sub,
+        "net",
+        "define, list and remove networks (VNIs) in etcd",
+        "Networks in the etcd registry: <prefix>/networks/<vni>. " + REGISTRY_NOTE,
+        "examples:\n"
+        "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
+        "  overlay net ls --etcd http://198.18.0.250:2379\n"
+        "  overlay net rm 42",
+    )
+    p = _leaf(
+        net,
+        "create",
+        cmd_net_create,
+        "define a network",
+        "Define network VNI: write <prefix>/networks/<vni> if it does not exist (compare-and-create; "
+        "an existing network is an error, never overwritten). Agents that join the VNI use its MTU "
+        "and subnet.",
+        "examples:\n"
+        "  overlay net create 42\n"
+        "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
+        "  same as: etcdctl put /overlay/v1/networks/42 "
+        '\'{"vni":42,"name":"blue","subnet":"198.19.42.0/24","mtu":1450}\'',
+        common,
+    )
     p.add_argument("vni", metavar="VNI", help="VXLAN network identifier, 0-16777215")
     p.add_argument("--name", help="a name for people (default net<VNI>)")
     p.add_argument("--subnet", metavar="A.B.C.D/LEN", help="the overlay's IPv4 subnet, e.g. 198.19.42.0/24")
     p.add_argument("--mtu", help="the overlay's MTU, 68-65485 (default: each agent's underlay MTU minus 50)")
-    p.add_argument("--gateway", metavar="A.B.C.D",
-                   help="containers' default route on this network (an address in --subnet; never allocated)")
-    _leaf(net, "ls", cmd_net_ls, "list networks",
-          "List the networks: VNI, name, subnet, MTU, how many hosts are members and how many endpoints "
-          "it has. A VNI with members or endpoints but no definition shows as '(not defined)'.",
-          "examples:\n  overlay net ls\n  overlay net ls --json", common)
-    p = _leaf(net, "rm", cmd_net_rm, "remove a network, its members and endpoints",
-              "Remove network VNI: its key and every key under it (members, endpoints), in one transaction. "
-              "Refused while any host is a member (an agent runs on it) unless --force.",
-              "examples:\n"
-              "  overlay net rm 42\n"
-              "  overlay net rm 42 --force      # even with agents on it; they keep forwarding what they know\n"
-              "  same as: etcdctl del --prefix /overlay/v1/networks/42/ && etcdctl del /overlay/v1/networks/42", common)
+    p.add_argument(
+        "--gateway",
+        metavar="A.B.C.D",
+        help="containers' default route on this network (an address in --subnet; never allocated)",
+    )
+    _leaf(
+        net,
+        "ls",
+        cmd_net_ls,
+        "list networks",
+        "List the networks: VNI, name, subnet, MTU, how many hosts are members and how many endpoints "
+        "it has. A VNI with members or endpoints but no definition shows as '(not defined)'.",
+        "examples:\n  overlay net ls\n  overlay net ls --json",
+        common,
+    )
+    p = _leaf(
+        net,
+        "rm",
+        cmd_net_rm,
+        "remove a network, its members and endpoints",
+        "Remove network VNI: its key and every key under it (members, endpoints), in one transaction. "
+        "Refused while any host is a member (an agent runs on it) unless --force.",
+        "examples:\n"
+        "  overlay net rm 42\n"
+        "  overlay net rm 42 --force      # even with agents on it; they keep forwarding what they know\n"
+        "  same as: etcdctl del --prefix /overlay/v1/networks/42/ && etcdctl del /overlay/v1/networks/42",
+        common,
+    )
     p.add_argument("vni", metavar="VNI", help="the network's VNI")
     p.add_argument("--force", action="store_true", help="remove it even while hosts are members")
 
-    _, host = _group(sub, "host", "list the hosts registered in etcd and whether they are alive",
-                     "Hosts in the etcd registry: <prefix>/hosts/<host-id>, written by each agent under its "
-                     "lease. " + REGISTRY_NOTE,
-                     "example:\n  overlay host ls")
-    _leaf(host, "ls", cmd_host_ls, "list hosts with liveness",
-          "List hosts: id, VTEP address:port, alive, the lease's remaining TTL, the networks it is a member of. "
-          "A host key exists only while its agent keeps its lease alive, so a listed key means alive; when "
-          "the agent dies the key goes within the lease TTL. Hosts that members or endpoints name but that "
-          "have no key are listed as not alive.",
-          "examples:\n  overlay host ls\n  overlay host ls --json --etcd http://198.18.0.250:2379", common)
+    _, host = _group(
+        sub,
+        "host",
+        "list the hosts registered in etcd and whether they are alive",
+        "Hosts in the etcd registry: <prefix>/hosts/<host-id>, written by each agent under its lease. " + REGISTRY_NOTE,
+        "example:\n  overlay host ls",
+    )
+    _leaf(
+        host,
+        "ls",
+        cmd_host_ls,
+        "list hosts with liveness",
+        "List hosts: id, VTEP address:port, alive, the lease's remaining TTL, the networks it is a member of. "
+        "A host key exists only while its agent keeps its lease alive, so a listed key means alive; when "
+        "the agent dies the key goes within the lease TTL. Hosts that members or endpoints name but that "
+        "have no key are listed as not alive.",
+        "examples:\n  overlay host ls\n  overlay host ls --json --etcd http://198.18.0.250:2379",
+        common,
+    )
 
-    _, ep = _group(sub, "endpoint", "list, add and remove endpoints (MAC -> host) in etcd",
-                   "Endpoints in the etcd registry: <prefix>/networks/<vni>/endpoints/<mac>, the host that "
-                   "owns a MAC and its addresses. Agents write their own under their lease; an operator's are "
-                   "written without one (static) and stay until removed. " + REGISTRY_NOTE,
-                   "examples:\n"
-                   "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2 --ip 198.19.42.99\n"
-                   "  overlay endpoint ls --net 42\n"
-                   "  overlay endpoint rm --net 42 --mac 02:00:00:00:00:99")
-    p = _leaf(ep, "ls", cmd_endpoint_ls, "list endpoints",
-              "List endpoints: VNI, MAC, owning host, IPv4 and IPv6 addresses, and the lease that holds it "
-              "(an agent's) or 'static' (an operator's).",
-              "examples:\n  overlay endpoint ls\n  overlay endpoint ls --net 42 --json", common)
+    _, ep = _group(
+        sub,
+        "endpoint",
+        "list, add and remove endpoints (MAC -> host) in etcd",
+        "Endpoints in the etcd registry: <prefix>/networks/<vni>/endpoints/<mac>, the host that "
+        "owns a MAC and its addresses. Agents write their own under their lease; an operator's are "
+        "written without one (static) and stay until removed. " + REGISTRY_NOTE,
+        "examples:\n"
+        "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2 --ip 198.19.42.99\n"
+        "  overlay endpoint ls --net 42\n"
+        "  overlay endpoint rm --net 42 --mac 02:00:00:00:00:99",
+    )
+    p = _leaf(
+        ep,
+        "ls",
+        cmd_endpoint_ls,
+        "list endpoints",
+        "List endpoints: VNI, MAC, owning host, IPv4 and IPv6 addresses, and the lease that holds it "
+        "(an agent's) or 'static' (an operator's).",
+        "examples:\n  overlay endpoint ls\n  overlay endpoint ls --net 42 --json",
+        common,
+    )
     p.add_argument("--net", metavar="VNI", help="only this network's endpoints")
-    p = _leaf(ep, "add", cmd_endpoint_add, "add (or change) a static endpoint",
-              "Declare that MAC on network VNI is at host HOST: agents send its frames straight to that host's "
-              "VTEP instead of flooding. Written without a lease (static: it stays until 'endpoint rm'). An "
-              "existing static endpoint is replaced; one an agent holds under its lease is left alone. A host "
-              "that is not registered yet is a warning, not an error.",
-              "examples:\n"
-              "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2\n"
-              "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2 --ip 198.19.42.99 --ip fd00::99\n"
-              "  same as: etcdctl put /overlay/v1/networks/42/endpoints/02:00:00:00:00:99 "
-              "'{\"host\":\"h2\",\"ipv4\":[\"198.19.42.99\"],\"ipv6\":[]}'", common)
+    p = _leaf(
+        ep,
+        "add",
+        cmd_endpoint_add,
+        "add (or change) a static endpoint",
+        "Declare that MAC on network VNI is at host HOST: agents send its frames straight to that host's "
+        "VTEP instead of flooding. Written without a lease (static: it stays until 'endpoint rm'). An "
+        "existing static endpoint is replaced; one an agent holds under its lease is left alone. A host "
+        "that is not registered yet is a warning, not an error.",
+        "examples:\n"
+        "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2\n"
+        "  overlay endpoint add --net 42 --mac 02:00:00:00:00:99 --host h2 --ip 198.19.42.99 --ip fd00::99\n"
+        "  same as: etcdctl put /overlay/v1/networks/42/endpoints/02:00:00:00:00:99 "
+        '\'{"host":"h2","ipv4":["198.19.42.99"],"ipv6":[]}\'',
+        common,
+    )
     p.add_argument("--net", metavar="VNI", required=True, help="the network's VNI")
     p.add_argument("--mac", required=True, help="the endpoint's unicast MAC, e.g. 02:00:00:00:00:99")
     p.add_argument("--host", required=True, metavar="HOST", help="the host id the MAC is at, e.g. h2")
-    p.add_argument("--ip", metavar="ADDR", action="extend", nargs="+",
-                   help="its IPv4 or IPv6 address(es); repeat or list several")
-    p = _leaf(ep, "rm", cmd_endpoint_rm, "remove an endpoint",
-              "Remove the endpoint MAC from network VNI (static or an agent's). Agents forget it and flood "
-              "frames to it again.",
-              "examples:\n"
-              "  overlay endpoint rm --net 42 --mac 02:00:00:00:00:99\n"
-              "  same as: etcdctl del /overlay/v1/networks/42/endpoints/02:00:00:00:00:99", common)
+    p.add_argument(
+        "--ip", metavar="ADDR", action="extend", nargs="+", help="its IPv4 or IPv6 address(es); repeat or list several"
+    )
+    p = _leaf(
+        ep,
+        "rm",
+        cmd_endpoint_rm,
+        "remove an endpoint",
+        "Remove the endpoint MAC from network VNI (static or an agent's). Agents forget it and flood "
+        "frames to it again.",
+        "examples:\n"
+        "  overlay endpoint rm --net 42 --mac 02:00:00:00:00:99\n"
+        "  same as: etcdctl del /overlay/v1/networks/42/endpoints/02:00:00:00:00:99",
+        common,
+    )
     p.add_argument("--net", metavar="VNI", required=True, help="the network's VNI")
     p.add_argument("--mac", required=True, help="the endpoint's MAC")

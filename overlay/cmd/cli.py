@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 
 from overlay import __version__
 from overlay.cmd.errors import RunError, UserError
+from overlay.core.status import Status
 from overlay.fastpath import FastPathMissing, load
-
 
 # --- overlay agent --------------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ def add_agent(sub: Any) -> None:
             "--peer 198.18.0.3 --tap ovl0 --address 198.19.0.1/24\n"
             "etcd:    overlay agent --etcd http://198.18.0.250:2379 --host-id h1 --local 198.18.0.1 "
             "--network 42 --address 198.19.42.1/24\n"
-            "Every flag can also be a key of the --config TOML file (peer = [\"198.18.0.2\"]); "
+            'Every flag can also be a key of the --config TOML file (peer = ["198.18.0.2"]); '
             "flags override the file."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,44 +74,99 @@ def add_agent(sub: Any) -> None:
     p.add_argument("--peer", metavar="IP", action="append", help="another host's VTEP address; repeat for each peer")
     p.add_argument("--tap", help="TAP device name (default ovl0)")
     p.add_argument("--address", metavar="IP/LEN", help="IPv4 address with prefix for the TAP, e.g. 198.19.0.1/24")
-    p.add_argument("--port", help="VXLAN UDP port, to listen on and send to (default 4789; Linux's old default is 8472)")
+    p.add_argument(
+        "--port", help="VXLAN UDP port, to listen on and send to (default 4789; Linux's old default is 8472)"
+    )
     p.add_argument("--mtu", help="TAP MTU (default: the underlay interface's MTU minus 50)")
     p.add_argument("--mac", help="TAP MAC address, e.g. 02:00:00:00:00:01 (default: random)")
-    p.add_argument("--no-source-check", dest="source_check", action="store_const", const=False,
-                   help="accept datagrams from any address, not only the peers")
-    p.add_argument("--allow-vlan", dest="allow_vlan", action="store_const", const=True,
-                   help="carry VLAN-tagged inner frames (RFC 7348 section 6.1 says drop them by default)")
+    p.add_argument(
+        "--no-source-check",
+        dest="source_check",
+        action="store_const",
+        const=False,
+        help="accept datagrams from any address, not only the peers",
+    )
+    p.add_argument(
+        "--allow-vlan",
+        dest="allow_vlan",
+        action="store_const",
+        const=True,
+        help="carry VLAN-tagged inner frames (RFC 7348 section 6.1 says drop them by default)",
+    )
     p.add_argument("--ageing", metavar="SECONDS", help="forget learned MACs unseen this long (default 300)")
     p.add_argument("--max-per-vni", dest="max_per_vni", metavar="N", help="cap on MACs per VNI (default 65536)")
-    p.add_argument("--bridge", dest="bridge", action="store_const", const=True,
-                   help="put each network's TAP in a Linux bridge ovbr<vni> that containers are attached to "
-                        "('overlay attach', which needs etcd mode); the host's --address and --mac go to the "
-                        "bridge (default in etcd mode)")
-    p.add_argument("--no-bridge", dest="bridge", action="store_const", const=False,
-                   help="no bridge: the TAP itself holds --address (default in static mode)")
-    p.add_argument("--state-dir", dest="state_dir", metavar="DIR",
-                   help="where attached containers are remembered, so a restarted agent takes them back "
-                        "(default /run/overlay)")
-    p.add_argument("--metrics", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics, or 'off' (default 127.0.0.1:9465; "
-                        "if the default is taken the agent runs without metrics and says so)")
-    p.add_argument("--probe-port", dest="probe_port", metavar="PORT",
-                   help="UDP port for probing peers' underlay RTT and loss once a second, 0 = off (default 4799)")
+    p.add_argument(
+        "--bridge",
+        dest="bridge",
+        action="store_const",
+        const=True,
+        help="put each network's TAP in a Linux bridge ovbr<vni> that containers are attached to "
+        "('overlay attach', which needs etcd mode); the host's --address and --mac go to the "
+        "bridge (default in etcd mode)",
+    )
+    p.add_argument(
+        "--no-bridge",
+        dest="bridge",
+        action="store_const",
+        const=False,
+        help="no bridge: the TAP itself holds --address (default in static mode)",
+    )
+    p.add_argument(
+        "--state-dir",
+        dest="state_dir",
+        metavar="DIR",
+        help="where attached containers are remembered, so a restarted agent takes them back (default /run/overlay)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, or 'off' (default 127.0.0.1:9465; "
+        "if the default is taken the agent runs without metrics and says so)",
+    )
+    p.add_argument(
+        "--probe-port",
+        dest="probe_port",
+        metavar="PORT",
+        help="UDP port for probing peers' underlay RTT and loss once a second, 0 = off (default 4799)",
+    )
     e = p.add_argument_group("etcd mode (peers, flood lists and endpoints from the registry)")
-    e.add_argument("--etcd", metavar="URL", action="append",
-                   help="etcd endpoint, e.g. http://198.18.0.250:2379; repeat for each member of a cluster")
+    e.add_argument(
+        "--etcd",
+        metavar="URL",
+        action="append",
+        help="etcd endpoint, e.g. http://198.18.0.250:2379; repeat for each member of a cluster",
+    )
     e.add_argument("--host-id", dest="host_id", metavar="ID", help="this host's id in the registry, e.g. h1")
-    e.add_argument("--network", metavar="VNI", action="append",
-                   help="the network to join (created in etcd with defaults if it is not defined)")
+    e.add_argument(
+        "--network",
+        metavar="VNI",
+        action="append",
+        help="the network to join (created in etcd with defaults if it is not defined)",
+    )
     e.add_argument("--prefix", help="etcd key prefix (default /overlay/v1)")
-    e.add_argument("--lease-ttl", dest="lease_ttl", metavar="SECONDS",
-                   help="TTL of the host's lease: how soon a dead host disappears (default 10)")
-    e.add_argument("--etcd-ca", dest="etcd_ca", metavar="FILE", help="TLS: the CA that signed etcd's certificate (https:// endpoints)")
-    e.add_argument("--etcd-cert", dest="etcd_cert", metavar="FILE", help="TLS: client certificate, when etcd asks for one")
+    e.add_argument(
+        "--lease-ttl",
+        dest="lease_ttl",
+        metavar="SECONDS",
+        help="TTL of the host's lease: how soon a dead host disappears (default 10)",
+    )
+    e.add_argument(
+        "--etcd-ca",
+        dest="etcd_ca",
+        metavar="FILE",
+        help="TLS: the CA that signed etcd's certificate (https:// endpoints)",
+    )
+    e.add_argument(
+        "--etcd-cert", dest="etcd_cert", metavar="FILE", help="TLS: client certificate, when etcd asks for one"
+    )
     e.add_argument("--etcd-key", dest="etcd_key", metavar="FILE", help="TLS: the client certificate's key")
     e.add_argument("--etcd-user", dest="etcd_user", metavar="NAME", help="etcd user (with --etcd-password)")
-    e.add_argument("--etcd-password", dest="etcd_password", metavar="PASSWORD",
-                   help="etcd password; better in the TOML file or OVERLAY_ETCD_PASSWORD than on the command line")
+    e.add_argument(
+        "--etcd-password",
+        dest="etcd_password",
+        metavar="PASSWORD",
+        help="etcd password; better in the TOML file or OVERLAY_ETCD_PASSWORD than on the command line",
+    )
     p.set_defaults(func=cmd_agent)
 
 
@@ -129,58 +184,66 @@ def _ask(cmd: str, tap: str | None, timeout: float = 5.0, **params: Any) -> Any:
         raise RunError(str(e)) from None
 
 
-def format_status(s: dict[str, Any]) -> str:
-    a = s["agent"]
+def format_status(s: Status) -> str:
+    """The human form of ``overlay status``; ``--json`` prints the agent's JSON instead."""
+    a, d = s.agent, s.dataplane
     lines = [
-        f"agent  vtep {a['local']}:{a['port']}  mtu {a['mtu']}{'  ' + a['address'] if a['address'] else ''}  "
-        f"up {a['uptime_s']} s  source check {'on' if a['source_check'] else 'off'}",
+        f"agent  vtep {a.local}:{a.port}  mtu {a.mtu}{'  ' + a.address if a.address else ''}  "
+        f"up {a.uptime_s} s  source check {'on' if a.source_check else 'off'}",
     ]
-    for n in a.get("networks") or []:
-        lines.append(f"  vni {n['vni']:<8} tap {n['tap']:15} {'bridge ' + n['bridge'] if n.get('bridge') else '':15} "
-                     f"mac {n['mac']}")
-    r = s.get("registry")
+    for n in a.networks:
+        lines.append(f"  vni {n.vni:<8} tap {n.tap:15} {'bridge ' + n.bridge if n.bridge else '':15} mac {n.mac}")
+    r = s.registry
     if r:
         lines.append(
-            f"registry  etcd {', '.join(r['endpoints'])}  host {r['host_id']}  "
-            f"{'connected' if r['connected'] else 'DISCONNECTED (forwarding with what it knew)'}  "
-            f"revision {r['revision']}  reconnects {r['reconnects']}  resyncs {r['resyncs']}"
+            f"registry  etcd {', '.join(r.endpoints)}  host {r.host_id}  "
+            f"{'connected' if r.connected else 'DISCONNECTED (forwarding with what it knew)'}  "
+            f"revision {r.revision}  reconnects {r.reconnects}  resyncs {r.resyncs}"
         )
     lines += [
         "",
         f"{'peer':24} {'rx frames':>12} {'rx bytes':>14} {'tx frames':>12} {'tx bytes':>14}",
     ]
-    for p in s["peers"]:
-        lines.append(f"{p['vtep']:24} {p['rx_frames']:>12} {p['rx_bytes']:>14} {p['tx_frames']:>12} {p['tx_bytes']:>14}")
-    t = s["totals"]
-    lines.append(f"{'total':24} {t['rx_frames']:>12} {t['rx_bytes']:>14} {t['tx_frames']:>12} {t['tx_bytes']:>14}")
-    lines += ["", "drops  " + ("  ".join(f"{k} {v}" for k, v in s["drops"].items() if v) or "none")]
-    f = s["fdb"]
+    for p in d.peers:
+        lines.append(f"{p.vtep:24} {p.rx_frames:>12} {p.rx_bytes:>14} {p.tx_frames:>12} {p.tx_bytes:>14}")
+    t = d.totals
+    lines.append(f"{'total':24} {t.rx_frames:>12} {t.rx_bytes:>14} {t.tx_frames:>12} {t.tx_bytes:>14}")
+    lines += ["", "drops  " + ("  ".join(f"{k} {v}" for k, v in d.drops.items() if v) or "none")]
+    f = d.fdb
     lines.append(
-        f"fdb    static {f['static']}  registry {f['registry']}  learned {f['learned']}  "
-        f"(refused at cap {f['refused_cap']}, moves {f['moves']}, expired {f['expired']})"
+        f"fdb    static {f.static}  registry {f.registry}  learned {f.learned}  "
+        f"(refused at cap {f.refused_cap}, moves {f.moves}, expired {f.expired})"
     )
-    lines.append(f"arp    answered locally {s.get('arp_suppressed', 0)}   "
-                 f"tcp segments coalesced on receive {s.get('coalesced_frames', 0)}")
-    probes = s.get("probes") or {}
-    if probes:
+    lines.append(f"arp    answered locally {d.arp_suppressed}   tcp segments coalesced on receive {d.coalesced_frames}")
+    if s.probes:
         lines += ["", f"{'peer host':16} {'underlay path':22} {'rtt ms':>8} {'srtt ms':>8} {'loss':>6}  state"]
-        for host, p in sorted(probes.items()):
-            rtt = "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.3f}"
-            srtt = "-" if p.get("srtt_ms") is None else f"{p['srtt_ms']:.3f}"
-            lines.append(f"{host:16} {p['address']:22} {rtt:>8} {srtt:>8} {p['loss']:>6.0%}  "
-                         f"{'ok' if p['reachable'] else 'UNREACHABLE'}")
-    attachments = s.get("attachments") or []
-    if attachments:
+        for host, probe in sorted(s.probes.items()):
+            rtt = "-" if probe.rtt_ms is None else f"{probe.rtt_ms:.3f}"
+            srtt = "-" if probe.srtt_ms is None else f"{probe.srtt_ms:.3f}"
+            lines.append(
+                f"{host:16} {probe.address:22} {rtt:>8} {srtt:>8} {probe.loss:>6.0%}  "
+                f"{'ok' if probe.reachable else 'UNREACHABLE'}"
+            )
+    if s.attachments:
         lines += ["", f"{'container':34} {'network':12} {'if':6} {'mac':17} {'address':18} {'host end':13}"]
-        for a in attachments:
-            lines.append(f"{a['id'][:34]:34} {a['network'][:12]:12} {a['ifname']:6} {a['mac']:17} "
-                         f"{a['address']:18} {a['host_ifname']:13}")
+        for c in s.attachments:
+            lines.append(
+                f"{str(c['id'])[:34]:34} {str(c['network'])[:12]:12} {c['ifname']!s:6} {c['mac']!s:17} "
+                f"{c['address']!s:18} {c['host_ifname']!s:13}"
+            )
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _ask("status", args.tap)
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    answer = _ask("status", args.tap)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    try:
+        status = Status.from_json(answer)
+    except ValueError as e:
+        raise RunError(f"the agent's status is not understood ({e}): is it another version of overlay?") from None
+    print(format_status(status))
     return 0
 
 
@@ -223,16 +286,29 @@ def cmd_attach(args: argparse.Namespace) -> int:
     path = netns_path(args.target)
     if not os.path.exists(path):
         what = "process" if args.target.isdigit() else "network namespace"
-        raise UserError(f"no {what} {args.target} ({path} does not exist): give a name from 'ip netns', "
-                        f"a namespace path, or a container's PID")
-    a = _ask("attach", args.tap, 60.0, netns=os.path.abspath(path), net=args.net, ifname=args.ifname, ip=args.ip,
-             mac=args.mac, gateway=args.gateway)
+        raise UserError(
+            f"no {what} {args.target} ({path} does not exist): give a name from 'ip netns', "
+            f"a namespace path, or a container's PID"
+        )
+    a = _ask(
+        "attach",
+        args.tap,
+        60.0,
+        netns=os.path.abspath(path),
+        net=args.net,
+        ifname=args.ifname,
+        ip=args.ip,
+        mac=args.mac,
+        gateway=args.gateway,
+    )
     if args.json:
         print(json.dumps(a, indent=2))
     else:
-        print(f"attached {args.target}: {a['ifname']} {a['mac']} {a['address']} on network {a['network']} "
-              f"(VNI {a['vni']}), mtu {a['mtu']}{', gateway ' + a['gateway'] if a['gateway'] else ''}; "
-              f"host end {a['host_ifname']}")
+        print(
+            f"attached {args.target}: {a['ifname']} {a['mac']} {a['address']} on network {a['network']} "
+            f"(VNI {a['vni']}), mtu {a['mtu']}{', gateway ' + a['gateway'] if a['gateway'] else ''}; "
+            f"host end {a['host_ifname']}"
+        )
     return 0
 
 
@@ -256,18 +332,23 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 def add_attach(sub: Any) -> None:
     p = sub.add_parser(
-        "attach", help="put a container (network namespace) on an overlay network",
+        "attach",
+        help="put a container (network namespace) on an overlay network",
         description=(
             "Connect a container to an overlay network, like pipework: a veth pair, one end in the "
             "container with its MAC, address, MTU and default route, the other in the network's bridge "
             "on this host. The endpoint (MAC, address, this host) is registered in etcd under the agent's "
             "lease, so every host forwards to it. Without --ip an address is allocated from the network's "
-            "subnet. Asks the agent of this network namespace (etcd mode)."),
-        epilog=("examples:\n"
-                "  overlay attach web1 --net blue                      # a namespace from 'ip netns'\n"
-                "  overlay attach 4242 --net 42 --ip 198.19.42.10/24   # a process's namespace\n"
-                "  overlay attach /var/run/netns/db --net red --gateway 198.19.43.1"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+            "subnet. Asks the agent of this network namespace (etcd mode)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  overlay attach web1 --net blue                      # a namespace from 'ip netns'\n"
+            "  overlay attach 4242 --net 42 --ip 198.19.42.10/24   # a process's namespace\n"
+            "  overlay attach /var/run/netns/db --net red --gateway 198.19.43.1"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("target", metavar="NETNS", help="namespace name (ip netns), path of a namespace file, or a PID")
     p.add_argument("--net", required=True, help="the network's name or VNI")
     p.add_argument("--ip", metavar="A.B.C.D/LEN", help="the container's address (default: the lowest free one)")
@@ -278,9 +359,13 @@ def add_attach(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the attachment as JSON")
     p.set_defaults(func=cmd_attach)
     p = sub.add_parser(
-        "detach", help="take a container off the overlay (undo attach)",
-        description=("Undo 'overlay attach': remove the veth pair, delete the endpoint and release the "
-                     "address. Detaching what is not attached is not an error."))
+        "detach",
+        help="take a container off the overlay (undo attach)",
+        description=(
+            "Undo 'overlay attach': remove the veth pair, delete the endpoint and release the "
+            "address. Detaching what is not attached is not an error."
+        ),
+    )
     p.add_argument("target", metavar="NETNS", nargs="?", help="namespace name, path or PID, as given to attach")
     p.add_argument("--ifname", help="only this interface (default: all the container's attachments)")
     p.add_argument("--id", help="an attachment id from 'overlay status' (e.g. when the namespace is gone)")
@@ -336,11 +421,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="bring up a lab with agents and containers on two networks, ping across it, tear it down",
-                       description="A local multi-host demo: a lab of hosts and a real etcd, an agent on "
-                                   "each on networks blue and red, two containers per host attached with "
-                                   "'overlay attach', pings between every pair of containers (same network "
-                                   "talks, cross network does not), the registry and status, then cleanup.")
+    p = sub.add_parser(
+        "demo",
+        help="bring up a lab with agents and containers on two networks, ping across it, tear it down",
+        description="A local multi-host demo: a lab of hosts and a real etcd, an agent on "
+        "each on networks blue and red, two containers per host attached with "
+        "'overlay attach', pings between every pair of containers (same network "
+        "talks, cross network does not), the registry and status, then cleanup.",
+    )
     p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
     p.set_defaults(func=cmd_demo)
 

@@ -45,8 +45,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from overlay.io import control
 from overlay.core.wire import mac_to_str, unicast_mac
+from overlay.io import control
 
 CURRENT = "1.0.0"
 SUPPORTED = ("0.3.1", "0.4.0", "1.0.0")
@@ -60,11 +60,11 @@ IO_FAILURE = 5
 DECODING_FAILURE = 6
 INVALID_CONFIG = 7
 TRY_AGAIN_LATER = 11
-NO_AGENT = 100        # no agent runs in this namespace (or not the one the config names)
+NO_AGENT = 100  # no agent runs in this namespace (or not the one the config names)
 UNKNOWN_NETWORK = 101  # the agent does not serve that network
-ADDRESS = 102          # address outside the subnet, in use, or none left
-MISMATCH = 103         # CHECK: the attachment is not what prevResult says
-INTERNAL = 999         # a bug in the plugin (libcni's ErrInternal)
+ADDRESS = 102  # address outside the subnet, in use, or none left
+MISMATCH = 103  # CHECK: the attachment is not what prevResult says
+INTERNAL = 999  # a bug in the plugin (libcni's ErrInternal)
 
 # What the agent's refusal kind (overlay.control.ControlError.kind) means as a CNI code.
 KIND_CODES = {
@@ -73,9 +73,9 @@ KIND_CODES = {
     "network": UNKNOWN_NETWORK,
     "address": ADDRESS,
     "invalid": INVALID_CONFIG,
-    "broken": MISMATCH,            # check: the live state differs from the attachment
-    "etcd": TRY_AGAIN_LATER,       # the agent cannot reach the registry right now
-    "permission": IO_FAILURE,      # the runtime is not root
+    "broken": MISMATCH,  # check: the live state differs from the attachment
+    "etcd": TRY_AGAIN_LATER,  # the agent cannot reach the registry right now
+    "permission": IO_FAILURE,  # the runtime is not root
 }
 
 ATTACH_TIMEOUT = 30.0  # seconds per socket operation: an attach makes devices and writes etcd
@@ -101,7 +101,7 @@ class Invocation:
 
     command: str
     container_id: str
-    netns: str          # "" when the runtime gave none (allowed for DEL)
+    netns: str  # "" when the runtime gave none (allowed for DEL)
     ifname: str
     args: Mapping[str, str]  # CNI_ARGS, IgnoreUnknown removed
     path: str
@@ -132,12 +132,18 @@ class NetConf:
 def parse_command(environ: Mapping[str, str]) -> str:
     command = environ.get("CNI_COMMAND", "")
     if not command:
-        raise CniError(INVALID_ENVIRONMENT, "CNI_COMMAND is not set",
-                       "overlay-cni is a CNI plugin: a container runtime runs it with CNI_COMMAND=ADD, DEL, "
-                       "CHECK or VERSION, the CNI_* variables and the network config on stdin")
+        raise CniError(
+            INVALID_ENVIRONMENT,
+            "CNI_COMMAND is not set",
+            "overlay-cni is a CNI plugin: a container runtime runs it with CNI_COMMAND=ADD, DEL, "
+            "CHECK or VERSION, the CNI_* variables and the network config on stdin",
+        )
     if command not in COMMANDS:
-        raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_COMMAND {command!r}",
-                       f"overlay-cni supports {', '.join(COMMANDS)} (CNI {CURRENT})")
+        raise CniError(
+            INVALID_ENVIRONMENT,
+            f"invalid CNI_COMMAND {command!r}",
+            f"overlay-cni supports {', '.join(COMMANDS)} (CNI {CURRENT})",
+        )
     return command
 
 
@@ -150,14 +156,20 @@ def parse_cni_args(text: str) -> dict[str, str]:
             continue
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise CniError(INVALID_ENVIRONMENT, f"CNI_ARGS: {item!r} is not KEY=VALUE",
-                           f"CNI_ARGS is KEY=VALUE pairs separated by ';', got {text!r}")
+            raise CniError(
+                INVALID_ENVIRONMENT,
+                f"CNI_ARGS: {item!r} is not KEY=VALUE",
+                f"CNI_ARGS is KEY=VALUE pairs separated by ';', got {text!r}",
+            )
         pairs[key] = value
     ignore = pairs.pop("IgnoreUnknown", "").lower() in ("1", "true")
     unknown = sorted(set(pairs) - {"IP", "MAC"})
     if unknown and not ignore:
-        raise CniError(INVALID_ENVIRONMENT, f"CNI_ARGS: unknown {', '.join(unknown)}",
-                       "overlay-cni understands IP and MAC; add IgnoreUnknown=1 to pass others")
+        raise CniError(
+            INVALID_ENVIRONMENT,
+            f"CNI_ARGS: unknown {', '.join(unknown)}",
+            "overlay-cni understands IP and MAC; add IgnoreUnknown=1 to pass others",
+        )
     return {k: v for k, v in pairs.items() if k in ("IP", "MAC")}
 
 
@@ -169,19 +181,28 @@ def parse_environment(environ: Mapping[str, str], command: str) -> Invocation:
     if not container_id:
         raise CniError(INVALID_ENVIRONMENT, "CNI_CONTAINERID is not set")
     if not CONTAINER_ID.fullmatch(container_id):
-        raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_CONTAINERID {container_id!r}",
-                       "a container id starts with a letter or digit, followed by letters, digits, '_', '.' or '-'")
+        raise CniError(
+            INVALID_ENVIRONMENT,
+            f"invalid CNI_CONTAINERID {container_id!r}",
+            "a container id starts with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+        )
     if not ifname:
         raise CniError(INVALID_ENVIRONMENT, "CNI_IFNAME is not set")
     if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/:") or any(c.isspace() for c in ifname):
-        raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
-                       "an interface name has 1 to 15 characters, is not '.' or '..', and has no '/', ':' or spaces")
+        raise CniError(
+            INVALID_ENVIRONMENT,
+            f"invalid CNI_IFNAME {ifname!r}",
+            "an interface name has 1 to 15 characters, is not '.' or '..', and has no '/', ':' or spaces",
+        )
     if command in ("ADD", "CHECK") and not netns:
-        raise CniError(INVALID_ENVIRONMENT, "CNI_NETNS is not set", f"{command} needs the container's network namespace path")
+        raise CniError(
+            INVALID_ENVIRONMENT, "CNI_NETNS is not set", f"{command} needs the container's network namespace path"
+        )
     if netns and not netns.startswith("/"):
         raise CniError(INVALID_ENVIRONMENT, f"invalid CNI_NETNS {netns!r}", "give the namespace as an absolute path")
-    return Invocation(command, container_id, netns, ifname, parse_cni_args(environ.get("CNI_ARGS", "")),
-                      environ.get("CNI_PATH", ""))
+    return Invocation(
+        command, container_id, netns, ifname, parse_cni_args(environ.get("CNI_ARGS", "")), environ.get("CNI_PATH", "")
+    )
 
 
 def decode(data: bytes) -> dict[str, Any]:
@@ -191,19 +212,24 @@ def decode(data: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as e:
         raise CniError(DECODING_FAILURE, "the network config on stdin is not valid JSON", str(e)) from None
     if not isinstance(conf, dict):
-        raise CniError(DECODING_FAILURE, "the network config on stdin is not a JSON object",
-                       f"got a JSON {type(conf).__name__}")
+        raise CniError(
+            DECODING_FAILURE, "the network config on stdin is not a JSON object", f"got a JSON {type(conf).__name__}"
+        )
     return conf
 
 
 def config_version(conf: Mapping[str, Any]) -> str:
     version = conf.get("cniVersion")
     if not isinstance(version, str) or not version:
-        raise CniError(INVALID_CONFIG, "the network config has no cniVersion",
-                       f"set \"cniVersion\" to one of {', '.join(SUPPORTED)}")
+        raise CniError(
+            INVALID_CONFIG, "the network config has no cniVersion", f'set "cniVersion" to one of {", ".join(SUPPORTED)}'
+        )
     if version not in SUPPORTED:
-        raise CniError(INCOMPATIBLE_VERSION, f"CNI version {version} is not supported",
-                       f"overlay-cni supports {', '.join(SUPPORTED)}")
+        raise CniError(
+            INCOMPATIBLE_VERSION,
+            f"CNI version {version} is not supported",
+            f"overlay-cni supports {', '.join(SUPPORTED)}",
+        )
     return version
 
 
@@ -214,9 +240,12 @@ def _ipv4(value: Any, where: str) -> str:
             return str(ipaddress.IPv4Interface(value)) if "/" in value else str(ipaddress.IPv4Address(value))
     except ValueError:
         pass
-    raise CniError(INVALID_CONFIG, f"{where}: {value!r} is not an IPv4 address",
-                       "write it as A.B.C.D/LEN or A.B.C.D (the network's prefix length), e.g. 198.19.0.7/24; "
-                       "overlay-cni gives one IPv4 address per interface")
+    raise CniError(
+        INVALID_CONFIG,
+        f"{where}: {value!r} is not an IPv4 address",
+        "write it as A.B.C.D/LEN or A.B.C.D (the network's prefix length), e.g. 198.19.0.7/24; "
+        "overlay-cni gives one IPv4 address per interface",
+    )
 
 
 def _mac(value: Any, where: str) -> str:
@@ -233,7 +262,7 @@ def _optional_str(conf: Mapping[str, Any], key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise CniError(INVALID_CONFIG, f"\"{key}\" in the network config must be a non-empty string, not {value!r}")
+        raise CniError(INVALID_CONFIG, f'"{key}" in the network config must be a non-empty string, not {value!r}')
     return value
 
 
@@ -241,35 +270,44 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
     """Validate the config and apply CNI_ARGS and runtimeConfig to the address and MAC."""
     name = conf.get("name")
     if not isinstance(name, str) or not NETWORK_NAME.fullmatch(name):
-        raise CniError(INVALID_CONFIG, f"invalid network name {name!r}",
-                       "\"name\" starts with a letter or digit, followed by letters, digits, '_', '.' or '-'")
+        raise CniError(
+            INVALID_CONFIG,
+            f"invalid network name {name!r}",
+            "\"name\" starts with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+        )
     if not isinstance(conf.get("type"), str):
-        raise CniError(INVALID_CONFIG, "the network config has no \"type\"", "set \"type\": \"overlay-cni\"")
+        raise CniError(INVALID_CONFIG, 'the network config has no "type"', 'set "type": "overlay-cni"')
     if conf.get("ipam"):
-        raise CniError(UNSUPPORTED_FIELD, "unsupported field \"ipam\"",
-                       "overlay-cni takes addresses from the overlay agent: set \"ip\" or let the agent choose")
+        raise CniError(
+            UNSUPPORTED_FIELD,
+            'unsupported field "ipam"',
+            'overlay-cni takes addresses from the overlay agent: set "ip" or let the agent choose',
+        )
     network = conf.get("network", name)
     if isinstance(network, int) and not isinstance(network, bool):
         if not 0 <= network <= MAX_VNI:
-            raise CniError(INVALID_CONFIG, f"\"network\": VNI {network} is out of range", f"a VNI is 0 to {MAX_VNI}")
+            raise CniError(INVALID_CONFIG, f'"network": VNI {network} is out of range', f"a VNI is 0 to {MAX_VNI}")
         network = str(network)
     if not isinstance(network, str) or not network:
-        raise CniError(INVALID_CONFIG, f"\"network\" must be an overlay network's name or VNI, not {network!r}")
+        raise CniError(INVALID_CONFIG, f'"network" must be an overlay network\'s name or VNI, not {network!r}')
     agent = _optional_str(conf, "agent")
     if agent is not None and len(agent) > 15:
-        raise CniError(INVALID_CONFIG, f"\"agent\": {agent!r} is not a TAP name",
-                       "name the TAP of the agent's control socket (what `overlay status` shows as tap)")
-    ip = _ipv4(conf["ip"], "\"ip\"") if conf.get("ip") is not None else None
-    mac = _mac(conf["mac"], "\"mac\"") if conf.get("mac") is not None else None
+        raise CniError(
+            INVALID_CONFIG,
+            f'"agent": {agent!r} is not a TAP name',
+            "name the TAP of the agent's control socket (what `overlay status` shows as tap)",
+        )
+    ip = _ipv4(conf["ip"], '"ip"') if conf.get("ip") is not None else None
+    mac = _mac(conf["mac"], '"mac"') if conf.get("mac") is not None else None
     gateway = _optional_str(conf, "gateway")
     if gateway is not None:
         try:
             gateway = str(ipaddress.IPv4Address(gateway))
         except ValueError:
-            raise CniError(INVALID_CONFIG, f"\"gateway\": {gateway!r} is not an IPv4 address") from None
+            raise CniError(INVALID_CONFIG, f'"gateway": {gateway!r} is not an IPv4 address') from None
     dns = conf.get("dns", {})
     if not isinstance(dns, dict):
-        raise CniError(INVALID_CONFIG, "\"dns\" must be an object")
+        raise CniError(INVALID_CONFIG, '"dns" must be an object')
 
     if "IP" in args:
         ip = _ipv4(args["IP"], "CNI_ARGS IP")
@@ -277,22 +315,28 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
         mac = _mac(args["MAC"], "CNI_ARGS MAC")
     runtime = conf.get("runtimeConfig", {})
     if not isinstance(runtime, dict):
-        raise CniError(INVALID_CONFIG, "\"runtimeConfig\" must be an object")
+        raise CniError(INVALID_CONFIG, '"runtimeConfig" must be an object')
     if runtime.get("mac") is not None:
         mac = _mac(runtime["mac"], "runtimeConfig mac")
     if runtime.get("ips") is not None:
         ips = runtime["ips"]
         if not isinstance(ips, list) or len(ips) > 1:
-            raise CniError(INVALID_CONFIG, f"runtimeConfig ips: {ips!r}",
-                           "overlay-cni gives one IPv4 address per interface: pass a list of one address")
+            raise CniError(
+                INVALID_CONFIG,
+                f"runtimeConfig ips: {ips!r}",
+                "overlay-cni gives one IPv4 address per interface: pass a list of one address",
+            )
         if ips:
             ip = _ipv4(ips[0], "runtimeConfig ips")
 
     prev = conf.get("prevResult")
-    if prev is not None and (not isinstance(prev, dict) or any(
-            not isinstance(prev.get(key, []), list) for key in ("interfaces", "ips", "routes"))):
-        raise CniError(INVALID_CONFIG, "\"prevResult\" must be a CNI result",
-                       "an object whose interfaces, ips and routes are lists")
+    if prev is not None and (
+        not isinstance(prev, dict)
+        or any(not isinstance(prev.get(key, []), list) for key in ("interfaces", "ips", "routes"))
+    ):
+        raise CniError(
+            INVALID_CONFIG, '"prevResult" must be a CNI result', "an object whose interfaces, ips and routes are lists"
+        )
     return NetConf(version, name, network, agent, ip, mac, gateway, dns, prev)
 
 
@@ -330,11 +374,20 @@ def check_result(conf: NetConf, inv: Invocation, answer: Mapping[str, Any]) -> N
     that the live interface matches it): CniError(MISMATCH) saying what differs."""
     prev = conf.prev_result or {}
     interfaces = prev.get("interfaces") or []
-    index = next((i for i, it in enumerate(interfaces) if isinstance(it, dict) and it.get("name") == inv.ifname
-                  and it.get("sandbox") == inv.netns), None)
+    index = next(
+        (
+            i
+            for i, it in enumerate(interfaces)
+            if isinstance(it, dict) and it.get("name") == inv.ifname and it.get("sandbox") == inv.netns
+        ),
+        None,
+    )
     if index is None:
-        raise CniError(MISMATCH, f"prevResult has no interface {inv.ifname} in {inv.netns}",
-                       f"prevResult interfaces: {json.dumps(interfaces)}")
+        raise CniError(
+            MISMATCH,
+            f"prevResult has no interface {inv.ifname} in {inv.netns}",
+            f"prevResult interfaces: {json.dumps(interfaces)}",
+        )
     want_mac = str(interfaces[index].get("mac", "")).lower()
     if want_mac != str(answer.get("mac", "")).lower():
         raise CniError(MISMATCH, f"{inv.ifname} has MAC {answer.get('mac')}, prevResult says {want_mac or 'none'}")
@@ -344,8 +397,9 @@ def check_result(conf: NetConf, inv: Invocation, answer: Mapping[str, Any]) -> N
         said = ", ".join(str(ip.get("address")) for ip in ours) or "none"
         raise CniError(MISMATCH, f"{inv.ifname} has address {answer.get('address')}, prevResult says {said}")
     if mine.get("gateway") != answer.get("gateway"):
-        raise CniError(MISMATCH, f"{inv.ifname} has gateway {answer.get('gateway')}, "
-                                 f"prevResult says {mine.get('gateway')}")
+        raise CniError(
+            MISMATCH, f"{inv.ifname} has gateway {answer.get('gateway')}, prevResult says {mine.get('gateway')}"
+        )
 
 
 ATTACHMENT_KEYS = ("host_ifname", "mac", "address")
@@ -360,8 +414,10 @@ def _attachment(answer: Any, what: str) -> dict[str, Any]:
 # --- talking to the agent ---------------------------------------------------------------------
 
 
-FLAGS_IN_CONFIG = ("the agent's --ip, --mac and --gateway are \"ip\", \"mac\" and \"gateway\" in the network "
-                   "config (or IP= and MAC= in CNI_ARGS)")
+FLAGS_IN_CONFIG = (
+    'the agent\'s --ip, --mac and --gateway are "ip", "mac" and "gateway" in the network '
+    "config (or IP= and MAC= in CNI_ARGS)"
+)
 
 
 class NoAgent(Exception):
@@ -374,8 +430,11 @@ def agent_error(e: Exception, command: str) -> CniError:
     kind = getattr(e, "kind", None)
     if isinstance(e, NoAgent) or kind == "agent" or message.startswith("no overlay agent"):
         if command == "DEL":
-            return CniError(TRY_AGAIN_LATER, message,
-                            "the attachment is released by the agent: retry the DEL once the agent runs again")
+            return CniError(
+                TRY_AGAIN_LATER,
+                message,
+                "the attachment is released by the agent: retry the DEL once the agent runs again",
+            )
         return CniError(NO_AGENT, message, "start the overlay agent on this host (overlay agent ...)")
     details = FLAGS_IN_CONFIG if "--" in message else ""
     return CniError(KIND_CODES.get(kind or "", IO_FAILURE), message, details)
@@ -391,8 +450,11 @@ def choose_agent(wanted: str | None, running: list[str]) -> str:
     if not running:
         raise NoAgent("no overlay agent is running in this network namespace")
     if len(running) > 1:
-        raise CniError(INVALID_CONFIG, f"several overlay agents run here ({', '.join(running)})",
-                       "name one with \"agent\": \"<tap>\" in the network config")
+        raise CniError(
+            INVALID_CONFIG,
+            f"several overlay agents run here ({', '.join(running)})",
+            'name one with "agent": "<tap>" in the network config',
+        )
     return running[0]
 
 
@@ -409,8 +471,9 @@ def host_mac(ifname: str) -> str | None:
 Ask = Callable[..., Any]
 
 
-def run(environ: Mapping[str, str], stdin: bytes, ask: Ask | None = None,
-        agents: Callable[[], list[str]] | None = None) -> dict[str, Any] | None:
+def run(
+    environ: Mapping[str, str], stdin: bytes, ask: Ask | None = None, agents: Callable[[], list[str]] | None = None
+) -> dict[str, Any] | None:
     """Do one invocation: the JSON to print, or None (DEL and CHECK print nothing). Raises CniError.
 
     ``ask`` and ``agents`` default to overlay.control's request and running_agents."""
@@ -425,15 +488,30 @@ def run(environ: Mapping[str, str], stdin: bytes, ask: Ask | None = None,
         if version == "0.3.1":
             raise CniError(INCOMPATIBLE_VERSION, f"CHECK is not part of CNI {version}", "CHECK came with CNI 0.4.0")
         if conf.prev_result is None:  # before asking the agent: this is the runtime's mistake
-            raise CniError(INVALID_CONFIG, "CHECK needs prevResult in the network config",
-                           "the runtime passes the result of the ADD as \"prevResult\"")
+            raise CniError(
+                INVALID_CONFIG,
+                "CHECK needs prevResult in the network config",
+                'the runtime passes the result of the ADD as "prevResult"',
+            )
     ask = ask or control.request
     try:
         tap = choose_agent(conf.agent, (agents or control.running_agents)())
         if command == "ADD":
-            answer = _attachment(ask("attach", tap, timeout=ATTACH_TIMEOUT, netns=inv.netns, net=conf.network,
-                                     ifname=inv.ifname, id=inv.attachment_id, ip=conf.ip, mac=conf.mac,
-                                     gateway=conf.gateway), "attach")
+            answer = _attachment(
+                ask(
+                    "attach",
+                    tap,
+                    timeout=ATTACH_TIMEOUT,
+                    netns=inv.netns,
+                    net=conf.network,
+                    ifname=inv.ifname,
+                    id=inv.attachment_id,
+                    ip=conf.ip,
+                    mac=conf.mac,
+                    gateway=conf.gateway,
+                ),
+                "attach",
+            )
             return add_result(conf, inv, answer, answer.get("host_mac") or host_mac(answer["host_ifname"]))
         if command == "DEL":
             answer = ask("detach", tap, timeout=ATTACH_TIMEOUT, id=inv.attachment_id)
@@ -480,9 +558,12 @@ def main() -> None:
         out, status = error_object(_version_of(stdin), e), 1
     except KeyboardInterrupt:
         out, status = error_object(_version_of(stdin), CniError(IO_FAILURE, "overlay-cni was interrupted")), 1
-    except Exception as e:  # noqa: BLE001 - a bug: still a CNI error, never a traceback
-        err = CniError(INTERNAL, f"overlay-cni failed: {e.__class__.__name__}: {e}",
-                       "this is a bug in overlay-cni; please report it with the network config")
+    except Exception as e:
+        err = CniError(
+            INTERNAL,
+            f"overlay-cni failed: {e.__class__.__name__}: {e}",
+            "this is a bug in overlay-cni; please report it with the network config",
+        )
         out, status = error_object(_version_of(stdin), err), 1
     if out is not None:
         try:

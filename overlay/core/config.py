@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from overlay.core.addresses import parse_address, parse_endpoint
-from overlay.core.registry import HOST_ID
 from overlay.core.fdb import DEFAULT_AGEING, DEFAULT_MAX_PER_VNI
-from overlay.core.wire import DEFAULT_PORT, IPV4_OVERHEAD, VNI_MAX, unicast_mac
+from overlay.core.registry import HOST_ID, HOST_ID_FORM
+from overlay.core.wire import DEFAULT_PORT, MTU_MAX, MTU_MIN, VNI_MAX, unicast_mac
 
 TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/', ':' or spaces
-MIN_MTU = 68  # the IPv4 minimum
 DEFAULT_STATE_DIR = "/run/overlay"
 DEFAULT_METRICS = "127.0.0.1:9465"
 DEFAULT_PROBE_PORT = 4799  # not 4790: that is VXLAN-GPE
@@ -75,12 +74,47 @@ class AgentConfig:
     def probe(self) -> int:
         return DEFAULT_PROBE_PORT if self.probe_port is None else self.probe_port
 
-KEYS = ("vni", "local", "peer", "tap", "address", "port", "mtu", "mac", "source_check",
-        "allow_vlan", "ageing", "max_per_vni", "etcd", "host_id", "network", "prefix", "lease_ttl",
-        "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password", "bridge", "state_dir", "metrics",
-        "probe_port")
-ETCD_KEYS = ("etcd", "host_id", "network", "prefix", "lease_ttl", "etcd_ca", "etcd_cert", "etcd_key",
-             "etcd_user", "etcd_password")
+
+KEYS = (
+    "vni",
+    "local",
+    "peer",
+    "tap",
+    "address",
+    "port",
+    "mtu",
+    "mac",
+    "source_check",
+    "allow_vlan",
+    "ageing",
+    "max_per_vni",
+    "etcd",
+    "host_id",
+    "network",
+    "prefix",
+    "lease_ttl",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_user",
+    "etcd_password",
+    "bridge",
+    "state_dir",
+    "metrics",
+    "probe_port",
+)
+ETCD_KEYS = (
+    "etcd",
+    "host_id",
+    "network",
+    "prefix",
+    "lease_ttl",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_user",
+    "etcd_password",
+)
 
 
 def parse_toml(text: str, origin: str) -> dict[str, Any]:
@@ -100,8 +134,10 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
     if settings.get("etcd"):
         return _build_etcd(settings)
     if settings.get("network") or settings.get("host_id"):
-        raise ConfigError("--network and --host-id are for etcd mode: give --etcd http://HOST:2379 too "
-                          "(or use --vni and --peer for static mode)")
+        raise ConfigError(
+            "--network and --host-id are for etcd mode: give --etcd http://HOST:2379 too "
+            "(or use --vni and --peer for static mode)"
+        )
     if settings.get("vni") is None:
         raise ConfigError("no VNI: give --vni N (0 to 16777215) or 'vni = N' in the config file")
     vni = _int("vni", settings["vni"], 0, VNI_MAX)
@@ -123,7 +159,7 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
         tap=_tap(settings.get("tap", "ovl0")),
         address=_interface(settings["address"]) if settings.get("address") is not None else None,
         port=_int("port", settings.get("port", DEFAULT_PORT), 1, 65535),
-        mtu=_int("mtu", settings["mtu"], MIN_MTU, 65535 - IPV4_OVERHEAD) if settings.get("mtu") is not None else None,
+        mtu=_int("mtu", settings["mtu"], MTU_MIN, MTU_MAX) if settings.get("mtu") is not None else None,
         mac=_mac(settings["mac"]) if settings.get("mac") is not None else None,
         source_check=_bool("source_check", settings.get("source_check", True)),
         allow_vlan=_bool("allow_vlan", settings.get("allow_vlan", False)),
@@ -132,7 +168,9 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
         bridge=_bool("bridge", settings.get("bridge", False)),
         state_dir=_path("state_dir", settings.get("state_dir", DEFAULT_STATE_DIR)),
         metrics=_metrics(settings["metrics"]) if settings.get("metrics") is not None else None,
-        probe_port=_int("probe_port", settings["probe_port"], 0, 65535) if settings.get("probe_port") is not None else None,
+        probe_port=_int("probe_port", settings["probe_port"], 0, 65535)
+        if settings.get("probe_port") is not None
+        else None,
     )
 
 
@@ -144,7 +182,7 @@ def _path(name: str, value: Any) -> str:
 
 def _metrics(value: Any) -> str:
     if not isinstance(value, str):
-        raise ConfigError(f"metrics: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9465) or \"off\"")
+        raise ConfigError(f'metrics: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9465) or "off"')
     try:
         parse_address(value)
     except ValueError as e:
@@ -154,12 +192,11 @@ def _metrics(value: Any) -> str:
 
 def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
     if settings.get("vni") is not None or settings.get("peer"):
-        raise ConfigError("--vni and --peer are for static mode; with --etcd give --network VNI "
-                          "(peers come from etcd)")
+        raise ConfigError("--vni and --peer are for static mode; with --etcd give --network VNI (peers come from etcd)")
     endpoints = settings["etcd"]
     endpoints = [endpoints] if isinstance(endpoints, str) else endpoints
     if not isinstance(endpoints, (list, tuple)) or not all(isinstance(e, str) for e in endpoints):
-        raise ConfigError(f"etcd: {settings['etcd']!r} is not a list of URLs like [\"http://198.18.0.250:2379\"]")
+        raise ConfigError(f'etcd: {settings["etcd"]!r} is not a list of URLs like ["http://198.18.0.250:2379"]')
     endpoints = list(endpoints)
     for e in endpoints:
         try:
@@ -171,23 +208,31 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
             raise ConfigError(f"{key}: {settings[key]!r} must be a string (quote it in TOML)")
     host_id = settings.get("host_id")
     if not isinstance(host_id, str) or not HOST_ID.match(host_id):
-        raise ConfigError(f"host_id: {host_id!r} is not a host id (1-63 of A-Z a-z 0-9 _ . -, "
-                          f"starting with a letter or digit); give --host-id, e.g. --host-id h1")
+        raise ConfigError(f"host_id: {host_id!r} is not a host id ({HOST_ID_FORM}); give --host-id, e.g. --host-id h1")
     raw_networks = settings.get("network") or []
     raw_networks = [raw_networks] if isinstance(raw_networks, (str, int)) else list(raw_networks)
     if not raw_networks:
         raise ConfigError("no network: give --network VNI (repeat it to join several)")
     networks = tuple(dict.fromkeys(_int("network", n, 0, VNI_MAX) for n in raw_networks))
     if len(networks) > 1 and settings.get("address") is not None:
-        raise ConfigError("--address goes with a single --network (it is the TAP's address); with several "
-                          "networks each gets its own TAP without one")
+        raise ConfigError(
+            "--address goes with a single --network (it is the TAP's address); with several "
+            "networks each gets its own TAP without one"
+        )
     if len(networks) > 1 and settings.get("mac") is not None:
         raise ConfigError("--mac goes with a single --network; with several each TAP gets a random MAC")
-    static = build({**{k: v for k, v in settings.items() if k not in ETCD_KEYS}, "vni": networks[0],
-                    "bridge": settings.get("bridge", True)})
+    static = build(
+        {
+            **{k: v for k, v in settings.items() if k not in ETCD_KEYS},
+            "vni": networks[0],
+            "bridge": settings.get("bridge", True),
+        }
+    )
     if len(networks) > 1 and len(static.tap) + 1 + max(len(str(n)) for n in networks) > 15:
-        raise ConfigError(f"tap: with several networks the TAPs are named {static.tap}-<vni>, which must fit "
-                          f"15 characters: choose a shorter --tap")
+        raise ConfigError(
+            f"tap: with several networks the TAPs are named {static.tap}-<vni>, which must fit "
+            f"15 characters: choose a shorter --tap"
+        )
     tls = {k: settings.get(k) for k in ("etcd_ca", "etcd_cert", "etcd_key")}
     if (tls["etcd_cert"] is None) != (tls["etcd_key"] is None):
         raise ConfigError("etcd client certificates need both --etcd-cert and --etcd-key")
@@ -203,10 +248,19 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
     prefix = settings.get("prefix", "/overlay/v1")
     if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.rstrip("/") == "":
         raise ConfigError(f"prefix: {prefix!r} is not an etcd key prefix like /overlay/v1")
-    return AgentConfig(**{**static.__dict__, "etcd": tuple(endpoints), "host_id": host_id, "networks": networks,
-                          "prefix": prefix,
-                          "lease_ttl": _int("lease_ttl", settings.get("lease_ttl", 10), 2, 3600), **tls,
-                          "etcd_user": settings.get("etcd_user"), "etcd_password": settings.get("etcd_password")})
+    return AgentConfig(
+        **{
+            **static.__dict__,
+            "etcd": tuple(endpoints),
+            "host_id": host_id,
+            "networks": networks,
+            "prefix": prefix,
+            "lease_ttl": _int("lease_ttl", settings.get("lease_ttl", 10), 2, 3600),
+            **tls,
+            "etcd_user": settings.get("etcd_user"),
+            "etcd_password": settings.get("etcd_password"),
+        }
+    )
 
 
 def tap_names(cfg: AgentConfig) -> dict[int, str]:

@@ -40,7 +40,7 @@ class Vtep(NamedTuple):
     port: int = DEFAULT_PORT
 
     @classmethod
-    def parse(cls, ip: str, port: int = DEFAULT_PORT) -> "Vtep":
+    def parse(cls, ip: str, port: int = DEFAULT_PORT) -> Vtep:
         return cls(ipaddress.IPv4Address(ip), port)
 
     def __str__(self) -> str:
@@ -118,7 +118,7 @@ class _Slot:
 @dataclass
 class _Network:
     slots: dict[int, _Slot] = field(default_factory=dict)
-    learned: "OrderedDict[int, float]" = field(default_factory=OrderedDict)  # mac -> seen, oldest first
+    learned: OrderedDict[int, float] = field(default_factory=OrderedDict)  # mac -> seen, oldest first
     flood: tuple[Vtep, ...] = ()
     neighbours: dict[ipaddress.IPv4Address, int] = field(default_factory=dict)  # ARP suppression
 

@@ -29,7 +29,8 @@ def subnet_of(network: Network) -> ipaddress.IPv4Network:
         raise IpamError(
             f"network {network.name or network.vni} has no subnet to allocate from: give --ip, or set one "
             f"with 'overlay net create {network.name or network.vni} --vni {network.vni} --subnet A.B.C.D/len'",
-            kind="network")
+            kind="network",
+        )
     return ipaddress.IPv4Network(network.subnet)
 
 
@@ -53,16 +54,22 @@ def check(network: Network, wanted: ipaddress.IPv4Interface, used: Iterable[ipad
     """Raise IpamError unless ``wanted`` (an explicit --ip) fits the network and is free."""
     subnet = subnet_of(network)
     if wanted.ip in subnet and wanted.network != subnet:
-        raise IpamError(f"address {wanted}: network {network.name or network.vni}'s subnet is {subnet}, so the "
-                        f"prefix length must be /{subnet.prefixlen}")
+        raise IpamError(
+            f"address {wanted}: network {network.name or network.vni}'s subnet is {subnet}, so the "
+            f"prefix length must be /{subnet.prefixlen}"
+        )
     if wanted.network != subnet:
-        raise IpamError(f"address {wanted} is outside network {network.name or network.vni}'s subnet {subnet}: "
-                        f"pick one in {subnet}, or leave out --ip to get one")
+        raise IpamError(
+            f"address {wanted} is outside network {network.name or network.vni}'s subnet {subnet}: "
+            f"pick one in {subnet}, or leave out --ip to get one"
+        )
     if wanted.ip in reserved(network):
         raise IpamError(f"address {wanted.ip} is reserved in {subnet} (network, broadcast or gateway address)")
     if wanted.ip in set(used):
-        raise IpamError(f"address {wanted.ip} is in use on network {network.name or network.vni}: "
-                        f"pick another, or leave out --ip to get a free one")
+        raise IpamError(
+            f"address {wanted.ip} is in use on network {network.name or network.vni}: "
+            f"pick another, or leave out --ip to get a free one"
+        )
 
 
 def pick(network: Network, used: Iterable[ipaddress.IPv4Address]) -> ipaddress.IPv4Interface:
@@ -75,5 +82,7 @@ def pick(network: Network, used: Iterable[ipaddress.IPv4Address]) -> ipaddress.I
     for address in subnet:
         if address not in skip:
             return ipaddress.IPv4Interface(f"{address}/{subnet.prefixlen}")
-    raise IpamError(f"network {network.name or network.vni}'s subnet {subnet} has no free address left: "
-                    f"detach containers or give the network a larger subnet")
+    raise IpamError(
+        f"network {network.name or network.vni}'s subnet {subnet} has no free address left: "
+        f"detach containers or give the network a larger subnet"
+    )

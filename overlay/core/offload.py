@@ -46,7 +46,7 @@ class VnetHdr:
     csum_offset: int = 0
 
     @classmethod
-    def unpack(cls, data: bytes) -> "VnetHdr":
+    def unpack(cls, data: bytes) -> VnetHdr:
         return cls(*_VNET.unpack_from(data))
 
     def pack(self) -> bytes:
@@ -57,7 +57,7 @@ def ones_sum(data: bytes, start: int = 0) -> int:
     """16-bit one's complement sum of ``data`` (odd length padded with a zero byte)."""
     if len(data) % 2:
         data = bytes(data) + b"\0"
-    total = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return total
@@ -200,12 +200,20 @@ def _joins(first: bytes, f: _Seg, last: _Seg, total: int, count: int, frame: byt
     if f.v6:
         same_ip = frame[14:18] == first[14:18] and frame[21:54] == first[21:54]  # class, flow, hop, addrs
     else:
-        same_ip = frame[15] == first[15] and frame[20] & 0x40 == first[20] & 0x40 and frame[22:24] == first[22:24] \
-            and frame[26:34] == first[26:34]  # TOS, DF, TTL + protocol, addresses
+        same_ip = (
+            frame[15] == first[15]
+            and frame[20] & 0x40 == first[20] & 0x40
+            and frame[22:24] == first[22:24]
+            and frame[26:34] == first[26:34]
+        )  # TOS, DF, TTL + protocol, addresses
     l4 = f.l4
-    tcp_same = frame[l4 : l4 + 4] == first[l4 : l4 + 4] and frame[l4 + 8 : l4 + 13] == first[l4 + 8 : l4 + 13] \
-        and frame[l4 + 14 : l4 + 16] == first[l4 + 14 : l4 + 16] and frame[l4 + 20 : f.end] == first[l4 + 20 : f.end] \
+    tcp_same = (
+        frame[l4 : l4 + 4] == first[l4 : l4 + 4]
+        and frame[l4 + 8 : l4 + 13] == first[l4 + 8 : l4 + 13]
+        and frame[l4 + 14 : l4 + 16] == first[l4 + 14 : l4 + 16]
+        and frame[l4 + 20 : f.end] == first[l4 + 20 : f.end]
         and (frame[l4 + 13] & ~TCP_PSH) == (first[l4 + 13] & ~TCP_PSH)
+    )
     return same_ip and tcp_same
 
 
@@ -244,8 +252,13 @@ def coalesce(frames: list[bytes]) -> list[tuple[VnetHdr, bytes]]:
 
     for frame in frames:
         seg = _tcp_segment(frame)
-        if run and seg is not None and head is not None and last is not None \
-                and _joins(run[0], head, last, total, len(run), frame, seg):
+        if (
+            run
+            and seg is not None
+            and head is not None
+            and last is not None
+            and _joins(run[0], head, last, total, len(run), frame, seg)
+        ):
             run.append(frame)
             last, total = seg, total + seg.payload
             continue

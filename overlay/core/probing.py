@@ -31,7 +31,9 @@ import ipaddress
 import struct
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
+
+from overlay.core.status import ProbeStatus
 
 MAGIC = b"OVP1"
 REQUEST, REPLY = 1, 2
@@ -70,8 +72,9 @@ class _Peer:
 class Probes:
     """The probing protocol for one agent; see the module docstring for the rules."""
 
-    def __init__(self, interval: float = INTERVAL, timeout: float = TIMEOUT, window: int = WINDOW,
-                 misses: int = MISSES) -> None:
+    def __init__(
+        self, interval: float = INTERVAL, timeout: float = TIMEOUT, window: int = WINDOW, misses: int = MISSES
+    ) -> None:
         self.interval, self.timeout, self.window, self.misses = interval, timeout, window, misses
         self.peers: dict[str, _Peer] = {}
         self.outstanding: dict[int, tuple[str, _Probe]] = {}  # seq -> (host id, probe)
@@ -126,7 +129,7 @@ class Probes:
                     if peer.misses >= self.misses:
                         peer.reachable = False
 
-    def on_datagram(self, data: bytes, source: tuple[Any, ...], now: float) -> bytes | None:
+    def on_datagram(self, data: bytes, source: tuple[object, ...], now: float) -> bytes | None:
         """Take one received datagram: returns the reply to send back to ``source`` for a
         request, records a reply, counts anything else as bad. Never raises."""
         if len(data) != HEADER.size:
@@ -157,22 +160,22 @@ class Probes:
         peer.reachable = True
         return None
 
-    def status(self) -> dict[str, dict[str, Any]]:
-        """host id -> {"address", "rtt_ms", "srtt_ms", "loss", "reachable", "sent", "received"}."""
+    def status(self) -> dict[str, ProbeStatus]:
+        """host id -> the path to it: address, RTTs (ms, rounded to the µs), loss, reachability."""
         out = {}
         for host, peer in self.peers.items():
             decided = [p for p in peer.window if p.answered or p.lost]
             lost = sum(p.lost for p in decided)
             ip, port = peer.address
-            out[host] = {
-                "address": f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
-                "rtt_ms": None if peer.rtt is None else round(peer.rtt * 1e3, 3),
-                "srtt_ms": None if peer.srtt is None else round(peer.srtt * 1e3, 3),
-                "loss": round(lost / len(decided), 3) if decided else 0.0,
-                "reachable": peer.reachable,
-                "sent": peer.sent,
-                "received": peer.received,
-            }
+            out[host] = ProbeStatus(
+                address=f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
+                rtt_ms=None if peer.rtt is None else round(peer.rtt * 1e3, 3),
+                srtt_ms=None if peer.srtt is None else round(peer.srtt * 1e3, 3),
+                loss=round(lost / len(decided), 3) if decided else 0.0,
+                reachable=peer.reachable,
+                sent=peer.sent,
+                received=peer.received,
+            )
         return out
 
     def counters(self) -> dict[str, int]:

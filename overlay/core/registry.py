@@ -30,10 +30,11 @@ from typing import Iterable, Union
 
 import msgspec
 
-from overlay.core.wire import VNI_MAX, mac_to_int, mac_to_str
+from overlay.core.wire import MTU_MAX, MTU_MIN, VNI_MAX, mac_to_int, mac_to_str
 
 DEFAULT_PREFIX = "/overlay/v1"
 HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+HOST_ID_FORM = "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
 
 
 class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
@@ -153,10 +154,9 @@ class Schema:
 
     def decode(self, k: Key, raw: bytes) -> Value:
         """The typed value of ``raw`` at ``k``; ValueError saying what is wrong."""
-        kind: type = {NetworkKey: Network, HostKey: Host, MemberKey: Member, EndpointKey: Endpoint,
-                      AddressKey: Allocation}[type(k)]
+        kind: type[Value] = _VALUE_TYPES[type(k)]
         try:
-            value = msgspec.json.decode(raw, type=kind)
+            value: Value = msgspec.json.decode(raw, type=kind)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise ValueError(str(e)) from None
         check(k, value)
@@ -166,6 +166,15 @@ class Schema:
         return msgspec.json.encode(value)
 
 
+_VALUE_TYPES: dict[type, type[Value]] = {
+    NetworkKey: Network,
+    HostKey: Host,
+    MemberKey: Member,
+    EndpointKey: Endpoint,
+    AddressKey: Allocation,
+}
+
+
 def check(k: Key, value: Value) -> None:
     """Semantic checks msgspec's types cannot express; ValueError saying what is wrong."""
     if isinstance(value, Network):
@@ -173,8 +182,8 @@ def check(k: Key, value: Value) -> None:
             raise ValueError(f"vni {value.vni} differs from the key's {k.vni}")  # type: ignore[union-attr]
         if value.subnet is not None:
             ipaddress.IPv4Network(value.subnet)
-        if value.mtu is not None and not 68 <= value.mtu <= 65485:
-            raise ValueError(f"mtu {value.mtu} is not 68 to 65485")
+        if value.mtu is not None and not MTU_MIN <= value.mtu <= MTU_MAX:
+            raise ValueError(f"mtu {value.mtu} is not {MTU_MIN} to {MTU_MAX}")
         if value.gateway is not None:
             gateway = ipaddress.IPv4Address(value.gateway)
             if value.subnet is not None:
@@ -247,8 +256,8 @@ class Registry:
             if k not in fresh:
                 events.append(Deleted(k, old.value))
         for k, new in fresh.items():
-            old = self.entries.get(k)
-            if old is None or old.mod_revision != new.mod_revision:
+            was = self.entries.get(k)
+            if was is None or was.mod_revision != new.mod_revision:
                 events.append(Put(k, new.value))
         self.entries = fresh
         self.revision = revision
@@ -308,13 +317,19 @@ class Registry:
         return sorted(k.host for k in self.entries if isinstance(k, MemberKey) and k.vni == vni)
 
     def endpoints(self, vni: int | None = None) -> dict[EndpointKey, Endpoint]:
-        return {k: e.value for k, e in self.entries.items()  # type: ignore[misc]
-                if isinstance(k, EndpointKey) and (vni is None or k.vni == vni)}
+        return {
+            k: e.value  # type: ignore[misc]
+            for k, e in self.entries.items()
+            if isinstance(k, EndpointKey) and (vni is None or k.vni == vni)
+        }
 
     def allocations(self, vni: int) -> dict[ipaddress.IPv4Address, Allocation]:
         """The addresses taken from ``vni``'s subnet (IPAM keys)."""
-        return {k.address: e.value for k, e in self.entries.items()  # type: ignore[misc]
-                if isinstance(k, AddressKey) and k.vni == vni}
+        return {
+            k.address: e.value  # type: ignore[misc]
+            for k, e in self.entries.items()
+            if isinstance(k, AddressKey) and k.vni == vni
+        }
 
     def networks(self) -> dict[int, Network]:
         return {k.vni: e.value for k, e in self.entries.items() if isinstance(k, NetworkKey)}  # type: ignore[misc]

@@ -44,17 +44,20 @@ class Topology:
             self._recompute(vni, now)
 
     def _recompute(self, vni: int, now: float) -> None:
-        vteps = {host: Vtep(ipaddress.IPv4Address(h.address), h.port)
-                 for host, h in self.registry.hosts().items() if host != self.host_id}
+        vteps = {
+            host: Vtep(ipaddress.IPv4Address(h.address), h.port)
+            for host, h in self.registry.hosts().items()
+            if host != self.host_id
+        }
         self.table.set_flood(vni, [vteps[m] for m in self.registry.members(vni) if m in vteps])
         endpoints = self.registry.endpoints(vni)
         want = {key.mac: vteps[ep.host] for key, ep in endpoints.items() if ep.host in vteps}
         # An address claimed by two endpoints (a container restarted with a new MAC) goes to the
         # most recently written one.
         newest_last = sorted(endpoints.items(), key=lambda kv: self.registry.revision_of(kv[0]))
-        self.table.set_neighbours(vni, {
-            ipaddress.IPv4Address(a): key.mac for key, ep in newest_last if key.mac in want for a in ep.ipv4
-        })
+        self.table.set_neighbours(
+            vni, {ipaddress.IPv4Address(a): key.mac for key, ep in newest_last if key.mac in want for a in ep.ipv4}
+        )
         have = self._applied[vni]
         for mac in [m for m in have if m not in want]:
             self.table.remove(vni, mac, Source.REGISTRY)
@@ -64,4 +67,3 @@ class Topology:
                 outcome = self.table.put(vni, mac, vtep, Source.REGISTRY, now)
                 if outcome not in (Outcome.REFUSED_CAP, Outcome.REFUSED_UNKNOWN_VNI, Outcome.REFUSED_MULTICAST):
                     have[mac] = vtep  # a refused one is tried again at the next recompute
-

@@ -48,6 +48,8 @@ VNI_MAX = (1 << 24) - 1
 DEFAULT_PORT = 4789  # IANA; Linux's historical default is 8472
 # Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): a 1500 underlay gives 1450.
 IPV4_OVERHEAD = 20 + 8 + VXLAN_HEADER_LEN + ETH_HEADER_LEN
+# An overlay MTU: at least IPv4's minimum, at most what an outer IPv4 datagram can carry.
+MTU_MIN, MTU_MAX = 68, 65535 - IPV4_OVERHEAD
 
 # UDP source ports for outer packets come from this range (RFC 7348 section 5: dynamic ports).
 SOURCE_PORT_MIN = 49152
@@ -203,9 +205,7 @@ def mac_to_int(mac: str | bytes) -> int:
     try:
         return int("".join(parts), 16)
     except ValueError:
-        raise ValueError(
-            f"bad MAC address {mac!r}: write six hex pairs, e.g. 02:00:00:00:00:01"
-        ) from None
+        raise ValueError(f"bad MAC address {mac!r}: write six hex pairs, e.g. 02:00:00:00:00:01") from None
 
 
 def mac_to_str(mac: int) -> str:
@@ -227,6 +227,8 @@ def unicast_mac(text: str) -> int:
     except ValueError:
         raise ValueError(f"{text!r} is not a MAC address: write six hex pairs, e.g. 02:00:00:00:00:01") from None
     if is_multicast_mac(mac) or mac == 0:
-        raise ValueError(f"{text} is a group or null address (multicast, broadcast or all zeros): use a unicast "
-                         f"one such as 02:00:00:00:00:01")
+        raise ValueError(
+            f"{text} is a group or null address (multicast, broadcast or all zeros): use a unicast "
+            f"one such as 02:00:00:00:00:01"
+        )
     return mac

@@ -56,7 +56,21 @@ def encap(core: ForwardingCore, batch: FrameBatch, vni: int, start: int = 0, sto
 def decap(core: ForwardingCore, batch: FrameBatch, n: int = -1) -> int: ...
 def flow_source_port(frame: bytes) -> int: ...
 def prepare(reads: FrameBatch, i: int, frames: FrameBatch, used: int = 0) -> tuple[int, int]: ...
-def pump_tx(core: ForwardingCore, reads: FrameBatch, frames: FrameBatch, vni: int, tap_fd: int,
-            send_fds: list[int], budget: int = 256) -> int: ...
-def pump_rx(core: ForwardingCore, msgs: FrameBatch, frames: FrameBatch, merge: FrameBatch, udp_fd: int,
-            tap_fd: int, budget: int = 256) -> int: ...
+def pump_tx(
+    core: ForwardingCore,
+    reads: FrameBatch,
+    frames: FrameBatch,
+    vni: int,
+    tap_fd: int,
+    send_fds: list[int],
+    budget: int = 256,
+) -> int: ...
+def pump_rx(
+    core: ForwardingCore,
+    msgs: FrameBatch,
+    frames: FrameBatch,
+    merge: FrameBatch,
+    udp_fd: int,
+    tap_fd: int,
+    budget: int = 256,
+) -> int: ...

@@ -19,6 +19,16 @@ from overlay.fastpath._fastpath import (
 )
 
 __all__ = [
-    "DROP_REASONS", "HEADROOM_BYTES", "TAILROOM_BYTES", "VNET_HDR_BYTES", "ForwardingCore", "FrameBatch",
-    "decap", "encap", "flow_source_port", "prepare", "pump_rx", "pump_tx",
+    "DROP_REASONS",
+    "HEADROOM_BYTES",
+    "TAILROOM_BYTES",
+    "VNET_HDR_BYTES",
+    "ForwardingCore",
+    "FrameBatch",
+    "decap",
+    "encap",
+    "flow_source_port",
+    "prepare",
+    "pump_rx",
+    "pump_tx",
 ]

@@ -65,12 +65,15 @@ def quiet_port(ifname: str) -> None:
     except FileNotFoundError:
         pass  # no IPv6 in this kernel: nothing to quieten
     except OSError as e:  # e.g. /proc/sys read-only in a container
-        log.warning("cannot turn IPv6 off on bridge port %s (%s): its own neighbour discovery will reach the "
-                    "overlay and be published as an endpoint; mount /proc/sys writable to avoid it", ifname, e.strerror)
+        log.warning(
+            "cannot turn IPv6 off on bridge port %s (%s): its own neighbour discovery will reach the "
+            "overlay and be published as an endpoint; mount /proc/sys writable to avoid it",
+            ifname,
+            e.strerror,
+        )
 
 
-def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None,
-                  address: ipaddress.IPv4Interface | None) -> int:
+def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None, address: ipaddress.IPv4Interface | None) -> int:
     """Create (or take over) network ``vni``'s bridge with ``tap`` as a port; give it the MTU,
     the host's overlay MAC and address; bring both up. Returns the bridge's MAC.
 
@@ -83,8 +86,7 @@ def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None,
             raise PlumbingError(f"{name} exists and is not a bridge: remove it ('ip link del {name}')")
         try:
             if index is None:
-                ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0,
-                         br_nf_call_iptables=0)
+                ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0, br_nf_call_iptables=0)
                 index = _index(ipr, name)
                 assert index is not None
             # An explicit MAC, always: a bridge left to itself takes its lowest port's MAC, and
@@ -170,8 +172,9 @@ def open_netns(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise PlumbingError(f"no network namespace at {path} ({e.strerror}): is the container running?",
-                            kind="netns") from None
+        raise PlumbingError(
+            f"no network namespace at {path} ({e.strerror}): is the container running?", kind="netns"
+        ) from None
     return fd
 
 
@@ -179,8 +182,9 @@ def plug(p: Plug) -> None:
     """Create the veth pair, move one end into the container and configure both. All or
     nothing: a failure removes what was made."""
     if not 1 <= len(p.ifname) <= IFNAMSIZ or "/" in p.ifname or p.ifname.strip() != p.ifname:
-        raise PlumbingError(f"--ifname {p.ifname!r} is not a valid interface name (1 to 15 characters, no '/')",
-                            kind="invalid")
+        raise PlumbingError(
+            f"--ifname {p.ifname!r} is not a valid interface name (1 to 15 characters, no '/')", kind="invalid"
+        )
     fd = open_netns(p.netns)
     try:
         with IPRoute() as ipr:
@@ -193,8 +197,9 @@ def plug(p: Plug) -> None:
                 ipr.link("add", ifname=p.host_ifname, kind="veth", peer={"ifname": p.ifname, "net_ns_fd": fd})
             except NetlinkError as e:
                 if e.code == errno.EEXIST:
-                    raise PlumbingError(f"the container already has an interface {p.ifname}: choose another "
-                                        f"--ifname", kind="invalid") from None
+                    raise PlumbingError(
+                        f"the container already has an interface {p.ifname}: choose another --ifname", kind="invalid"
+                    ) from None
                 raise
             try:
                 _configure_container(p)

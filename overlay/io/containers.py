@@ -3,11 +3,15 @@
 The agent owns attachments because it owns the lease: a container's address (IPAM key) and
 endpoint are written under the agent's lease, so when a host dies its containers' addresses
 come back to the pool when the lease expires. `overlay attach` and the CNI plugin ask the
-agent over its control socket (overlay/control.py); this module does the work:
+agent over its control socket (overlay/io/control.py). What to do is decided in
+overlay/core/attach.py, as plans of steps; this module gathers the facts those decisions need
+(namespace ids, whether a veth exists, a random MAC, the clock) and executes the steps:
 
     attach: resolve the network -> claim an address (etcd transaction; lowest free first,
-            the loser of a race takes the next) -> veth into the container (overlay/bridge.py)
-            -> publish the endpoint (MAC, address, this host) -> remember it in the state file
+            the loser of a race takes the next) -> veth into the container (overlay/io/bridge.py)
+            -> publish the endpoint (MAC, address, this host) -> remember it in the state file;
+            a failure undoes what was done (each undo step logged if it fails, never hiding
+            the error that caused it)
     detach: remove the veth -> delete endpoint and address -> forget it
 
 Attachments are remembered in ``<state_dir>/<host-id>.json`` so an agent restarted by systemd
@@ -18,51 +22,54 @@ namespace was deleted) is noticed within two seconds and its address and endpoin
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, assert_never
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from overlay.core.attach import (
+    Attachment,
+    Attachments,
+    AttachPlan,
+    AttachStep,
+    ClaimAddress,
+    DetachStep,
+    ForgetEndpoint,
+    ForgetLocal,
+    PlugVeth,
+    PublishEndpoint,
+    Refuse,
+    ReleaseAddress,
+    ReleaseEndpoint,
+    SaveAttached,
+    SaveDetached,
+    UndoStep,
+    Unplug,
+    attachment_id,
+    check_gateway,
+    decode_state,
+    encode_state,
+    require_registry,
+)
+from overlay.core.control import AttachRequest, CheckRequest, DetachRequest, Refused
+from overlay.core.registry import Allocation, Endpoint, Registry
 from overlay.io import bridge
-from overlay.core import ipam
-from overlay.io.control import Refused
 from overlay.io.etcd import ERRORS, EtcdClient, EtcdError
-from overlay.core.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
-from overlay.core.wire import mac_to_int, mac_to_str, unicast_mac
 
 log = logging.getLogger("overlay.containers")
 ETCD_ERRORS = (*ERRORS, EtcdError)  # etcd away, or refusing (a role revoked)
-CLAIM_TRIES = 64
 REAP_EVERY = 2.0
-DETACH_GRACE = 10.0  # seconds a detached MAC's late frames are not taken for a new local endpoint
 
 
-@dataclass(frozen=True)
-class Attachment:
-    id: str  # who asked: "cni/<container id>/<ifname>", or "netns/<inode>/<ifname>" for overlay attach
-    vni: int
-    network: str
-    netns: str
-    ifname: str
-    host_ifname: str
-    mac: str
-    address: str  # A.B.C.D/len
-    gateway: str | None
-    mtu: int
-
-    def plug(self) -> bridge.Plug:
-        return bridge.Plug(self.netns, self.ifname, self.host_ifname, bridge.bridge_name(self.vni),
-                           mac_to_int(self.mac), ipaddress.IPv4Interface(self.address),
-                           ipaddress.IPv4Address(self.gateway) if self.gateway else None, self.mtu)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+def plug_of(a: Attachment) -> bridge.Plug:
+    """What the bridge module builds for ``a``."""
+    return bridge.Plug(
+        a.netns, a.ifname, a.host_ifname, bridge.bridge_name(a.vni), a.endpoint_key.mac, a.interface, a.router, a.mtu
+    )
 
 
 def netns_id(path: str) -> str:
@@ -72,160 +79,185 @@ def netns_id(path: str) -> str:
         st = os.stat(path)
         nsfs = os.stat("/proc/self/ns/net").st_dev
     except PermissionError as e:
-        raise Refused(f"the agent may not open {path} ({e.strerror}): entering another process's namespace by PID "
-                      f"needs CAP_SYS_PTRACE (and CAP_SYS_ADMIN); or give a namespace path or name", "netns") from None
+        raise Refused(
+            f"the agent may not open {path} ({e.strerror}): entering another process's namespace by PID "
+            f"needs CAP_SYS_PTRACE (and CAP_SYS_ADMIN); or give a namespace path or name",
+            "netns",
+        ) from None
     except OSError as e:
         raise Refused(f"no network namespace at {path} ({e.strerror}): is the container running?", "netns") from None
     if st.st_dev != nsfs:
-        raise Refused(f"{path} is not a network namespace: give a name from 'ip netns', a path like "
-                      f"/run/netns/NAME or /proc/PID/ns/net, or a PID", "netns")
+        raise Refused(
+            f"{path} is not a network namespace: give a name from 'ip netns', a path like "
+            f"/run/netns/NAME or /proc/PID/ns/net, or a PID",
+            "netns",
+        )
     return f"{st.st_dev}:{st.st_ino}"
 
 
 class Containers:
-    """This host's attachments, and the control commands that change them."""
+    """This host's attachments, and the control commands that change them: executes the plans
+    of overlay.core.attach."""
 
-    def __init__(self, client: EtcdClient, registry: Registry, host_id: str, vnis: list[int], mtu: int,
-                 state_dir: Path | None, forget_local: Callable[[int, int], None]) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        registry: Registry,
+        host_id: str,
+        vnis: list[int],
+        mtu: int,
+        state_dir: Path | None,
+        forget_local: Callable[[int, int], object],
+    ) -> None:
         self.client, self.registry, self.host_id = client, registry, host_id
         self.vnis, self.mtu = vnis, mtu
         self.state = state_path(state_dir, host_id) if state_dir else None
         self.forget_local = forget_local  # the fast path's memory of MACs seen behind our TAP
-        self.attached: dict[str, Attachment] = {}
-        self._attaching: set[tuple[int, int]] = set()  # (vni, MAC) plugged but not yet recorded
-        self._detached: dict[tuple[int, int], float] = {}  # (vni, MAC) -> when: its frames may still be queued
+        self.attachments = Attachments(host_id, vnis, mtu)
         self.lock = asyncio.Lock()  # one change at a time: IPAM picks must see each other
+
+    @property
+    def attached(self) -> dict[str, Attachment]:
+        return self.attachments.attached
 
     # --- control commands ------------------------------------------------------------------
 
-    async def attach(self, req: dict[str, Any]) -> dict[str, Any]:
-        netns = _text(req, "netns", required=True)
-        assert netns is not None
-        ifname = _text(req, "ifname") or "eth0"
-        vni, network = self._network(_text(req, "net", required=True))
-        if netns_id(netns) == netns_id("/proc/self/ns/net"):
-            raise Refused(f"{netns} is the agent's own network namespace (the host's): attach containers, "
-                          f"not the host", "netns")
-        attachment_id = _text(req, "id") or f"netns/{netns_id(netns)}/{ifname}"
-        gateway = self._gateway(_text(req, "gateway") or network.gateway, network)
-        self._connected()
+    async def attach(self, req: AttachRequest) -> dict[str, object]:
+        book = self.attachments
+        vni, network = book.network(req.net, self.registry.networks())
+        this_id = attachment_id(req, netns_id(req.netns), netns_id("/proc/self/ns/net"))
+        gateway = check_gateway(req.gateway or network.gateway, network)
+        require_registry(self.client.connected)
         async with self.lock:
-            existing = self.attached.get(attachment_id)
+            existing = self.attached.get(this_id)
             if existing is not None:
-                if existing.vni == vni and await asyncio.to_thread(bridge.exists, existing.host_ifname):
-                    return existing.to_json()  # asked twice: the same answer
-                raise Refused(f"{attachment_id} is already attached to network {existing.network}: detach it first",
-                              "invalid")
-            mac = self._mac(_text(req, "mac"), vni)
+                plugged = await asyncio.to_thread(bridge.exists, existing.host_ifname)
+                return book.again(existing, vni, plugged).to_json()  # asked twice: the same answer
+            mac = book.mac(req.mac, vni, bridge.random_mac(), self.registry)
+            choice = book.addresses(vni, network, req.ip, gateway, self.registry)
+            host_ifname = bridge.host_ifname(this_id)
             try:
-                address = await self._claim(vni, network, _text(req, "ip"), mac, attachment_id, gateway)
+                while True:
+                    address = choice.next()
+                    plan = book.plan_attach(
+                        req=req,
+                        attachment_id=this_id,
+                        host_ifname=host_ifname,
+                        vni=vni,
+                        network=network,
+                        mac=mac,
+                        gateway=gateway,
+                        address=address,
+                    )
+                    if await self._attach(plan):
+                        break
+                    choice.lost(address)  # another host got it first: take the next
+            except bridge.PlumbingError as e:
+                raise Refused(str(e), e.kind) from None
             except ETCD_ERRORS as e:
                 raise _etcd_refusal(e) from None
-            if gateway is not None and gateway not in address.network:
-                await self._quietly(self._release_address(vni, address))
-                raise Refused(f"--gateway {gateway} is outside the container's subnet {address.network}", "address")
-            a = Attachment(attachment_id, vni, network.name or str(vni), netns, ifname,
-                           bridge.host_ifname(attachment_id), mac, str(address), str(gateway) if gateway else None,
-                           min(network.mtu or self.mtu, self.mtu))  # never above the TAP's: the bridge would drop
-            endpoint = EndpointKey(vni, mac_to_int(mac))
-            self._attaching.add((vni, endpoint.mac))
-            try:
-                await asyncio.to_thread(bridge.plug, a.plug())
-                await self.client.hold(endpoint, Endpoint(self.host_id, [str(address.ip)]))
-            except BaseException as e:  # nothing left behind: veth, endpoint, address
-                await asyncio.shield(self._undo(a, endpoint, address))
-                if isinstance(e, bridge.PlumbingError):
-                    raise Refused(str(e), e.kind) from None
-                if isinstance(e, ETCD_ERRORS):
-                    raise _etcd_refusal(e) from None
-                raise
-            finally:
-                self._attaching.discard((vni, endpoint.mac))
-            self.attached[a.id] = a
-            self._save()
-        log.info("attached %s: %s %s on network %s (%s) via %s", a.id, a.mac, a.address, a.network, a.vni, a.host_ifname)
+        a = plan.attachment
+        log.info(
+            "attached %s: %s %s on network %s (%s) via %s", a.id, a.mac, a.address, a.network, a.vni, a.host_ifname
+        )
         return a.to_json()
 
-    def owns(self, vni: int, mac: int) -> bool:
-        """Whether ``mac`` on ``vni`` is (or just was) an attached container's: attach publishes
-        its endpoint, and a frame it sent before a detach, read from the TAP after it, must not
-        publish it again."""
-        if (vni, mac) in self._attaching or any(a.vni == vni and mac_to_int(a.mac) == mac
-                                                for a in self.attached.values()):
-            return True
-        when = self._detached.get((vni, mac))
-        return when is not None and time.monotonic() - when < DETACH_GRACE
-
-    async def _undo(self, a: Attachment, endpoint: EndpointKey, address: ipaddress.IPv4Interface) -> None:
-        """Roll back a half-made attach; errors here must not hide the one that caused it."""
-        await self._quietly(asyncio.to_thread(bridge.unplug, a.host_ifname))
-        await self._quietly(self.client.release(endpoint))  # it may have been written before the failure
-        self.client.forget(endpoint)  # and if etcd did not answer, it must not be written later
-        await self._quietly(self._release_address(a.vni, address))
-
-    @staticmethod
-    async def _quietly(step: Any) -> None:
+    async def _attach(self, plan: AttachPlan) -> bool:
+        """Run ``plan``'s steps; False if its address was lost to another host (nothing is left
+        behind then). On a failure, undo and raise it."""
+        a = plan.attachment
         try:
-            await step
-        except Exception as e:
-            log.warning("rolling back an attach: %s (%s)", e.__class__.__name__, e)
+            for index, step in enumerate(plan.steps):
+                try:
+                    done = await self._attach_step(step)
+                except BaseException:  # nothing left behind: veth, endpoint, address
+                    await asyncio.shield(self._undo(plan.undo(index)))
+                    raise
+                if not done:
+                    await asyncio.shield(self._undo(plan.undo(index)))
+                    return False
+            return True
+        finally:
+            self.attachments.attaching.discard((a.vni, a.endpoint_key.mac))
 
-    def _connected(self) -> None:
-        if not self.client.connected:
-            raise Refused("the registry (etcd) is unreachable from this agent, so addresses and endpoints "
-                          "cannot be written: try again when 'overlay status' shows it connected", "etcd")
+    async def _attach_step(self, step: AttachStep) -> bool:
+        if isinstance(step, ClaimAddress):
+            return await self.client.claim(step.key, step.allocation)
+        if isinstance(step, Refuse):
+            raise Refused(step.message, step.kind)
+        if isinstance(step, PlugVeth):
+            a = step.attachment
+            self.attachments.attaching.add((a.vni, a.endpoint_key.mac))  # its frames are not a new local endpoint
+            await asyncio.to_thread(bridge.plug, plug_of(a))
+        elif isinstance(step, PublishEndpoint):
+            await self.client.hold(step.key, step.endpoint)
+        elif isinstance(step, SaveAttached):
+            self._write([*self.attached.values(), step.attachment])  # written first: only then is it attached
+            self.attached[step.attachment.id] = step.attachment
+        else:
+            assert_never(step)
+        return True
 
-    async def detach(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _undo(self, steps: Iterable[UndoStep]) -> None:
+        """Roll back a half-made attach; errors here must not hide the one that caused it."""
+        for step in steps:
+            try:
+                await self._do(step)
+            except Exception as e:
+                log.warning("rolling back an attach: %s (%s)", e.__class__.__name__, e)
+
+    async def _do(self, step: UndoStep | DetachStep) -> None:
+        """Execute one undo or detach step."""
+        if isinstance(step, Unplug):
+            await asyncio.to_thread(bridge.unplug, step.host_ifname)
+        elif isinstance(step, ForgetLocal):  # noted first: a late frame must not publish it again
+            self.attachments.note_detached(step.vni, step.mac, time.monotonic())
+            self.forget_local(step.vni, step.mac)
+        elif isinstance(step, (ReleaseEndpoint, ReleaseAddress)):
+            await self.client.release(step.key)
+        elif isinstance(step, ForgetEndpoint):
+            self.client.forget(step.key)  # if etcd did not answer, it must not be written later
+        elif isinstance(step, SaveDetached):
+            del self.attached[step.attachment.id]
+            self._save()
+        else:
+            assert_never(step)
+
+    def owns(self, vni: int, mac: int) -> bool:
+        """Whether ``mac`` on ``vni`` is (or just was) an attached container's (core.attach's rule, now)."""
+        return self.attachments.owns(vni, mac, time.monotonic())
+
+    async def detach(self, req: DetachRequest) -> dict[str, object]:
         """Detach by id, or by netns (and ifname); nothing attached is not an error (CNI DEL
         must be idempotent)."""
-        attachment_id = _text(req, "id")
-        ifname = _text(req, "ifname")
-        netns = _text(req, "netns")
-        if attachment_id is None and netns is None:
-            raise Refused("say what to detach: a namespace (netns) or an attachment id", "invalid")
         async with self.lock:
-            if attachment_id is not None:
-                chosen = [self.attached[attachment_id]] if attachment_id in self.attached else []
-            else:
-                assert netns is not None
-                try:
-                    prefix = f"netns/{netns_id(netns)}/"
-                except Refused:  # the namespace is gone: what was attached by that path
-                    prefix = "\0"
-                chosen = [a for a in self.attached.values()
-                          if (a.id.startswith(prefix) or a.netns == netns) and (ifname is None or a.ifname == ifname)]
+            chosen = self.attachments.select(req, None if req.id is not None else _netns_id_if_any(req.netns))
             for a in chosen:
                 try:
                     await self._remove(a, unplug=True)
                 except ETCD_ERRORS as e:
                     # The container is off the network; its address and endpoint stay held until
                     # etcd answers again: the reaper (its veth is gone) releases them then.
-                    log.warning("detached %s, but etcd did not answer (%s): its address and endpoint are "
-                                "released once it does", a.id, e.__class__.__name__)
+                    log.warning(
+                        "detached %s, but etcd did not answer (%s): its address and endpoint are released once it does",
+                        a.id,
+                        e.__class__.__name__,
+                    )
                 except bridge.PlumbingError as e:
                     raise Refused(str(e), e.kind) from None
         return {"detached": [a.to_json() for a in chosen]}
 
-    async def check(self, req: dict[str, Any]) -> dict[str, Any]:
-        attachment_id = _text(req, "id", required=True)
-        a = self.attached.get(attachment_id)
-        if a is None:
-            raise Refused(f"{attachment_id} is not attached on this host", "unknown")
+    async def check(self, req: CheckRequest) -> dict[str, object]:
+        a = self.attachments.checked(req.id)
         try:
-            problems = await asyncio.to_thread(bridge.problems, a.plug())
+            problems = await asyncio.to_thread(bridge.problems, plug_of(a))
         except (bridge.PlumbingError, OSError, NetlinkError) as e:
             problems = [str(e)]
-        endpoint = self.registry.get(EndpointKey(a.vni, mac_to_int(a.mac)))
-        if not isinstance(endpoint, Endpoint) or endpoint.host != self.host_id:
-            problems.append(f"the registry does not have endpoint {a.mac} on this host")
-        allocation = self.registry.get(AddressKey(a.vni, ipaddress.IPv4Interface(a.address).ip))
-        if not isinstance(allocation, Allocation) or allocation.host != self.host_id:
-            problems.append(f"address {a.address} is not held by this host in the registry")
-        if problems:
-            raise Refused(f"{a.id} is broken: " + "; ".join(problems), "broken")
+        self.attachments.verify(a, problems, self.registry)
         return a.to_json()
 
-    def list(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+    def list(self) -> list[dict[str, object]]:
+        """Every attachment, as its JSON object."""
         return [a.to_json() for a in self.attached.values()]
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -235,7 +267,7 @@ class Containers:
         if self.state is None or not self.state.exists():
             return
         try:
-            saved = [Attachment(**a) for a in read_state(self.state)[1]]
+            saved = [Attachment.from_json(a) for a in read_state(self.state)[1]]
         except (OSError, ValueError, TypeError) as e:
             log.warning("state file %s is unreadable (%s); starting without attachments", self.state, e)
             return
@@ -250,8 +282,8 @@ class Containers:
         if a.vni not in self.vnis or not await asyncio.to_thread(bridge.exists, a.host_ifname):
             log.info("not adopting %s: its network or veth is gone", a.id)
             return
-        address = ipaddress.IPv4Interface(a.address)
-        key, allocation = AddressKey(a.vni, address.ip), Allocation(self.host_id, a.mac, a.id)
+        address = a.interface
+        key, allocation = a.address_key, Allocation(self.host_id, a.mac, a.id)
         if not await self.client.claim(key, allocation):
             owner = self.registry.get(key)
             if owner != allocation:
@@ -259,8 +291,8 @@ class Containers:
                 await asyncio.to_thread(bridge.unplug, a.host_ifname)
                 return
             await self.client.hold(key, allocation)  # ours from before: under the new lease now
-        await asyncio.to_thread(bridge.replug, a.host_ifname, bridge.bridge_name(a.vni), mac_to_int(a.mac))
-        await self.client.hold(EndpointKey(a.vni, mac_to_int(a.mac)), Endpoint(self.host_id, [str(address.ip)]))
+        await asyncio.to_thread(bridge.replug, a.host_ifname, bridge.bridge_name(a.vni), a.endpoint_key.mac)
+        await self.client.hold(a.endpoint_key, Endpoint(self.host_id, [str(address.ip)]))
         self.attached[a.id] = a
         log.info("adopted %s: %s %s on network %s", a.id, a.mac, a.address, a.network)
 
@@ -289,119 +321,28 @@ class Containers:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _network(self, name: str) -> tuple[int, Network]:
-        networks = self.registry.networks()
-        named = [v for v, n in networks.items() if n.name == name]
-        if name.isdigit() and (int(name) in networks or int(name) in self.vnis):
-            vni: int | None = int(name)  # a VNI first: names are for people, and need not be unique
-        elif len(named) > 1:
-            raise Refused(f"several networks are named {name!r} (VNIs {', '.join(map(str, sorted(named)))}): "
-                          f"give the VNI", "network")
-        else:
-            vni = named[0] if named else (int(name) if name.isdigit() else None)
-        if vni is None or (vni not in networks and vni not in self.vnis):
-            known = ", ".join(f"{n.name or v} ({v})" for v, n in sorted(networks.items())) or "none"
-            raise Refused(f"network {name!r} is unknown; networks in the registry: {known} "
-                          f"(create one with 'overlay net create')", "network")
-        if vni not in self.vnis:
-            raise Refused(f"this host's agent is not on network {name} (VNI {vni}): start it with --network {vni}",
-                          "network")
-        return vni, networks.get(vni) or Network(vni, str(vni))
-
-    @staticmethod
-    def _gateway(text: str | None, network: Network) -> ipaddress.IPv4Address | None:
-        if text is None:
-            return None
-        try:
-            gateway = ipaddress.IPv4Address(text)
-        except ValueError:
-            raise Refused(f"--gateway {text!r} is not an IPv4 address", "invalid") from None
-        if network.subnet is not None:
-            subnet = ipaddress.IPv4Network(network.subnet)
-            if gateway not in subnet:
-                raise Refused(f"--gateway {gateway} is outside the container's subnet {subnet}", "address")
-            if gateway in (subnet.network_address, subnet.broadcast_address):
-                raise Refused(f"--gateway {gateway} is the network or broadcast address of {subnet}", "address")
-        return gateway
-
-    def _mac(self, wanted: str | None, vni: int) -> str:
-        if wanted is None:
-            return mac_to_str(bridge.random_mac())
-        try:
-            mac = unicast_mac(wanted)
-        except ValueError as e:
-            raise Refused(f"--mac {e}", "invalid") from None
-        owner = self.registry.get(EndpointKey(vni, mac))
-        if isinstance(owner, Endpoint) and owner.host != self.host_id:
-            raise Refused(f"MAC {mac_to_str(mac)} is in use on network {vni} by host {owner.host}: detach it there "
-                          f"first, or choose another --mac", "address")
-        if any(a.vni == vni and a.mac == mac_to_str(mac) for a in self.attached.values()):
-            raise Refused(f"MAC {mac_to_str(mac)} is already attached here on network {vni}", "address")
-        return mac_to_str(mac)
-
-    async def _claim(self, vni: int, network: Network, wanted: str | None, mac: str, owner: str,
-                     gateway: ipaddress.IPv4Address | None) -> ipaddress.IPv4Interface:
-        allocation = Allocation(self.host_id, mac, owner)
-        used = ipam.taken(self.registry, vni) | ({gateway} if gateway else set())  # never the route out
-        try:
-            if wanted is not None:
-                try:
-                    address = ipaddress.IPv4Interface(wanted)
-                except ValueError:
-                    raise Refused(f"--ip {wanted!r} is not an address with a prefix length like 198.19.1.5/24",
-                                  "invalid") from None
-                if "/" not in wanted:
-                    if not network.subnet:
-                        raise Refused(f"--ip {wanted}: give the prefix length too (network {network.name or vni} "
-                                      f"has no subnet to take it from)", "invalid")
-                    address = ipaddress.IPv4Interface(f"{address.ip}/{ipaddress.IPv4Network(network.subnet).prefixlen}")
-                if network.subnet is not None:
-                    ipam.check(network, address, used)
-                if not await self.client.claim(AddressKey(vni, address.ip), allocation):
-                    raise Refused(f"address {address.ip} is in use on network {network.name or vni}: pick another, "
-                                  f"or leave out --ip to get a free one", "address")
-                return address
-            lost: set[ipaddress.IPv4Address] = set()
-            for _ in range(CLAIM_TRIES):
-                address = ipam.pick(network, used | lost)
-                if await self.client.claim(AddressKey(vni, address.ip), allocation):
-                    return address
-                lost.add(address.ip)  # another host got it first: take the next
-        except ipam.IpamError as e:
-            raise Refused(str(e), e.kind) from None
-        raise Refused(f"could not claim an address on network {network.name or vni} after {CLAIM_TRIES} tries "
-                      f"(many hosts allocating at once?): try again", "address")
-
-    async def _release_address(self, vni: int, address: ipaddress.IPv4Interface) -> None:
-        await self.client.release(AddressKey(vni, address.ip))
-
     async def _remove(self, a: Attachment, unplug: bool) -> None:
-        if unplug:
-            await asyncio.to_thread(bridge.unplug, a.host_ifname)
-        mac = mac_to_int(a.mac)
-        self._detached = {k: t for k, t in self._detached.items() if time.monotonic() - t < DETACH_GRACE}
-        self._detached[a.vni, mac] = time.monotonic()  # first: a late frame must not publish it again
-        self.forget_local(a.vni, mac)
-        await self.client.release(EndpointKey(a.vni, mac))
-        await self._release_address(a.vni, ipaddress.IPv4Interface(a.address))
-        del self.attached[a.id]
-        self._save()
+        for step in self.attachments.plan_detach(a, unplug).steps:
+            await self._do(step)
         log.info("detached %s: %s %s from network %s", a.id, a.mac, a.address, a.network)
 
     def _save(self, lease: int | None = None) -> None:
         """Write the attachments atomically (a crash mid-write keeps the old file), with the
         lease a successor may resume (only when stopping: see ``stopping``)."""
+        self._write(self.attached.values(), lease)
+
+    def _write(self, attachments: Iterable[Attachment], lease: int | None = None) -> None:
         if self.state is None:
             return
         try:
             self.state.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state.with_suffix(".tmp")
-            state = {"lease": lease, "attachments": [a.to_json() for a in self.attached.values()]}
-            tmp.write_text(json.dumps(state, indent=1))
+            tmp.write_text(encode_state(lease, attachments))
             os.replace(tmp, self.state)
         except OSError as e:
-            log.warning("cannot write the state file %s (%s): attachments will not survive a restart",
-                        self.state, e.strerror)
+            log.warning(
+                "cannot write the state file %s (%s): attachments will not survive a restart", self.state, e.strerror
+            )
 
 
 def state_path(state_dir: Path, host_id: str) -> Path:
@@ -409,32 +350,24 @@ def state_path(state_dir: Path, host_id: str) -> Path:
     return state_dir / f"{host_id}.json"
 
 
-def read_state(path: Path) -> tuple[int | None, list[dict[str, Any]]]:
-    """(lease to resume, attachments) from a state file; (None, []) if there is none."""
+def read_state(path: Path) -> tuple[int | None, list[object]]:
+    """(lease to resume, attachment records) from a state file; (None, []) if there is none."""
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         return None, []
-    if isinstance(data, list):  # the first format: attachments only
-        return None, data
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
-    lease = data.get("lease")
-    return (lease if isinstance(lease, int) else None), list(data.get("attachments") or [])
+    return decode_state(text)
+
+
+def _netns_id_if_any(path: str | None) -> str | None:
+    """The id of the namespace at ``path``; None if there is none (it is gone)."""
+    if path is None:
+        return None
+    try:
+        return netns_id(path)
+    except Refused:  # the namespace is gone: what was attached by that path
+        return None
 
 
 def _etcd_refusal(e: BaseException) -> Refused:
     return Refused(f"the registry (etcd) did not answer ({e.__class__.__name__}): try again", "etcd")
-
-
-def _text(req: dict[str, Any], name: str, required: bool = False) -> str | None:
-    value = req.get(name)
-    if value is None or value == "":
-        if required:
-            raise Refused(f"missing {name}", "invalid")
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        raise Refused(f"{name} must be a string, not {type(value).__name__}", "invalid")
-    return value

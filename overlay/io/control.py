@@ -10,13 +10,15 @@ is {"error": <one line>, "kind": <what was wrong, or null>}.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
 import socket
 import struct
-import inspect
 from typing import Any, Awaitable, Callable, Union
+
+from overlay.core.control import Refused as Refused  # handlers raise it; callers may spell it control.Refused
 
 PREFIX = "overlay/"
 log = logging.getLogger("overlay.control")
@@ -30,14 +32,6 @@ class ControlError(RuntimeError):
     such attachment, "broken": check found it damaged, "etcd": the registry is unreachable,
     "permission": the caller is not root) or "agent" when no agent answers; callers
     such as the CNI plugin map it to codes."""
-
-    def __init__(self, message: str, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class Refused(Exception):
-    """Raised by a handler: the request cannot be done; the message tells the user why."""
 
     def __init__(self, message: str, kind: str | None = None) -> None:
         super().__init__(message)
@@ -70,10 +64,12 @@ def peer_uid(writer: asyncio.StreamWriter) -> int | None:
         _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     except (OSError, AttributeError):
         return None
-    return uid
+    return int(uid)
 
 
-async def serve(tap: str, handlers: dict[str, Handler], privileged: frozenset[str] = frozenset()) -> asyncio.AbstractServer:
+async def serve(
+    tap: str, handlers: dict[str, Handler], privileged: frozenset[str] = frozenset()
+) -> asyncio.AbstractServer:
     """Answer requests for ``tap``'s agent: each handler gets the request's parameters and may
     be a coroutine; an unknown command gets {"error": ...}. Commands in ``privileged`` change
     the host (attach plugs interfaces into namespaces): only root or the agent's own user may
@@ -90,7 +86,7 @@ async def serve(tap: str, handlers: dict[str, Handler], privileged: frozenset[st
                 cmd = request.pop("cmd")
             except (ValueError, AttributeError, KeyError, TypeError):
                 cmd = None
-                answer: Any = {"error": "send one JSON object line like {\"cmd\": \"status\"}", "kind": "invalid"}
+                answer: Any = {"error": 'send one JSON object line like {"cmd": "status"}', "kind": "invalid"}
             else:
                 handler = handlers.get(cmd) if isinstance(cmd, str) else None
                 try:
@@ -109,7 +105,7 @@ async def serve(tap: str, handlers: dict[str, Handler], privileged: frozenset[st
                     answer = {"error": f"the agent failed to answer {cmd!r}: {e}"}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -117,7 +113,9 @@ async def serve(tap: str, handlers: dict[str, Handler], privileged: frozenset[st
     try:
         return await asyncio.start_unix_server(on_client, path=address(tap), limit=MAX_REQUEST)
     except OSError as e:
-        raise ControlError(f"control socket @{PREFIX}{tap} is taken: is an agent for {tap} already running here? ({e.strerror})") from None
+        raise ControlError(
+            f"control socket @{PREFIX}{tap} is taken: is an agent for {tap} already running here? ({e.strerror})"
+        ) from None
 
 
 def request(cmd: str, tap: str | None = None, timeout: float = 5.0, **params: Any) -> Any:
@@ -126,8 +124,9 @@ def request(cmd: str, tap: str | None = None, timeout: float = 5.0, **params: An
     if tap is None:
         agents = running_agents()
         if not agents:
-            raise ControlError("no overlay agent is running in this network namespace (start one with 'overlay agent')",
-                               "agent")
+            raise ControlError(
+                "no overlay agent is running in this network namespace (start one with 'overlay agent')", "agent"
+            )
         if len(agents) > 1:
             raise ControlError(f"several agents run here ({', '.join(agents)}): choose one with --tap")
         tap = agents[0]

@@ -21,13 +21,13 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Callable
-
-from overlay.fastpath import api as fp
-from overlay.fastpath.api import ForwardingCore, FrameBatch
+from typing import Callable
 
 from overlay.core.fdb import ForwardingTable, Source, Vtep
+from overlay.core.status import DataplaneStatus, FdbStatus, PeerTraffic, Totals, Wakeups
 from overlay.core.wire import Drop, mac_to_str
+from overlay.fastpath import api as fp
+from overlay.fastpath.api import ForwardingCore, FrameBatch
 
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # never fragment outer packets
 SO_ATTACH_FILTER = 26
@@ -52,7 +52,7 @@ class DataplaneError(RuntimeError):
     """The sockets could not be set up; the message says why and how to fix it."""
 
 
-def _drop_all_filter() -> tuple[bytes, Any]:
+def _drop_all_filter() -> tuple[bytes, ctypes.Array[ctypes.c_uint64]]:
     """A one-instruction classic BPF program 'ret 0' as a sock_fprog (and what keeps it alive)."""
     program = (ctypes.c_uint64 * 1)(struct.unpack("Q", struct.pack("HBBI", 0x06, 0, 0, 0))[0])
     return struct.pack("HL", 1, ctypes.addressof(program)), program
@@ -172,8 +172,7 @@ class Dataplane:
 
     def _on_tap(self, vni: int, fd: int) -> None:
         self.wakeups["tx"] += 1
-        self.wakeups["tx_frames"] += fp.pump_tx(
-            self.core, self.reads, self.frames, vni, fd, self.send_fds, BUDGET)
+        self.wakeups["tx_frames"] += fp.pump_tx(self.core, self.reads, self.frames, vni, fd, self.send_fds, BUDGET)
         if self.reads.io_error:
             self._fatal(f"the TAP failed ({os.strerror(self.reads.io_error)}): was it deleted?")
         if self.on_local is not None:
@@ -192,7 +191,8 @@ class Dataplane:
     def _on_udp(self) -> None:
         self.wakeups["rx"] += 1
         self.wakeups["rx_frames"] += fp.pump_rx(
-            self.core, self.messages, self.datagrams, self.merge, self.udp.fileno(), self.tap_fd, BUDGET)
+            self.core, self.messages, self.datagrams, self.merge, self.udp.fileno(), self.tap_fd, BUDGET
+        )
         if self.messages.io_error:
             self._fatal(f"the UDP socket failed: {os.strerror(self.messages.io_error)}")
             return
@@ -216,38 +216,43 @@ class Dataplane:
 
     # --- what `overlay status` and `overlay fdb` show ----------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        peers = []
-        totals = dict.fromkeys(("rx_frames", "rx_bytes", "tx_frames", "tx_bytes"), 0)
-        for ip, port, rx_f, rx_b, tx_f, tx_b in self.core.vtep_stats():
-            counts = {"rx_frames": rx_f, "rx_bytes": rx_b, "tx_frames": tx_f, "tx_bytes": tx_b}
-            for k, v in counts.items():
-                totals[k] += v
-            peers.append({"vtep": f"{ipaddress.IPv4Address(ip)}:{port}", **counts})
+    def status(self) -> DataplaneStatus:
+        peers = [
+            PeerTraffic(
+                vtep=f"{ipaddress.IPv4Address(ip)}:{port}", rx_frames=rx_f, rx_bytes=rx_b, tx_frames=tx_f, tx_bytes=tx_b
+            )
+            for ip, port, rx_f, rx_b, tx_f, tx_b in self.core.vtep_stats()
+        ]
         drops = self.core.drops()
         by_source = self.table.count()
         counters = self.table.counters
-        return {
-            "wakeups": dict(self.wakeups),
-            "peers": peers,
-            "totals": totals,
-            "drops": {d.name.lower(): drops[d] for d in Drop},
-            "fdb": {
-                "static": by_source[Source.STATIC],
-                "registry": by_source[Source.REGISTRY],
-                "learned": by_source[Source.LEARNED],
-                "refused_cap": counters.refused_cap,
-                "moves": counters.moves,
-                "expired": counters.expired,
-                "evicted": counters.evicted,
-                "refused_table_full": counters.refused_table_full,
-                "learn_overflow": self.core.learn_overflow,
-            },
-            "coalesced_frames": self.core.coalesced,
-            "arp_suppressed": self.core.arp_suppressed,
-        }
+        w = self.wakeups
+        return DataplaneStatus(
+            wakeups=Wakeups(tx=w["tx"], tx_frames=w["tx_frames"], rx=w["rx"], rx_frames=w["rx_frames"]),
+            peers=peers,
+            totals=Totals(
+                rx_frames=sum(p.rx_frames for p in peers),
+                rx_bytes=sum(p.rx_bytes for p in peers),
+                tx_frames=sum(p.tx_frames for p in peers),
+                tx_bytes=sum(p.tx_bytes for p in peers),
+            ),
+            drops={d.name.lower(): drops[d] for d in Drop},
+            fdb=FdbStatus(
+                static=by_source[Source.STATIC],
+                registry=by_source[Source.REGISTRY],
+                learned=by_source[Source.LEARNED],
+                refused_cap=counters.refused_cap,
+                moves=counters.moves,
+                expired=counters.expired,
+                evicted=counters.evicted,
+                refused_table_full=counters.refused_table_full,
+                learn_overflow=self.core.learn_overflow,
+            ),
+            coalesced_frames=self.core.coalesced,
+            arp_suppressed=self.core.arp_suppressed,
+        )
 
-    def fdb(self) -> list[dict[str, Any]]:
+    def fdb(self) -> list[dict[str, object]]:
         now = self.clock()
         return [
             {

@@ -57,7 +57,7 @@ class Tls:
     cert: str | None = None
     key: str | None = None
 
-    def credentials(self) -> "grpc.ChannelCredentials":
+    def credentials(self) -> grpc.ChannelCredentials:
         import grpc
 
         def read(path: str | None, what: str) -> bytes | None:
@@ -72,12 +72,12 @@ class Tls:
         return grpc.ssl_channel_credentials(read(self.ca, "CA"), read(self.key, "key"), read(self.cert, "certificate"))
 
 
-class SecureClient(aetcd.Client):
+class SecureClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no types
     """aetcd.Client over a TLS channel: aetcd itself only opens insecure ones. The same
     stubs as aetcd's connect, on a channel made with our credentials."""
 
     def __init__(self, *args: object, tls: Tls, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, **kwargs)
         self._credentials = tls.credentials()
 
     async def connect(self) -> None:
@@ -85,12 +85,14 @@ class SecureClient(aetcd.Client):
 
         if self._connected.is_set():
             return
-        self.channel = rpc.secure_channel(f"{self._host}:{self._port}", self._credentials,
-                                          options=list(self._options.items()))
+        self.channel = rpc.secure_channel(
+            f"{self._host}:{self._port}", self._credentials, options=list(self._options.items())
+        )
         if self._username is not None and self._password is not None:
             self.auth_stub = rpc.AuthStub(self.channel)
             response = await self.auth_stub.Authenticate(
-                rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+                rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout
+            )
             self.metadata = (("token", response.token),)
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
@@ -98,6 +100,36 @@ class SecureClient(aetcd.Client):
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
         self._connected.set()
+
+
+async def open_client(
+    url: str, prefix: str, user: str | None = None, password: str | None = None, tls: Tls | None = None
+) -> aetcd.Client:
+    """A client connected to the etcd at ``url``, over TLS when ``tls`` is given, that has made
+    one round trip (a read of ``<prefix>/``: a prefix-only role may read it), so a frozen or
+    refusing etcd shows here and not at the first real request. On any failure (also a
+    cancellation, e.g. by a timeout around this call) the client is closed and the error
+    raised as it came; callers say what it means to their user. The one way to connect to etcd:
+    the agent's EtcdClient and the operator commands both use it."""
+    host, port = parse_endpoint(url)
+    if tls is not None:
+        client: aetcd.Client = SecureClient(
+            host, port, username=user, password=password, timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS, tls=tls
+        )
+    else:
+        client = aetcd.Client(
+            host, port, username=user, password=password, timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS
+        )
+    try:
+        await client.connect()
+        await client.get((prefix + "/").encode())
+    except BaseException:
+        try:
+            await asyncio.shield(client.close())
+        except BaseException:
+            pass
+        raise
+    return client
 
 
 @dataclass
@@ -137,26 +169,20 @@ class EtcdClient:
             return self._client
         last: Exception | None = None
         for _ in range(len(self.endpoints)):
-            host, port = parse_endpoint(self.endpoints[self._next % len(self.endpoints)])
+            url = self.endpoints[self._next % len(self.endpoints)]
             self._next += 1
-            if self.tls is not None:
-                client: aetcd.Client = SecureClient(host, port, username=self.user, password=self.password,
-                                                    timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS, tls=self.tls)
-            else:
-                client = aetcd.Client(host, port, username=self.user, password=self.password,
-                                      timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS)
             try:
-                await client.connect()
-                await client.get((self.schema.prefix + "/").encode())  # a round trip: is it really there?
+                client = await open_client(url, self.schema.prefix, self.user, self.password, self.tls)
             except ERRORS as e:
-                await client.close()
                 if "authentication failed" in str(e) or isinstance(e, aetcd.exceptions.UnauthenticatedError):
                     raise EtcdError("etcd refused the user name or password (--etcd-user, --etcd-password)") from None
                 if "permission denied" in str(e):
-                    raise EtcdError(f"etcd denied access under {self.schema.prefix}/: grant this user's role "
-                                    f"readwrite on the prefix {self.schema.prefix}/ "
-                                    f"('etcdctl role grant-permission ROLE --prefix=true readwrite "
-                                    f"{self.schema.prefix}/')") from None
+                    raise EtcdError(
+                        f"etcd denied access under {self.schema.prefix}/: grant this user's role "
+                        f"readwrite on the prefix {self.schema.prefix}/ "
+                        f"('etcdctl role grant-permission ROLE --prefix=true readwrite "
+                        f"{self.schema.prefix}/')"
+                    ) from None
                 last = e
                 continue
             self._client = client
@@ -263,12 +289,17 @@ class EtcdClient:
         t = client.transactions
         ok = await self._create(client, key, value, self._lease)
         if not ok:
-            ok, _ = await client.transaction(compare=[t.value(raw) == encoded],
-                                             success=[t.put(raw, encoded, self._lease)], failure=[])
+            ok, _ = await client.transaction(
+                compare=[t.value(raw) == encoded], success=[t.put(raw, encoded, self._lease)], failure=[]
+            )
         if not ok:
             self.held.pop(key, None)
-            log.warning("etcd: address %s of network %d was taken by another host while our lease was gone; "
-                        "the container holding it here must be attached again", key.address, key.vni)
+            log.warning(
+                "etcd: address %s of network %d was taken by another host while our lease was gone; "
+                "the container holding it here must be attached again",
+                key.address,
+                key.vni,
+            )
 
     async def claim(self, key: Key, value: Value) -> bool:
         """Create ``key`` under our lease if nobody has it (an address for IPAM); True if it is
@@ -326,8 +357,9 @@ class EtcdClient:
         """Put ``key`` (under ``lease``, if given) only if it does not exist; True if we made it."""
         raw = self.schema.key(key).encode()
         t = client.transactions
-        ok, _ = await client.transaction(compare=[t.create(raw) == 0],
-                                         success=[t.put(raw, self.schema.encode(value), lease)], failure=[])
+        ok, _ = await client.transaction(
+            compare=[t.create(raw) == 0], success=[t.put(raw, self.schema.encode(value), lease)], failure=[]
+        )
         return bool(ok)
 
     async def keepalive(self) -> None:
@@ -387,8 +419,9 @@ class EtcdClient:
                     await self.snapshot()
                     self.resyncs += 1
                     need_snapshot = False
-                stream = await client.watch_prefix((self.schema.prefix + "/").encode(),
-                                                   start_revision=self.registry.revision + 1)
+                stream = await client.watch_prefix(
+                    (self.schema.prefix + "/").encode(), start_revision=self.registry.revision + 1
+                )
                 backoff = BACKOFF_MIN
                 async for ev in stream:
                     key = ev.kv.key.decode(errors="replace")
@@ -406,8 +439,9 @@ class EtcdClient:
                 need_snapshot = True
             except ERRORS as e:
                 if self.connected:
-                    log.warning("etcd: connection lost (%s); forwarding with what we know, reconnecting",
-                                e.__class__.__name__)
+                    log.warning(
+                        "etcd: connection lost (%s); forwarding with what we know, reconnecting", e.__class__.__name__
+                    )
                     self.reconnects += 1
                 await self._drop(client)
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))

@@ -1,130 +1,139 @@
 """Prometheus metrics: the agent's status, read on each scrape and served over plain HTTP.
 
 The numbers are the ones `overlay status --json` prints: a collector calls the agent's
-``status()`` per scrape instead of keeping a second set of counters in step with the fast path.
-The HTTP server runs on the agent's event loop (asyncio, no thread), because ``status()`` reads
-state that the loop owns. It serves ``GET /metrics`` and nothing else, on loopback by default.
-A key missing from the status (a static agent has no registry, probes may be off) leaves its
-metrics out; it never fails a scrape.
+``status()`` per scrape, which gives the typed ``overlay.core.status.Status``, instead of keeping
+a second set of counters in step with the fast path. The HTTP server runs on the agent's event
+loop (asyncio, no thread), because ``status()`` reads state that the loop owns. It serves
+``GET /metrics`` and nothing else, on loopback by default. A part the status lacks (a static
+agent has no registry, probes may be off, a peer has no RTT before its first reply) leaves its
+metrics out, never reads as 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
+import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from overlay import __version__
 from overlay.core.addresses import format_address
+from overlay.core.status import (
+    FDB_SOURCES,
+    AgentInfo,
+    DataplaneStatus,
+    FdbStatus,
+    ProbeCounters,
+    ProbeStatus,
+    RegistryStatus,
+    Status,
+)
 
 MAX_HEAD = 8192  # request line and headers, bytes
 READ_TIMEOUT = 5.0
 log = logging.getLogger("overlay.metrics")
 
-Status = Callable[[], dict[str, Any]]
+StatusSource = Callable[[], Status]
 
 
 class MetricsError(RuntimeError):
     """The metrics endpoint could not be served; the message says where and what to do."""
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None  # bool is an int: 0/1
-
-
 class StatusCollector(Collector):
-    """Turns one ``status()`` dict into metric families named ``overlay_*``."""
+    """Turns one ``Status`` into metric families named ``overlay_*``."""
 
-    def __init__(self, status: Status) -> None:
+    def __init__(self, status: StatusSource) -> None:
         self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        s = _dict(self.status())
-        yield from self._agent(_dict(s.get("agent")))
-        yield from self._traffic(s)
-        yield from self._table(s)
-        yield from self._registry(s.get("registry"))
-        yield from self._probes(_dict(s.get("probes")), _dict(s.get("probe_counters")))
+        s = self.status()
+        yield from self._agent(s.agent)
+        yield from self._traffic(s.dataplane)
+        yield from self._table(s.dataplane.fdb)
+        yield from self._registry(s.registry)
+        yield from self._probes(s.probes, s.probe_counters)
 
-    def _agent(self, agent: dict[str, Any]) -> Iterator[Metric]:
-        info = {k: str(agent[k]) for k in ("tap", "local", "port") if agent.get(k) is not None}
-        yield InfoMetricFamily("overlay_agent", "The agent: version, first TAP, VTEP address and port.",
-                               value={"version": __version__, **info})
-        if (uptime := _number(agent.get("uptime_s"))) is not None:
-            yield GaugeMetricFamily("overlay_agent_uptime_seconds", "Seconds since the agent started.", uptime)
-        networks = GaugeMetricFamily("overlay_network_info", "A network (VNI) this agent serves, and its TAP.",
-                                     labels=["vni", "tap", "mac"])
-        for net in agent.get("networks") or []:
-            if isinstance(net, dict) and "vni" in net:
-                networks.add_metric([str(net["vni"]), str(net.get("tap", "")), str(net.get("mac", ""))], 1)
+    def _agent(self, agent: AgentInfo) -> Iterator[Metric]:
+        yield InfoMetricFamily(
+            "overlay_agent",
+            "The agent: version, first TAP, VTEP address and port.",
+            value={"version": __version__, "tap": agent.tap, "local": agent.local, "port": str(agent.port)},
+        )
+        yield GaugeMetricFamily(
+            "overlay_agent_uptime_seconds", "Seconds since the agent started.", float(agent.uptime_s)
+        )
+        networks = GaugeMetricFamily(
+            "overlay_network_info", "A network (VNI) this agent serves, and its TAP.", labels=["vni", "tap", "mac"]
+        )
+        for net in agent.networks:
+            networks.add_metric([str(net.vni), net.tap, net.mac], 1)
         if networks.samples:
             yield networks
 
-    def _traffic(self, s: dict[str, Any]) -> Iterator[Metric]:
-        totals = _dict(s.get("totals"))
-        peers = [p for p in s.get("peers") or [] if isinstance(p, dict) and "vtep" in p]
+    def _traffic(self, d: DataplaneStatus) -> Iterator[Metric]:
         for direction, verb in (("rx", "received from"), ("tx", "sent to")):
             for unit in ("frames", "bytes"):
                 key = f"{direction}_{unit}"
-                if (total := _number(totals.get(key))) is not None:
-                    yield CounterMetricFamily(f"overlay_{key}", f"Inner {unit} {verb} all peer VTEPs.", total)
-                family = CounterMetricFamily(f"overlay_vtep_{key}", f"Inner {unit} {verb} a peer VTEP (ip:port).",
-                                             labels=["vtep"])
-                for p in peers:
-                    if (v := _number(p.get(key))) is not None:
-                        family.add_metric([str(p["vtep"])], v)
+                yield CounterMetricFamily(
+                    f"overlay_{key}", f"Inner {unit} {verb} all peer VTEPs.", float(getattr(d.totals, key))
+                )
+                family = CounterMetricFamily(
+                    f"overlay_vtep_{key}", f"Inner {unit} {verb} a peer VTEP (ip:port).", labels=["vtep"]
+                )
+                for p in d.peers:
+                    family.add_metric([p.vtep], float(getattr(p, key)))
                 yield family
         drops = CounterMetricFamily("overlay_drops", "Frames dropped, by reason.", labels=["reason"])
-        for reason, v in _dict(s.get("drops")).items():
-            if (n := _number(v)) is not None:
-                drops.add_metric([reason], n)
+        for reason, n in d.drops.items():
+            drops.add_metric([reason], float(n))
         yield drops
-        wakeups = _dict(s.get("wakeups"))
         calls = CounterMetricFamily("overlay_wakeups", "Event-loop calls into the fast path.", labels=["direction"])
         moved = CounterMetricFamily("overlay_wakeup_frames", "Frames moved by those calls.", labels=["direction"])
-        for d in ("rx", "tx"):
-            if (n := _number(wakeups.get(d))) is not None:
-                calls.add_metric([d], n)
-            if (n := _number(wakeups.get(f"{d}_frames"))) is not None:
-                moved.add_metric([d], n)
+        for direction, n, frames in (
+            ("rx", d.wakeups.rx, d.wakeups.rx_frames),
+            ("tx", d.wakeups.tx, d.wakeups.tx_frames),
+        ):
+            calls.add_metric([direction], float(n))
+            moved.add_metric([direction], float(frames))
         yield from (calls, moved)
-        for key, text in (("coalesced_frames", "Received frames written to the TAP inside TCP super-frames."),
-                          ("arp_suppressed", "ARP requests answered by the agent from the registry.")):
-            if (n := _number(s.get(key))) is not None:
-                yield CounterMetricFamily(f"overlay_{key}", text, n)
+        yield CounterMetricFamily(
+            "overlay_coalesced_frames",
+            "Received frames written to the TAP inside TCP super-frames.",
+            float(d.coalesced_frames),
+        )
+        yield CounterMetricFamily(
+            "overlay_arp_suppressed", "ARP requests answered by the agent from the registry.", float(d.arp_suppressed)
+        )
 
-    def _table(self, s: dict[str, Any]) -> Iterator[Metric]:
-        fdb = _dict(s.get("fdb"))
+    def _table(self, fdb: FdbStatus) -> Iterator[Metric]:
         size = GaugeMetricFamily("overlay_fdb_entries", "Forwarding-table entries, by source.", labels=["source"])
-        events = CounterMetricFamily("overlay_fdb_events", "Forwarding-table events (refusals, moves, "
-                                     "expiries, evictions, overflows).", labels=["event"])
-        for key, v in fdb.items():
-            if (n := _number(v)) is not None:
-                (size if key in ("static", "registry", "learned") else events).add_metric([key], n)
+        events = CounterMetricFamily(
+            "overlay_fdb_events",
+            "Forwarding-table events (refusals, moves, expiries, evictions, overflows).",
+            labels=["event"],
+        )
+        for key, n in msgspec.structs.asdict(fdb).items():
+            (size if key in FDB_SOURCES else events).add_metric([key], float(n))
         yield from (size, events)
 
-    def _registry(self, registry: Any) -> Iterator[Metric]:
-        if not isinstance(registry, dict):
+    def _registry(self, registry: RegistryStatus | None) -> Iterator[Metric]:
+        if registry is None:
             return  # static mode: no registry, no registry metrics
-        for key, name, family, text in (
-            ("connected", "overlay_registry_connected", GaugeMetricFamily, "1 while etcd is connected."),
-            ("revision", "overlay_registry_revision", GaugeMetricFamily, "The last etcd revision applied."),
-            ("reconnects", "overlay_registry_reconnects", CounterMetricFamily, "Reconnections to etcd."),
-            ("resyncs", "overlay_registry_resyncs", CounterMetricFamily, "Full re-reads after a compaction."),
-        ):
-            if (n := _number(registry.get(key))) is not None:
-                yield family(name, text, n)
+        yield GaugeMetricFamily("overlay_registry_connected", "1 while etcd is connected.", float(registry.connected))
+        yield GaugeMetricFamily(
+            "overlay_registry_revision", "The last etcd revision applied.", float(registry.revision)
+        )
+        yield CounterMetricFamily("overlay_registry_reconnects", "Reconnections to etcd.", float(registry.reconnects))
+        yield CounterMetricFamily(
+            "overlay_registry_resyncs", "Full re-reads after a compaction.", float(registry.resyncs)
+        )
 
-    def _probes(self, probes: dict[str, Any], counters: dict[str, Any]) -> Iterator[Metric]:
+    def _probes(self, probes: dict[str, ProbeStatus], counters: ProbeCounters | None) -> Iterator[Metric]:
         rtt = GaugeMetricFamily("overlay_peer_rtt_seconds", "Last probe round-trip time to a peer.", labels=["peer"])
         srtt = GaugeMetricFamily("overlay_peer_srtt_seconds", "Smoothed probe round-trip time.", labels=["peer"])
         loss = GaugeMetricFamily("overlay_peer_loss_ratio", "Lost fraction of the last probes.", labels=["peer"])
@@ -132,20 +141,24 @@ class StatusCollector(Collector):
         sent = CounterMetricFamily("overlay_peer_probes_sent", "Probes sent to a peer host.", labels=["peer"])
         received = CounterMetricFamily("overlay_peer_probes_received", "Probe replies received.", labels=["peer"])
         for host, p in probes.items():
-            p = _dict(p)
-            for family, key, scale in ((rtt, "rtt_ms", 1e-3), (srtt, "srtt_ms", 1e-3), (loss, "loss", 1),
-                                       (up, "reachable", 1), (sent, "sent", 1), (received, "received", 1)):
-                if (v := _number(p.get(key))) is not None:
-                    family.add_metric([str(host)], v * scale)
+            if p.rtt_ms is not None:  # no reply yet: no sample, not 0
+                rtt.add_metric([host], p.rtt_ms * 1e-3)
+            if p.srtt_ms is not None:
+                srtt.add_metric([host], p.srtt_ms * 1e-3)
+            loss.add_metric([host], float(p.loss))
+            up.add_metric([host], float(p.reachable))
+            sent.add_metric([host], float(p.sent))
+            received.add_metric([host], float(p.received))
         if probes:
             yield from (rtt, srtt, loss, up, sent, received)
-        for key, text in (("bad", "Probe datagrams ignored as malformed, unsolicited or stale."),
-                          ("answered", "Probe requests answered.")):
-            if (n := _number(counters.get(key))) is not None:
-                yield CounterMetricFamily(f"overlay_probe_{key}", text, n)
+        if counters is not None:  # probing off: none
+            yield CounterMetricFamily(
+                "overlay_probe_bad", "Probe datagrams ignored as malformed, unsolicited or stale.", float(counters.bad)
+            )
+            yield CounterMetricFamily("overlay_probe_answered", "Probe requests answered.", float(counters.answered))
 
 
-def registry_for(status: Status) -> CollectorRegistry:
+def registry_for(status: StatusSource) -> CollectorRegistry:
     """The agent's metrics plus the process's own (CPU, memory, file descriptors)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatusCollector(status))
@@ -153,10 +166,13 @@ def registry_for(status: Status) -> CollectorRegistry:
     return registry
 
 
-def _response(code: int, reason: str, body: bytes, content_type: str = "text/plain; charset=utf-8",
-              head_only: bool = False) -> bytes:
-    head = (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode()
+def _response(
+    code: int, reason: str, body: bytes, content_type: str = "text/plain; charset=utf-8", head_only: bool = False
+) -> bytes:
+    head = (
+        f"HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     return head if head_only else head + body
 
 
@@ -174,7 +190,7 @@ async def _read_head(reader: asyncio.StreamReader) -> list[bytes] | None:
         lines.append(line.rstrip(b"\r\n"))
 
 
-async def serve(host: str, port: int, status: Status) -> asyncio.AbstractServer:
+async def serve(host: str, port: int, status: StatusSource) -> asyncio.AbstractServer:
     """Serve ``GET /metrics`` on host:port until the returned server is closed."""
     registry = registry_for(status)
 
@@ -201,7 +217,7 @@ async def serve(host: str, port: int, status: Status) -> asyncio.AbstractServer:
                     answer = _response(200, "OK", body, CONTENT_TYPE_LATEST, head_only=parts[0] == b"HEAD")
             writer.write(answer)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -210,5 +226,7 @@ async def serve(host: str, port: int, status: Status) -> asyncio.AbstractServer:
         return await asyncio.start_server(on_client, host, port, limit=MAX_HEAD)
     except OSError as e:
         where = format_address(host, port)
-        raise MetricsError(f"cannot serve metrics on {where}: {e.strerror or e}; pass --metrics HOST:PORT for "
-                           "another address, or --metrics off") from None
+        raise MetricsError(
+            f"cannot serve metrics on {where}: {e.strerror or e}; pass --metrics HOST:PORT for "
+            "another address, or --metrics off"
+        ) from None

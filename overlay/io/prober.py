@@ -11,11 +11,12 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import asyncio_dgram
 
 from overlay.core.probing import Peers, Probes
+from overlay.core.status import ProbeCounters, ProbeStatus
 
 log = logging.getLogger("overlay.probe")
 
@@ -31,8 +32,15 @@ class Prober:
     """Runs ``Probes`` on a UDP socket bound to ``local``. ``peers`` is a mapping, or a callable
     asked on every tick (so peers from the registry are followed without further wiring)."""
 
-    def __init__(self, local: tuple[str, int], peers: PeerSource | None = None, *, tick: float = 0.2,
-                 clock: Callable[[], float] = time.monotonic, probes: Probes | None = None) -> None:
+    def __init__(
+        self,
+        local: tuple[str, int],
+        peers: PeerSource | None = None,
+        *,
+        tick: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+        probes: Probes | None = None,
+    ) -> None:
         self.local = local
         self.probes = probes or Probes()
         self.tick, self.clock = tick, clock
@@ -47,17 +55,18 @@ class Prober:
     def address(self) -> tuple[str, int]:
         """The bound address (the real port when ``local`` asked for port 0)."""
         assert self.stream is not None, "start() first"
-        return self.stream.sockname[:2]
+        host, port = self.stream.sockname[:2]
+        return str(host), int(port)
 
     def set_peers(self, peers: Peers) -> None:
         self.probes.set_peers(peers)
 
-    def status(self) -> dict[str, dict[str, Any]]:
+    def status(self) -> dict[str, ProbeStatus]:
         return self.probes.status()
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> ProbeCounters:
         """Probes' counters plus ``errors``: datagrams the kernel refused to send or receive."""
-        return {**self.probes.counters(), "errors": self.errors}
+        return ProbeCounters(bad=self.probes.bad, answered=self.probes.answered, errors=self.errors)
 
     async def start(self) -> None:
         host, port = self.local
@@ -71,7 +80,9 @@ class Prober:
         try:
             sock.bind((host, port))
             sock.setblocking(False)
-            self.stream = await asyncio_dgram.from_socket(sock)
+            stream = await asyncio_dgram.from_socket(sock)
+            assert isinstance(stream, asyncio_dgram.aio.DatagramServer)  # an unconnected socket: a server
+            self.stream = stream
         except OSError as e:
             sock.close()
             if e.errno == errno.EADDRINUSE:
@@ -81,8 +92,10 @@ class Prober:
             else:
                 hint = "check the local address and probe port"
             raise ProbeError(f"cannot bind the probe socket to {where}: {e.strerror or e}; {hint}") from None
-        self.tasks = [asyncio.create_task(self._receive(), name="probe-receive"),
-                      asyncio.create_task(self._send(), name="probe-send")]
+        self.tasks = [
+            asyncio.create_task(self._receive(), name="probe-receive"),
+            asyncio.create_task(self._send(), name="probe-send"),
+        ]
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -110,7 +123,7 @@ class Prober:
         while True:
             try:
                 data, source = await self.stream.recv()
-                reply = self.probes.on_datagram(data, source, self.clock())
+                reply = self.probes.on_datagram(data, source if isinstance(source, tuple) else (source,), self.clock())
                 if reply is not None:
                     self._drain_errors()
                     await self.stream.send(reply, source)

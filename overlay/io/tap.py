@@ -39,7 +39,7 @@ class Tap:
         self.fd = device.fileno()
 
     @classmethod
-    def open(cls, name: str, dev: str = TUN_DEVICE) -> "Tap":
+    def open(cls, name: str, dev: str = TUN_DEVICE) -> Tap:
         """Create TAP ``name`` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, with checksum and TCP
         segmentation offloads) with a non-blocking fd. Every read and write on it carries a
         10-byte virtio-net header (overlay/offload.py)."""

@@ -24,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from overlay.lab import etcd as etcdlab
 from overlay.lab import Lab, LabError, wait_for
+from overlay.lab import etcd as etcdlab
 
 NETWORKS = {"blue": 42, "red": 43}
 
@@ -51,20 +51,41 @@ def main(hosts: int = 3) -> int:
         etcd = etcdlab.single(lab)
         print(f"etcd: {etcd.endpoint} in namespace {etcd.namespace} (data in {etcd.data_dir})")
         for name, vni in NETWORKS.items():
-            out = lab.run(1, [*overlay, "net", "create", str(vni), "--name", name, "--subnet", subnet(vni),
-                              "--etcd", etcd.endpoint])
+            out = lab.run(
+                1,
+                [*overlay, "net", "create", str(vni), "--name", name, "--subnet", subnet(vni), "--etcd", etcd.endpoint],
+            )
             print(f"  {out.stdout.strip()}")
         for h in range(1, hosts + 1):
             log = open(logs / f"agent-h{h}.log", "w")
-            lab.spawn(h, [*overlay, "agent", "--etcd", etcd.endpoint, "--host-id", f"h{h}",
-                          "--local", str(lab.address(h)), "--state-dir", str(logs / "state"),
-                          *[a for vni in NETWORKS.values() for a in ("--network", str(vni))]],
-                      stdout=log, stderr=subprocess.STDOUT)
+            lab.spawn(
+                h,
+                [
+                    *overlay,
+                    "agent",
+                    "--etcd",
+                    etcd.endpoint,
+                    "--host-id",
+                    f"h{h}",
+                    "--local",
+                    str(lab.address(h)),
+                    "--state-dir",
+                    str(logs / "state"),
+                    *[a for vni in NETWORKS.values() for a in ("--network", str(vni))],
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         for h in range(1, hosts + 1):
-            wait_for(lambda h=h: lab.run(h, [*overlay, "status"], check=False).returncode == 0, 30,
-                     f"the agent on host {h} (log: {logs}/agent-h{h}.log)")
-            print(f"  host {h}: {lab.ns(h)}  underlay {lab.address(h)}  agent h{h} up, bridges "
-                  f"{', '.join(f'ovbr{v}' for v in NETWORKS.values())}")
+            wait_for(
+                lambda h=h: lab.run(h, [*overlay, "status"], check=False).returncode == 0,
+                30,
+                f"the agent on host {h} (log: {logs}/agent-h{h}.log)",
+            )
+            print(
+                f"  host {h}: {lab.ns(h)}  underlay {lab.address(h)}  agent h{h} up, bridges "
+                f"{', '.join(f'ovbr{v}' for v in NETWORKS.values())}"
+            )
 
         print("\ncontainers (namespaces), attached with 'overlay attach <netns> --net <network>':")
         containers: dict[str, tuple[int, str, str]] = {}  # name -> (host, network, address)
@@ -77,14 +98,23 @@ def main(hosts: int = 3) -> int:
                 containers[c] = (h, name, a["address"].split("/")[0])
                 other = next(v for n, v in NETWORKS.items() if n != name)
                 lab.run(ns, ["ip", "route", "add", subnet(other), "dev", a["ifname"]])
-                print(f"  {c:4} on host {h}  network {name:4} (VNI {vni})  {a['address']:16} {a['mac']}  "
-                      f"[{lab.container_ns(c)}]")
+                print(
+                    f"  {c:4} on host {h}  network {name:4} (VNI {vni})  {a['address']:16} {a['mac']}  "
+                    f"[{lab.container_ns(c)}]"
+                )
 
         print("\npings between every pair of containers (ok = answered, -- = no answer):")
-        pings = {(src, dst): lab.spawn(lab.container_ns(src), ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "1",
-                                                               containers[dst][2]],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for src in containers for dst in containers if src != dst}
+        pings = {
+            (src, dst): lab.spawn(
+                lab.container_ns(src),
+                ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", containers[dst][2]],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for src in containers
+            for dst in containers
+            if src != dst
+        }
         answered = {pair: proc.wait(timeout=30) == 0 for pair, proc in pings.items()}
         names = list(containers)
         print("  from \\ to  " + " ".join(f"{n:>4}" for n in names))
@@ -102,11 +132,16 @@ def main(hosts: int = 3) -> int:
         print("\nhost 1: overlay status")
         print(lab.run(1, [*overlay, "status"]).stdout)
         if wrong:
-            print("result: FAILED: " + ", ".join(f"{s}->{d} {'answered' if answered[s, d] else 'unanswered'}"
-                                                 for s, d in wrong) + "; removing the lab")
+            print(
+                "result: FAILED: "
+                + ", ".join(f"{s}->{d} {'answered' if answered[s, d] else 'unanswered'}" for s, d in wrong)
+                + "; removing the lab"
+            )
             return 1
-        print(f"result: all {same} same-network pairs talk, all {len(answered) - same} cross-network pairs are "
-              f"kept apart; removing the lab")
+        print(
+            f"result: all {same} same-network pairs talk, all {len(answered) - same} cross-network pairs are "
+            f"kept apart; removing the lab"
+        )
         return 0
     except (LabError, TimeoutError, etcdlab.EtcdError) as e:
         print(f"overlay: error: {e}", file=sys.stderr)

@@ -99,11 +99,23 @@ class EtcdServer:
     127.0.0.1 with free ports. A context manager: started (and waited healthy) on entry, stopped
     on exit."""
 
-    def __init__(self, name: str = "etcd1", *, lab: Lab | None = None, namespace: str | None = None,
-                 address: str | ipaddress.IPv4Address | None = None, client_port: int | None = None,
-                 peer_port: int | None = None, initial_cluster: str | None = None, cluster_state: str = "new",
-                 cluster_token: str | None = None, auto_compaction_retention: str = "0",
-                 log_level: str = "error", extra_args: Sequence[str] = (), tmpdir: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "etcd1",
+        *,
+        lab: Lab | None = None,
+        namespace: str | None = None,
+        address: str | ipaddress.IPv4Address | None = None,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        initial_cluster: str | None = None,
+        cluster_state: str = "new",
+        cluster_token: str | None = None,
+        auto_compaction_retention: str = "0",
+        log_level: str = "error",
+        extra_args: Sequence[str] = (),
+        tmpdir: str | None = None,
+    ) -> None:
         if lab is not None and namespace is None and name in lab.services:
             namespace, address = lab.service_ns(name), address or lab.services[name]
         if lab is not None and namespace is None:
@@ -159,17 +171,40 @@ class EtcdServer:
         """The etcd command line (without the namespace)."""
         if self.data_dir is None:
             raise EtcdError(f"{self.name}: no data dir before start()")
-        return [binary("etcd"), "--name", self.name, "--data-dir", str(self.data_dir / "data"),
-                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", self.initial_cluster, "--initial-cluster-state", self.cluster_state,
-                "--initial-cluster-token", self.cluster_token,
-                "--auto-compaction-retention", self.auto_compaction_retention,
-                "--logger", "zap", "--log-outputs", "stderr", "--log-level", self.log_level, *self.extra_args]
+        return [
+            binary("etcd"),
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir / "data"),
+            "--listen-client-urls",
+            self.endpoint,
+            "--advertise-client-urls",
+            self.endpoint,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            self.initial_cluster,
+            "--initial-cluster-state",
+            self.cluster_state,
+            "--initial-cluster-token",
+            self.cluster_token,
+            "--auto-compaction-retention",
+            self.auto_compaction_retention,
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+            "--log-level",
+            self.log_level,
+            *self.extra_args,
+        ]
 
     # --- life cycle --------------------------------------------------------------------------
 
-    def start(self) -> "EtcdServer":
+    def start(self) -> EtcdServer:
         """Start etcd (not waiting for it: ``wait_healthy``). After ``kill`` it restarts with its data."""
         if self.running:
             raise EtcdError(f"{self!r} is running already")
@@ -187,7 +222,7 @@ class EtcdServer:
             self.proc = subprocess.Popen(_argv(argv, None, self.namespace), **kw)
         return self
 
-    def wait_healthy(self, timeout: float = 20) -> "EtcdServer":
+    def wait_healthy(self, timeout: float = 20) -> EtcdServer:
         """Poll ``etcdctl endpoint health`` (from etcd's namespace) until it answers healthy;
         EtcdError with the end of etcd's log if etcd exits or the deadline passes."""
         if self.proc is None:
@@ -199,8 +234,14 @@ class EtcdServer:
                 return True  # stop waiting: it exited
             left = deadline - time.monotonic()
             try:
-                result = etcdctl(self, "--dial-timeout=1s", "--command-timeout=2s", "endpoint", "health",
-                                 timeout=max(0.5, min(5.0, left)))
+                result = etcdctl(
+                    self,
+                    "--dial-timeout=1s",
+                    "--command-timeout=2s",
+                    "endpoint",
+                    "health",
+                    timeout=max(0.5, min(5.0, left)),
+                )
             except subprocess.TimeoutExpired:
                 return False
             return result.returncode == 0
@@ -247,7 +288,7 @@ class EtcdServer:
             return f"(nothing at log level {self.log_level!r}; log_level='info' says more)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def __enter__(self) -> "EtcdServer":
+    def __enter__(self) -> EtcdServer:
         if not self.running:
             try:
                 self.start().wait_healthy()
@@ -281,8 +322,9 @@ def cluster(lab: Lab | None, members: int = 3, **kw: Any) -> list[EtcdServer]:
         servers = [EtcdServer(name, lab=lab, **kw) for name in names]
     else:
         ports = free_ports(2 * members)
-        servers = [EtcdServer(name, client_port=ports[2 * i], peer_port=ports[2 * i + 1], **kw)
-                   for i, name in enumerate(names)]
+        servers = [
+            EtcdServer(name, client_port=ports[2 * i], peer_port=ports[2 * i + 1], **kw) for i, name in enumerate(names)
+        ]
     initial, token = ",".join(f"{s.name}={s.peer_url}" for s in servers), servers[0].cluster_token
     try:
         for s in servers:
@@ -306,8 +348,9 @@ def leader(servers: Sequence[EtcdServer], timeout: float = 5) -> EtcdServer | No
     if not live:
         return None
     try:
-        result = etcdctl(live, "--dial-timeout=1s", "--command-timeout=2s", "endpoint", "status", "-w", "json",
-                         timeout=timeout)
+        result = etcdctl(
+            live, "--dial-timeout=1s", "--command-timeout=2s", "endpoint", "status", "-w", "json", timeout=timeout
+        )
         statuses = json.loads(result.stdout or "[]")
         ids = {st["Status"]["header"]["member_id"]: st["Endpoint"] for st in statuses}
         leaders = {st["Status"]["leader"] for st in statuses}
@@ -319,16 +362,20 @@ def leader(servers: Sequence[EtcdServer], timeout: float = 5) -> EtcdServer | No
     return next((s for s in live if s.endpoint == endpoint), None)
 
 
-def etcdctl(server_or_endpoints: EtcdServer | str | Sequence[EtcdServer | str], *args: str,
-            lab: Lab | None = None, namespace: int | str | None = None, timeout: float = 15,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+def etcdctl(
+    server_or_endpoints: EtcdServer | str | Sequence[EtcdServer | str],
+    *args: str,
+    lab: Lab | None = None,
+    namespace: int | str | None = None,
+    timeout: float = 15,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """Run ``etcdctl`` (API 3) against a server, an endpoint URL or several of either.
 
     It runs in ``namespace`` (a lab host's number or a service's name with ``lab``, or a
     namespace's name), else in the (first) server's own namespace, else right here. Bounded by
     ``timeout`` (subprocess.TimeoutExpired); with ``check``, EtcdError if etcdctl fails."""
-    targets = [server_or_endpoints] if isinstance(server_or_endpoints, (EtcdServer, str)) else \
-        list(server_or_endpoints)
+    targets = [server_or_endpoints] if isinstance(server_or_endpoints, (EtcdServer, str)) else list(server_or_endpoints)
     if not targets:
         raise EtcdError("etcdctl: no server or endpoint given")
     endpoints = ",".join(t.endpoint if isinstance(t, EtcdServer) else t for t in targets)
@@ -338,10 +385,12 @@ def etcdctl(server_or_endpoints: EtcdServer | str | Sequence[EtcdServer | str], 
     elif first is not None:
         lab = lab or first.lab
     argv = _argv([binary("etcdctl"), f"--endpoints={endpoints}", *args], lab, namespace)
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env(ETCDCTL_API="3"),
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env=_env(ETCDCTL_API="3"), stdin=subprocess.DEVNULL
+    )
     if check and result.returncode != 0:
         where = f" in {namespace}" if namespace is not None else ""
-        raise EtcdError(f"etcdctl {' '.join(args)}{where} against {endpoints} failed ({result.returncode}): "
-                        f"{result.stderr.strip()}")
+        raise EtcdError(
+            f"etcdctl {' '.join(args)}{where} against {endpoints} failed ({result.returncode}): {result.stderr.strip()}"
+        )
     return result

@@ -66,8 +66,11 @@ class Lab:
         Hosts by their exact names, service hosts by what this object added and by the switch's
         ``s-<name>`` ports (so ``overlay lab down`` in another process finds them too)."""
         services = set(self.services) | self._service_ports()
-        mine = re.compile(rf"{re.escape(self.name)}-(h\d+|c-[a-z0-9]+|{'|'.join(map(re.escape, sorted(services)))})"
-                          if services else rf"{re.escape(self.name)}-(h\d+|c-[a-z0-9]+)")
+        mine = re.compile(
+            rf"{re.escape(self.name)}-(h\d+|c-[a-z0-9]+|{'|'.join(map(re.escape, sorted(services)))})"
+            if services
+            else rf"{re.escape(self.name)}-(h\d+|c-[a-z0-9]+)"
+        )
         found = [n for n in netns.listnetns() if mine.fullmatch(n)]
         return found + ([self.switch] if self.switch in netns.listnetns() else [])
 
@@ -80,7 +83,7 @@ class Lab:
 
     # --- building and tearing down -----------------------------------------------------------
 
-    def up(self) -> "Lab":
+    def up(self) -> Lab:
         if os.geteuid() != 0:
             raise LabError("building a lab needs root (network namespaces, veths, bridges)")
         if self.namespaces():
@@ -111,8 +114,10 @@ class Lab:
         eth0 = 198.18.0.<host>/24 (201 .. 254) and lo up, on the underlay bridge like the hosts
         but not an overlay host. Returns the namespace's name; ``down`` removes it."""
         if not SERVICE_NAME.fullmatch(service) or service == "sw" or re.fullmatch(r"h\d+", service):
-            raise LabError(f"service name {service!r}: up to 13 lower-case letters and digits, "
-                           "starting with a letter, not 'sw' or h<number>")
+            raise LabError(
+                f"service name {service!r}: up to 13 lower-case letters and digits, "
+                "starting with a letter, not 'sw' or h<number>"
+            )
         if host not in SERVICES:
             raise LabError(f"a service host has 198.18.0.{SERVICES.start} .. .{SERVICES.stop - 1}, not .{host}")
         address = self.address(host)
@@ -183,7 +188,7 @@ class Lab:
             netns.remove(ns)
         self.services.clear()
         leftover = re.compile(rf"{re.escape(self.name)}-[vp]\d+")  # a veth left in the root namespace
-        with IPRoute() as ipr:                                      # by a failed up() or add_service()
+        with IPRoute() as ipr:  # by a failed up() or add_service()
             for link in ipr.get_links():
                 if leftover.fullmatch(link.get("ifname") or ""):
                     try:
@@ -196,7 +201,7 @@ class Lab:
         out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:
@@ -209,8 +214,9 @@ class Lab:
         ns = self.service_ns(host) if host in self.services else host if isinstance(host, str) else self.ns(host)
         return ["ip", "netns", "exec", ns, *cmd]
 
-    def run(self, host: int | str, cmd: Sequence[str], timeout: float = 60, check: bool = True,
-            **kw: Any) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, host: int | str, cmd: Sequence[str], timeout: float = 60, check: bool = True, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` in ``host`` to completion (bounded by ``timeout``)."""
         result = subprocess.run(self.argv(host, cmd), capture_output=True, text=True, timeout=timeout, **kw)
         if check and result.returncode != 0:

@@ -1,0 +1,581 @@
+"""Attaching containers to this host's networks: every decision of attach, detach and check, and
+the steps that carry them out, as data. Pure: no netlink, no etcd, no files, no clock (``now``
+is a parameter), no random numbers (a random MAC is a parameter). The shell that executes the
+plans, one step at a time, is ``overlay.io.containers.Containers``.
+
+Attach, in the order a request is judged (the first thing wrong is the one refused):
+- ``--net`` is a VNI or a network name. Digits naming a network in the registry or one this
+  host serves are that VNI (names are for people and need not be unique); a name shared by
+  several networks is refused ("give the VNI"); an unknown one is refused with the list of the
+  registry's networks; a network this host's agent does not serve is refused (kind "network").
+- The agent's own namespace (the host's) is refused (kind "netns"). The attachment's id is the
+  request's, else "netns/<namespace id>/<ifname>".
+- ``--gateway`` (else the network's) is an IPv4 address, inside the network's subnet and
+  neither its network nor its broadcast address, when the network has a subnet.
+- The registry must be reachable (kind "etcd").
+- An id attached already gets the same answer again if it is on the same network and its veth
+  is still there, and is refused otherwise (kind "invalid").
+- ``--mac`` (else the random MAC the shell drew) is unicast, not another host's endpoint on
+  that network and not attached here on it already.
+- ``--ip`` needs a prefix length unless the network has a subnet to take it from, and then
+  must fit the subnet and be free (``ipam.check``); without ``--ip`` the lowest free address
+  of the subnet is taken (``ipam.pick``), never the gateway. ``AddressChoice`` says which
+  address to claim next: an explicit one once, else the lowest free one, the next one after
+  each claim lost to another host, at most ``CLAIM_TRIES`` times.
+- The MTU is the network's, never above the agent's (the TAP's: the bridge would drop more).
+
+The attach of one candidate address is an ``AttachPlan``: ``ClaimAddress`` (etcd transaction:
+create the IPAM key if absent), ``PlugVeth``, ``PublishEndpoint``, ``SaveAttached``. A claim
+lost to another host ends the plan (nothing to undo) and the next candidate gets a new plan.
+A gateway outside an explicit address's network (possible only when the network has no
+subnet) is known once the address is ours: the plan is then ``ClaimAddress``, ``Refuse``. When
+step k fails, ``undo(k)`` says what to do, newest first: the undo of every step before k, and of
+whatever step k may have done before failing (a half-made veth; an endpoint written before etcd
+stopped answering, which must also never be written later: released, then forgotten).
+
+Detach selects by id, else by namespace (the attachments named after its id, or given by that
+path if it is gone) and ifname; nothing selected is not an error (CNI DEL is idempotent). Each
+selected attachment's ``DetachPlan``: ``Unplug`` (not when the veth is gone already),
+``ForgetLocal`` (first: its late frames must not publish it again), ``ReleaseEndpoint``,
+``ReleaseAddress``, ``SaveDetached``. A detach is never undone: what fails stays held until the
+reaper tries again.
+
+A (VNI, MAC) is ``owns``-ed while it is being attached or is attached, and for
+``DETACH_GRACE`` seconds after its detach (frames it sent before, read from the TAP after).
+
+The state file (``encode_state``/``decode_state``) is ``{"lease": int | null, "attachments":
+[Attachment.to_json()]}``; a bare list is the first format (attachments, no lease).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Union
+
+from overlay.core import ipam
+from overlay.core.control import AttachRequest, DetachRequest, Refused
+from overlay.core.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
+from overlay.core.wire import mac_to_int, mac_to_str, unicast_mac
+
+CLAIM_TRIES = 64
+DETACH_GRACE = 10.0  # seconds a detached MAC's late frames are not taken for a new local endpoint
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One container's interface on one network, as the agent remembers it (and answers it)."""
+
+    id: str  # who asked: "cni/<container id>/<ifname>", or "netns/<inode>/<ifname>" for overlay attach
+    vni: int
+    network: str
+    netns: str
+    ifname: str
+    host_ifname: str
+    mac: str
+    address: str  # A.B.C.D/len
+    gateway: str | None
+    mtu: int
+
+    @property
+    def interface(self) -> ipaddress.IPv4Interface:
+        return ipaddress.IPv4Interface(self.address)
+
+    @property
+    def router(self) -> ipaddress.IPv4Address | None:
+        """The gateway as an address: the container's default route, if it has one."""
+        return ipaddress.IPv4Address(self.gateway) if self.gateway else None
+
+    @property
+    def endpoint_key(self) -> EndpointKey:
+        return EndpointKey(self.vni, mac_to_int(self.mac))
+
+    @property
+    def address_key(self) -> AddressKey:
+        return AddressKey(self.vni, self.interface.ip)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: object) -> Attachment:
+        """The attachment ``to_json`` gave; TypeError naming what is missing, unknown or mistyped."""
+        if not isinstance(record, dict):
+            raise TypeError(f"an attachment is a JSON object, not {type(record).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing, unknown = [n for n in names if n not in record], sorted(str(k) for k in record if k not in names)
+        if missing or unknown:
+            raise TypeError(f"an attachment with fields missing {missing} or unknown {unknown}")
+
+        def text(name: str) -> str:
+            value = record[name]
+            if not isinstance(value, str):
+                raise TypeError(f"attachment field {name} must be a string, not {type(value).__name__}")
+            return value
+
+        def number(name: str) -> int:
+            value = record[name]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"attachment field {name} must be an integer, not {type(value).__name__}")
+            return value
+
+        return cls(
+            text("id"),
+            number("vni"),
+            text("network"),
+            text("netns"),
+            text("ifname"),
+            text("host_ifname"),
+            text("mac"),
+            text("address"),
+            None if record["gateway"] is None else text("gateway"),
+            number("mtu"),
+        )
+
+
+# --- the steps ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimAddress:
+    """Create the address's IPAM key under the lease unless it exists; the shell answers
+    whether it won (False: another host has it)."""
+
+    key: AddressKey
+    allocation: Allocation
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Stop with this refusal (known only once the step before it is done)."""
+
+    message: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class PlugVeth:
+    """Make the veth pair: the container end configured in its namespace, the host end on the
+    network's bridge."""
+
+    attachment: Attachment
+
+
+@dataclass(frozen=True)
+class PublishEndpoint:
+    """Hold the container's endpoint (its MAC on this host, its address) under the lease."""
+
+    key: EndpointKey
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True)
+class SaveAttached:
+    """Write the state file with the attachment in it, then remember it as attached."""
+
+    attachment: Attachment
+
+
+@dataclass(frozen=True)
+class Unplug:
+    """Delete the host end of the veth (the container end goes with it); none is no error."""
+
+    host_ifname: str
+
+
+@dataclass(frozen=True)
+class ForgetLocal:
+    """Note the MAC detached (now), then drop it from the fast path's MACs seen behind the TAP."""
+
+    vni: int
+    mac: int
+
+
+@dataclass(frozen=True)
+class ReleaseEndpoint:
+    """Delete the endpoint if it is still this host's, and stop holding it."""
+
+    key: EndpointKey
+
+
+@dataclass(frozen=True)
+class ForgetEndpoint:
+    """Stop holding the endpoint without touching etcd: it must never be written later."""
+
+    key: EndpointKey
+
+
+@dataclass(frozen=True)
+class ReleaseAddress:
+    """Delete the address's IPAM key if it is still this host's, and stop holding it."""
+
+    key: AddressKey
+
+
+@dataclass(frozen=True)
+class SaveDetached:
+    """Forget the attachment and write the state file without it."""
+
+    attachment: Attachment
+
+
+AttachStep = Union[ClaimAddress, Refuse, PlugVeth, PublishEndpoint, SaveAttached]
+UndoStep = Union[Unplug, ReleaseEndpoint, ForgetEndpoint, ReleaseAddress]
+DetachStep = Union[Unplug, ForgetLocal, ReleaseEndpoint, ReleaseAddress, SaveDetached]
+
+
+@dataclass(frozen=True)
+class AttachPlan:
+    """Attaching ``attachment``: its steps in order, and what undoes a failure at each."""
+
+    attachment: Attachment
+    steps: tuple[AttachStep, ...]
+
+    def undo(self, failed: int) -> tuple[UndoStep, ...]:
+        """What to do, in this order, when step ``failed`` raised (or its claim was lost): the
+        failed step's possible partial effect, then every earlier step's, newest first."""
+        out: list[UndoStep] = []
+        for index in range(failed, -1, -1):
+            out.extend(_undo_of(self.steps[index], done=index < failed))
+        return tuple(out)
+
+
+def _undo_of(step: AttachStep, done: bool) -> tuple[UndoStep, ...]:
+    if isinstance(step, ClaimAddress):
+        # A claim that raised or was lost holds nothing: the key is held only once etcd said yes.
+        return (ReleaseAddress(step.key),) if done else ()
+    if isinstance(step, PlugVeth):
+        return (Unplug(step.attachment.host_ifname),)  # done, or half made
+    if isinstance(step, PublishEndpoint):
+        return ReleaseEndpoint(step.key), ForgetEndpoint(step.key)  # it may be written before a failure
+    return ()  # Refuse does nothing; SaveAttached is the last step and remembers only once written
+
+
+@dataclass(frozen=True)
+class DetachPlan:
+    """Detaching ``attachment``: its steps in order; none is undone."""
+
+    attachment: Attachment
+    steps: tuple[DetachStep, ...]
+
+
+# --- the decisions --------------------------------------------------------------------------------
+
+
+def resolve_network(name: str, networks: Mapping[int, Network], served: Collection[int]) -> tuple[int, Network]:
+    """The VNI and definition of the network ``name`` (a VNI or a name) among the registry's
+    ``networks``, if this host serves it (``served``); a network served but not in the
+    registry is bare (named after its VNI)."""
+    named = [v for v, n in networks.items() if n.name == name]
+    vni: int | None
+    if name.isdigit() and (int(name) in networks or int(name) in served):
+        vni = int(name)  # a VNI first: names are for people, and need not be unique
+    elif len(named) > 1:
+        raise Refused(
+            f"several networks are named {name!r} (VNIs {', '.join(map(str, sorted(named)))}): give the VNI", "network"
+        )
+    else:
+        vni = named[0] if named else (int(name) if name.isdigit() else None)
+    if vni is None or (vni not in networks and vni not in served):
+        known = ", ".join(f"{n.name or v} ({v})" for v, n in sorted(networks.items())) or "none"
+        raise Refused(
+            f"network {name!r} is unknown; networks in the registry: {known} (create one with 'overlay net create')",
+            "network",
+        )
+    if vni not in served:
+        raise Refused(
+            f"this host's agent is not on network {name} (VNI {vni}): start it with --network {vni}", "network"
+        )
+    return vni, networks.get(vni) or Network(vni, str(vni))
+
+
+def attachment_id(req: AttachRequest, netns: str, own: str) -> str:
+    """The id of what ``req`` attaches, given the id of its namespace (``netns``) and of the
+    agent's own (``own``); the host's namespace is refused."""
+    if netns == own:
+        raise Refused(
+            f"{req.netns} is the agent's own network namespace (the host's): attach containers, not the host", "netns"
+        )
+    return req.id or f"{netns_prefix(netns)}{req.ifname}"
+
+
+def netns_prefix(netns: str) -> str:
+    """How the ids of what was attached to the namespace with id ``netns`` begin (without an
+    id of their own)."""
+    return f"netns/{netns}/"
+
+
+def check_gateway(text: str | None, network: Network) -> ipaddress.IPv4Address | None:
+    """The container's gateway from ``text`` (the request's, else the network's), if any."""
+    if text is None:
+        return None
+    try:
+        gateway = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise Refused(f"--gateway {text!r} is not an IPv4 address", "invalid") from None
+    if network.subnet is not None:
+        subnet = ipaddress.IPv4Network(network.subnet)
+        if gateway not in subnet:
+            raise Refused(f"--gateway {gateway} is outside the container's subnet {subnet}", "address")
+        if gateway in (subnet.network_address, subnet.broadcast_address):
+            raise Refused(f"--gateway {gateway} is the network or broadcast address of {subnet}", "address")
+    return gateway
+
+
+def require_registry(connected: bool) -> None:
+    """Attach writes addresses and endpoints: refused while etcd is unreachable."""
+    if not connected:
+        raise Refused(
+            "the registry (etcd) is unreachable from this agent, so addresses and endpoints "
+            "cannot be written: try again when 'overlay status' shows it connected",
+            "etcd",
+        )
+
+
+class AddressChoice:
+    """Which address of ``vni`` to claim next: the explicit one (``wanted``) once; else the
+    lowest one not ``used``, then after each ``lost`` one the lowest left, at most ``tries``
+    addresses in all. ``next`` refuses when there is nothing (more) to try."""
+
+    def __init__(
+        self,
+        vni: int,
+        network: Network,
+        wanted: ipaddress.IPv4Interface | None,
+        used: Iterable[ipaddress.IPv4Address],
+        tries: int = CLAIM_TRIES,
+    ) -> None:
+        self.vni, self.network, self.wanted, self.tries = vni, network, wanted, tries
+        self.used = set(used)
+        self.losses: set[ipaddress.IPv4Address] = set()
+        self.offered = 0
+
+    @classmethod
+    def parse(
+        cls, vni: int, network: Network, wanted: str | None, used: Iterable[ipaddress.IPv4Address]
+    ) -> AddressChoice:
+        """From the request's ``--ip`` (None: the agent picks): its prefix length filled in from
+        the network's subnet when missing, and checked against the subnet and ``used``."""
+        used = set(used)
+        if wanted is None:
+            return cls(vni, network, None, used)
+        try:
+            address = ipaddress.IPv4Interface(wanted)
+        except ValueError:
+            raise Refused(
+                f"--ip {wanted!r} is not an address with a prefix length like 198.19.1.5/24", "invalid"
+            ) from None
+        if "/" not in wanted:
+            if not network.subnet:
+                raise Refused(
+                    f"--ip {wanted}: give the prefix length too (network {network.name or vni} "
+                    f"has no subnet to take it from)",
+                    "invalid",
+                )
+            address = ipaddress.IPv4Interface(f"{address.ip}/{ipaddress.IPv4Network(network.subnet).prefixlen}")
+        if network.subnet is not None:
+            try:
+                ipam.check(network, address, used)
+            except ipam.IpamError as e:
+                raise Refused(str(e), e.kind) from None
+        return cls(vni, network, address, used)
+
+    def next(self) -> ipaddress.IPv4Interface:
+        name = self.network.name or self.vni
+        if self.wanted is not None:
+            if self.losses:
+                raise Refused(
+                    f"address {self.wanted.ip} is in use on network {name}: pick another, "
+                    f"or leave out --ip to get a free one",
+                    "address",
+                )
+            return self.wanted
+        if self.offered >= self.tries:
+            raise Refused(
+                f"could not claim an address on network {name} after {self.tries} tries "
+                f"(many hosts allocating at once?): try again",
+                "address",
+            )
+        try:
+            address = ipam.pick(self.network, self.used | self.losses)
+        except ipam.IpamError as e:
+            raise Refused(str(e), e.kind) from None
+        self.offered += 1
+        return address
+
+    def lost(self, address: ipaddress.IPv4Interface) -> None:
+        """Another host claimed ``address`` first."""
+        self.losses.add(address.ip)
+
+
+class Attachments:
+    """This host's attachments (``attached``, by id), the (VNI, MAC)s being attached and those
+    just detached, and the decisions that read them; see the module docstring for the rules."""
+
+    def __init__(self, host_id: str, served: Collection[int], mtu: int) -> None:
+        self.host_id, self.served, self.mtu = host_id, served, mtu
+        self.attached: dict[str, Attachment] = {}
+        self.attaching: set[tuple[int, int]] = set()  # (vni, MAC) plugged but not yet recorded
+        self.detached: dict[tuple[int, int], float] = {}  # (vni, MAC) -> when: its frames may still be queued
+
+    # --- attach ---------------------------------------------------------------------------------
+
+    def network(self, name: str, networks: Mapping[int, Network]) -> tuple[int, Network]:
+        return resolve_network(name, networks, self.served)
+
+    def again(self, existing: Attachment, vni: int, plugged: bool) -> Attachment:
+        """Attach asked for ``existing``'s id again: the same answer if it is on network ``vni``
+        and its veth is still there (``plugged``); refused otherwise."""
+        if existing.vni == vni and plugged:
+            return existing
+        raise Refused(f"{existing.id} is already attached to network {existing.network}: detach it first", "invalid")
+
+    def mac(self, wanted: str | None, vni: int, random_mac: int, registry: Registry) -> str:
+        """The container's MAC: ``wanted``, checked, else ``random_mac`` (drawn by the shell)."""
+        if wanted is None:
+            return mac_to_str(random_mac)
+        try:
+            mac = unicast_mac(wanted)
+        except ValueError as e:
+            raise Refused(f"--mac {e}", "invalid") from None
+        owner = registry.get(EndpointKey(vni, mac))
+        if isinstance(owner, Endpoint) and owner.host != self.host_id:
+            raise Refused(
+                f"MAC {mac_to_str(mac)} is in use on network {vni} by host {owner.host}: detach it there "
+                f"first, or choose another --mac",
+                "address",
+            )
+        if any(a.vni == vni and a.mac == mac_to_str(mac) for a in self.attached.values()):
+            raise Refused(f"MAC {mac_to_str(mac)} is already attached here on network {vni}", "address")
+        return mac_to_str(mac)
+
+    def addresses(
+        self, vni: int, network: Network, wanted: str | None, gateway: ipaddress.IPv4Address | None, registry: Registry
+    ) -> AddressChoice:
+        """Which addresses to claim: never one in use (claimed or announced), nor the gateway."""
+        used = ipam.taken(registry, vni) | ({gateway} if gateway else set())  # never the route out
+        return AddressChoice.parse(vni, network, wanted, used)
+
+    def plan_attach(
+        self,
+        *,
+        req: AttachRequest,
+        attachment_id: str,
+        host_ifname: str,
+        vni: int,
+        network: Network,
+        mac: str,
+        gateway: ipaddress.IPv4Address | None,
+        address: ipaddress.IPv4Interface,
+    ) -> AttachPlan:
+        """Attaching ``req`` as ``attachment_id`` with the candidate ``address``."""
+        a = Attachment(
+            attachment_id,
+            vni,
+            network.name or str(vni),
+            req.netns,
+            req.ifname,
+            host_ifname,
+            mac,
+            str(address),
+            str(gateway) if gateway else None,
+            min(network.mtu or self.mtu, self.mtu),  # never above the TAP's: the bridge would drop
+        )
+        claim = ClaimAddress(AddressKey(vni, address.ip), Allocation(self.host_id, mac, attachment_id))
+        if gateway is not None and gateway not in address.network:
+            return AttachPlan(
+                a,
+                (claim, Refuse(f"--gateway {gateway} is outside the container's subnet {address.network}", "address")),
+            )
+        endpoint = PublishEndpoint(a.endpoint_key, Endpoint(self.host_id, [str(address.ip)]))
+        return AttachPlan(a, (claim, PlugVeth(a), endpoint, SaveAttached(a)))
+
+    # --- detach and check -----------------------------------------------------------------------
+
+    def select(self, req: DetachRequest, netns: str | None) -> list[Attachment]:
+        """What ``req`` detaches. ``netns``: the id of the request's namespace, None if it is gone
+        (or the request names an id)."""
+        if req.id is not None:
+            return [self.attached[req.id]] if req.id in self.attached else []
+        prefix = netns_prefix(netns) if netns is not None else None
+        return [
+            a
+            for a in self.attached.values()
+            if ((prefix is not None and a.id.startswith(prefix)) or a.netns == req.netns)
+            and (req.ifname is None or a.ifname == req.ifname)
+        ]
+
+    def plan_detach(self, a: Attachment, unplug: bool) -> DetachPlan:
+        """Detaching ``a``; without ``unplug`` when its veth is gone already (the reaper)."""
+        key = a.endpoint_key
+        steps: tuple[DetachStep, ...] = (
+            ForgetLocal(a.vni, key.mac),
+            ReleaseEndpoint(key),
+            ReleaseAddress(a.address_key),
+            SaveDetached(a),
+        )
+        return DetachPlan(a, ((Unplug(a.host_ifname), *steps) if unplug else steps))
+
+    def checked(self, attachment_id: str) -> Attachment:
+        """The attachment CHECK asks about; refused if there is none."""
+        a = self.attached.get(attachment_id)
+        if a is None:
+            raise Refused(f"{attachment_id} is not attached on this host", "unknown")
+        return a
+
+    def verify(self, a: Attachment, plumbing: list[str], registry: Registry) -> None:
+        """Refuse (kind "broken") if ``a`` has problems: those of its plumbing (found by the
+        shell), or its endpoint or address not this host's in the registry."""
+        problems = list(plumbing)
+        endpoint = registry.get(a.endpoint_key)
+        if not isinstance(endpoint, Endpoint) or endpoint.host != self.host_id:
+            problems.append(f"the registry does not have endpoint {a.mac} on this host")
+        allocation = registry.get(a.address_key)
+        if not isinstance(allocation, Allocation) or allocation.host != self.host_id:
+            problems.append(f"address {a.address} is not held by this host in the registry")
+        if problems:
+            raise Refused(f"{a.id} is broken: " + "; ".join(problems), "broken")
+
+    # --- whose MAC ------------------------------------------------------------------------------
+
+    def owns(self, vni: int, mac: int, now: float) -> bool:
+        """Whether ``mac`` on ``vni`` is (or just was) an attached container's: attach publishes
+        its endpoint, and a frame it sent before a detach, read from the TAP after it, must not
+        publish it again."""
+        if (vni, mac) in self.attaching or any(
+            a.vni == vni and mac_to_int(a.mac) == mac for a in self.attached.values()
+        ):
+            return True
+        when = self.detached.get((vni, mac))
+        return when is not None and now - when < DETACH_GRACE
+
+    def note_detached(self, vni: int, mac: int, now: float) -> None:
+        """``mac`` on ``vni`` was detached at ``now`` (and the notes older than the grace go)."""
+        self.detached = {k: t for k, t in self.detached.items() if now - t < DETACH_GRACE}
+        self.detached[vni, mac] = now
+
+
+# --- the state file -------------------------------------------------------------------------------
+
+
+def encode_state(lease: int | None, attachments: Iterable[Attachment]) -> str:
+    """The state file's text: the attachments, and the lease a successor may resume."""
+    return json.dumps({"lease": lease, "attachments": [a.to_json() for a in attachments]}, indent=1)
+
+
+def decode_state(text: str) -> tuple[int | None, list[object]]:
+    """(lease to resume, attachment records) from a state file's text; ValueError if it is not
+    a state file. A lease that is not an integer is none; the records are for
+    ``Attachment.from_json``."""
+    data: object = json.loads(text)
+    if isinstance(data, list):  # the first format: attachments only
+        return None, list(data)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+    lease = data.get("lease")
+    records = data.get("attachments") or []
+    if not isinstance(records, list):
+        raise ValueError(f"attachments must be a list, not {type(records).__name__}")
+    return (lease if isinstance(lease, int) else None), list(records)

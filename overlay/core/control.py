@@ -1,0 +1,115 @@
+"""The control socket's requests, typed, and the refusal every control command answers with.
+Pure: the socket (overlay.io.control) moves JSON lines; this module says what a request means.
+
+A request arrives as a JSON object of parameters (``{"cmd": ..., ...}`` without its ``cmd``);
+``from_params`` turns it into a frozen request or raises ``Refused`` with kind "invalid":
+
+- a text parameter is a string; an integer is taken as its decimal text (a PID as a netns, a
+  VNI as a net), a boolean or anything else is refused ("X must be a string, not float");
+- an absent parameter, ``null`` and ``""`` are the same: absent; a required one is refused
+  ("missing X");
+- parameters it does not know are ignored (a newer client may say more).
+
+Refusal kinds (``Refused.kind``; the client sees them as ``overlay.io.control.ControlError.kind``
+and the CNI plugin maps them to codes): "netns" no such namespace, "network" network unknown or
+not joined, "address" outside the subnet, in use or none left, "invalid" a bad request,
+"unknown" no such attachment, "broken" check found it damaged, "etcd" the registry is
+unreachable, "permission" the caller is not root. ("agent", no agent answers, is the client's
+own, never an agent's refusal.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+KINDS = frozenset({"netns", "network", "address", "invalid", "unknown", "broken", "etcd", "permission"})
+
+
+class Refused(Exception):
+    """Raised by a handler: the request cannot be done; the message tells the user why, and
+    ``kind`` (one of ``KINDS``, or None) what was wrong."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class AttachRequest:
+    """``overlay attach`` and CNI ADD: put the namespace ``netns`` on network ``net`` (a name or a
+    VNI). ``id`` names the attachment (CNI: "cni/<container id>/<ifname>"); without one the
+    agent names it after the namespace. Unset ``ip``, ``mac`` and ``gateway`` are chosen by the
+    agent (a free address, a random MAC, the network's gateway)."""
+
+    netns: str
+    net: str
+    ifname: str = "eth0"
+    id: str | None = None
+    ip: str | None = None  # A.B.C.D/len, or A.B.C.D when the network has a subnet to take the length from
+    mac: str | None = None
+    gateway: str | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]) -> AttachRequest:
+        netns = _required(params, "netns")
+        ifname = _text(params, "ifname") or "eth0"
+        net = _required(params, "net")
+        return cls(
+            netns,
+            net,
+            ifname,
+            id=_text(params, "id"),
+            gateway=_text(params, "gateway"),
+            mac=_text(params, "mac"),
+            ip=_text(params, "ip"),
+        )
+
+
+@dataclass(frozen=True)
+class DetachRequest:
+    """``overlay detach`` and CNI DEL: by ``id``, or else by ``netns`` (and ``ifname``, or all of
+    the namespace's attachments). One of ``id`` and ``netns`` is always given."""
+
+    id: str | None = None
+    netns: str | None = None
+    ifname: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.id is None and self.netns is None:
+            raise Refused("say what to detach: a namespace (netns) or an attachment id", "invalid")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]) -> DetachRequest:
+        attachment_id = _text(params, "id")
+        ifname = _text(params, "ifname")
+        return cls(attachment_id, _text(params, "netns"), ifname)
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """CNI CHECK: is attachment ``id`` still whole?"""
+
+    id: str
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]) -> CheckRequest:
+        return cls(_required(params, "id"))
+
+
+def _required(params: Mapping[str, object], name: str) -> str:
+    value = _text(params, name)
+    if value is None:
+        raise Refused(f"missing {name}", "invalid")
+    return value
+
+
+def _text(params: Mapping[str, object], name: str) -> str | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise Refused(f"{name} must be a string, not {type(value).__name__}", "invalid")
+    return value

@@ -1,0 +1,205 @@
+"""The agent's status as typed values: what `overlay status` prints, the metrics export and a
+fleet view will read. Pure: the producers (the agent, the dataplane, the prober) fill these in;
+no clock is read here (``uptime_s`` comes computed).
+
+The JSON form is a contract (README.md, "overlay status --json"): ``Status.to_json()`` gives
+exactly its keys, nesting, types and order, and ``Status.from_json()`` reads it back:
+
+    {"agent": AgentInfo, "registry": RegistryStatus | null,
+     "wakeups", "peers", "totals", "drops", "fdb", "coalesced_frames", "arp_suppressed",   (DataplaneStatus, flat)
+     "attachments": [Attachment.to_json()], "probes": {host id: ProbeStatus},
+     "probe_counters": ProbeCounters | {}}
+
+Rules of the JSON form:
+- The dataplane's keys sit at the top level, not under a key of their own (``DataplaneStatus``
+  is one value in ``Status`` because one producer fills it in).
+- ``registry`` is null in static mode; ``probes`` and ``probe_counters`` are ``{}`` when probing
+  is off (``probe_counters`` is then ``None`` in the typed form).
+- Decoding is tolerant where the CLI always was: ``registry``, ``networks``, a network's
+  ``bridge``, ``coalesced_frames``, ``arp_suppressed``, ``attachments``, ``probes``,
+  ``probe_counters`` and the RTTs may be missing (null, empty or 0 then). Every other key is
+  required, unknown keys are ignored (a newer agent may say more), and a wrong type is a
+  ValueError naming the key.
+- Attachments are kept as the JSON objects ``Attachment.to_json()`` gives: the attachment's
+  own type owns its fields.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class NetworkInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A network (VNI) the agent serves: its TAP, the TAP's MAC, and its bridge if any."""
+
+    vni: int
+    tap: str
+    mac: str
+    bridge: str | None = None
+
+
+class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent itself: the first network's TAP and VNI, its VTEP, and every network."""
+
+    tap: str
+    vni: int
+    local: str  # the VTEP's IPv4 address
+    port: int
+    peers: list[str]  # static peers' VTEP addresses (empty in etcd mode)
+    mtu: int
+    mac: str
+    address: str | None  # the TAP's A.B.C.D/len, if given
+    source_check: bool
+    uptime_s: float
+    networks: list[NetworkInfo] = []
+
+
+class RegistryStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """etcd mode: where the registry is and how the connection to it fares."""
+
+    endpoints: list[str]
+    host_id: str
+    connected: bool
+    revision: int  # the last etcd revision applied
+    reconnects: int
+    resyncs: int  # full re-reads after a compaction
+
+
+class Wakeups(msgspec.Struct, frozen=True, kw_only=True):
+    """Event-loop calls into the fast path, per direction, and the frames they moved."""
+
+    tx: int
+    tx_frames: int
+    rx: int
+    rx_frames: int
+
+
+class PeerTraffic(msgspec.Struct, frozen=True, kw_only=True):
+    """Inner frames and bytes exchanged with one peer VTEP ("ip:port")."""
+
+    vtep: str
+    rx_frames: int
+    rx_bytes: int
+    tx_frames: int
+    tx_bytes: int
+
+
+class Totals(msgspec.Struct, frozen=True, kw_only=True):
+    """Inner frames and bytes exchanged with all peer VTEPs."""
+
+    rx_frames: int
+    rx_bytes: int
+    tx_frames: int
+    tx_bytes: int
+
+
+class FdbStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The forwarding table: entries by source (the first three fields), then its events."""
+
+    static: int
+    registry: int
+    learned: int
+    refused_cap: int
+    moves: int
+    expired: int
+    evicted: int
+    refused_table_full: int
+    learn_overflow: int
+
+
+FDB_SOURCES = ("static", "registry", "learned")  # FdbStatus fields that count entries; the rest count events
+
+
+class DataplaneStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """What the data path counts (``Dataplane.status()``); flat at the top of the JSON form."""
+
+    wakeups: Wakeups
+    peers: list[PeerTraffic]
+    totals: Totals
+    drops: dict[str, int]  # reason (a wire.Drop name, lower case) -> frames, every reason listed
+    fdb: FdbStatus
+    coalesced_frames: int = 0  # received frames written to the TAP inside TCP super-frames
+    arp_suppressed: int = 0  # ARP requests answered from the registry
+
+
+class ProbeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The underlay path to one peer host, as ``probing.Probes`` measures it."""
+
+    address: str  # the peer's probe address, "ip:port" ("[ip]:port" for IPv6)
+    rtt_ms: float | None = None  # the last round trip; None until a reply came
+    srtt_ms: float | None = None  # smoothed (RFC 6298)
+    loss: float  # lost fraction of the decided probes in the window
+    reachable: bool
+    sent: int
+    received: int
+
+
+class ProbeCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """The prober's datagram counters: ignored as bad, requests answered, socket errors."""
+
+    bad: int
+    answered: int
+    errors: int
+
+
+class Status(msgspec.Struct, frozen=True, kw_only=True):
+    """One agent's whole status; see the module docstring for its JSON form."""
+
+    agent: AgentInfo
+    dataplane: DataplaneStatus
+    registry: RegistryStatus | None = None  # static mode: none
+    attachments: list[dict[str, object]] = []  # Attachment.to_json() of each container attached
+    probes: dict[str, ProbeStatus] = {}  # peer host id -> its path
+    probe_counters: ProbeCounters | None = None  # probing off: none
+
+    def to_json(self) -> dict[str, object]:
+        """The contract's dict (README.md), key for key and in its order."""
+        return {
+            "agent": _builtins(self.agent),
+            "registry": None if self.registry is None else _builtins(self.registry),
+            **_builtins(self.dataplane),
+            "attachments": [dict(a) for a in self.attachments],
+            "probes": {host: _builtins(p) for host, p in self.probes.items()},
+            "probe_counters": {} if self.probe_counters is None else _builtins(self.probe_counters),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> Status:
+        """The typed status of a JSON one (what the control socket answers); ValueError saying
+        which key is missing or wrong."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"a status is a JSON object, not {type(obj).__name__}")
+        registry, counters = obj.get("registry"), obj.get("probe_counters")
+        return cls(
+            agent=_part(obj.get("agent"), AgentInfo, "agent"),
+            dataplane=_part(obj, DataplaneStatus, ""),  # its keys are the top level's
+            registry=None if registry is None else _part(registry, RegistryStatus, "registry"),
+            attachments=_part(obj.get("attachments") or [], list[dict[str, object]], "attachments"),
+            probes=_part(obj.get("probes") or {}, dict[str, ProbeStatus], "probes"),
+            probe_counters=_part(counters, ProbeCounters, "probe_counters") if counters else None,
+        )
+
+
+def _builtins(value: msgspec.Struct) -> dict[str, object]:
+    """A Struct as a JSON object, its fields in declaration order."""
+    out: object = msgspec.to_builtins(value)
+    assert isinstance(out, dict)
+    return out
+
+
+def _part(obj: object, kind: type[T], key: str) -> T:
+    """``obj``, the value at top-level ``key`` ("" for the top level itself), as ``kind``;
+    ValueError naming the path of what is missing or wrong."""
+    try:
+        return msgspec.convert(obj, kind)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        if not key:
+            raise ValueError(message) from None
+        if "`$" in message:  # "... - at `$.networks[0]`": the path within the part
+            raise ValueError(message.replace("`$", f"`$.{key}", 1)) from None
+        raise ValueError(f"{message} - at `$.{key}`") from None

@@ -1,0 +1,301 @@
+"""The status types: their JSON form is the README's contract, key for key and in order; JSON
+decodes back tolerating the optional parts; `overlay status` formats the typed form."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from overlay.cmd.cli import format_status
+from overlay.core.status import ProbeCounters, RegistryStatus, Status
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+# An etcd-mode agent with two networks, a container, two probed peers (one never answered).
+FULL: dict[str, object] = {
+    "agent": {
+        "tap": "ovl-42",
+        "vni": 42,
+        "local": "198.18.0.1",
+        "port": 4789,
+        "peers": [],
+        "mtu": 1450,
+        "mac": "02:00:00:00:00:01",
+        "address": "198.19.42.1/24",
+        "source_check": True,
+        "uptime_s": 12.5,
+        "networks": [
+            {"vni": 42, "tap": "ovl-42", "mac": "02:00:00:00:00:01", "bridge": "ovbr42"},
+            {"vni": 43, "tap": "ovl-43", "mac": "02:00:00:00:00:02", "bridge": "ovbr43"},
+        ],
+    },
+    "registry": {
+        "endpoints": ["http://198.18.0.250:2379", "http://198.18.0.251:2379"],
+        "host_id": "h1",
+        "connected": False,
+        "revision": 17,
+        "reconnects": 2,
+        "resyncs": 1,
+    },
+    "wakeups": {"tx": 10, "tx_frames": 250, "rx": 9, "rx_frames": 240},
+    "peers": [
+        {"vtep": "198.18.0.2:4789", "rx_frames": 3, "rx_bytes": 300, "tx_frames": 4, "tx_bytes": 400},
+        {"vtep": "198.18.0.3:4789", "rx_frames": 5, "rx_bytes": 500, "tx_frames": 6, "tx_bytes": 600},
+    ],
+    "totals": {"rx_frames": 8, "rx_bytes": 800, "tx_frames": 10, "tx_bytes": 1000},
+    "drops": {"too_short": 1, "no_i_flag": 0, "not_member": 2},
+    "fdb": {
+        "static": 0,
+        "registry": 2,
+        "learned": 1,
+        "refused_cap": 0,
+        "moves": 3,
+        "expired": 4,
+        "evicted": 0,
+        "refused_table_full": 0,
+        "learn_overflow": 0,
+    },
+    "coalesced_frames": 7,
+    "arp_suppressed": 11,
+    "attachments": [
+        {
+            "id": "netns/4026532567/eth0",
+            "vni": 42,
+            "network": "blue",
+            "netns": "/run/netns/web1",
+            "ifname": "eth0",
+            "host_ifname": "ovh1a2b3c4d5e6",
+            "mac": "02:42:00:00:00:10",
+            "address": "198.19.42.10/24",
+            "gateway": None,
+            "mtu": 1450,
+        }
+    ],
+    "probes": {
+        "h3": {
+            "address": "198.18.0.3:4788",
+            "rtt_ms": None,
+            "srtt_ms": None,
+            "loss": 1.0,
+            "reachable": False,
+            "sent": 5,
+            "received": 0,
+        },
+        "h2": {
+            "address": "198.18.0.2:4788",
+            "rtt_ms": 0.25,
+            "srtt_ms": 0.5,
+            "loss": 0.1,
+            "reachable": True,
+            "sent": 20,
+            "received": 18,
+        },
+    },
+    "probe_counters": {"bad": 3, "answered": 40, "errors": 1},
+}
+
+
+def readme_contract() -> tuple[dict[str, object], dict[str, list[str]]]:
+    """README.md's `overlay status --json` example (comments stripped), and for each top-level
+    key whose comment lists keys (the etcd-mode registry, attachments, probes, counters), those."""
+    text = README.read_text()
+    block = text[text.index("`overlay status --json`:") :]
+    block = block[block.index("```\n") + 4 :]
+    block = block[: block.index("```")]
+    body, comments, key = [], {}, ""
+    for line in block.splitlines():
+        code, _, comment = line.partition("#")
+        if m := re.match(r'\s*"(\w+)":', code):
+            key = m.group(1)
+        comments[key] = comments.get(key, "") + comment
+        body.append(code)
+    listed = {}
+    for k, comment in comments.items():
+        names = re.findall(r'"(\w+)":', comment) or re.findall(r'"(\w+)"', comment)
+        if names:
+            listed[k] = names
+    return json.loads("\n".join(body)), listed
+
+
+def keys_in_order(value: object) -> object:
+    """The nesting of ``value`` with each object's keys in order (lists by their items)."""
+    if isinstance(value, dict):
+        return [(k, keys_in_order(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [keys_in_order(v) for v in value]
+    return type(value).__name__
+
+
+def test_the_readme_example_round_trips_exactly_key_for_key_and_type_for_type() -> None:
+    example, _ = readme_contract()
+    again = Status.from_json(example).to_json()
+    assert again == example
+    assert keys_in_order(again) == keys_in_order(example)
+
+
+def test_the_optional_parts_have_exactly_the_keys_the_readme_lists_in_its_order() -> None:
+    _, listed = readme_contract()
+    out = Status.from_json(FULL).to_json()
+    registry, attachments, probes, counters = out["registry"], out["attachments"], out["probes"], out["probe_counters"]
+    assert isinstance(registry, dict) and isinstance(attachments, list) and isinstance(probes, dict)
+    assert isinstance(counters, dict)
+    assert (
+        list(registry)
+        == listed["registry"]
+        == ["endpoints", "host_id", "connected", "revision", "reconnects", "resyncs"]
+    )
+    assert list(attachments[0]) == listed["attachments"]
+    assert all(list(p) == listed["probes"] for p in probes.values())
+    assert list(counters) == listed["probe_counters"] == ["bad", "answered", "errors"]
+    assert list(out) == list(readme_contract()[0])
+
+
+def test_a_full_status_round_trips_through_json_text() -> None:
+    status = Status.from_json(FULL)
+    assert status.to_json() == FULL and keys_in_order(status.to_json()) == keys_in_order(FULL)
+    assert Status.from_json(json.loads(json.dumps(status.to_json()))) == status
+    assert json.dumps(status.to_json()) == json.dumps(FULL)  # the bytes the control socket sends
+
+
+def test_the_typed_form_reads_as_the_json_says() -> None:
+    s = Status.from_json(FULL)
+    assert s.agent.networks[1].bridge == "ovbr43" and s.agent.uptime_s == 12.5
+    assert s.registry == RegistryStatus(
+        endpoints=["http://198.18.0.250:2379", "http://198.18.0.251:2379"],
+        host_id="h1",
+        connected=False,
+        revision=17,
+        reconnects=2,
+        resyncs=1,
+    )
+    assert s.dataplane.totals.tx_bytes == 1000 and s.dataplane.peers[1].vtep == "198.18.0.3:4789"
+    assert s.dataplane.fdb.moves == 3 and s.dataplane.drops["not_member"] == 2
+    assert list(s.probes) == ["h3", "h2"] and s.probes["h3"].rtt_ms is None and s.probes["h2"].srtt_ms == 0.5
+    assert s.probe_counters == ProbeCounters(bad=3, answered=40, errors=1)
+    assert s.attachments[0]["network"] == "blue"
+
+
+def without(obj: dict[str, object], *keys: str) -> dict[str, object]:
+    out = copy.deepcopy(obj)
+    for path in keys:
+        *parents, last = path.split(".")
+        target: object = out
+        for p in parents:
+            assert isinstance(target, dict)
+            target = target[p]
+        assert isinstance(target, dict)
+        del target[last]
+    return out
+
+
+def test_decoding_tolerates_the_optional_parts_missing_as_the_cli_always_did() -> None:
+    old = without(
+        FULL,
+        "registry",
+        "attachments",
+        "probes",
+        "probe_counters",
+        "coalesced_frames",
+        "arp_suppressed",
+        "agent.networks",
+    )
+    s = Status.from_json(old)
+    assert s.registry is None and s.attachments == [] and s.probes == {} and s.probe_counters is None
+    assert s.dataplane.coalesced_frames == 0 and s.dataplane.arp_suppressed == 0 and s.agent.networks == []
+    out = s.to_json()  # and says so in the contract's form
+    assert out["registry"] is None and out["probes"] == {} and out["probe_counters"] == {} and out["attachments"] == []
+    assert list(out) == list(FULL)
+
+
+def test_decoding_takes_null_and_empty_for_the_parts_a_static_agent_lacks() -> None:
+    static = {**FULL, "registry": None, "probes": {}, "probe_counters": {}, "attachments": []}
+    s = Status.from_json(static)
+    assert s.registry is None and s.probes == {} and s.probe_counters is None
+    assert s.to_json() == static
+
+
+def test_a_network_without_bridge_and_a_peer_without_rtt_decode() -> None:
+    obj = copy.deepcopy(FULL)
+    agent, probes = obj["agent"], obj["probes"]
+    assert isinstance(agent, dict) and isinstance(probes, dict)
+    del agent["networks"][0]["bridge"]
+    del probes["h3"]["rtt_ms"], probes["h3"]["srtt_ms"]
+    s = Status.from_json(obj)
+    assert s.agent.networks[0].bridge is None and s.probes["h3"].rtt_ms is None and s.probes["h3"].srtt_ms is None
+
+
+def test_unknown_keys_are_ignored_so_a_newer_agent_may_say_more() -> None:
+    newer = copy.deepcopy(FULL)
+    newer["nat"] = {"rules": 3}
+    agent = newer["agent"]
+    assert isinstance(agent, dict)
+    agent["kernel"] = "6.8"
+    assert Status.from_json(newer) == Status.from_json(FULL)
+
+
+@pytest.mark.parametrize(
+    "obj, where",
+    [
+        ([], "JSON object"),
+        ({}, "$.agent"),
+        (without(FULL, "agent.local"), "`local` - at `$.agent`"),
+        (without(FULL, "fdb"), "`fdb`"),
+        ({**FULL, "peers": [{"rx_frames": 1}, "junk"]}, "$.peers[0]"),
+        ({**FULL, "totals": []}, "$.totals"),
+        ({**FULL, "drops": {"x": "many"}}, "$.drops[...]"),  # msgspec's path: a mapping's value is [...]
+        ({**FULL, "registry": "?"}, "$.registry"),
+        ({**FULL, "probes": {"h": None}}, "$.probes[...]"),
+        (
+            {
+                **FULL,
+                "probes": {
+                    "h2": {"address": "a:1", "rtt_ms": "fast", "loss": 0, "reachable": None, "sent": 0, "received": 0}
+                },
+            },
+            "$.probes[...].rtt_ms",
+        ),
+        ({**FULL, "agent": {**FULL["agent"], "port": "4789"}}, "$.agent.port"),  # type: ignore[dict-item]
+        ({**FULL, "probe_counters": {"bad": True, "answered": 0, "errors": 0}}, "$.probe_counters.bad"),
+    ],
+)
+def test_a_status_that_is_not_one_is_a_value_error_naming_the_key(obj: object, where: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(where)):
+        Status.from_json(obj)
+
+
+def test_format_status_prints_the_typed_status() -> None:
+    assert format_status(Status.from_json(FULL)).split("\n") == [
+        "agent  vtep 198.18.0.1:4789  mtu 1450  198.19.42.1/24  up 12.5 s  source check on",
+        "  vni 42       tap ovl-42          bridge ovbr42   mac 02:00:00:00:00:01",
+        "  vni 43       tap ovl-43          bridge ovbr43   mac 02:00:00:00:00:02",
+        "registry  etcd http://198.18.0.250:2379, http://198.18.0.251:2379  host h1  "
+        "DISCONNECTED (forwarding with what it knew)  revision 17  reconnects 2  resyncs 1",
+        "",
+        "peer                        rx frames       rx bytes    tx frames       tx bytes",
+        "198.18.0.2:4789                     3            300            4            400",
+        "198.18.0.3:4789                     5            500            6            600",
+        "total                               8            800           10           1000",
+        "",
+        "drops  too_short 1  not_member 2",
+        "fdb    static 0  registry 2  learned 1  (refused at cap 0, moves 3, expired 4)",
+        "arp    answered locally 11   tcp segments coalesced on receive 7",
+        "",
+        "peer host        underlay path            rtt ms  srtt ms   loss  state",
+        "h2               198.18.0.2:4788           0.250    0.500    10%  ok",
+        "h3               198.18.0.3:4788               -        -   100%  UNREACHABLE",
+        "",
+        "container                          network      if     mac               address            host end     ",
+        "netns/4026532567/eth0              blue         eth0   02:42:00:00:00:10 198.19.42.10/24    ovh1a2b3c4d5e6",
+    ]
+
+
+def test_format_status_of_a_static_agent_leaves_out_registry_probes_and_containers() -> None:
+    example, _ = readme_contract()
+    text = format_status(Status.from_json(example))
+    assert text.split("\n")[0] == "agent  vtep 198.18.0.1:4789  mtu 1450  198.19.0.1/24  up 12.5 s  source check on"
+    assert "drops  none" in text
+    assert "registry" not in text.split("\n")[2] and "peer host" not in text and "container" not in text
