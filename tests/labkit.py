@@ -2,20 +2,56 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from overlay.lab import Lab, wait_for
+from overlay.lab import etcd as etcdlab
 
 VNI = 42
+_numbers = itertools.count(1)
+
+
+@contextmanager
+def new_lab(hosts: int = 3, prefix: str = "t") -> Iterator[Lab]:
+    """The one way tests build a lab: ``hosts`` namespaces on a bridge, named uniquely for this
+    run (``prefix``, the pid, a counter), torn down afterwards, also when the test fails. The
+    ``labs`` fixture (tests/conftest.py) gives the same per test."""
+    with Lab(f"{prefix}{os.getpid() % 100000}x{next(_numbers)}", hosts=hosts) as lab:
+        yield lab
+
+
+@contextmanager
+def new_lab_with_etcd(hosts: int = 3, prefix: str = "t") -> Iterator[tuple[Lab, etcdlab.EtcdServer]]:
+    """``new_lab`` plus a real etcd in its service host (198.18.0.250), stopped before the lab goes."""
+    with new_lab(hosts, prefix) as lab, etcdlab.single(lab) as etcd:
+        yield lab, etcd
 
 
 def overlay_ip(host: int) -> str:
     return f"198.19.0.{host}"
+
+
+class Labs:
+    """Builds labs for one test (``labs(hosts=3)``, ``labs.with_etcd(hosts=2)``) and tears every
+    one down after it, also when it fails (tests.labkit.new_lab is the same as a context manager,
+    for module-wide labs)."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self.stack = stack
+
+    def __call__(self, hosts: int = 3, prefix: str = "t") -> Lab:
+        return self.stack.enter_context(new_lab(hosts, prefix))
+
+    def with_etcd(self, hosts: int = 3, prefix: str = "t") -> tuple[Lab, etcdlab.EtcdServer]:
+        return self.stack.enter_context(new_lab_with_etcd(hosts, prefix))
 
 
 def agent_argv(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "ovl0") -> list[str]:

@@ -4,15 +4,13 @@ produce numbers (a smoke test so the harness cannot rot; no speed is asserted he
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("iperf3"), reason="needs root and iperf3")
+pytestmark = pytest.mark.root  # and iperf3: scripts/setup installs it
 
 
 def test_quick_harness_run_produces_figures_table_and_chart(tmp_path: Path) -> None:
@@ -21,7 +19,7 @@ def test_quick_harness_run_produces_figures_table_and_chart(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "bench.json").read_text())

@@ -22,11 +22,9 @@ import pytest
 from overlay.cmd import cni
 from overlay.io import control
 from overlay.lab import Lab, wait_for
-from overlay.lab import etcd as etcdlab
-from tests.labkit import VNI, etcd_agent_argv, overlay_ip, start_agent, status
+from tests.labkit import VNI, etcd_agent_argv, new_lab_with_etcd, overlay_ip, start_agent, status
 
 PLUGIN = [sys.executable, "-m", "overlay.cmd.cni"]
-root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 
 def config(**over: Any) -> dict[str, Any]:
@@ -198,7 +196,7 @@ def test_without_the_named_agent_add_and_check_are_code_100_and_del_is_try_again
     assert error_code(invoke("DEL", conf)) == cni.TRY_AGAIN_LATER
 
 
-@root
+@pytest.mark.root
 def test_with_no_agent_in_the_namespace_add_is_code_100_and_del_is_code_11() -> None:
     fresh = ["unshare", "--net"]  # a namespace of our own: nobody's agent listens there
     add = invoke("ADD", config(), via=fresh)
@@ -389,7 +387,7 @@ def test_an_address_without_a_prefix_length_is_passed_on_for_the_agent_to_comple
 
 
 def test_the_shipped_conflist_is_a_valid_config_for_the_plugin() -> None:
-    conflist = json.loads((Path(__file__).parent.parent / "deploy/cni/10-overlay.conflist").read_text())
+    conflist = json.loads((Path(__file__).parents[2] / "deploy/cni/10-overlay.conflist").read_text())
     assert conflist["cniVersion"] in cni.SUPPORTED and conflist["plugins"][0]["type"] == "overlay-cni"
     # the runtime gives each plugin the list's name and version (CNI spec, network configuration lists)
     plugin = {**conflist["plugins"][0], "name": conflist["name"], "cniVersion": conflist["cniVersion"]}
@@ -423,19 +421,14 @@ def test_an_answer_that_is_not_an_attachment_is_an_io_failure() -> None:
 
 # --- against real agents: a lab with etcd, containers as namespaces ---------------------------
 
-lab_only = pytest.mark.skipif(
-    os.geteuid() != 0 or not etcdlab.available(), reason="needs root and etcd (apt-get install etcd-server etcd-client)"
-)
 SUBNET = ipaddress.IPv4Network(f"{overlay_ip(0)}/24")  # the agents' network 42: 198.19.0.0/24
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Two hosts, each with an agent in etcd mode on network 42 (named net42 in etcd)."""
-    if os.geteuid() != 0 or not etcdlab.available():
-        pytest.skip("needs root and etcd")
     logs = tmp_path_factory.mktemp("logs")
-    with Lab(f"cn{os.getpid() % 100000}", hosts=2) as lab, etcdlab.single(lab) as etcd:
+    with new_lab_with_etcd(hosts=2, prefix="cn") as (lab, etcd):
         for h in (1, 2):
             start_agent(lab, h, [], log_dir=logs, argv=etcd_agent_argv(lab, h, [etcd.endpoint], "--lease-ttl", "5"))
         yield lab
@@ -514,7 +507,8 @@ def ping(pod: Pod, address: str) -> bool:
     return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_add_puts_the_interface_with_the_returned_mac_and_address_into_the_namespace(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
     result = pods.add(pod, ip="198.19.0.11/24", mac="02:00:00:00:01:11", gateway=overlay_ip(1))
@@ -537,7 +531,8 @@ def test_add_puts_the_interface_with_the_returned_mac_and_address_into_the_names
         )
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_two_cni_containers_on_two_hosts_ping_each_other(lab: Lab, pods: Pods) -> None:
     a, b = pods.new(1), pods.new(2)
     first = pods.add(a, ip="198.19.0.21/24")
@@ -550,7 +545,8 @@ def test_two_cni_containers_on_two_hosts_ping_each_other(lab: Lab, pods: Pods) -
     assert first["interfaces"][1]["mac"] != second["interfaces"][1]["mac"]
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_del_removes_the_interface_and_a_second_del_is_a_no_op(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
     host_ifname = pods.add(pod)["interfaces"][0]["name"]
@@ -563,7 +559,8 @@ def test_del_removes_the_interface_and_a_second_del_is_a_no_op(lab: Lab, pods: P
     assert (without_netns.status, without_netns.out) == (0, None)
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_an_address_is_free_again_after_del(lab: Lab, pods: Pods) -> None:
     a, b = pods.new(1), pods.new(1)
     pods.add(a, ip="198.19.0.31/24")
@@ -571,7 +568,8 @@ def test_an_address_is_free_again_after_del(lab: Lab, pods: Pods) -> None:
     assert pods.add(b, ip="198.19.0.31")["ips"][0]["address"] == "198.19.0.31/24"  # the network's prefix
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_del_after_the_namespace_was_deleted_succeeds(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
     host_ifname = pods.add(pod)["interfaces"][0]["name"]
@@ -581,7 +579,8 @@ def test_del_after_the_namespace_was_deleted_succeeds(lab: Lab, pods: Pods) -> N
     wait_for(lambda: not pods.host_link(pod, host_ifname), 10, f"{host_ifname} to leave host 1")
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_check_passes_then_fails_once_the_interface_is_broken(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
     result = pods.add(pod, ip="198.19.0.41/24")
@@ -604,7 +603,8 @@ def test_check_passes_then_fails_once_the_interface_is_broken(lab: Lab, pods: Po
     assert error_code(pods.cni("CHECK", pod, check)) in (cni.MISMATCH, cni.UNKNOWN_CONTAINER)
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_check_of_something_never_added_fails(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
     prev = {
@@ -615,7 +615,8 @@ def test_check_of_something_never_added_fails(lab: Lab, pods: Pods) -> None:
     assert pods.cni("CHECK", pod, config(network="net42", prevResult=prev)).status != 0
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_add_to_a_network_the_agent_does_not_know_is_code_101(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
     assert error_code(pods.cni("ADD", pod, config(network="no-such-net"))) == cni.UNKNOWN_NETWORK
@@ -623,14 +624,16 @@ def test_add_to_a_network_the_agent_does_not_know_is_code_101(lab: Lab, pods: Po
     assert "eth0" not in pods.links(pod)
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_add_into_a_namespace_that_does_not_exist_is_code_3(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
     missing = pods.cni("ADD", pod, config(network="net42"), netns=f"/run/netns/{lab.name}-nowhere")
     assert error_code(missing) == cni.UNKNOWN_CONTAINER
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_an_address_in_use_or_outside_the_subnet_is_code_102(lab: Lab, pods: Pods) -> None:
     a, b = pods.new(1), pods.new(2)
     pods.add(a, ip="198.19.0.61/24")
@@ -642,14 +645,16 @@ def test_an_address_in_use_or_outside_the_subnet_is_code_102(lab: Lab, pods: Pod
     assert "eth0" not in pods.links(b)
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_the_agent_named_in_the_config_is_asked_and_a_missing_one_is_code_100(lab: Lab, pods: Pods) -> None:
     pod = pods.new(1)
     assert error_code(pods.cni("ADD", pod, config(network="net42", agent="ovl9"))) == cni.NO_AGENT
     assert pods.add(pod, agent="ovl0")["interfaces"][1]["sandbox"] == pod.netns
 
 
-@lab_only
+@pytest.mark.root
+@pytest.mark.etcd
 def test_a_0_3_1_runtime_gets_a_0_3_1_result(lab: Lab, pods: Pods) -> None:
     pod = pods.new(2)
     result = pods.add(pod, cniVersion="0.3.1")

@@ -4,7 +4,6 @@ operator starts them (`overlay agent ...` inside `ip netns exec`)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import socket
 import subprocess
@@ -17,16 +16,16 @@ import pytest
 
 from overlay.core import wire
 from overlay.lab import Lab, wait_for
-from tests.labkit import VNI, overlay_ip, ping, start_agent, status, stop_agent, tcp_transfer, wait_ping
+from tests.labkit import VNI, Labs, new_lab, overlay_ip, ping, start_agent, status, stop_agent, tcp_transfer, wait_ping
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Three hosts, each running an agent whose peers are the other two."""
     logs = tmp_path_factory.mktemp("logs")
-    with Lab(f"ta{os.getpid() % 100000}", hosts=3) as lab:
+    with new_lab(hosts=3, prefix="ta") as lab:
         for h in (1, 2, 3):
             start_agent(lab, h, [p for p in (1, 2, 3) if p != h], log_dir=logs)
         yield lab
@@ -128,64 +127,64 @@ def test_hostile_datagrams_are_counted_drops_and_the_overlay_keeps_working(lab3:
     wait_ping(lab3, 1, overlay_ip(2))
 
 
-def test_datagrams_from_a_non_peer_are_dropped(tmp_path: Path) -> None:
-    with Lab(f"tn{os.getpid() % 100000}", hosts=3) as lab:
-        start_agent(lab, 1, [2], log_dir=tmp_path)
-        start_agent(lab, 2, [1], log_dir=tmp_path)
-        frame = bytes.fromhex("020000000001 020000000003 0806") + bytes(28)
-        lab.run(3, [sys.executable, "-c", SEND_JUNK, str(lab.address(1)), wire.encode(VNI, frame).hex()])
-        wait_for(lambda: status(lab, 1)["drops"]["not_member"] >= 1, 10, "the non-peer datagram to be counted")
-        assert not any(e["mac"] == "02:00:00:00:00:03" for e in status(lab, 1, cmd="fdb"))
-        wait_ping(lab, 1, overlay_ip(2))
+def test_datagrams_from_a_non_peer_are_dropped(labs: Labs, tmp_path: Path) -> None:
+    lab = labs(hosts=3, prefix="tn")
+    start_agent(lab, 1, [2], log_dir=tmp_path)
+    start_agent(lab, 2, [1], log_dir=tmp_path)
+    frame = bytes.fromhex("020000000001 020000000003 0806") + bytes(28)
+    lab.run(3, [sys.executable, "-c", SEND_JUNK, str(lab.address(1)), wire.encode(VNI, frame).hex()])
+    wait_for(lambda: status(lab, 1)["drops"]["not_member"] >= 1, 10, "the non-peer datagram to be counted")
+    assert not any(e["mac"] == "02:00:00:00:00:03" for e in status(lab, 1, cmd="fdb"))
+    wait_ping(lab, 1, overlay_ip(2))
 
 
-def test_stopping_removes_the_tap_and_a_second_agent_on_the_port_fails_clearly(tmp_path: Path) -> None:
-    with Lab(f"ts{os.getpid() % 100000}", hosts=2) as lab:
-        notify = tmp_path / "notify"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(notify))
-        sock.settimeout(10)
-        agent = start_agent(lab, 1, [2], log_dir=tmp_path, env={"NOTIFY_SOCKET": str(notify)})
-        assert sock.recv(100) == b"READY=1"
-        second = lab.run(
-            1,
-            [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local", str(lab.address(1)), "--tap", "ovl1"],
-            check=False,
-        )
-        assert second.returncode == 1 and "Traceback" not in second.stderr
-        assert "UDP port 4789 on 198.18.0.1 is in use" in second.stderr
-        assert "ovl1" not in lab.run(1, ["ip", "-br", "link"]).stdout  # nothing left behind
-        same_tap = lab.run(
-            1,
-            [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local", str(lab.address(1)), "--port", "4790"],
-            check=False,
-        )
-        assert same_tap.returncode == 1 and "interface ovl0 already exists" in same_tap.stderr
-        assert stop_agent(agent) == 0
-        assert sock.recv(100) == b"STOPPING=1"
-        assert "ovl0" not in lab.run(1, ["ip", "-br", "link"]).stdout
-        sock.close()
+def test_stopping_removes_the_tap_and_a_second_agent_on_the_port_fails_clearly(labs: Labs, tmp_path: Path) -> None:
+    lab = labs(hosts=2, prefix="ts")
+    notify = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(10)
+    agent = start_agent(lab, 1, [2], log_dir=tmp_path, env={"NOTIFY_SOCKET": str(notify)})
+    assert sock.recv(100) == b"READY=1"
+    second = lab.run(
+        1,
+        [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local", str(lab.address(1)), "--tap", "ovl1"],
+        check=False,
+    )
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert "UDP port 4789 on 198.18.0.1 is in use" in second.stderr
+    assert "ovl1" not in lab.run(1, ["ip", "-br", "link"]).stdout  # nothing left behind
+    same_tap = lab.run(
+        1,
+        [sys.executable, "-m", "overlay", "agent", "--vni", "42", "--local", str(lab.address(1)), "--port", "4790"],
+        check=False,
+    )
+    assert same_tap.returncode == 1 and "interface ovl0 already exists" in same_tap.stderr
+    assert stop_agent(agent) == 0
+    assert sock.recv(100) == b"STOPPING=1"
+    assert "ovl0" not in lab.run(1, ["ip", "-br", "link"]).stdout
+    sock.close()
 
 
-def test_agent_reads_a_toml_config_and_flags_override_it(tmp_path: Path) -> None:
-    with Lab(f"tc{os.getpid() % 100000}", hosts=2) as lab:
-        conf = tmp_path / "agent.toml"
-        conf.write_text(
-            f'vni = 42\nlocal = "{lab.address(2)}"\npeer = ["{lab.address(1)}"]\n'
-            f'tap = "ovl9"\naddress = "198.19.0.2/24"\nmtu = 1400\n'
-        )
-        start_agent(lab, 1, [2], log_dir=tmp_path)
-        log = open(tmp_path / "toml.log", "w")
-        proc = lab.spawn(
-            2,
-            [sys.executable, "-m", "overlay", "agent", "--config", str(conf), "--mtu", "1300"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(lambda: proc.poll() is not None or status(lab, 2) is not None, 30, "the TOML agent")
-        s = status(lab, 2)
-        assert s["agent"]["tap"] == "ovl9" and s["agent"]["mtu"] == 1300
-        wait_ping(lab, 2, overlay_ip(1))
+def test_agent_reads_a_toml_config_and_flags_override_it(labs: Labs, tmp_path: Path) -> None:
+    lab = labs(hosts=2, prefix="tc")
+    conf = tmp_path / "agent.toml"
+    conf.write_text(
+        f'vni = 42\nlocal = "{lab.address(2)}"\npeer = ["{lab.address(1)}"]\n'
+        f'tap = "ovl9"\naddress = "198.19.0.2/24"\nmtu = 1400\n'
+    )
+    start_agent(lab, 1, [2], log_dir=tmp_path)
+    log = open(tmp_path / "toml.log", "w")
+    proc = lab.spawn(
+        2,
+        [sys.executable, "-m", "overlay", "agent", "--config", str(conf), "--mtu", "1300"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(lambda: proc.poll() is not None or status(lab, 2) is not None, 30, "the TOML agent")
+    s = status(lab, 2)
+    assert s["agent"]["tap"] == "ovl9" and s["agent"]["mtu"] == 1300
+    wait_ping(lab, 2, overlay_ip(1))
 
 
 @pytest.mark.parametrize(
@@ -208,34 +207,32 @@ def test_bad_input_is_one_clear_line(flags: list[str], message: str) -> None:
     assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_local_address_not_on_this_host_is_a_clear_error(tmp_path: Path) -> None:
-    with Lab(f"tl{os.getpid() % 100000}", hosts=1) as lab:
-        result = lab.run(
-            1, [sys.executable, "-m", "overlay", "agent", "--vni", "1", "--local", "198.18.0.99"], check=False
-        )
-        assert result.returncode == 1 and "198.18.0.99 is not an address of this host" in result.stderr
+def test_local_address_not_on_this_host_is_a_clear_error(labs: Labs, tmp_path: Path) -> None:
+    lab = labs(hosts=1, prefix="tl")
+    result = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "1", "--local", "198.18.0.99"], check=False)
+    assert result.returncode == 1 and "198.18.0.99 is not an address of this host" in result.stderr
 
 
-def test_without_privileges_the_error_says_what_is_needed() -> None:
-    with Lab(f"tp{os.getpid() % 100000}", hosts=1) as lab:
-        # root without CAP_NET_ADMIN: the capability dropped from the bounding set before exec
-        result = lab.run(
-            1,
-            [
-                "setpriv",
-                "--bounding-set=-net_admin",
-                sys.executable,
-                "-m",
-                "overlay",
-                "agent",
-                "--vni",
-                "1",
-                "--local",
-                "198.18.0.1",
-            ],
-            check=False,
-        )
-        assert result.returncode == 1 and "CAP_NET_ADMIN" in result.stderr and "Traceback" not in result.stderr
+def test_without_privileges_the_error_says_what_is_needed(labs: Labs) -> None:
+    lab = labs(hosts=1, prefix="tp")
+    # root without CAP_NET_ADMIN: the capability dropped from the bounding set before exec
+    result = lab.run(
+        1,
+        [
+            "setpriv",
+            "--bounding-set=-net_admin",
+            sys.executable,
+            "-m",
+            "overlay",
+            "agent",
+            "--vni",
+            "1",
+            "--local",
+            "198.18.0.1",
+        ],
+        check=False,
+    )
+    assert result.returncode == 1 and "CAP_NET_ADMIN" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_tun_device_is_a_clear_error() -> None:
@@ -245,13 +242,13 @@ def test_missing_tun_device_is_a_clear_error() -> None:
         Tap.open("ovlx", dev="/nonexistent/tun")
 
 
-def test_deleting_the_tap_stops_the_agent_with_a_clear_error(tmp_path: Path) -> None:
-    with Lab(f"td{os.getpid() % 100000}", hosts=2) as lab:
-        agent = start_agent(lab, 1, [2], log_dir=tmp_path)
-        lab.run(1, ["ip", "link", "del", "ovl0"])
-        assert agent.wait(timeout=20) == 1  # not a busy loop on a dead fd
-        log = (tmp_path / f"agent-{lab.name}-h1-ovl0.log").read_text()
-        assert "the TAP failed" in log and "Traceback" not in log
+def test_deleting_the_tap_stops_the_agent_with_a_clear_error(labs: Labs, tmp_path: Path) -> None:
+    lab = labs(hosts=2, prefix="td")
+    agent = start_agent(lab, 1, [2], log_dir=tmp_path)
+    lab.run(1, ["ip", "link", "del", "ovl0"])
+    assert agent.wait(timeout=20) == 1  # not a busy loop on a dead fd
+    log = (tmp_path / f"agent-{lab.name}-h1-ovl0.log").read_text()
+    assert "the TAP failed" in log and "Traceback" not in log
 
 
 TAP_TWICE = """
@@ -266,7 +263,7 @@ tap.close()
 """
 
 
-def test_configuring_the_tap_is_idempotent() -> None:
-    with Lab(f"tt{os.getpid() % 100000}", hosts=1) as lab:
-        assert lab.run(1, [sys.executable, "-c", TAP_TWICE]).stdout.strip() == "True"
-        assert "ovlt" not in lab.run(1, ["ip", "-br", "link"]).stdout  # closed: the kernel removed it
+def test_configuring_the_tap_is_idempotent(labs: Labs) -> None:
+    lab = labs(hosts=1, prefix="tt")
+    assert lab.run(1, [sys.executable, "-c", TAP_TWICE]).stdout.strip() == "True"
+    assert "ovlt" not in lab.run(1, ["ip", "-br", "link"]).stdout  # closed: the kernel removed it

@@ -4,7 +4,6 @@ isolation between networks, migration between hosts, lease expiry and agent rest
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,11 +16,9 @@ import pytest
 
 from overlay.lab import Lab, wait_for
 from overlay.lab import etcd as etcdlab
-from tests.labkit import start_agent, status
+from tests.labkit import new_lab_with_etcd, start_agent, status
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not etcdlab.available(), reason="needs root and etcd (apt-get install etcd-server etcd-client)"
-)
+pytestmark = [pytest.mark.root, pytest.mark.etcd]
 OVERLAY = [sys.executable, "-m", "overlay"]
 P = "/overlay/v1"
 TTL = 3
@@ -81,7 +78,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    with Lab(f"k{os.getpid() % 100000}", hosts=3) as lab, etcdlab.single(lab) as etcd:
+    with new_lab_with_etcd(hosts=3, prefix="k") as (lab, etcd):
         w = World(lab, etcd, tmp_path)
         for vni, name in ((BLUE, "blue"), (RED, "red")):
             w.overlay(

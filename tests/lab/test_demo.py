@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from overlay.lab import etcd as etcdlab
-
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not etcdlab.available(), reason="needs root and etcd (apt-get install etcd-server etcd-client)"
-)
+pytestmark = [pytest.mark.root, pytest.mark.etcd]
 
 
 def test_the_demo_shows_networks_kept_apart_and_cleans_up() -> None:

@@ -12,7 +12,6 @@ itself always sends finished checksums (its TAP has no offloads), which the kern
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from pathlib import Path
 from typing import Iterator
@@ -20,16 +19,16 @@ from typing import Iterator
 import pytest
 
 from overlay.lab import Lab
-from tests.labkit import VNI, overlay_ip, start_agent, status, tcp_transfer, wait_ping
+from tests.labkit import VNI, new_lab, overlay_ip, start_agent, status, tcp_transfer, wait_ping
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+pytestmark = pytest.mark.root
 KERNEL = 3
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     logs = tmp_path_factory.mktemp("logs")
-    with Lab(f"ti{os.getpid() % 100000}", hosts=3) as lab:
+    with new_lab(hosts=3, prefix="ti") as lab:
         for h in (1, 2):
             start_agent(lab, h, [p for p in (1, 2, 3) if p != h], log_dir=logs)
         k = lab.address(KERNEL)

@@ -17,8 +17,6 @@ from overlay.lab.etcd import EtcdError, EtcdServer, etcdctl
 
 TAG = os.getpid() % 100000
 LABS = (f"tes{TAG}", f"tec{TAG}", f"tel{TAG}")  # this module's labs
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
-needs_etcd = pytest.mark.skipif(not etcdlab.available(), reason="needs etcd: apt-get install etcd-server etcd-client")
 STARTED: list[EtcdServer] = []  # every server the tests start, checked afterwards
 T = TypeVar("T", EtcdServer, list[EtcdServer])
 
@@ -38,7 +36,7 @@ def started(server: T) -> T:
     return server
 
 
-@needs_etcd
+@pytest.mark.etcd
 def test_single_server_on_loopback_serves_and_stop_removes_everything() -> None:
     server = started(etcdlab.single())
     try:
@@ -54,7 +52,7 @@ def test_single_server_on_loopback_serves_and_stop_removes_everything() -> None:
     server.stop()  # idempotent
 
 
-@needs_etcd
+@pytest.mark.etcd
 def test_etcd_that_cannot_start_fails_with_its_log() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -75,7 +73,7 @@ def test_missing_binary_says_what_to_install(monkeypatch: pytest.MonkeyPatch) ->
         etcdlab.binary("etcdctl")
 
 
-@needs_root
+@pytest.mark.root
 def test_service_hosts_are_checked_and_found_by_another_lab_object() -> None:
     lab = Lab(LABS[2], hosts=1)
     with pytest.raises(LabError, match="not up"):
@@ -99,8 +97,8 @@ def test_service_hosts_are_checked_and_found_by_another_lab_object() -> None:
         assert lab.namespaces() == []
 
 
-@needs_root
-@needs_etcd
+@pytest.mark.root
+@pytest.mark.etcd
 def test_etcd_in_a_service_host_serves_the_lab_hosts() -> None:
     with Lab(LABS[0], hosts=2) as lab:
         server = started(etcdlab.single(lab))
@@ -135,8 +133,8 @@ def test_etcd_in_a_service_host_serves_the_lab_hosts() -> None:
     server.stop()
 
 
-@needs_root
-@needs_etcd
+@pytest.mark.root
+@pytest.mark.etcd
 def test_cluster_keeps_serving_after_its_leader_is_killed() -> None:
     with Lab(LABS[1], hosts=1) as lab:
         servers = started(etcdlab.cluster(lab, members=3))

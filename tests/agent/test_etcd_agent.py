@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,11 +13,9 @@ import pytest
 
 from overlay.lab import Lab, wait_for
 from overlay.lab import etcd as etcdlab
-from tests.labkit import VNI, etcd_agent_argv, overlay_ip, start_agent, status, wait_ping
+from tests.labkit import VNI, Labs, etcd_agent_argv, new_lab_with_etcd, overlay_ip, start_agent, status, wait_ping
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not etcdlab.available(), reason="needs root and etcd (apt-get install etcd-server etcd-client)"
-)
+pytestmark = [pytest.mark.root, pytest.mark.etcd]
 TTL = 3
 P = "/overlay/v1"
 GHOST = "02:00:00:00:00:99"  # an endpoint an operator declares with etcdctl
@@ -43,7 +40,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    with Lab(f"e{os.getpid() % 100000}", hosts=3) as lab, etcdlab.single(lab) as etcd:
+    with new_lab_with_etcd(hosts=3, prefix="e") as (lab, etcd):
         w = World(lab, etcd, tmp_path)
         for h in (1, 2, 3):
             w.start(h)
@@ -173,76 +170,76 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as s:
 """
 
 
-def test_etcd_outage_and_compaction_keep_traffic_flowing_and_agents_resync(tmp_path: Path) -> None:
+def test_etcd_outage_and_compaction_keep_traffic_flowing_and_agents_resync(labs: Labs, tmp_path: Path) -> None:
     """etcd killed for 20 s, then cut off (link down) while keys change and the store is
     compacted: a TCP stream between existing endpoints flows throughout, and afterwards the
     agents have reconnected and resynced (a key put during the cut-off reaches them)."""
     from tests.labkit import TCP_SINK
 
-    with Lab(f"o{os.getpid() % 100000}", hosts=2) as lab, etcdlab.single(lab) as etcd:
-        w = World(lab, etcd, tmp_path)
+    lab, etcd = labs.with_etcd(hosts=2, prefix="o")
+    w = World(lab, etcd, tmp_path)
+    for h in (1, 2):
+        w.start(h)
+    wait_ping(lab, 1, overlay_ip(2))
+    sink = lab.spawn(2, [sys.executable, "-c", TCP_SINK, overlay_ip(2), "5002"], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout is not None and sink.stdout.readline().strip() == "listening"
+    source = lab.spawn(1, [sys.executable, "-c", PACED_SOURCE, overlay_ip(2), "5002", "32"])
+
+    etcd.kill()  # phase 1: etcd gone for 20 s
+    time.sleep(20)  # the outage itself is the condition under test, not a wait for one
+    etcd.start().wait_healthy()
+    wait_for(lambda: status(lab, 1)["registry"]["connected"], 20, "h1 to reconnect to etcd")
+
+    # Phase 2: etcd up but cut off from the hosts while keys change and history is compacted.
+    lab.run(lab.switch, ["ip", "link", "set", "s-etcd1", "down"])
+    wait_for(lambda: not status(lab, 1)["registry"]["connected"], 20, "h1 to notice the cut-off")
+    w.etcdctl("put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2"}')
+    for i in range(5):
+        w.etcdctl("put", f"{P}/scratch", str(i))
+    revision = int(w.etcdctl("get", f"{P}/scratch", "-w", "json").stdout.split('"revision":')[1].split(",")[0])
+    w.etcdctl("compact", str(revision))
+    lab.run(lab.switch, ["ip", "link", "set", "s-etcd1", "up"])
+    wait_for(lambda: GHOST in w.fdb(1), 30, "the endpoint put during the cut-off to reach h1")
+    assert status(lab, 1)["registry"]["resyncs"] >= 1
+
+    assert source.wait(timeout=60) == 0
+    out, _ = sink.communicate(timeout=60)
+    digest, count = out.split()
+    import hashlib
+    import random
+
+    rng, h, n = random.Random(5), hashlib.sha256(), 0
+    while n < int(count):
+        chunk = rng.randbytes(32768)
+        h.update(chunk)
+        n += len(chunk)
+    assert n == int(count) > 20 * 32768 and digest == h.hexdigest()  # every byte, in order
+    assert all(p.poll() is None for p in w.agents.values())
+
+
+def test_a_three_member_cluster_losing_a_member_keeps_the_agents_working(labs: Labs, tmp_path: Path) -> None:
+    lab = labs(hosts=2, prefix="c")
+    members = etcdlab.cluster(lab, 3)
+    try:
+        endpoints = [m.endpoint for m in members]
         for h in (1, 2):
-            w.start(h)
+            argv = etcd_agent_argv(lab, h, endpoints, "--lease-ttl", str(TTL))
+            start_agent(lab, h, [], log_dir=tmp_path, argv=argv)
         wait_ping(lab, 1, overlay_ip(2))
-        sink = lab.spawn(2, [sys.executable, "-c", TCP_SINK, overlay_ip(2), "5002"], stdout=subprocess.PIPE, text=True)
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "listening"
-        source = lab.spawn(1, [sys.executable, "-c", PACED_SOURCE, overlay_ip(2), "5002", "32"])
-
-        etcd.kill()  # phase 1: etcd gone for 20 s
-        time.sleep(20)  # the outage itself is the condition under test, not a wait for one
-        etcd.start().wait_healthy()
-        wait_for(lambda: status(lab, 1)["registry"]["connected"], 20, "h1 to reconnect to etcd")
-
-        # Phase 2: etcd up but cut off from the hosts while keys change and history is compacted.
-        lab.run(lab.switch, ["ip", "link", "set", "s-etcd1", "down"])
-        wait_for(lambda: not status(lab, 1)["registry"]["connected"], 20, "h1 to notice the cut-off")
-        w.etcdctl("put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2"}')
-        for i in range(5):
-            w.etcdctl("put", f"{P}/scratch", str(i))
-        revision = int(w.etcdctl("get", f"{P}/scratch", "-w", "json").stdout.split('"revision":')[1].split(",")[0])
-        w.etcdctl("compact", str(revision))
-        lab.run(lab.switch, ["ip", "link", "set", "s-etcd1", "up"])
-        wait_for(lambda: GHOST in w.fdb(1), 30, "the endpoint put during the cut-off to reach h1")
-        assert status(lab, 1)["registry"]["resyncs"] >= 1
-
-        assert source.wait(timeout=60) == 0
-        out, _ = sink.communicate(timeout=60)
-        digest, count = out.split()
-        import hashlib
-        import random
-
-        rng, h, n = random.Random(5), hashlib.sha256(), 0
-        while n < int(count):
-            chunk = rng.randbytes(32768)
-            h.update(chunk)
-            n += len(chunk)
-        assert n == int(count) > 20 * 32768 and digest == h.hexdigest()  # every byte, in order
-        assert all(p.poll() is None for p in w.agents.values())
-
-
-def test_a_three_member_cluster_losing_a_member_keeps_the_agents_working(tmp_path: Path) -> None:
-    with Lab(f"c{os.getpid() % 100000}", hosts=2) as lab:
-        members = etcdlab.cluster(lab, 3)
-        try:
-            endpoints = [m.endpoint for m in members]
-            for h in (1, 2):
-                argv = etcd_agent_argv(lab, h, endpoints, "--lease-ttl", str(TTL))
-                start_agent(lab, h, [], log_dir=tmp_path, argv=argv)
-            wait_ping(lab, 1, overlay_ip(2))
-            members[0].kill()  # the first endpoint: the one the agents connected to
-            survivors = members[1:]
-            wait_for(lambda: etcdlab.leader(survivors) is not None, 20, "a leader among the survivors")
-            etcdlab.etcdctl(survivors, "put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2"}', check=True)
-            wait_for(
-                lambda: GHOST in {e["mac"] for e in status(lab, 1, cmd="fdb") or []},
-                30,
-                "the endpoint to reach h1 through a surviving member",
-            )
-            wait_ping(lab, 1, overlay_ip(2))
-            assert status(lab, 1)["registry"]["reconnects"] >= 1
-        finally:
-            for m in members:
-                m.stop()
+        members[0].kill()  # the first endpoint: the one the agents connected to
+        survivors = members[1:]
+        wait_for(lambda: etcdlab.leader(survivors) is not None, 20, "a leader among the survivors")
+        etcdlab.etcdctl(survivors, "put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2"}', check=True)
+        wait_for(
+            lambda: GHOST in {e["mac"] for e in status(lab, 1, cmd="fdb") or []},
+            30,
+            "the endpoint to reach h1 through a surviving member",
+        )
+        wait_ping(lab, 1, overlay_ip(2))
+        assert status(lab, 1)["registry"]["reconnects"] >= 1
+    finally:
+        for m in members:
+            m.stop()
 
 
 def test_arp_for_a_registry_address_is_answered_locally_and_unknown_ones_still_flood(world: World) -> None:
@@ -282,38 +279,38 @@ def test_macs_sending_from_the_tap_are_published_as_endpoints(world: World) -> N
     assert world.fdb(2)[mac]["vtep"] == f"{lab.address(1)}:4789"
 
 
-def test_an_agent_on_several_networks_keeps_them_apart(tmp_path: Path) -> None:
-    with Lab(f"m{os.getpid() % 100000}", hosts=2) as lab, etcdlab.single(lab) as etcd:
-        for h in (1, 2):
-            argv = [
-                sys.executable,
-                "-m",
-                "overlay",
-                "agent",
-                "--etcd",
-                etcd.endpoint,
-                "--host-id",
-                f"h{h}",
-                "--local",
-                str(lab.address(h)),
-                "--network",
-                "42",
-                "--network",
-                "43",
-                "--tap",
-                "ovl",
-            ]
-            start_agent(lab, h, [], log_dir=tmp_path, argv=argv, tap="ovl-42")
-        assert {n["tap"] for n in status(lab, 1, tap="ovl-42")["agent"]["networks"]} == {"ovl-42", "ovl-43"}
-        lab.run(1, ["ip", "addr", "add", "198.19.42.1/24", "dev", "ovbr42"])
-        # arp_ignore=1: h2 answers ARP only on the interface holding the address (Linux answers on
-        # any interface by default, which would hide what the overlay does).
-        lab.run(2, ["sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=1"])
-        lab.run(2, ["ip", "addr", "add", "198.19.42.2/24", "dev", "ovbr43"])  # same subnet, other network
-        lab.run(2, ["ip", "addr", "add", "198.19.42.3/24", "dev", "ovbr42"])
-        lab.run(1, ["ip", "addr", "add", "198.19.43.1/24", "dev", "ovbr43"])
-        lab.run(2, ["ip", "addr", "add", "198.19.43.2/24", "dev", "ovbr43"])
-        wait_ping(lab, 1, "198.19.42.3")  # network 42 to network 42
-        wait_ping(lab, 1, "198.19.43.2")  # network 43 to network 43
-        # 198.19.42.2 sits on h2's network-43 bridge: frames of network 42 never get there.
-        assert lab.run(1, ["ping", "-c", "3", "-i", "0.2", "-W", "1", "198.19.42.2"], check=False).returncode != 0
+def test_an_agent_on_several_networks_keeps_them_apart(labs: Labs, tmp_path: Path) -> None:
+    lab, etcd = labs.with_etcd(hosts=2, prefix="m")
+    for h in (1, 2):
+        argv = [
+            sys.executable,
+            "-m",
+            "overlay",
+            "agent",
+            "--etcd",
+            etcd.endpoint,
+            "--host-id",
+            f"h{h}",
+            "--local",
+            str(lab.address(h)),
+            "--network",
+            "42",
+            "--network",
+            "43",
+            "--tap",
+            "ovl",
+        ]
+        start_agent(lab, h, [], log_dir=tmp_path, argv=argv, tap="ovl-42")
+    assert {n["tap"] for n in status(lab, 1, tap="ovl-42")["agent"]["networks"]} == {"ovl-42", "ovl-43"}
+    lab.run(1, ["ip", "addr", "add", "198.19.42.1/24", "dev", "ovbr42"])
+    # arp_ignore=1: h2 answers ARP only on the interface holding the address (Linux answers on
+    # any interface by default, which would hide what the overlay does).
+    lab.run(2, ["sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=1"])
+    lab.run(2, ["ip", "addr", "add", "198.19.42.2/24", "dev", "ovbr43"])  # same subnet, other network
+    lab.run(2, ["ip", "addr", "add", "198.19.42.3/24", "dev", "ovbr42"])
+    lab.run(1, ["ip", "addr", "add", "198.19.43.1/24", "dev", "ovbr43"])
+    lab.run(2, ["ip", "addr", "add", "198.19.43.2/24", "dev", "ovbr43"])
+    wait_ping(lab, 1, "198.19.42.3")  # network 42 to network 42
+    wait_ping(lab, 1, "198.19.43.2")  # network 43 to network 43
+    # 198.19.42.2 sits on h2's network-43 bridge: frames of network 42 never get there.
+    assert lab.run(1, ["ping", "-c", "3", "-i", "0.2", "-W", "1", "198.19.42.2"], check=False).returncode != 0

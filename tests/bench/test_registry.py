@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from overlay.lab import etcd as etcdlab
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"\d+(?:\.\d+)?"
 
 
-@pytest.mark.skipif(not etcdlab.available(), reason="needs etcd: apt-get install etcd-server etcd-client")
+@pytest.mark.etcd
 def test_quick_run_prints_latency_and_requests_per_second(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(

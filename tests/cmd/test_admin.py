@@ -15,7 +15,6 @@ import pytest
 from overlay.core.registry import Endpoint, Network, Schema
 from overlay.lab import etcd as etcdlab
 
-needs_etcd = pytest.mark.skipif(not etcdlab.available(), reason="needs etcd: apt-get install etcd-server etcd-client")
 CLI = [sys.executable, "-m", "overlay"]
 
 
@@ -86,8 +85,6 @@ class Etcd:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[etcdlab.EtcdServer]:
-    if not etcdlab.available():
-        pytest.skip("needs etcd: apt-get install etcd-server etcd-client")
     with etcdlab.single() as s:
         yield s
 
@@ -100,7 +97,7 @@ def etcd(server: etcdlab.EtcdServer, request: pytest.FixtureRequest) -> Etcd:
 # --- networks ---------------------------------------------------------------------------------
 
 
-@needs_etcd
+@pytest.mark.etcd
 def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
     out = ok(etcd.cli("net", "create", "42", "--subnet", "198.19.42.0/24", "--mtu", "1450", "--name", "blue"))
     assert "created network 42" in out
@@ -162,7 +159,7 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
 # --- endpoints --------------------------------------------------------------------------------
 
 
-@needs_etcd
+@pytest.mark.etcd
 def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None:
     ok(etcd.cli("net", "create", "42"))
     r = etcd.cli(
@@ -231,7 +228,7 @@ def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None
     )
 
 
-@needs_etcd
+@pytest.mark.etcd
 def test_endpoint_add_leaves_an_agents_endpoint_alone(etcd: Etcd) -> None:
     lease = etcd.ctl("lease", "grant", "30").split()[1]
     etcd.ctl("put", f"--lease={lease}", f"{etcd.prefix}/networks/7/endpoints/02:00:00:00:00:01", '{"host": "h1"}')
@@ -247,7 +244,7 @@ def test_endpoint_add_leaves_an_agents_endpoint_alone(etcd: Etcd) -> None:
 # --- hosts ------------------------------------------------------------------------------------
 
 
-@needs_etcd
+@pytest.mark.etcd
 def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
     lease = etcd.ctl("lease", "grant", "30").split()[1]  # "lease 694d... granted with TTL(30s)"
     etcd.ctl("put", f"--lease={lease}", f"{etcd.prefix}/hosts/h1", '{"address": "198.18.0.1", "port": 4789}')
@@ -366,7 +363,7 @@ def test_help_teaches_with_examples() -> None:
     assert "etcdctl del /overlay/v1/networks/42/endpoints/02:00:00:00:00:99" in rm
 
 
-@needs_etcd
+@pytest.mark.etcd
 def test_login_with_user_and_password() -> None:
     """etcd with authentication on: no login, a wrong one, and the right one three ways."""
     with etcdlab.single() as server:
