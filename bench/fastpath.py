@@ -13,7 +13,7 @@ MACs of the table that are talking (a host's working set; the MACs come from a p
 cycled 16 times); "uniform", every frame to any MAC of the table (a pool of 262144), so with
 1M entries nearly every lookup is a cold table slot: the worst case.
 
-The reference is overlay/wire.py (encode/decode/source_port) with a dict for the table: what a
+The reference is overlay/core/wire.py (encode/decode/source_port) with a dict for the table: what a
 pure-Python data path would do per frame. Each figure is the median of several rounds (the
 machine is shared and noisy); ratios compare figures from this same run.
 """

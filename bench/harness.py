@@ -3,7 +3,7 @@ tinc 1.0 (switch mode, without and with its cipher) and a naive Python tunnel, i
 
     python -m bench [--quick] [--rounds N] [--seconds S] [--only kernel,overlay,...]
 
-A two-host lab (overlay/lab.py); for each round, each dataplane is set up, measured and torn
+A two-host lab (overlay/lab/netns.py); for each round, each dataplane is set up, measured and torn
 down in turn, so drift on this shared machine hits all of them alike. Figures:
 - TCP throughput with iperf3, 1 and 4 streams (Gbit/s);
 - UDP with 64-byte payloads at full offered load: delivered packets/s and loss; and the loss at

@@ -5,7 +5,7 @@ The pipeline, one stage per function (io.pxi drives it; the agent only calls the
 
   TAP -> UDP   (pump_tx)
     read_tap        TAP reads until EAGAIN: virtio-net header + frame, up to 64 KiB each
-    prepare_frame   offloads (offload.pxi = overlay/offload.py): finish a partial checksum,
+    prepare_frame   offloads (offload.pxi = overlay/core/offload.py): finish a partial checksum,
                     or cut a TCP super-frame into segments; ordinary frames into a FrameBatch
     encap_batch     per frame: FDB lookup (VNI, dst MAC) -> VTEP, or the VNI's flood list for
                     group and unknown MACs; VXLAN header written in front of the frame (the
@@ -16,17 +16,17 @@ The pipeline, one stage per function (io.pxi drives it; the agent only calls the
   UDP -> TAP   (pump_rx)
     recv_udp        recvmmsg; UDP_GRO may merge a flow's datagrams into one message
     split_datagrams one datagram per slot, at HEADROOM - 8, with its source address
-    decap_batch     receive rules (codec.pxi = overlay/wire.py), VNI served, inner VLAN
+    decap_batch     receive rules (codec.pxi = overlay/core/wire.py), VNI served, inner VLAN
                     policy, source check; learning: an unknown source MAC is queued for
-                    overlay/fdb.py (take_learned), a known one marked seen (take_hits)
+                    overlay/core/fdb.py (take_learned), a known one marked seen (take_hits)
     write_tap       in order; runs of one TCP stream's segments coalesced into one super-frame
-                    (offload.pxi = overlay/offload.coalesce), the rest written as they came
+                    (offload.pxi = overlay/core/offload.coalesce), the rest written as they came
 
 Files, assembled here by include like uvloop's: hashmap.pxi (the one hash table), codec.pxi
-(header and flow hash, the C copy of overlay/wire.py), table.pxi (ForwardingCore: VNIs, VTEPs,
+(header and flow hash, the C copy of overlay/core/wire.py), table.pxi (ForwardingCore: VNIs, VTEPs,
 FDB and flood lists), syscalls.pxi (C declarations), batch.pxi (FrameBatch and the encap/decap
 stages), offload.pxi (checksums, segmentation, coalescing), io.pxi (the pumps).
-overlay/_fastpath.pyi types the Python-level API.
+overlay/fastpath/_fastpath.pyi types the Python-level API.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t

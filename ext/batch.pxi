@@ -26,7 +26,7 @@ cdef class FrameBatch:
     cdef readonly Py_ssize_t slots, slot_size, out_capacity
     cdef uint32_t* length       # inner frame length (encap input, decap output)
     cdef uint32_t* dgram_len    # received datagram length (decap input, as recvmmsg's msg_len)
-    cdef uint8_t* status        # per slot after a stage: 0 or an overlay.wire.Drop value
+    cdef uint8_t* status        # per slot after a stage: 0 or an overlay.core.wire.Drop value
     cdef uint32_t* vni          # per slot after decap
     cdef uint32_t* src_ip       # per slot before decap: outer source IPv4 (host order)
     cdef uint8_t* truncated     # per slot before decap: larger than the slot (MSG_TRUNC)
@@ -226,7 +226,7 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
 cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noexcept nogil:
     """Decapsulate datagrams 0..n-1 of ``b`` in place; return how many passed.
 
-    Per datagram (dgram_len[i] bytes at HEADROOM - 8): the receive rules of overlay/wire.py in
+    Per datagram (dgram_len[i] bytes at HEADROOM - 8): the receive rules of overlay/core/wire.py in
     the same order (header, VNI, inner VLAN), the source check (NOT_MEMBER, when on), then
     learning (source MAC -> outer source address). A passing slot gets status 0, its VNI, and length = the inner frame's length,
     with the frame at HEADROOM. The input is not modified, so decap can run again on it.

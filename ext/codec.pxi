@@ -1,6 +1,6 @@
-# ---- codec.pxi: the VXLAN header and the flow hash, as in overlay/wire.py ----
+# ---- codec.pxi: the VXLAN header and the flow hash, as in overlay/core/wire.py ----
 #
-# Read this beside overlay/wire.py: each function here is the C copy of the one named in its
+# Read this beside overlay/core/wire.py: each function here is the C copy of the one named in its
 # docstring, with the same rules in the same order. Byte loads go through memcpy-free shifts of
 # unsigned chars so there is no alignment or endianness assumption.
 

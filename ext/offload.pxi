@@ -1,6 +1,6 @@
-# ---- offload.pxi: checksum completion and TCP segmentation, as in overlay/offload.py ----
+# ---- offload.pxi: checksum completion and TCP segmentation, as in overlay/core/offload.py ----
 #
-# Read beside overlay/offload.py (the reference and its rules). A TAP with IFF_VNET_HDR gives
+# Read beside overlay/core/offload.py (the reference and its rules). A TAP with IFF_VNET_HDR gives
 # each frame a 10-byte virtio-net header; ``prepare_frame`` turns one such frame into ordinary
 # frames with finished checksums in a FrameBatch: copied as is, checksum completed, or cut into
 # TCP segments.
@@ -173,7 +173,7 @@ cdef int prepare_frame(uint8_t* v, Py_ssize_t n, FrameBatch out, Py_ssize_t* use
     return OK
 
 
-# ---- receive: coalescing TCP segments into super-frames (overlay/offload.py: coalesce) ----
+# ---- receive: coalescing TCP segments into super-frames (overlay/core/offload.py: coalesce) ----
 
 cdef enum:
     MAX_RUN = 64

@@ -1,6 +1,6 @@
 # ---- table.pxi: the forwarding state the fast path reads: VNIs, VTEPs, FDB, flood lists ----
 #
-# overlay/fdb.py decides what goes in here (precedence, ageing, caps) and pushes each change
+# overlay/core/fdb.py decides what goes in here (precedence, ageing, caps) and pushes each change
 # through ForwardingCore's fdb_set/fdb_delete/flood_set/vni_add/vni_remove. The batch loops in
 # batch.pxi only read it, with no Python call per packet. VTEPs are interned to small integer
 # ids so an FDB slot stays 16 bytes; an id is never reused while the core lives.

@@ -2,7 +2,7 @@
 ``overlay endpoint``.
 
 They read and write exactly the keys and values of the registry contract (DESIGN.md,
-overlay/registry.py): every value is built as a registry type and written with
+overlay/core/registry.py): every value is built as a registry type and written with
 ``Schema.encode``, so what these commands do and what ``etcdctl put``/``del`` of the same key
 does are one and the same to the agents, and ``ls`` shows what etcdctl wrote.
 

@@ -48,7 +48,7 @@ class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
 class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
     address: str
     port: int = 4789
-    probe_port: int | None = None  # UDP port answering peer probes (overlay/probe.py); None: not probed
+    probe_port: int | None = None  # UDP port answering peer probes (overlay/io/prober.py); None: not probed
 
 
 class Member(msgspec.Struct, forbid_unknown_fields=False, frozen=True):

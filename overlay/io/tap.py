@@ -22,7 +22,7 @@ from overlay.core.wire import IPV4_OVERHEAD, mac_to_str
 TUN_DEVICE = "/dev/net/tun"
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
-# What the kernel may hand us: unfinished checksums and TCP super-frames (overlay/offload.py).
+# What the kernel may hand us: unfinished checksums and TCP super-frames (overlay/core/offload.py).
 OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 
 
@@ -42,7 +42,7 @@ class Tap:
     def open(cls, name: str, dev: str = TUN_DEVICE) -> Tap:
         """Create TAP ``name`` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, with checksum and TCP
         segmentation offloads) with a non-blocking fd. Every read and write on it carries a
-        10-byte virtio-net header (overlay/offload.py)."""
+        10-byte virtio-net header (overlay/core/offload.py)."""
         if not os.path.exists(dev):
             raise TapError(
                 f"{dev} is missing: load the tun module ('modprobe tun') or, in a container, "

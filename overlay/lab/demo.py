@@ -2,8 +2,8 @@
 real etcd; shows that same-network pairs talk and cross-network pairs do not; then cleanup.
 
 What an operator would do by hand, in one command:
-- the lab (overlay/lab.py): hosts as network namespaces on an underlay bridge, and etcd in a
-  namespace of its own (overlay/etcdlab.py);
+- the lab (overlay/lab/netns.py): hosts as network namespaces on an underlay bridge, and etcd in a
+  namespace of its own (overlay/lab/etcd.py);
 - `overlay net create` for networks blue (VNI 42) and red (VNI 43);
 - `overlay agent` in etcd mode on every host, joined to both networks (a bridge per network);
 - two containers per host (bare network namespaces), one on each network, put there with

@@ -1,4 +1,4 @@
-"""Agent configuration (overlay/config.py): TOML + flags, and the messages for bad values."""
+"""Agent configuration (overlay/core/config.py): TOML + flags, and the messages for bad values."""
 
 from __future__ import annotations
 

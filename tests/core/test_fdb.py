@@ -1,4 +1,4 @@
-"""Forwarding-table semantics (overlay/fdb.py), and the C table kept in step with it."""
+"""Forwarding-table semantics (overlay/core/fdb.py); the C table kept in step is tests/fastpath/test_sinks.py."""
 
 from __future__ import annotations
 

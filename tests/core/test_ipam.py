@@ -1,4 +1,4 @@
-"""Address picking for attached containers (overlay/ipam.py): pure, no etcd."""
+"""Address picking for attached containers (overlay/core/ipam.py): pure, no etcd."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The registry's schema and event logic (overlay/registry.py) and what the forwarding table
-makes of it (overlay/topology.py): pure, no etcd."""
+"""The registry's schema and event logic (overlay/core/registry.py) and what the forwarding table
+makes of it (overlay/core/topology.py): pure, no etcd."""
 
 from __future__ import annotations
 

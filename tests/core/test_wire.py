@@ -1,4 +1,4 @@
-"""The reference codec (overlay/wire.py) against RFC 7348 and scapy's VXLAN layer."""
+"""The reference codec (overlay/core/wire.py) against RFC 7348 and scapy's VXLAN layer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Cython fast path against the reference codec (overlay/wire.py) and scapy, and its tables."""
+"""The Cython fast path against the reference codec (overlay/core/wire.py) and scapy, and its tables."""
 
 from __future__ import annotations
 

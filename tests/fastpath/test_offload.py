@@ -1,5 +1,5 @@
 """TAP offloads: the fast path's checksum completion and TCP segmentation against the reference
-(overlay/offload.py), and both against scapy's checksums."""
+(overlay/core/offload.py), and both against scapy's checksums."""
 
 from __future__ import annotations
 
