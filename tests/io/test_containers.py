@@ -122,7 +122,18 @@ def test_attach_gives_a_working_interface_registered_in_etcd_and_detach_undoes_i
     assert [d["address"] for d in detached] == ["198.19.42.77/24"]
     assert "net0" not in lab.run(lab.container_ns("b"), ["ip", "-br", "link"]).stdout
     assert b["host_ifname"] not in lab.run(2, ["ip", "-br", "link"]).stdout
-    wait_for(lambda: not [k for k in world.etcd_keys(f"{P}/networks/{BLUE}/") if "77" in k], 5, "b's keys to go")
+    # b's two keys, exactly: a random MAC elsewhere (a bridge's, container a's) may well contain "77"
+    b_keys = {f"{P}/networks/{BLUE}/ipam/198.19.42.77", f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77"}
+    left: list[str] = []
+
+    def gone() -> bool:
+        left[:] = sorted(b_keys & set(world.etcd_keys(f"{P}/networks/{BLUE}/")))
+        return not left
+
+    try:
+        wait_for(gone, 5, "b's keys to go")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: still there: {left}") from None
     assert status(lab, 2, TAP)["attachments"] == []
     again = world.overlay(2, "detach", lab.container_ns("b"))
     assert "nothing attached" in again.stdout  # detaching twice is not an error
