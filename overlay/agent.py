@@ -29,7 +29,7 @@ from overlay.fastpath.sinks import CoreSink
 from overlay.io import bridge, control, metrics
 from overlay.io.containers import Containers, read_state, state_path
 from overlay.io.dataplane import Dataplane, DataplaneError
-from overlay.io.etcd import ERRORS as ETCD_ERRORS
+from overlay.io.etcd import FAILURES as ETCD_ERRORS
 from overlay.io.etcd import EtcdClient, EtcdError, Tls, retry
 from overlay.io.prober import ProbeError, Prober
 from overlay.io.supervisor import Supervisor
@@ -182,7 +182,7 @@ class Agent:
             if cfg.etcd:  # peers first: frames the TAP sends meanwhile wait in its queue
                 try:
                     await self._join_registry()
-                except (EtcdError, *ETCD_ERRORS) as e:
+                except ETCD_ERRORS as e:
                     raise AgentError(
                         str(e) if isinstance(e, EtcdError) else f"joining the registry failed: {e}"
                     ) from None
@@ -348,7 +348,7 @@ class Agent:
         async def publish(key: EndpointKey, endpoint: Endpoint) -> None:
             try:
                 await client.hold(key, endpoint)
-            except (EtcdError, *ETCD_ERRORS) as e:  # etcd away: it stays pending, the next keepalive writes it
+            except ETCD_ERRORS as e:  # etcd away: it stays pending, the next keepalive writes it
                 log.warning(
                     "registry: could not publish local endpoint %s yet (%s)", mac_to_str(key.mac), e.__class__.__name__
                 )

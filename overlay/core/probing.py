@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from overlay.core.addresses import format_address
 from overlay.core.status import ProbeStatus
 
 MAGIC = b"OVP1"
@@ -168,7 +169,7 @@ class Probes:
             lost = sum(p.lost for p in decided)
             ip, port = peer.address
             out[host] = ProbeStatus(
-                address=f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
+                address=format_address(ip, port),
                 rtt_ms=None if peer.rtt is None else round(peer.rtt * 1e3, 3),
                 srtt_ms=None if peer.srtt is None else round(peer.srtt * 1e3, 3),
                 loss=round(lost / len(decided), 3) if decided else 0.0,

@@ -58,10 +58,10 @@ from overlay.core.attach import (
 from overlay.core.control import AttachRequest, CheckRequest, DetachRequest, Refused
 from overlay.core.registry import Allocation, Endpoint, Registry
 from overlay.io import bridge
-from overlay.io.etcd import ERRORS, EtcdClient, EtcdError
+from overlay.io.etcd import FAILURES as ETCD_ERRORS
+from overlay.io.etcd import EtcdClient
 
 log = logging.getLogger("overlay.containers")
-ETCD_ERRORS = (*ERRORS, EtcdError)  # etcd away, or refusing (a role revoked)
 REAP_EVERY = 2.0
 
 
@@ -110,11 +110,11 @@ class Containers:
         forget_local: Callable[[int, int], object],
     ) -> None:
         self.client, self.registry, self.host_id = client, registry, host_id
-        self.vnis, self.mtu = vnis, mtu
         self.state = state_path(state_dir, host_id) if state_dir else None
         self.forget_local = forget_local  # the fast path's memory of MACs seen behind our TAP
         self.attachments = Attachments(host_id, vnis, mtu)
         self.lock = asyncio.Lock()  # one change at a time: IPAM picks must see each other
+        self.own_netns = netns_id("/proc/self/ns/net")  # the agent's (the host's): never attached
 
     @property
     def attached(self) -> dict[str, Attachment]:
@@ -125,7 +125,7 @@ class Containers:
     async def attach(self, req: AttachRequest) -> dict[str, object]:
         book = self.attachments
         vni, network = book.network(req.net, self.registry.networks())
-        this_id = attachment_id(req, netns_id(req.netns), netns_id("/proc/self/ns/net"))
+        this_id = attachment_id(req, netns_id(req.netns), self.own_netns)
         gateway = check_gateway(req.gateway or network.gateway, network)
         require_registry(self.client.connected)
         async with self.lock:
@@ -279,7 +279,7 @@ class Containers:
         self._save()
 
     async def _adopt(self, a: Attachment) -> None:
-        if a.vni not in self.vnis or not await asyncio.to_thread(bridge.exists, a.host_ifname):
+        if a.vni not in self.attachments.served or not await asyncio.to_thread(bridge.exists, a.host_ifname):
             log.info("not adopting %s: its network or veth is gone", a.id)
             return
         address = a.interface

@@ -49,6 +49,9 @@ class EtcdError(RuntimeError):
     """A registry failure the user must fix (a claimed host id, no etcd reachable at start)."""
 
 
+FAILURES = (*ERRORS, EtcdError)  # etcd away, or refusing (a role revoked): what a registry write may raise
+
+
 @dataclass(frozen=True)
 class Tls:
     """TLS for the etcd connection: a CA to trust, and a client certificate if etcd asks."""
@@ -112,14 +115,10 @@ async def open_client(
     raised as it came; callers say what it means to their user. The one way to connect to etcd:
     the agent's EtcdClient and the operator commands both use it."""
     host, port = parse_endpoint(url)
-    if tls is not None:
-        client: aetcd.Client = SecureClient(
-            host, port, username=user, password=password, timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS, tls=tls
-        )
-    else:
-        client = aetcd.Client(
-            host, port, username=user, password=password, timeout=REQUEST_TIMEOUT, options=GRPC_OPTIONS
-        )
+    common = {"username": user, "password": password, "timeout": REQUEST_TIMEOUT, "options": GRPC_OPTIONS}
+    client: aetcd.Client = (
+        SecureClient(host, port, tls=tls, **common) if tls is not None else aetcd.Client(host, port, **common)
+    )
     try:
         await client.connect()
         await client.get((prefix + "/").encode())

@@ -15,6 +15,7 @@ from typing import Callable
 
 import asyncio_dgram
 
+from overlay.core.addresses import format_address
 from overlay.core.probing import Peers, Probes
 from overlay.core.status import ProbeCounters, ProbeStatus
 
@@ -70,7 +71,7 @@ class Prober:
 
     async def start(self) -> None:
         host, port = self.local
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = format_address(host, port)
         try:
             family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         except ValueError:
