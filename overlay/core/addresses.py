@@ -4,9 +4,28 @@ Pure: each parser returns the parsed form or raises ValueError saying the accept
 from __future__ import annotations
 
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 DEFAULT_ADDRESS = ("127.0.0.1", 9465)  # where the metrics are served unless told otherwise
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
+
+
+def is_ipv4(text: str) -> bool:
+    """Whether ``text`` is an IPv4 address in the form ipaddress accepts (dotted decimal, no
+    leading zeros), at a fraction of its cost: registry values are checked by the million."""
+    return _IPV4.match(text) is not None
+
+
+def ipv4(text: str) -> ipaddress.IPv4Address:
+    """``ipaddress.IPv4Address(text)``, several times faster; ValueError as it raises."""
+    if _IPV4.match(text) is None:
+        raise ipaddress.AddressValueError(f"{text!r} is not an IPv4 address")
+    a, b, c, d = text.split(".")
+    return ipaddress.IPv4Address((int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d))
 
 
 def parse_endpoint(url: str) -> tuple[str, int]:

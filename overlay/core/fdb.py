@@ -25,7 +25,7 @@ import enum
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence, Union
 
 from overlay.core.wire import DEFAULT_PORT, check_vni, is_multicast_mac
 
@@ -102,22 +102,25 @@ class Entry:
     seen: float | None  # learned entries only: when last seen
 
 
-@dataclass
-class _Slot:
-    """All claims on one (VNI, MAC). At most one learned claim, and only when alone."""
+Claim = tuple[Source, Vtep]
+Claims = Union[Claim, dict[Source, Vtep]]  # one claim (shared tuple: most MACs), or several
+_CLAIM_CACHE_MAX = 65536
 
-    claims: dict[Source, Vtep] = field(default_factory=dict)
 
-    def best(self) -> tuple[Source, Vtep] | None:
-        if not self.claims:
-            return None
-        source = max(self.claims)
-        return source, self.claims[source]
+def _best(claims: Claims) -> Claim:
+    if isinstance(claims, tuple):
+        return claims
+    source = max(claims)
+    return source, claims[source]
+
+
+def _as_dict(claims: Claims) -> dict[Source, Vtep]:
+    return {claims[0]: claims[1]} if isinstance(claims, tuple) else dict(claims)
 
 
 @dataclass
 class _Network:
-    slots: dict[int, _Slot] = field(default_factory=dict)
+    slots: dict[int, Claims] = field(default_factory=dict)  # mac -> its claims (at most one learned, alone)
     learned: OrderedDict[int, float] = field(default_factory=OrderedDict)  # mac -> seen, oldest first
     flood: tuple[Vtep, ...] = ()
     neighbours: dict[ipaddress.IPv4Address, int] = field(default_factory=dict)  # ARP suppression
@@ -151,6 +154,7 @@ class ForwardingTable:
         self.max_per_vni = max_per_vni
         self.counters = Counters()
         self._nets: dict[int, _Network] = {}
+        self._shared: dict[Claim, Claim] = {}
 
     # --- networks and flood lists ---------------------------------------------------------
 
@@ -205,6 +209,22 @@ class ForwardingTable:
     def neighbours(self, vni: int) -> dict[ipaddress.IPv4Address, int]:
         return dict(self._net(vni).neighbours)
 
+    def neighbour(self, vni: int, ip: ipaddress.IPv4Address) -> int | None:
+        """The MAC whose ARP requests for ``ip`` the agent answers on ``vni``, if any."""
+        return self._net(vni).neighbours.get(ip)
+
+    def set_neighbour(self, vni: int, ip: ipaddress.IPv4Address, mac: int) -> None:
+        """Answer ARP requests for ``ip`` on ``vni`` with ``mac`` (one entry of the map)."""
+        net = self._net(vni)
+        if net.neighbours.get(ip) != mac:
+            net.neighbours[ip] = mac
+            self.sink.neigh_set(vni, ip, mac)
+
+    def remove_neighbour(self, vni: int, ip: ipaddress.IPv4Address) -> None:
+        net = self._net(vni)
+        if net.neighbours.pop(ip, None) is not None:
+            self.sink.neigh_delete(vni, ip)
+
     # --- entries --------------------------------------------------------------------------
 
     def put(self, vni: int, mac: int, vtep: Vtep, source: Source, now: float) -> Outcome:
@@ -215,36 +235,40 @@ class ForwardingTable:
             return Outcome.REFUSED_UNKNOWN_VNI
         if is_multicast_mac(mac):
             return Outcome.REFUSED_MULTICAST
-        slot = net.slots.get(mac)
-        is_new = slot is None
-        if slot is None:
+        held = net.slots.get(mac)
+        if held is None:
             if len(net.slots) >= self.max_per_vni and not self._make_room(vni, net, source):
                 self.counters.refused_cap += 1
                 return Outcome.REFUSED_CAP
-            slot = net.slots[mac] = _Slot()
-        before = slot.best()
-        if source is Source.LEARNED and before is not None and before[0] > Source.LEARNED:
-            return Outcome.SHADOWED
-        saved_claims, saved_seen = dict(slot.claims), net.learned.get(mac)
+            before = None
+            claims: dict[Source, Vtep] = {}
+        else:
+            before = _best(held)
+            if source is Source.LEARNED and before[0] > Source.LEARNED:
+                return Outcome.SHADOWED
+            claims = _as_dict(held)
+        saved_seen = net.learned.get(mac)
         if source is Source.LEARNED:
             net.learned[mac] = now
             net.learned.move_to_end(mac)
-        elif Source.LEARNED in slot.claims:
-            del slot.claims[Source.LEARNED]  # authoritative data replaces what was learned
+        elif Source.LEARNED in claims:
+            del claims[Source.LEARNED]  # authoritative data replaces what was learned
             net.learned.pop(mac, None)
-        slot.claims[source] = vtep
-        after = slot.best()
+        claims[source] = vtep
+        packed = net.slots[mac] = self._pack(claims)
+        after = _best(packed)
         try:
             outcome = self._publish(vni, mac, before, after)
         except Exception:  # the sink refused (C table full): stay as the sink is
-            slot.claims = saved_claims
             net.learned.pop(mac, None)
             if saved_seen is not None:
                 net.learned[mac] = saved_seen
-            if is_new:
+            if held is None:
                 del net.slots[mac]
+            else:
+                net.slots[mac] = held
             raise
-        return Outcome.SHADOWED if after is not None and after[0] > source else outcome
+        return Outcome.SHADOWED if after[0] > source else outcome
 
     def learn(self, vni: int, mac: int, vtep: Vtep, now: float) -> Outcome:
         """Frames from ``mac`` arrived from ``vtep``: learn or refresh it."""
@@ -260,15 +284,21 @@ class ForwardingTable:
     def remove(self, vni: int, mac: int, source: Source) -> bool:
         """Withdraw ``source``'s claim; the next claim (if any) takes over. True if there was one."""
         net = self._nets.get(vni)
-        slot = net.slots.get(mac) if net else None
-        if net is None or slot is None or source not in slot.claims:
+        held = net.slots.get(mac) if net else None
+        if net is None or held is None:
             return False
-        before = slot.best()
-        del slot.claims[source]
+        claims = _as_dict(held)
+        if source not in claims:
+            return False
+        before = _best(held)
+        del claims[source]
         if source is Source.LEARNED:
             del net.learned[mac]
-        after = slot.best()
-        if after is None:
+        after: Claim | None = None
+        if claims:
+            packed = net.slots[mac] = self._pack(claims)
+            after = _best(packed)
+        else:
             del net.slots[mac]
         self._publish(vni, mac, before, after)
         return True
@@ -281,7 +311,7 @@ class ForwardingTable:
                 mac, seen = next(iter(net.learned.items()))
                 if now - seen < self.ageing:
                     break
-                vtep = net.slots[mac].claims[Source.LEARNED]
+                vtep = _as_dict(net.slots[mac])[Source.LEARNED]
                 self.remove(vni, mac, Source.LEARNED)
                 gone.append(Entry(vni, mac, vtep, Source.LEARNED, seen))
         self.counters.expired += len(gone)
@@ -290,11 +320,11 @@ class ForwardingTable:
     def lookup(self, vni: int, mac: int) -> Entry | None:
         """The entry in force for (vni, mac), or None (the frame would be flooded)."""
         net = self._nets.get(vni)
-        slot = net.slots.get(mac) if net else None
-        best = slot.best() if slot else None
-        if net is None or best is None:
+        held = net.slots.get(mac) if net else None
+        if net is None or held is None:
             return None
-        return Entry(vni, mac, best[1], best[0], net.learned.get(mac))
+        source, vtep = _best(held)
+        return Entry(vni, mac, vtep, source, net.learned.get(mac))
 
     def entries(self) -> Iterator[Entry]:
         for vni in sorted(self._nets):
@@ -308,16 +338,27 @@ class ForwardingTable:
         counts = {s: 0 for s in Source}
         nets = [self._nets[vni]] if vni is not None else self._nets.values()
         for net in nets:
-            for slot in net.slots.values():
-                best = slot.best()
-                if best:
-                    counts[best[0]] += 1
+            for held in net.slots.values():
+                counts[_best(held)[0]] += 1
         return counts
 
     def __len__(self) -> int:
         return sum(len(net.slots) for net in self._nets.values())
 
     # --- internals ------------------------------------------------------------------------
+
+    def _pack(self, claims: dict[Source, Vtep]) -> Claims:
+        """One claim as a tuple shared by every MAC behind the same VTEP (memory: a MAC costs
+        its dict slot), several as the dict."""
+        if len(claims) != 1:
+            return claims
+        claim = next(iter(claims.items()))
+        shared = self._shared.get(claim)
+        if shared is None:
+            if len(self._shared) >= _CLAIM_CACHE_MAX:
+                self._shared.clear()  # learned VTEPs come and go: keep the cache bounded
+            shared = self._shared[claim] = claim
+        return shared
 
     def _net(self, vni: int) -> _Network:
         try:

@@ -78,4 +78,4 @@ class LeaseSweep:
                 mine = False
             if mine:
                 out.append((key, entry.mod_revision))
-        return out
+        return sorted(out, key=lambda kr: kr[1])  # in the order they were written

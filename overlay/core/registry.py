@@ -30,10 +30,12 @@ from typing import Iterable, Union
 
 import msgspec
 
-from overlay.core.wire import MTU_MAX, MTU_MIN, VNI_MAX, mac_to_int, mac_to_str
+from overlay.core.addresses import ipv4, is_ipv4
+from overlay.core.wire import MTU_MAX, MTU_MIN, VNI_MAX, mac_to_str
 
 DEFAULT_PREFIX = "/overlay/v1"
 HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MAC_KEY = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")  # one spelling only: aliases would collide
 HOST_ID_FORM = "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
 
 
@@ -110,6 +112,7 @@ class Schema:
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = "/" + prefix.strip("/")
+        self._under = self.prefix + "/"
 
     def key(self, k: Key) -> str:
         p = self.prefix
@@ -124,32 +127,33 @@ class Schema:
         return f"{p}/networks/{k.vni}/endpoints/{mac_to_str(k.mac)}"
 
     def parse_key(self, raw: str) -> Key | None:
-        """The typed key for ``raw``, or None for a key outside the schema."""
-        if not raw.startswith(self.prefix + "/"):
+        """The typed key for ``raw``, or None for a key outside the schema (one spelling of
+        each: decimal VNIs without leading zeros, lower-case MACs with colons, canonical
+        addresses; aliases would collide)."""
+        if not raw.startswith(self._under):
             return None
-        parts = raw[len(self.prefix) + 1 :].split("/")
-        try:
-            if parts[0] == "hosts" and len(parts) == 2 and HOST_ID.match(parts[1]):
-                return HostKey(parts[1])
-            if parts[0] != "networks" or len(parts) not in (2, 4):
-                return None
-            vni = int(parts[1])
-            if not 0 <= vni <= VNI_MAX or parts[1] != str(vni):
-                return None
-            if len(parts) == 2:
-                return NetworkKey(vni)
-            if parts[2] == "members" and HOST_ID.match(parts[3]):
-                return MemberKey(vni, parts[3])
-            if parts[2] == "endpoints":
-                mac = mac_to_int(parts[3])
-                if parts[3] != mac_to_str(mac):
-                    return None  # one spelling only (lower case, colons): aliases would collide
-                return EndpointKey(vni, mac)
-            if parts[2] == "ipam":
-                address = ipaddress.IPv4Address(parts[3])
-                return AddressKey(vni, address) if parts[3] == str(address) else None
-        except ValueError:
+        parts = raw[len(self._under) :].split("/")
+        n = len(parts)
+        if parts[0] == "hosts":
+            return HostKey(parts[1]) if n == 2 and HOST_ID.match(parts[1]) else None
+        if parts[0] != "networks" or (n != 2 and n != 4):
             return None
+        v = parts[1]
+        if not (v.isascii() and v.isdigit()) or (v[0] == "0" and len(v) > 1) or int(v) > VNI_MAX:
+            return None
+        vni = int(v)
+        if n == 2:
+            return NetworkKey(vni)
+        kind, name = parts[2], parts[3]
+        if kind == "endpoints":
+            return EndpointKey(vni, int(name.replace(":", ""), 16)) if _MAC_KEY.match(name) else None
+        if kind == "members":
+            return MemberKey(vni, name) if HOST_ID.match(name) else None
+        if kind == "ipam":
+            try:
+                return AddressKey(vni, ipv4(name))  # canonical only: ipv4 takes no other form
+            except ValueError:
+                return None
         return None
 
     def decode(self, k: Key, raw: bytes) -> Value:
@@ -191,7 +195,8 @@ def check(k: Key, value: Value) -> None:
                 if gateway not in subnet or gateway in (subnet.network_address, subnet.broadcast_address):
                     raise ValueError(f"gateway {gateway} is not a host address of subnet {subnet}")
     elif isinstance(value, Host):
-        ipaddress.IPv4Address(value.address)
+        if not is_ipv4(value.address):
+            raise ValueError(f"address {value.address!r} is not an IPv4 address")
         for port in (value.port, value.probe_port):
             if port is not None and not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is not 1 to 65535")
@@ -202,7 +207,8 @@ def check(k: Key, value: Value) -> None:
         if not HOST_ID.match(value.host):
             raise ValueError(f"host {value.host!r} is not a host id")
         for a in value.ipv4:
-            ipaddress.IPv4Address(a)
+            if not is_ipv4(a):
+                raise ValueError(f"ipv4 {a!r} is not an IPv4 address")
         for a in value.ipv6:
             ipaddress.IPv6Address(a)
 
@@ -214,6 +220,7 @@ def check(k: Key, value: Value) -> None:
 class Put:
     key: Key
     value: Value
+    old: Value | None = field(default=None, compare=False)  # what it replaced: topology undoes it
 
 
 @dataclass(frozen=True)
@@ -224,112 +231,367 @@ class Deleted:
 
 Event = Union[Put, Deleted]
 
+MAX_VALUE = 64 * 1024  # bytes: a registry value larger than this is refused (and counted), not held
+_SEEN_BAD_MAX = 10_000  # (key, revision) pairs remembered so a bad value is logged once
 
-@dataclass
+
+@dataclass(frozen=True)
+class Scope:
+    """The part of the registry an agent follows: ``hosts/`` (if ``hosts``) and the networks in
+    ``vnis`` (each ``networks/<vni>`` with everything under it); ``vnis`` None: every network."""
+
+    hosts: bool = True
+    vnis: frozenset[int] | None = None
+
+    def __contains__(self, k: object) -> bool:
+        if isinstance(k, HostKey):
+            return self.hosts
+        vni = getattr(k, "vni", None)
+        return vni is not None and (self.vnis is None or vni in self.vnis)
+
+
+EVERYTHING = Scope()
+
+
 class _Entry:
-    value: Value
-    mod_revision: int
+    __slots__ = ("value", "mod_revision", "mark")
+
+    def __init__(self, value: Value, mod_revision: int, mark: int = 0) -> None:
+        self.value, self.mod_revision, self.mark = value, mod_revision, mark
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Entry) and (self.value, self.mod_revision) == (other.value, other.mod_revision)
+
+    def __repr__(self) -> str:
+        return f"_Entry({self.value!r}, {self.mod_revision})"
 
 
-@dataclass
+class _Net:
+    """One VNI's keys, indexed: members by host, endpoints by MAC, allocations by address."""
+
+    __slots__ = ("members", "endpoints", "allocations")
+
+    def __init__(self) -> None:
+        self.members: dict[str, _Entry] = {}
+        self.endpoints: dict[int, _Entry] = {}
+        self.allocations: dict[ipaddress.IPv4Address, _Entry] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.members or self.endpoints or self.allocations)
+
+
+_DECODERS = {kind: msgspec.json.Decoder(value_type) for kind, value_type in _VALUE_TYPES.items()}
+
+
 class Registry:
-    """What etcd holds under the prefix, as typed values, and the events that change it."""
+    """What etcd holds under the prefix (or the part of it in a ``Scope``), as typed values
+    indexed by kind, VNI and host, and the events that change it. Every event costs the same
+    whatever the size of the registry: an update touches its key and the indexes of it, and no
+    view used per event walks the registry."""
 
-    schema: Schema = field(default_factory=Schema)
-    revision: int = 0  # the store revision this state is at
-    entries: dict[Key, _Entry] = field(default_factory=dict)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, why), for the shell to log
-    _seen_bad: set[tuple[str, int]] = field(default_factory=set)
+    def __init__(self, schema: Schema | None = None) -> None:
+        self.schema = schema if schema is not None else Schema()
+        self.revision = 0  # the store revision this state is at
+        self.rejected: list[tuple[str, str]] = []  # (key, why), for the shell to log (and clear)
+        self.refused = 0  # values refused (bad or too large), each (key, revision) once
+        self.too_large = 0  # of them: larger than MAX_VALUE
+        self._seen_bad: set[tuple[str, int]] = set()
+        self._hosts: dict[str, _Entry] = {}
+        self._networks: dict[int, _Entry] = {}
+        self._nets: dict[int, _Net] = {}
+        self._of_host: dict[str, dict[int, set[int]]] = {}  # host -> vni -> MACs of its endpoints
+        self._mark = 0
 
-    def snapshot(self, kvs: Iterable[tuple[str, bytes, int]], revision: int) -> list[Event]:
-        """Replace the state with a consistent read at ``revision`` ((key, value, mod_revision)
-        each); return what changed since the state we had (nothing lost in a gap)."""
-        fresh: dict[Key, _Entry] = {}
-        for raw_key, raw_value, mod in kvs:
-            decoded = self._decode(raw_key, raw_value, mod)
-            if decoded is not None:
-                fresh[decoded[0]] = _Entry(decoded[1], mod)
-            elif (k := self.schema.parse_key(raw_key)) is not None and k in self.entries:
-                fresh[k] = self.entries[k]  # a bad value is ignored: the last good one stays
-        events: list[Event] = []
-        for k, old in self.entries.items():
-            if k not in fresh:
-                events.append(Deleted(k, old.value))
-        for k, new in fresh.items():
-            was = self.entries.get(k)
-            if was is None or was.mod_revision != new.mod_revision:
-                events.append(Put(k, new.value))
-        self.entries = fresh
-        self.revision = revision
+    # --- a snapshot, in one call or in pages -----------------------------------------------------
+
+    def snapshot(self, kvs: Iterable[tuple[str, bytes, int]], revision: int, scope: Scope = EVERYTHING) -> list[Event]:
+        """Replace the state within ``scope`` with a consistent read of it at ``revision``
+        ((key, value, mod_revision) each); return what changed since the state we had (nothing
+        lost in a gap)."""
+        resync = self.resync(scope)
+        events = resync.feed(kvs)
+        events += resync.finish(revision)
         return events
+
+    def resync(self, scope: Scope = EVERYTHING) -> Resync:
+        """A snapshot read in pages: ``feed`` each page, then ``finish`` at the read's revision."""
+        self._mark += 1
+        return Resync(self, scope, self._mark)
+
+    def drop(self, scope: Scope) -> None:
+        """Forget everything within ``scope`` (a network no longer served), without events."""
+        for k, _ in list(self._items(scope)):
+            self._remove(k)
+
+    # --- watch events ------------------------------------------------------------------------------
 
     def put(self, raw_key: str, raw_value: bytes, mod_revision: int) -> list[Event]:
         """A watched PUT. A value that does not decode is ignored: the last good value stays."""
-        self.revision = max(self.revision, mod_revision)
+        if mod_revision > self.revision:
+            self.revision = mod_revision
         decoded = self._decode(raw_key, raw_value, mod_revision)
         if decoded is None:
             return []
         k, value = decoded
-        old = self.entries.get(k)
-        self.entries[k] = _Entry(value, mod_revision)
-        return [] if old is not None and old.value == value else [Put(k, value)]
+        old = self._set(k, value, mod_revision, self._mark)  # newer than any resync in progress
+        if old is not None and old.value == value:
+            return []
+        return [Put(k, value, old.value if old is not None else None)]
 
     def delete(self, raw_key: str, mod_revision: int) -> list[Event]:
         """A watched DELETE."""
-        self.revision = max(self.revision, mod_revision)
-        k = self.schema.parse_key(raw_key)
-        return self._delete(k) if k is not None else []
-
-    def _delete(self, k: Key) -> list[Event]:
-        old = self.entries.pop(k, None)
-        return [Deleted(k, old.value)] if old is not None else []
-
-    def _decode(self, raw_key: str, raw_value: bytes, mod: int) -> tuple[Key, Value] | None:
+        if mod_revision > self.revision:
+            self.revision = mod_revision
         k = self.schema.parse_key(raw_key)
         if k is None:
-            self._reject(raw_key, mod, "not a key of the schema")
-            return None
-        try:
-            return k, self.schema.decode(k, raw_value)
-        except ValueError as e:
-            self._reject(raw_key, mod, str(e))
-            return None
-
-    def _reject(self, raw_key: str, mod: int, why: str) -> None:
-        if (raw_key, mod) not in self._seen_bad:
-            self._seen_bad.add((raw_key, mod))
-            self.rejected.append((raw_key, why))
+            return []
+        old = self._remove(k)
+        return [Deleted(k, old.value)] if old is not None else []
 
     # --- views ----------------------------------------------------------------------------------
 
     def revision_of(self, k: Key) -> int:
-        entry = self.entries.get(k)
+        entry = self._entry(k)
         return entry.mod_revision if entry else 0
 
     def get(self, k: Key) -> Value | None:
-        entry = self.entries.get(k)
+        entry = self._entry(k)
         return entry.value if entry else None
 
+    def host(self, host: str) -> Host | None:
+        entry = self._hosts.get(host)
+        return entry.value if entry is not None else None  # type: ignore[return-value]
+
     def hosts(self) -> dict[str, Host]:
-        return {k.host: e.value for k, e in self.entries.items() if isinstance(k, HostKey)}  # type: ignore[misc]
+        return {h: e.value for h, e in self._hosts.items()}  # type: ignore[misc]
+
+    def is_member(self, vni: int, host: str) -> bool:
+        net = self._nets.get(vni)
+        return net is not None and host in net.members
 
     def members(self, vni: int) -> list[str]:
-        return sorted(k.host for k in self.entries if isinstance(k, MemberKey) and k.vni == vni)
+        net = self._nets.get(vni)
+        return sorted(net.members) if net is not None else []
+
+    def endpoint(self, vni: int, mac: int) -> Endpoint | None:
+        net = self._nets.get(vni)
+        entry = net.endpoints.get(mac) if net is not None else None
+        return entry.value if entry is not None else None  # type: ignore[return-value]
+
+    def endpoint_entries(self, vni: int) -> Iterable[tuple[int, Endpoint, int]]:
+        """(MAC, endpoint, mod_revision) of every endpoint of ``vni``."""
+        net = self._nets.get(vni)
+        if net is not None:
+            for mac, e in net.endpoints.items():
+                yield mac, e.value, e.mod_revision  # type: ignore[misc]
+
+    def endpoints_of(self, host: str, vni: int) -> list[int]:
+        """The MACs of ``host``'s endpoints on ``vni`` (index: no walk of the VNI)."""
+        return list(self._of_host.get(host, {}).get(vni, ()))
+
+    def count(self, vni: int) -> int:
+        """How many endpoints ``vni`` has."""
+        net = self._nets.get(vni)
+        return len(net.endpoints) if net is not None else 0
 
     def endpoints(self, vni: int | None = None) -> dict[EndpointKey, Endpoint]:
+        vnis = [vni] if vni is not None else list(self._nets)
         return {
-            k: e.value  # type: ignore[misc]
-            for k, e in self.entries.items()
-            if isinstance(k, EndpointKey) and (vni is None or k.vni == vni)
+            EndpointKey(v, mac): e.value  # type: ignore[misc]
+            for v in vnis
+            if (net := self._nets.get(v)) is not None
+            for mac, e in net.endpoints.items()
         }
 
     def allocations(self, vni: int) -> dict[ipaddress.IPv4Address, Allocation]:
         """The addresses taken from ``vni``'s subnet (IPAM keys)."""
-        return {
-            k.address: e.value  # type: ignore[misc]
-            for k, e in self.entries.items()
-            if isinstance(k, AddressKey) and k.vni == vni
-        }
+        net = self._nets.get(vni)
+        return {a: e.value for a, e in net.allocations.items()} if net is not None else {}  # type: ignore[misc]
 
     def networks(self) -> dict[int, Network]:
-        return {k.vni: e.value for k, e in self.entries.items() if isinstance(k, NetworkKey)}  # type: ignore[misc]
+        return {v: e.value for v, e in self._networks.items()}  # type: ignore[misc]
+
+    def vnis(self) -> list[int]:
+        """The VNIs the registry holds anything of."""
+        return sorted(set(self._networks) | set(self._nets))
+
+    @property
+    def entries(self) -> dict[Key, _Entry]:
+        """Every key held, with its value and mod_revision (a copy: walks the whole registry)."""
+        return dict(self._items(EVERYTHING))
+
+    def __len__(self) -> int:
+        return (
+            len(self._hosts)
+            + len(self._networks)
+            + sum(len(n.members) + len(n.endpoints) + len(n.allocations) for n in self._nets.values())
+        )
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _items(self, scope: Scope) -> Iterable[tuple[Key, _Entry]]:
+        if scope.hosts:
+            for h, e in self._hosts.items():
+                yield HostKey(h), e
+        vnis = sorted(set(self._networks) | set(self._nets)) if scope.vnis is None else sorted(scope.vnis)
+        for v in vnis:
+            if (network := self._networks.get(v)) is not None:
+                yield NetworkKey(v), network
+            net = self._nets.get(v)
+            if net is None:
+                continue
+            for h, e in net.members.items():
+                yield MemberKey(v, h), e
+            for mac, e in net.endpoints.items():
+                yield EndpointKey(v, mac), e
+            for a, e in net.allocations.items():
+                yield AddressKey(v, a), e
+
+    def _entry(self, k: Key) -> _Entry | None:
+        if isinstance(k, EndpointKey):
+            net = self._nets.get(k.vni)
+            return net.endpoints.get(k.mac) if net is not None else None
+        if isinstance(k, HostKey):
+            return self._hosts.get(k.host)
+        if isinstance(k, NetworkKey):
+            return self._networks.get(k.vni)
+        net = self._nets.get(k.vni)
+        if net is None:
+            return None
+        if isinstance(k, MemberKey):
+            return net.members.get(k.host)
+        return net.allocations.get(k.address)
+
+    def _set(self, k: Key, value: Value, mod_revision: int, mark: int = 0) -> _Entry | None:
+        """Hold ``value`` at ``k``; the entry it replaced, if any."""
+        entry = _Entry(value, mod_revision, mark)
+        if isinstance(k, EndpointKey):
+            net = self._nets.get(k.vni)
+            if net is None:
+                net = self._nets[k.vni] = _Net()
+            old = net.endpoints.get(k.mac)
+            net.endpoints[k.mac] = entry
+            host = value.host  # type: ignore[union-attr]
+            if old is None or old.value.host != host:  # type: ignore[union-attr]
+                if old is not None:
+                    self._unindex(old.value.host, k.vni, k.mac)  # type: ignore[union-attr]
+                self._of_host.setdefault(host, {}).setdefault(k.vni, set()).add(k.mac)
+            return old
+        if isinstance(k, HostKey):
+            old = self._hosts.get(k.host)
+            self._hosts[k.host] = entry
+            return old
+        if isinstance(k, NetworkKey):
+            old = self._networks.get(k.vni)
+            self._networks[k.vni] = entry
+            return old
+        net = self._nets.get(k.vni)
+        if net is None:
+            net = self._nets[k.vni] = _Net()
+        if isinstance(k, MemberKey):
+            old = net.members.get(k.host)
+            net.members[k.host] = entry
+        else:
+            old = net.allocations.get(k.address)
+            net.allocations[k.address] = entry
+        return old
+
+    def _remove(self, k: Key) -> _Entry | None:
+        if isinstance(k, HostKey):
+            return self._hosts.pop(k.host, None)
+        if isinstance(k, NetworkKey):
+            return self._networks.pop(k.vni, None)
+        net = self._nets.get(k.vni)
+        if net is None:
+            return None
+        if isinstance(k, EndpointKey):
+            old = net.endpoints.pop(k.mac, None)
+            if old is not None:
+                self._unindex(old.value.host, k.vni, k.mac)  # type: ignore[union-attr]
+        elif isinstance(k, MemberKey):
+            old = net.members.pop(k.host, None)
+        else:
+            old = net.allocations.pop(k.address, None)
+        if not net:
+            del self._nets[k.vni]
+        return old
+
+    def _unindex(self, host: str, vni: int, mac: int) -> None:
+        by_vni = self._of_host.get(host)
+        macs = by_vni.get(vni) if by_vni is not None else None
+        if by_vni is None or macs is None:
+            return
+        macs.discard(mac)
+        if not macs:
+            del by_vni[vni]
+            if not by_vni:
+                del self._of_host[host]
+
+    def _decode(self, raw_key: str, raw_value: bytes, mod: int, k: Key | None = None) -> tuple[Key, Value] | None:
+        if k is None:
+            k = self.schema.parse_key(raw_key)
+        if k is None:
+            self._reject(raw_key, mod, "not a key of the schema")
+            return None
+        if len(raw_value) > MAX_VALUE:
+            if self._reject(raw_key, mod, f"a value of {len(raw_value)} bytes (at most {MAX_VALUE} are taken)"):
+                self.too_large += 1
+            return None
+        try:
+            value: Value = _DECODERS[type(k)].decode(raw_value)
+            check(k, value)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+            self._reject(raw_key, mod, str(e))
+            return None
+        return k, value
+
+    def _reject(self, raw_key: str, mod: int, why: str) -> bool:
+        """Report a refused value once per (key, revision); True the first time."""
+        if (raw_key, mod) in self._seen_bad:
+            return False
+        if len(self._seen_bad) >= _SEEN_BAD_MAX:
+            self._seen_bad.clear()
+        self._seen_bad.add((raw_key, mod))
+        self.rejected.append((raw_key, why))
+        self.refused += 1
+        return True
+
+
+class Resync:
+    """One snapshot of a scope, fed in pages (``Registry.resync``). Each page is applied as it
+    comes (a key unchanged since we read it, same mod_revision, is not even decoded); ``finish``
+    deletes what the scope held and the read did not return."""
+
+    def __init__(self, registry: Registry, scope: Scope, mark: int) -> None:
+        self.registry, self.scope, self.mark = registry, scope, mark
+
+    def feed(self, kvs: Iterable[tuple[str, bytes, int]]) -> list[Event]:
+        r, scope, mark = self.registry, self.scope, self.mark
+        parse = r.schema.parse_key
+        everything = scope == EVERYTHING
+        events: list[Event] = []
+        for raw_key, raw_value, mod in kvs:
+            k = parse(raw_key)
+            if k is not None and not everything and k not in scope:
+                continue
+            was = r._entry(k) if k is not None else None
+            if was is not None and was.mod_revision == mod:
+                was.mark = mark
+                continue
+            decoded = r._decode(raw_key, raw_value, mod, k)
+            if decoded is None:
+                if was is not None:
+                    was.mark = mark  # a bad value is ignored: the last good one stays
+                continue
+            k, value = decoded
+            r._set(k, value, mod, mark)
+            events.append(Put(k, value, was.value if was is not None else None))
+        return events
+
+    def finish(self, revision: int) -> list[Event]:
+        r = self.registry
+        gone = [(k, e) for k, e in r._items(self.scope) if e.mark != self.mark]
+        for k, _ in gone:
+            r._remove(k)
+        r.revision = max(r.revision, revision)
+        return [Deleted(k, e.value) for k, e in gone]

@@ -6,64 +6,221 @@ For every VNI this host serves:
 - every endpoint owned by another known host is a REGISTRY entry (MAC -> that host's VTEP);
 - endpoints of this host, of unknown hosts, or on VNIs not served are not forwarded to;
 - the IPv4 addresses of other hosts' endpoints are the neighbours whose ARP requests the
-  agent answers itself (ARP suppression): a request for one never leaves the host.
-After each batch of registry events the VNIs they touch are recomputed and the difference is
-applied to the ForwardingTable (which keeps the fast path in step). Learned and static entries
-are the table's business; registry entries simply take precedence over learned ones.
+  agent answers itself (ARP suppression): a request for one never leaves the host. An address
+  claimed by two endpoints (a container restarted with a new MAC) goes to the most recently
+  written one (highest mod_revision, then highest MAC).
+``desired`` computes this from scratch. ``Topology`` keeps the table equal to it by applying the
+difference each event makes, at a cost that does not grow with the registry: an endpoint event
+touches that MAC and its addresses; a host's address change touches that host's endpoints (the
+registry's index by host) and the flood lists it is in; a member event, one flood list.
+Learned and static entries are the table's business; registry entries simply take precedence
+over learned ones.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import Iterable
 
+from overlay.core.addresses import ipv4
 from overlay.core.fdb import ForwardingTable, Outcome, Source, Vtep
-from overlay.core.registry import EndpointKey, Event, HostKey, MemberKey, NetworkKey, Registry
+from overlay.core.registry import Deleted, Endpoint, EndpointKey, Event, Host, HostKey, MemberKey, Registry
+
+IPv4 = ipaddress.IPv4Address
+_REFUSED = (Outcome.REFUSED_CAP, Outcome.REFUSED_UNKNOWN_VNI, Outcome.REFUSED_MULTICAST)
+
+
+def vtep_of(host: Host) -> Vtep:
+    return Vtep(ipv4(host.address), host.port)
+
+
+@dataclass
+class Desired:
+    """What one VNI's forwarding state should be: REGISTRY entries, flood list, neighbours."""
+
+    fdb: dict[int, Vtep]
+    flood: set[Vtep]
+    neighbours: dict[IPv4, int]
+
+
+def desired(registry: Registry, host_id: str, vni: int) -> Desired:
+    """The forwarding state of ``vni`` computed from the whole registry (the reference the
+    incremental ``Topology`` is tested against; it walks the VNI)."""
+    vteps = {h: vtep_of(v) for h, v in registry.hosts().items() if h != host_id}
+    flood = {vteps[m] for m in registry.members(vni) if m in vteps}
+    fdb: dict[int, Vtep] = {}
+    best: dict[IPv4, tuple[int, int]] = {}
+    for mac, ep, rev in registry.endpoint_entries(vni):
+        if ep.host in vteps:
+            fdb[mac] = vteps[ep.host]
+            for a in ep.ipv4:
+                ip = ipv4(a)
+                if ip not in best or best[ip] < (rev, mac):
+                    best[ip] = (rev, mac)
+    return Desired(fdb, flood, {ip: mac for ip, (_, mac) in best.items()})
+
+
+class _Served:
+    """What Topology keeps of one served VNI beside the table."""
+
+    __slots__ = ("flood", "contested", "refused")
+
+    def __init__(self) -> None:
+        self.flood: dict[str, Vtep] = {}  # member host -> its VTEP
+        self.contested: dict[IPv4, dict[int, tuple[int, int]]] = {}  # ip -> claimant MAC -> (rev, mac)
+        self.refused: set[int] = set()  # MACs the table refused (at its cap): tried again when room is made
 
 
 class Topology:
     def __init__(self, registry: Registry, table: ForwardingTable, host_id: str) -> None:
         self.registry, self.table, self.host_id = registry, table, host_id
-        self._applied: dict[int, dict[int, Vtep]] = {}  # vni -> mac -> VTEP we put as REGISTRY
+        self._vteps: dict[str, Vtep] = {h: vtep_of(v) for h, v in registry.hosts().items() if h != host_id}
+        self._served: dict[int, _Served] = {}
+        self._dirty: set[int] = set()
+        self.now = 0.0
 
     def serve(self, vni: int, now: float) -> None:
-        """Start serving ``vni``: table and flood list from what the registry holds."""
+        """Start serving ``vni``: table and flood list from what the registry holds (a walk of
+        that VNI, once)."""
+        self.now = now
         self.table.add_vni(vni)
-        self._applied.setdefault(vni, {})
-        self._recompute(vni, now)
+        if vni in self._served:
+            return
+        s = self._served[vni] = _Served()
+        for host in self.registry.members(vni):
+            if host in self._vteps:
+                s.flood[host] = self._vteps[host]
+        self.table.set_flood(vni, list(s.flood.values()))
+        for mac, ep, _ in list(self.registry.endpoint_entries(vni)):
+            self._place(vni, s, mac, ep)
+
+    def unserve(self, vni: int) -> None:
+        """Stop serving ``vni``: its entries, flood list and neighbours leave the table."""
+        if self._served.pop(vni, None) is not None:
+            self.table.remove_vni(vni)
 
     def apply(self, events: Iterable[Event], now: float) -> None:
-        touched: set[int] = set()
+        self.now = now
+        self._dirty = set()  # VNIs whose flood list changed: pushed once, at the end
         for ev in events:
             k = ev.key
-            if isinstance(k, HostKey):
-                touched.update(self._applied)  # an address change moves its endpoints everywhere
-            elif isinstance(k, (MemberKey, EndpointKey, NetworkKey)) and k.vni in self._applied:
-                touched.add(k.vni)
-        for vni in sorted(touched):
-            self._recompute(vni, now)
+            if isinstance(k, EndpointKey):
+                s = self._served.get(k.vni)
+                if s is None:
+                    continue
+                old = ev.value if isinstance(ev, Deleted) else ev.old
+                if isinstance(old, Endpoint):
+                    self._unplace(k.vni, s, k.mac, old)
+                if not isinstance(ev, Deleted):
+                    self._place(k.vni, s, k.mac, ev.value)  # type: ignore[arg-type]
+            elif isinstance(k, HostKey):
+                if k.host != self.host_id:
+                    self._host(k.host, None if isinstance(ev, Deleted) else vtep_of(ev.value))  # type: ignore[arg-type]
+            elif isinstance(k, MemberKey):
+                s = self._served.get(k.vni)
+                if s is None or k.host == self.host_id:
+                    continue
+                vtep = self._vteps.get(k.host)
+                if isinstance(ev, Deleted) or vtep is None:
+                    if s.flood.pop(k.host, None) is None:
+                        continue
+                else:
+                    s.flood[k.host] = vtep
+                self._dirty.add(k.vni)
+        for vni in self._dirty:
+            if (s := self._served.get(vni)) is not None:
+                self.table.set_flood(vni, list(s.flood.values()))
+        self._dirty = set()
 
-    def _recompute(self, vni: int, now: float) -> None:
-        vteps = {
-            host: Vtep(ipaddress.IPv4Address(h.address), h.port)
-            for host, h in self.registry.hosts().items()
-            if host != self.host_id
-        }
-        self.table.set_flood(vni, [vteps[m] for m in self.registry.members(vni) if m in vteps])
-        endpoints = self.registry.endpoints(vni)
-        want = {key.mac: vteps[ep.host] for key, ep in endpoints.items() if ep.host in vteps}
-        # An address claimed by two endpoints (a container restarted with a new MAC) goes to the
-        # most recently written one.
-        newest_last = sorted(endpoints.items(), key=lambda kv: self.registry.revision_of(kv[0]))
-        self.table.set_neighbours(
-            vni, {ipaddress.IPv4Address(a): key.mac for key, ep in newest_last if key.mac in want for a in ep.ipv4}
-        )
-        have = self._applied[vni]
-        for mac in [m for m in have if m not in want]:
-            self.table.remove(vni, mac, Source.REGISTRY)
-            del have[mac]
-        for mac, vtep in want.items():
-            if have.get(mac) != vtep:
-                outcome = self.table.put(vni, mac, vtep, Source.REGISTRY, now)
-                if outcome not in (Outcome.REFUSED_CAP, Outcome.REFUSED_UNKNOWN_VNI, Outcome.REFUSED_MULTICAST):
-                    have[mac] = vtep  # a refused one is tried again at the next recompute
+    # --- internals ------------------------------------------------------------------------------
+
+    def _host(self, host: str, vtep: Vtep | None) -> None:
+        """A host's record appeared, changed or went: its endpoints and flood entries follow."""
+        before = self._vteps.get(host)
+        if before == vtep:
+            return
+        for vni, s in self._served.items():
+            macs = self.registry.endpoints_of(host, vni)
+            if before is not None:  # placed at the old VTEP: take them (and their addresses) back
+                for mac in macs:
+                    ep = self.registry.endpoint(vni, mac)
+                    if ep is not None:
+                        self._unplace(vni, s, mac, ep)
+        if vtep is None:
+            self._vteps.pop(host, None)
+        else:
+            self._vteps[host] = vtep
+        for vni, s in self._served.items():
+            for mac in self.registry.endpoints_of(host, vni):
+                ep = self.registry.endpoint(vni, mac)
+                if ep is not None:
+                    self._place(vni, s, mac, ep)
+            if self.registry.is_member(vni, host) or host in s.flood:
+                if vtep is None:
+                    s.flood.pop(host, None)
+                else:
+                    s.flood[host] = vtep
+                self._dirty.add(vni)
+
+    def _place(self, vni: int, s: _Served, mac: int, ep: Endpoint) -> None:
+        """``ep`` is now the registry's endpoint at ``mac``: forward to its host, claim its addresses."""
+        vtep = self._vteps.get(ep.host) if ep.host != self.host_id else None
+        if vtep is None:
+            return
+        outcome = self.table.put(vni, mac, vtep, Source.REGISTRY, self.now)
+        if outcome in _REFUSED:
+            s.refused.add(mac)
+        order = (self.registry.revision_of(EndpointKey(vni, mac)), mac)
+        for a in ep.ipv4:
+            self._claim(vni, s, ipv4(a), mac, order)
+
+    def _unplace(self, vni: int, s: _Served, mac: int, ep: Endpoint) -> None:
+        """``ep`` (placed before, if its host was known) is no longer the endpoint at ``mac``."""
+        if ep.host == self.host_id or ep.host not in self._vteps:
+            return
+        for a in ep.ipv4:
+            self._unclaim(vni, s, ipv4(a), mac)
+        if mac in s.refused:
+            s.refused.discard(mac)
+        elif self.table.remove(vni, mac, Source.REGISTRY):
+            self._retry_refused(vni, s)
+
+    def _claim(self, vni: int, s: _Served, ip: IPv4, mac: int, order: tuple[int, int]) -> None:
+        claimants = s.contested.get(ip)
+        if claimants is None:
+            current = self.table.neighbour(vni, ip)
+            if current is None or current == mac:
+                self.table.set_neighbour(vni, ip, mac)
+                return
+            claimants = s.contested[ip] = {current: (self.registry.revision_of(EndpointKey(vni, current)), current)}
+        claimants[mac] = order
+        self.table.set_neighbour(vni, ip, max(claimants.values())[1])
+
+    def _unclaim(self, vni: int, s: _Served, ip: IPv4, mac: int) -> None:
+        claimants = s.contested.get(ip)
+        if claimants is None:
+            if self.table.neighbour(vni, ip) == mac:
+                self.table.remove_neighbour(vni, ip)
+            return
+        claimants.pop(mac, None)
+        if len(claimants) <= 1:
+            del s.contested[ip]
+        if claimants:
+            self.table.set_neighbour(vni, ip, max(claimants.values())[1])
+        else:
+            self.table.remove_neighbour(vni, ip)
+
+    def _retry_refused(self, vni: int, s: _Served) -> None:
+        """A REGISTRY entry left the table: one it refused at its cap may fit now."""
+        while s.refused:
+            mac = next(iter(s.refused))
+            ep = self.registry.endpoint(vni, mac)
+            vtep = self._vteps.get(ep.host) if ep is not None and ep.host != self.host_id else None
+            if vtep is None:
+                s.refused.discard(mac)
+                continue
+            if self.table.put(vni, mac, vtep, Source.REGISTRY, self.now) in _REFUSED:
+                return
+            s.refused.discard(mac)
+            return
