@@ -17,10 +17,21 @@ import uvloop
 
 from overlay.core.addresses import format_address
 from overlay.core.config import AgentConfig, tap_names
-from overlay.core.control import AttachRequest, CheckRequest, DetachRequest
+from overlay.core.control import AppliedRequest, AttachRequest, CheckRequest, DetachRequest, Refused
 from overlay.core.fdb import ForwardingTable, Vtep
 from overlay.core.publishing import LeaseSweep, LocalEndpoints
-from overlay.core.registry import Endpoint, EndpointKey, Host, Member, MemberKey, Network, NetworkKey, Registry, Schema
+from overlay.core.registry import (
+    Endpoint,
+    EndpointKey,
+    Host,
+    Member,
+    MemberKey,
+    Network,
+    NetworkKey,
+    Registry,
+    Schema,
+    Scope,
+)
 from overlay.core.status import AgentInfo, NetworkInfo, RegistryStatus, Status
 from overlay.core.topology import Topology
 from overlay.core.wire import mac_to_str
@@ -87,13 +98,24 @@ class Agent:
         registry = None
         if self.etcd is not None:
             assert cfg.host_id is not None  # etcd mode: config.build required it
+            etcd, r = self.etcd, self.etcd.registry
             registry = RegistryStatus(
                 endpoints=list(cfg.etcd),
                 host_id=cfg.host_id,
-                connected=self.etcd.connected,
-                revision=self.etcd.registry.revision,
-                reconnects=self.etcd.reconnects,
-                resyncs=self.etcd.resyncs,
+                connected=etcd.connected,
+                revision=r.revision,
+                reconnects=etcd.reconnects,
+                resyncs=etcd.resyncs,
+                applied_revision=etcd.applied_revision,
+                events=etcd.events,
+                out_of_scope=r.out_of_scope,
+                refused=r.refused,
+                too_large=r.too_large,
+                keys=len(r),
+                watches=[start.decode(errors="replace") for start, _ in etcd.ranges()],
+                resync_s=etcd.resync_s,
+                resync_keys=etcd.resync_keys,
+                apply_lag=etcd.lag.status(),
             )
         agent = AgentInfo(
             tap=cfg.tap,
@@ -150,7 +172,22 @@ class Agent:
             "detach": lambda req: containers().detach(DetachRequest.from_params(req)),
             "check": lambda req: containers().check(CheckRequest.from_params(req)),
             "attachments": lambda req: containers().list(),
+            "applied": lambda req: self._applied(AppliedRequest.from_params(req)),
         }
+
+    async def _applied(self, req: AppliedRequest) -> dict[str, object]:
+        """The control command ``applied``: wait until ``req.revision`` is in the forwarding table."""
+        if self.etcd is None:
+            raise Refused("there is no registry in static mode: nothing is applied from etcd", "invalid")
+        try:
+            revision, at = await self.etcd.applied(req.revision, req.timeout)
+        except TimeoutError:
+            raise Refused(
+                f"revision {req.revision} was not applied within {req.timeout:g} s "
+                f"(applied: {self.etcd.applied_revision}; connected to etcd: {self.etcd.connected})",
+                "etcd",
+            ) from None
+        return {"revision": revision, "applied_at": at}
 
     async def serve(self) -> None:
         """Forward until SIGINT or SIGTERM."""
@@ -289,6 +326,7 @@ class Agent:
             user=cfg.etcd_user,
             password=cfg.etcd_password,
             tls=tls,
+            scope=Scope(hosts=True, vnis=frozenset(self.macs)),  # hosts/ and our networks: nothing else
         )
         await retry("connecting to etcd", client.connect, 30)
         resume = None
@@ -310,15 +348,15 @@ class Agent:
         for key, endpoint in local.initial():
             await client.hold(key, endpoint)
         self._publish_local(client, local)
-        await client.snapshot()
-        for vni in self.macs:
+        for vni in self.macs:  # served first: the snapshot's pages are applied as they come
             topology.serve(vni, time.monotonic())
+        await client.snapshot()
         log.info(
             "registry: etcd %s, host %s, %d hosts, networks %s",
             ", ".join(cfg.etcd),
             cfg.host_id,
             len(registry.hosts()),
-            ", ".join(f"{v} ({len(registry.endpoints(v))} endpoints)" for v in self.macs),
+            ", ".join(f"{v} ({registry.count(v)} endpoints)" for v in self.macs),
         )
         self.supervisor.spawn(client.watch(), "registry watch")
         self.supervisor.spawn(client.keepalive(), "registry keepalive")

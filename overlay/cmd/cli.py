@@ -200,6 +200,13 @@ def format_status(s: Status) -> str:
             f"{'connected' if r.connected else 'DISCONNECTED (forwarding with what it knew)'}  "
             f"revision {r.revision}  reconnects {r.reconnects}  resyncs {r.resyncs}"
         )
+        lag = r.apply_lag
+        lines.append(
+            f"  applied revision {r.applied_revision}  keys {r.keys}  events {r.events}  "
+            f"apply lag p50 {lag.p50_ms:g} ms p99 {lag.p99_ms:g} ms max {lag.max_ms:g} ms  "
+            f"last read {r.resync_keys} keys in {r.resync_s:g} s  refused {r.refused}"
+            + (f"  OUT OF SCOPE {r.out_of_scope}" if r.out_of_scope else "")
+        )
     lines += [
         "",
         f"{'peer':24} {'rx frames':>12} {'rx bytes':>14} {'tx frames':>12} {'tx bytes':>14}",

@@ -97,6 +97,30 @@ class CheckRequest:
         return cls(_required(params, "id"))
 
 
+APPLIED_TIMEOUT, APPLIED_TIMEOUT_MAX = 10.0, 300.0
+
+
+@dataclass(frozen=True)
+class AppliedRequest:
+    """``applied``: answer once the registry's events up to ``revision`` (an etcd revision, e.g.
+    of an operator's put) are in this agent's forwarding table, or refuse after ``timeout`` s."""
+
+    revision: int
+    timeout: float = APPLIED_TIMEOUT
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]) -> AppliedRequest:
+        revision = params.get("revision")
+        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+            raise Refused("revision must be a whole number (an etcd revision) of 0 or more", "invalid")
+        timeout = params.get("timeout", APPLIED_TIMEOUT)
+        if timeout is None:
+            timeout = APPLIED_TIMEOUT
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= APPLIED_TIMEOUT_MAX:
+            raise Refused(f"timeout must be a number of seconds above 0 and up to {APPLIED_TIMEOUT_MAX:.0f}", "invalid")
+        return cls(revision, float(timeout))
+
+
 def _required(params: Mapping[str, object], name: str) -> str:
     value = _text(params, name)
     if value is None:

@@ -295,6 +295,8 @@ class Registry:
         self.rejected: list[tuple[str, str]] = []  # (key, why), for the shell to log (and clear)
         self.refused = 0  # values refused (bad or too large), each (key, revision) once
         self.too_large = 0  # of them: larger than MAX_VALUE
+        self.scope = EVERYTHING  # what is followed: an event outside it is counted and ignored
+        self.out_of_scope = 0
         self._seen_bad: set[tuple[str, int]] = set()
         self._hosts: dict[str, _Entry] = {}
         self._networks: dict[int, _Entry] = {}
@@ -329,7 +331,11 @@ class Registry:
         """A watched PUT. A value that does not decode is ignored: the last good value stays."""
         if mod_revision > self.revision:
             self.revision = mod_revision
-        decoded = self._decode(raw_key, raw_value, mod_revision)
+        k = self.schema.parse_key(raw_key)
+        if k is not None and self.scope is not EVERYTHING and k not in self.scope:
+            self.out_of_scope += 1
+            return []
+        decoded = self._decode(raw_key, raw_value, mod_revision, k)
         if decoded is None:
             return []
         k, value = decoded
@@ -344,6 +350,9 @@ class Registry:
             self.revision = mod_revision
         k = self.schema.parse_key(raw_key)
         if k is None:
+            return []
+        if self.scope is not EVERYTHING and k not in self.scope:
+            self.out_of_scope += 1
             return []
         old = self._remove(k)
         return [Deleted(k, old.value)] if old is not None else []

@@ -58,15 +58,81 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     networks: list[NetworkInfo] = []
 
 
+LAG_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Lag:
+    """A histogram of seconds (apply lag: an event's arrival to its application in the
+    forwarding table) in fixed buckets, Prometheus-style: ``counts[i]`` are the observations
+    up to ``LAG_BOUNDS[i]`` (not cumulative), the last one those above every bound."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LAG_BOUNDS) + 1)
+        self.sum = 0.0
+        self.max = 0.0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        while i < len(LAG_BOUNDS) and seconds > LAG_BOUNDS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += seconds
+        if seconds > self.max:
+            self.max = seconds
+
+    def quantile(self, q: float) -> float:
+        """The upper bound of the bucket holding quantile ``q`` (the max for the last one)."""
+        n = sum(self.counts)
+        if n == 0:
+            return 0.0
+        rank, seen = q * n, 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank and c:
+                return LAG_BOUNDS[i] if i < len(LAG_BOUNDS) else self.max
+        return self.max
+
+    def status(self) -> ApplyLag:
+        return ApplyLag(
+            count=sum(self.counts),
+            sum_s=round(self.sum, 6),
+            p50_ms=round(self.quantile(0.5) * 1000, 3),
+            p99_ms=round(self.quantile(0.99) * 1000, 3),
+            max_ms=round(self.max * 1000, 3),
+            buckets=[[b, c] for b, c in zip((*LAG_BOUNDS, None), self.counts)],
+        )
+
+
+class ApplyLag(msgspec.Struct, frozen=True, kw_only=True):
+    """The apply-lag histogram as status shows it: quantiles are bucket upper bounds."""
+
+    count: int = 0
+    sum_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    buckets: list[list[float | int | None]] = []  # [upper bound in s (None: above all), count]
+
+
 class RegistryStatus(msgspec.Struct, frozen=True, kw_only=True):
     """etcd mode: where the registry is and how the connection to it fares."""
 
     endpoints: list[str]
     host_id: str
     connected: bool
-    revision: int  # the last etcd revision applied
+    revision: int  # the newest etcd revision seen
     reconnects: int
     resyncs: int  # full re-reads after a compaction
+    applied_revision: int = 0  # the newest revision whose events are in the forwarding table
+    events: int = 0  # watch events received
+    out_of_scope: int = 0  # of them, of a network this agent does not serve (watch scoping: 0)
+    refused: int = 0  # values refused (undecodable, out of the schema, or too large)
+    too_large: int = 0  # of them, larger than the 64 KiB a value may have
+    keys: int = 0  # keys held (hosts and the served networks' keys)
+    watches: list[str] = []  # the key ranges watched
+    resync_s: float = 0.0  # how long the last snapshot (or resync) took, reading and applying
+    resync_keys: int = 0  # how many keys it read
+    apply_lag: ApplyLag = ApplyLag()
 
 
 class Wakeups(msgspec.Struct, frozen=True, kw_only=True):

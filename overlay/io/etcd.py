@@ -16,10 +16,13 @@ last knew, and this module retries with backoff (0.2 s doubling to 5 s).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
+import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import aetcd
 import aetcd.exceptions
@@ -28,7 +31,20 @@ if TYPE_CHECKING:
     import grpc
 
 from overlay.core.addresses import parse_endpoint
-from overlay.core.registry import AddressKey, Deleted, Event, Host, HostKey, Key, Registry, Schema, Value
+from overlay.core.registry import (
+    EVERYTHING,
+    AddressKey,
+    Deleted,
+    Event,
+    Host,
+    HostKey,
+    Key,
+    Registry,
+    Schema,
+    Scope,
+    Value,
+)
+from overlay.core.status import Lag
 
 log = logging.getLogger("overlay.etcd")
 GRPC_OPTIONS = {
@@ -39,8 +55,18 @@ GRPC_OPTIONS = {
     "grpc.keepalive_timeout_ms": 3000,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
+    # A snapshot page or a watch response may carry values up to etcd's 1.5 MiB each.
+    "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
 REQUEST_TIMEOUT = 5
+PAGE = 1000  # keys per range read of a snapshot
+SLICE = 0.010  # s of registry work at most before the event loop lets the data path run
+Range = tuple[bytes, bytes]  # [start, end) of etcd keys
+
+
+def _prefix_range(prefix: str) -> Range:
+    raw = prefix.encode()
+    return raw, raw[:-1] + bytes([raw[-1] + 1])
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 ERRORS = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)
 
@@ -150,6 +176,22 @@ class EtcdClient:
     _next: int = 0
     _pending: set[Key] = field(default_factory=set)  # held keys not yet written under the current lease
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    scope: Scope = EVERYTHING  # what we follow: hosts/ and the served networks
+    events: int = 0  # watch events received
+    applied_revision: int = 0
+    resync_s: float = 0.0  # the last snapshot's duration, reading and applying
+    resync_keys: int = 0
+    lag: Lag = field(default_factory=Lag)  # an event's arrival to its application
+    _watched_from: dict[Range, int] = field(default_factory=dict)  # range -> last revision seen in it
+    _watches: dict[Range, tuple[Any, asyncio.Task[None]]] = field(default_factory=dict)
+    _queue: asyncio.Queue[Any] | None = None
+    _watch_client: aetcd.Client | None = None
+    _history: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=4096))
+    _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
+    _sequence: int = 0
+
+    def __post_init__(self) -> None:
+        self.registry.scope = self.scope
 
     @property
     def schema(self) -> Schema:
@@ -397,17 +439,79 @@ class EtcdClient:
 
     # --- snapshot and watch ---------------------------------------------------------------------
 
-    async def snapshot(self) -> None:
-        """Read the whole prefix at one revision into the registry; hand over the events."""
+    def ranges(self, scope: Scope | None = None) -> list[Range]:
+        """The key ranges ``scope`` covers: ``hosts/``, and per network ``networks/<vni>`` with
+        everything under ``networks/<vni>/`` (the range ends at ``networks/<vni>0``: no other
+        VNI falls in it), or all of ``networks/`` when the scope has every network."""
+        scope = scope if scope is not None else self.scope
+        p = self.schema.prefix
+        out: list[Range] = []
+        if scope.hosts:
+            out.append(_prefix_range(f"{p}/hosts/"))
+        if scope.vnis is None:
+            out.append(_prefix_range(f"{p}/networks/"))
+        else:
+            out += [(f"{p}/networks/{v}".encode(), f"{p}/networks/{v}0".encode()) for v in sorted(scope.vnis)]
+        return out
+
+    async def snapshot(self, scope: Scope | None = None) -> None:
+        """Read the ranges of ``scope`` (default: all we follow) at one revision, in pages, into
+        the registry, handing the events over page by page (the data path runs in between);
+        what the read lacks is deleted at the end. The watches go on from that revision."""
+        scope = scope if scope is not None else self.scope
         client = await self.connect()
-        result = await client.get_prefix((self.schema.prefix + "/").encode())
-        kvs = [(kv.key.decode(errors="replace"), kv.value, kv.mod_revision) for kv in result]
-        events = self.registry.snapshot(kvs, result.header.revision)
+        started = time.monotonic()
+        resync = self.registry.resync(scope)
+        revision, keys = 0, 0
+        ranges = self.ranges(scope)
+        for start, end in ranges:
+            async for header_revision, kvs in self._pages(client, start, end, revision):
+                revision = revision or header_revision
+                keys += len(kvs)
+                self._hand_over(resync.feed(kvs))
+                await asyncio.sleep(0)
+        self._hand_over(resync.finish(revision))
+        for r in ranges:
+            self._watched_from[r] = revision
+        self._applied(revision, time.monotonic(), observe=False)
+        self.resync_s, self.resync_keys = round(time.monotonic() - started, 3), keys
+
+    async def _pages(
+        self, client: aetcd.Client, start: bytes, end: bytes, revision: int
+    ) -> AsyncIterator[tuple[int, list[tuple[str, bytes, int]]]]:
+        """(revision, kvs) pages of [start, end) read at ``revision`` (0: the newest, and every
+        later page at the revision of the first). A page too large for one gRPC message (values
+        of up to etcd's 1.5 MiB each) is read again in smaller pages."""
+        from aetcd import rpc
+
+        limit, key = PAGE, start
+        while True:
+            request = rpc.RangeRequest(key=key, range_end=end, limit=limit, revision=revision)
+            try:
+                response = await client.kvstub.Range(request, timeout=REQUEST_TIMEOUT, metadata=client.metadata)
+            except rpc.AioRpcError as e:
+                if e.code() == rpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1:
+                    limit = max(1, limit // 10)
+                    continue
+                aetcd.exceptions._handle_exception(e)
+                raise
+            revision = revision or response.header.revision
+            kvs = [(kv.key.decode(errors="replace"), kv.value, kv.mod_revision) for kv in response.kvs]
+            yield revision, kvs
+            if not response.more or not response.kvs:
+                return
+            key, limit = response.kvs[-1].key + b"\0", PAGE
+
+    def _hand_over(self, events: list[Event]) -> None:
         self._report()
-        self.on_events(events)
+        if events:
+            self.on_events(events)
+            self._restore_held(events)
 
     async def watch(self) -> None:
-        """Follow the prefix forever: resume after errors, resync after compaction."""
+        """Follow our ranges forever (a watch each, on one gRPC stream): resume after errors from
+        where each range was, resync after a compaction. Events are applied in slices of at
+        most SLICE seconds, between which the loop lets the data path and control socket run."""
         backoff = BACKOFF_MIN
         need_snapshot = False
         while True:
@@ -418,23 +522,24 @@ class EtcdClient:
                     await self.snapshot()
                     self.resyncs += 1
                     need_snapshot = False
-                stream = await client.watch_prefix(
-                    (self.schema.prefix + "/").encode(), start_revision=self.registry.revision + 1
-                )
+                self._queue, self._watch_client = asyncio.Queue(), client
+                for r in self.ranges():
+                    await self._open(client, r)
                 backoff = BACKOFF_MIN
-                async for ev in stream:
-                    key = ev.kv.key.decode(errors="replace")
-                    if ev.kind == "PUT":
-                        events = self.registry.put(key, ev.kv.value, ev.kv.mod_revision)
-                    else:
-                        events = self.registry.delete(key, ev.kv.mod_revision)
-                    self._report()
-                    if events:
-                        self.on_events(events)
-                        self._restore_held(events)
-                raise aetcd.exceptions.ClientError("watch ended")
+                queue = self._queue
+                while True:
+                    item = await queue.get()
+                    deadline = time.monotonic() + SLICE
+                    while True:
+                        if isinstance(item, BaseException):
+                            raise item
+                        self._event(*item)
+                        if queue.empty() or time.monotonic() > deadline:
+                            break
+                        item = queue.get_nowait()
+                    await asyncio.sleep(0)  # the data path and the control socket run between slices
             except aetcd.exceptions.RevisionCompactedError:
-                log.info("etcd: revision %d was compacted; reading everything again", self.registry.revision + 1)
+                log.info("etcd: a revision we watch from was compacted; reading everything again")
                 need_snapshot = True
             except ERRORS as e:
                 if self.connected:
@@ -446,6 +551,113 @@ class EtcdClient:
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 need_snapshot = need_snapshot or not self.registry.revision
+            finally:
+                await self._close_watches()
+
+    async def _open(self, client: aetcd.Client, r: Range) -> None:
+        """Watch range ``r`` from where we are in it; a range never read is read first."""
+        if r not in self._watched_from:
+            await self.snapshot(self._scope_of(r))
+        stream = await client.watch(
+            r[0], range_end=r[1], start_revision=self._watched_from[r] + 1, fragment=True
+        )
+        queue = self._queue
+        assert queue is not None
+
+        async def pump() -> None:
+            try:
+                async for ev in stream:
+                    queue.put_nowait((r, ev, time.monotonic()))
+                queue.put_nowait(aetcd.exceptions.ClientError("watch ended"))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                queue.put_nowait(e)
+
+        self._watches[r] = (stream, asyncio.get_running_loop().create_task(pump()))
+
+    async def _close_watches(self, only: Range | None = None) -> None:
+        for r in [only] if only is not None else list(self._watches):
+            watch = self._watches.pop(r, None)
+            if watch is None:
+                continue
+            stream, task = watch
+            task.cancel()
+            try:
+                await asyncio.wait_for(stream.cancel(), 2)
+            except BaseException:
+                pass  # the connection is going anyway
+        if only is None:
+            self._queue = self._watch_client = None
+
+    def _scope_of(self, r: Range) -> Scope:
+        hosts = _prefix_range(f"{self.schema.prefix}/hosts/")
+        if r == hosts:
+            return Scope(hosts=True, vnis=frozenset())
+        vni = r[0].decode()[len(self.schema.prefix) + len("/networks/") :]
+        return Scope(hosts=False, vnis=frozenset({int(vni)}) if vni else None)
+
+    def _event(self, r: Range, ev: aetcd.rtypes.Event, arrived: float) -> None:
+        """One watch event: into the registry, its typed events handed over, the lag observed."""
+        self.events += 1
+        kv = ev.kv
+        revision = kv.mod_revision
+        if revision > self._watched_from.get(r, 0):
+            self._watched_from[r] = revision
+        key = kv.key.decode(errors="replace")
+        if ev.kind == "PUT":
+            events = self.registry.put(key, kv.value, revision)
+        else:
+            events = self.registry.delete(key, revision)
+        self._hand_over(events)
+        self._applied(revision, arrived)
+
+    def _applied(self, revision: int, arrived: float, observe: bool = True) -> None:
+        if observe:
+            self.lag.observe(time.monotonic() - arrived)
+        if revision > self.applied_revision:
+            self.applied_revision = revision
+            self._history.append((revision, time.time()))
+            while self._waiters and self._waiters[0][0] <= revision:
+                _, _, waiter = heapq.heappop(self._waiters)
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def applied(self, revision: int, timeout: float) -> tuple[int, float | None]:
+        """Wait until an event of ``revision`` or later is in the forwarding table: (the newest
+        revision applied, the wall-clock time the first one at or after ``revision`` was);
+        TimeoutError after ``timeout`` s. The time is None if that was long ago (forgotten)."""
+        if revision > self.applied_revision:
+            waiter = asyncio.get_running_loop().create_future()
+            self._sequence += 1
+            heapq.heappush(self._waiters, (revision, self._sequence, waiter))
+            await asyncio.wait_for(waiter, timeout)
+        for r, at in self._history:
+            if r >= revision:
+                return self.applied_revision, at
+        return self.applied_revision, None
+
+    async def follow(self, vni: int) -> None:
+        """Follow network ``vni`` too: read its range, then watch it (joining a network)."""
+        if vni in self.scope:
+            return
+        assert self.scope.vnis is not None, "following every network already"
+        self.scope = self.registry.scope = Scope(self.scope.hosts, self.scope.vnis | {vni})
+        (r,) = self.ranges(Scope(hosts=False, vnis=frozenset({vni})))
+        await self.snapshot(self._scope_of(r))
+        if self._watch_client is not None and self._queue is not None:
+            await self._open(self._watch_client, r)
+
+    async def leave(self, vni: int) -> None:
+        """Stop following network ``vni``: its watch ends and the registry forgets it."""
+        if self.scope.vnis is None or vni not in self.scope.vnis:
+            return
+        self.scope = self.registry.scope = Scope(self.scope.hosts, self.scope.vnis - {vni})
+        scope = Scope(hosts=False, vnis=frozenset({vni}))
+        (r,) = self.ranges(scope)
+        await self._close_watches(r)
+        self._watched_from.pop(r, None)
+        self.registry.drop(scope)
 
     def _restore_held(self, events: list[Event]) -> None:
         """Our own keys (host, memberships, local endpoints) are ours while we live: if

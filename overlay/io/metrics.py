@@ -17,7 +17,13 @@ from typing import Callable, Iterator
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from overlay import __version__
@@ -132,6 +138,39 @@ class StatusCollector(Collector):
         yield CounterMetricFamily(
             "overlay_registry_resyncs", "Full re-reads after a compaction.", float(registry.resyncs)
         )
+        yield GaugeMetricFamily(
+            "overlay_registry_applied_revision",
+            "The newest etcd revision whose events are in the forwarding table.",
+            float(registry.applied_revision),
+        )
+        yield CounterMetricFamily("overlay_registry_events", "Watch events received.", float(registry.events))
+        yield CounterMetricFamily(
+            "overlay_registry_out_of_scope_events",
+            "Watch events of networks this agent does not serve (0 unless watch scoping fails).",
+            float(registry.out_of_scope),
+        )
+        refused = CounterMetricFamily(
+            "overlay_registry_refused", "Registry values refused, by reason.", labels=["reason"]
+        )
+        refused.add_metric(["too_large"], float(registry.too_large))
+        refused.add_metric(["invalid"], float(registry.refused - registry.too_large))
+        yield refused
+        yield GaugeMetricFamily("overlay_registry_keys", "Registry keys held.", float(registry.keys))
+        yield GaugeMetricFamily(
+            "overlay_registry_resync_seconds", "How long the last snapshot or resync took.", registry.resync_s
+        )
+        lag = registry.apply_lag
+        cumulative, buckets = 0, []
+        for bound, count in lag.buckets:
+            cumulative += int(count or 0)
+            buckets.append(("+Inf" if bound is None else repr(float(bound)), float(cumulative)))
+        if buckets:
+            yield HistogramMetricFamily(
+                "overlay_registry_apply_seconds",
+                "From a watch event's arrival to its application in the forwarding table.",
+                buckets=buckets,
+                sum_value=lag.sum_s,
+            )
 
     def _probes(self, probes: dict[str, ProbeStatus], counters: ProbeCounters | None) -> Iterator[Metric]:
         rtt = GaugeMetricFamily("overlay_peer_rtt_seconds", "Last probe round-trip time to a peer.", labels=["peer"])

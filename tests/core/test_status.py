@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from overlay.cmd.cli import format_status
-from overlay.core.status import ProbeCounters, RegistryStatus, Status
+from overlay.core.status import ApplyLag, ProbeCounters, RegistryStatus, Status
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -40,6 +40,23 @@ FULL: dict[str, object] = {
         "revision": 17,
         "reconnects": 2,
         "resyncs": 1,
+        "applied_revision": 16,
+        "events": 30,
+        "out_of_scope": 0,
+        "refused": 1,
+        "too_large": 1,
+        "keys": 12,
+        "watches": ["/overlay/v1/hosts/", "/overlay/v1/networks/42"],
+        "resync_s": 0.004,
+        "resync_keys": 10,
+        "apply_lag": {
+            "count": 2,
+            "sum_s": 0.0006,
+            "p50_ms": 0.25,
+            "p99_ms": 0.5,
+            "max_ms": 0.4,
+            "buckets": [[0.0001, 0], [0.00025, 1], [0.0005, 1], [None, 0]],
+        },
     },
     "wakeups": {"tx": 10, "tx_frames": 250, "rx": 9, "rx_frames": 240},
     "peers": [
@@ -146,7 +163,11 @@ def test_the_optional_parts_have_exactly_the_keys_the_readme_lists_in_its_order(
     assert (
         list(registry)
         == listed["registry"]
-        == ["endpoints", "host_id", "connected", "revision", "reconnects", "resyncs"]
+        == [
+            *["endpoints", "host_id", "connected", "revision", "reconnects", "resyncs", "applied_revision"],
+            *["events", "out_of_scope", "refused", "too_large", "keys", "watches", "resync_s", "resync_keys"],
+            "apply_lag",
+        ]
     )
     assert list(attachments[0]) == listed["attachments"]
     assert all(list(p) == listed["probes"] for p in probes.values())
@@ -171,6 +192,22 @@ def test_the_typed_form_reads_as_the_json_says() -> None:
         revision=17,
         reconnects=2,
         resyncs=1,
+        applied_revision=16,
+        events=30,
+        refused=1,
+        too_large=1,
+        keys=12,
+        watches=["/overlay/v1/hosts/", "/overlay/v1/networks/42"],
+        resync_s=0.004,
+        resync_keys=10,
+        apply_lag=ApplyLag(
+            count=2,
+            sum_s=0.0006,
+            p50_ms=0.25,
+            p99_ms=0.5,
+            max_ms=0.4,
+            buckets=[[0.0001, 0], [0.00025, 1], [0.0005, 1], [None, 0]],
+        ),
     )
     assert s.dataplane.totals.tx_bytes == 1000 and s.dataplane.peers[1].vtep == "198.18.0.3:4789"
     assert s.dataplane.fdb.moves == 3 and s.dataplane.drops["not_member"] == 2
@@ -274,6 +311,8 @@ def test_format_status_prints_the_typed_status() -> None:
         "  vni 43       tap ovl-43          bridge ovbr43   mac 02:00:00:00:00:02",
         "registry  etcd http://198.18.0.250:2379, http://198.18.0.251:2379  host h1  "
         "DISCONNECTED (forwarding with what it knew)  revision 17  reconnects 2  resyncs 1",
+        "  applied revision 16  keys 12  events 30  apply lag p50 0.25 ms p99 0.5 ms max 0.4 ms  "
+        "last read 10 keys in 0.004 s  refused 1",
         "",
         "peer                        rx frames       rx bytes    tx frames       tx bytes",
         "198.18.0.2:4789                     3            300            4            400",
