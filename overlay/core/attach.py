@@ -281,9 +281,9 @@ def resolve_network(name: str, networks: Mapping[int, Network], served: Collecti
     if vni is None or (vni not in networks and vni not in served):
         known = ", ".join(f"{n.name or v} ({v})" for v, n in sorted(networks.items())) or "none"
         raise Refused(
-            f"network {name!r} is unknown here; this agent's networks: {known} (an agent follows only "
-            f"the networks it serves: give the VNI, start the agent with --network VNI, or create the "
-            f"network with 'overlay net create')",
+            f"network {name!r} is unknown here: this host's agent is not on network {name} (it follows "
+            f"only its own networks: {known}); start it with --network VNI to join another, or create "
+            f"the network with 'overlay net create'",
             "network",
         )
     if vni not in served:

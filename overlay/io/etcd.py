@@ -67,6 +67,8 @@ Range = tuple[bytes, bytes]  # [start, end) of etcd keys
 def _prefix_range(prefix: str) -> Range:
     raw = prefix.encode()
     return raw, raw[:-1] + bytes([raw[-1] + 1])
+
+
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 ERRORS = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)
 
@@ -558,9 +560,7 @@ class EtcdClient:
         """Watch range ``r`` from where we are in it; a range never read is read first."""
         if r not in self._watched_from:
             await self.snapshot(self._scope_of(r))
-        stream = await client.watch(
-            r[0], range_end=r[1], start_revision=self._watched_from[r] + 1, fragment=True
-        )
+        stream = await client.watch(r[0], range_end=r[1], start_revision=self._watched_from[r] + 1, fragment=True)
         queue = self._queue
         assert queue is not None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -314,3 +315,38 @@ def test_an_agent_on_several_networks_keeps_them_apart(labs: Labs, tmp_path: Pat
     wait_ping(lab, 1, "198.19.43.2")  # network 43 to network 43
     # 198.19.42.2 sits on h2's network-43 bridge: frames of network 42 never get there.
     assert lab.run(1, ["ping", "-c", "3", "-i", "0.2", "-W", "1", "198.19.42.2"], check=False).returncode != 0
+
+
+HUGE = """
+import asyncio, sys
+from overlay.io.etcd import open_client
+
+async def main():
+    client = await open_client(sys.argv[1], "/overlay/v1")
+    value = b'{"host": "h2", "pad": "' + b"x" * (1024 * 1024) + b'"}'
+    await client.put(sys.argv[2].encode(), value)
+    await client.close()
+
+asyncio.run(main())
+"""
+
+
+def test_an_agent_receives_no_event_of_a_network_it_does_not_serve_and_refuses_a_huge_value(world: World) -> None:
+    before = status(world.lab, 1)["registry"]
+    assert before["watches"] == [f"{P}/hosts/", f"{P}/networks/{VNI}"]
+    for i in range(30):  # network 43 is busy; no agent here serves it
+        world.etcdctl("put", f"{P}/networks/43/endpoints/02:00:00:00:43:{i:02x}", '{"host": "h2"}')
+    huge = f"{P}/networks/{VNI}/endpoints/02:00:00:00:42:ff"
+    world.lab.run(1, [sys.executable, "-c", HUGE, world.etcd.endpoint, huge], check=True, timeout=30)
+    put = world.etcdctl("put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2"}', "-w", "json")
+    revision = json.loads(put.stdout)["header"]["revision"]
+    wait_for(lambda: status(world.lab, 1)["registry"]["applied_revision"] >= revision, 10, "the marker to be applied")
+    after = status(world.lab, 1)["registry"]
+    # Not one of the 30 events of network 43 reached the agent (counted), and it holds none of them.
+    assert after["out_of_scope"] == 0 and after["events"] - before["events"] < 30
+    assert after["too_large"] == 1 and after["refused"] >= 1  # the 1 MiB value: refused, counted, not held
+    fdb = world.fdb(1)
+    assert GHOST in fdb and "02:00:00:00:42:ff" not in fdb
+    assert after["apply_lag"]["count"] > before["apply_lag"]["count"]
+    log = (world.logs / f"agent-{world.lab.name}-h1-ovl0.log").read_text()
+    assert f"ignoring {huge}: a value of " in log and "Traceback" not in log

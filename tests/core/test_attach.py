@@ -126,11 +126,11 @@ def test_a_name_shared_by_several_networks_is_refused_asking_for_the_vni() -> No
 def test_an_unknown_network_is_refused_with_the_agents_networks() -> None:
     message = refused(lambda: resolve_network("green", {43: RED, 44: Network(44)}, [43]), "network")
     assert message == (
-        "network 'green' is unknown here; this agent's networks: red (43), 44 (44) (an agent follows only "
-        "the networks it serves: give the VNI, start the agent with --network VNI, or create the network "
-        "with 'overlay net create')"
+        "network 'green' is unknown here: this host's agent is not on network green (it follows only its "
+        "own networks: red (43), 44 (44)); start it with --network VNI to join another, or create the "
+        "network with 'overlay net create'"
     )
-    assert "networks: none " in refused(lambda: resolve_network("9", {}, [42]), "network")
+    assert "networks: none)" in refused(lambda: resolve_network("9", {}, [42]), "network")
 
 
 def test_a_network_this_host_does_not_serve_is_refused_with_the_flag_to_join_it() -> None:
