@@ -317,6 +317,16 @@ class ForwardingTable:
         self.counters.expired += len(gone)
         return gone
 
+    def claim(self, vni: int, mac: int, source: Source) -> Vtep | None:
+        """``source``'s claim on (vni, mac), in force or not."""
+        net = self._nets.get(vni)
+        held = net.slots.get(mac) if net else None
+        if held is None:
+            return None
+        if isinstance(held, tuple):
+            return held[1] if held[0] == source else None
+        return held.get(source)
+
     def lookup(self, vni: int, mac: int) -> Entry | None:
         """The entry in force for (vni, mac), or None (the frame would be flooded)."""
         net = self._nets.get(vni)

@@ -1,6 +1,8 @@
 """The etcd registry: schema, value types and event logic. Pure: no etcd client, no asyncio.
 
-Keys under a prefix (default ``/overlay/v1``), values JSON objects (DESIGN.md):
+Keys under a prefix (default ``/overlay/v1``), values JSON objects (DESIGN.md). The value types
+are msgspec Structs untracked by the cyclic garbage collector (``gc=False``: they hold no
+cycles), so a registry of 300k keys does not make every collection walk it.
 
     <prefix>/networks/<vni>                      {"name": str, "vni": int, "subnet": "A.B.C.D/len", "mtu": int,
                                                   "gateway": "A.B.C.D"}                          (gateway optional)
@@ -39,7 +41,7 @@ _MAC_KEY = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")  # one spelling only:
 HOST_ID_FORM = "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
 
 
-class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
+class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
     vni: int
     name: str = ""
     subnet: str | None = None
@@ -47,23 +49,23 @@ class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
     gateway: str | None = None  # containers' default route when attached without --gateway
 
 
-class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
+class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
     address: str
     port: int = 4789
     probe_port: int | None = None  # UDP port answering peer probes (overlay/io/prober.py); None: not probed
 
 
-class Member(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
+class Member(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
     pass
 
 
-class Endpoint(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
+class Endpoint(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
     host: str
     ipv4: list[str] = []
     ipv6: list[str] = []
 
 
-class Allocation(msgspec.Struct, forbid_unknown_fields=False, frozen=True):
+class Allocation(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
     """An address taken from a network's subnet (IPAM): by which host, for which MAC and
     attachment (``owner``: the attachment id, e.g. a CNI container id)."""
 
@@ -266,6 +268,30 @@ class _Entry:
         return f"_Entry({self.value!r}, {self.mod_revision})"
 
 
+class _EndpointEntry:
+    """An endpoint as the registry holds it: compact, for there may be a million (the owning
+    host's id shared, addresses in tuples, no empty list of its own); ``value`` makes the
+    Endpoint when asked."""
+
+    __slots__ = ("host", "ipv4", "ipv6", "mod_revision", "mark")
+
+    def __init__(self, host: str, ipv4: tuple[str, ...], ipv6: tuple[str, ...], mod_revision: int, mark: int) -> None:
+        self.host, self.ipv4, self.ipv6, self.mod_revision, self.mark = host, ipv4, ipv6, mod_revision, mark
+
+    @property
+    def value(self) -> Endpoint:
+        return Endpoint(self.host, list(self.ipv4), list(self.ipv6))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (_Entry, _EndpointEntry)) and (self.value, self.mod_revision) == (
+            other.value,
+            other.mod_revision,
+        )
+
+    def __repr__(self) -> str:
+        return f"_Entry({self.value!r}, {self.mod_revision})"
+
+
 class _Net:
     """One VNI's keys, indexed: members by host, endpoints by MAC, allocations by address."""
 
@@ -273,7 +299,7 @@ class _Net:
 
     def __init__(self) -> None:
         self.members: dict[str, _Entry] = {}
-        self.endpoints: dict[int, _Entry] = {}
+        self.endpoints: dict[int, _EndpointEntry] = {}
         self.allocations: dict[ipaddress.IPv4Address, _Entry] = {}
 
     def __bool__(self) -> bool:
@@ -302,6 +328,7 @@ class Registry:
         self._networks: dict[int, _Entry] = {}
         self._nets: dict[int, _Net] = {}
         self._of_host: dict[str, dict[int, set[int]]] = {}  # host -> vni -> MACs of its endpoints
+        self._names: dict[str, str] = {}  # one string per host id, shared by its endpoints
         self._mark = 0
 
     # --- a snapshot, in one call or in pages -----------------------------------------------------
@@ -340,8 +367,8 @@ class Registry:
             return []
         k, value = decoded
         old = self._set(k, value, mod_revision, self._mark)  # newer than any resync in progress
-        if old is not None and old.value == value:
-            return []
+        if old is not None and not isinstance(k, EndpointKey) and old.value == value:
+            return []  # the same value again: nothing to do (an endpoint's revision orders its addresses)
         return [Put(k, value, old.value if old is not None else None)]
 
     def delete(self, raw_key: str, mod_revision: int) -> list[Event]:
@@ -385,14 +412,14 @@ class Registry:
     def endpoint(self, vni: int, mac: int) -> Endpoint | None:
         net = self._nets.get(vni)
         entry = net.endpoints.get(mac) if net is not None else None
-        return entry.value if entry is not None else None  # type: ignore[return-value]
+        return entry.value if entry is not None else None
 
     def endpoint_entries(self, vni: int) -> Iterable[tuple[int, Endpoint, int]]:
         """(MAC, endpoint, mod_revision) of every endpoint of ``vni``."""
         net = self._nets.get(vni)
         if net is not None:
-            for mac, e in net.endpoints.items():
-                yield mac, e.value, e.mod_revision  # type: ignore[misc]
+            for mac, e in list(net.endpoints.items()):
+                yield mac, e.value, e.mod_revision
 
     def endpoints_of(self, host: str, vni: int) -> list[int]:
         """The MACs of ``host``'s endpoints on ``vni`` (index: no walk of the VNI)."""
@@ -406,7 +433,7 @@ class Registry:
     def endpoints(self, vni: int | None = None) -> dict[EndpointKey, Endpoint]:
         vnis = [vni] if vni is not None else list(self._nets)
         return {
-            EndpointKey(v, mac): e.value  # type: ignore[misc]
+            EndpointKey(v, mac): e.value
             for v in vnis
             if (net := self._nets.get(v)) is not None
             for mac, e in net.endpoints.items()
@@ -425,7 +452,7 @@ class Registry:
         return sorted(set(self._networks) | set(self._nets))
 
     @property
-    def entries(self) -> dict[Key, _Entry]:
+    def entries(self) -> dict[Key, _Entry | _EndpointEntry]:
         """Every key held, with its value and mod_revision (a copy: walks the whole registry)."""
         return dict(self._items(EVERYTHING))
 
@@ -438,7 +465,7 @@ class Registry:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _items(self, scope: Scope) -> Iterable[tuple[Key, _Entry]]:
+    def _items(self, scope: Scope) -> Iterable[tuple[Key, _Entry | _EndpointEntry]]:
         if scope.hosts:
             for h, e in self._hosts.items():
                 yield HostKey(h), e
@@ -451,12 +478,28 @@ class Registry:
                 continue
             for h, e in net.members.items():
                 yield MemberKey(v, h), e
-            for mac, e in net.endpoints.items():
-                yield EndpointKey(v, mac), e
+            for mac, ep in net.endpoints.items():
+                yield EndpointKey(v, mac), ep
             for a, e in net.allocations.items():
                 yield AddressKey(v, a), e
 
-    def _entry(self, k: Key) -> _Entry | None:
+    def _unmarked(self, scope: Scope, mark: int) -> Iterable[tuple[Key, _Entry | _EndpointEntry]]:
+        """The entries of ``scope`` a resync did not see (keys made only for those)."""
+        if scope.hosts:
+            yield from ((HostKey(h), e) for h, e in self._hosts.items() if e.mark != mark)
+        vnis = sorted(set(self._networks) | set(self._nets)) if scope.vnis is None else sorted(scope.vnis)
+        for v in vnis:
+            network = self._networks.get(v)
+            if network is not None and network.mark != mark:
+                yield NetworkKey(v), network
+            net = self._nets.get(v)
+            if net is None:
+                continue
+            yield from ((MemberKey(v, h), e) for h, e in net.members.items() if e.mark != mark)
+            yield from ((EndpointKey(v, m), e) for m, e in net.endpoints.items() if e.mark != mark)
+            yield from ((AddressKey(v, a), e) for a, e in net.allocations.items() if e.mark != mark)
+
+    def _entry(self, k: Key) -> _Entry | _EndpointEntry | None:
         if isinstance(k, EndpointKey):
             net = self._nets.get(k.vni)
             return net.endpoints.get(k.mac) if net is not None else None
@@ -471,21 +514,29 @@ class Registry:
             return net.members.get(k.host)
         return net.allocations.get(k.address)
 
-    def _set(self, k: Key, value: Value, mod_revision: int, mark: int = 0) -> _Entry | None:
+    def _set(self, k: Key, value: Value, mod_revision: int, mark: int = 0) -> _Entry | _EndpointEntry | None:
         """Hold ``value`` at ``k``; the entry it replaced, if any."""
-        entry = _Entry(value, mod_revision, mark)
+        old: _Entry | _EndpointEntry | None
         if isinstance(k, EndpointKey):
+            assert isinstance(value, Endpoint)
             net = self._nets.get(k.vni)
             if net is None:
                 net = self._nets[k.vni] = _Net()
+            host = self._names.setdefault(value.host, value.host)
             old = net.endpoints.get(k.mac)
-            net.endpoints[k.mac] = entry
-            host = value.host  # type: ignore[union-attr]
-            if old is None or old.value.host != host:  # type: ignore[union-attr]
+            net.endpoints[k.mac] = _EndpointEntry(
+                host,
+                tuple(value.ipv4) if value.ipv4 else (),
+                tuple(value.ipv6) if value.ipv6 else (),
+                mod_revision,
+                mark,
+            )
+            if old is None or old.host != host:
                 if old is not None:
-                    self._unindex(old.value.host, k.vni, k.mac)  # type: ignore[union-attr]
+                    self._unindex(old.host, k.vni, k.mac)
                 self._of_host.setdefault(host, {}).setdefault(k.vni, set()).add(k.mac)
             return old
+        entry = _Entry(value, mod_revision, mark)
         if isinstance(k, HostKey):
             old = self._hosts.get(k.host)
             self._hosts[k.host] = entry
@@ -505,7 +556,8 @@ class Registry:
             net.allocations[k.address] = entry
         return old
 
-    def _remove(self, k: Key) -> _Entry | None:
+    def _remove(self, k: Key) -> _Entry | _EndpointEntry | None:
+        old: _Entry | _EndpointEntry | None
         if isinstance(k, HostKey):
             return self._hosts.pop(k.host, None)
         if isinstance(k, NetworkKey):
@@ -516,7 +568,7 @@ class Registry:
         if isinstance(k, EndpointKey):
             old = net.endpoints.pop(k.mac, None)
             if old is not None:
-                self._unindex(old.value.host, k.vni, k.mac)  # type: ignore[union-attr]
+                self._unindex(old.host, k.vni, k.mac)
         elif isinstance(k, MemberKey):
             old = net.members.pop(k.host, None)
         else:
@@ -535,6 +587,7 @@ class Registry:
             del by_vni[vni]
             if not by_vni:
                 del self._of_host[host]
+                self._names.pop(host, None)
 
     def _decode(self, raw_key: str, raw_value: bytes, mod: int, k: Key | None = None) -> tuple[Key, Value] | None:
         if k is None:
@@ -599,7 +652,7 @@ class Resync:
 
     def finish(self, revision: int) -> list[Event]:
         r = self.registry
-        gone = [(k, e) for k, e in r._items(self.scope) if e.mark != self.mark]
+        gone = list(r._unmarked(self.scope, self.mark))
         for k, _ in gone:
             r._remove(k)
         r.revision = max(r.revision, revision)

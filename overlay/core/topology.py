@@ -109,11 +109,10 @@ class Topology:
                 s = self._served.get(k.vni)
                 if s is None:
                     continue
-                old = ev.value if isinstance(ev, Deleted) else ev.old
-                if isinstance(old, Endpoint):
-                    self._unplace(k.vni, s, k.mac, old)
-                if not isinstance(ev, Deleted):
-                    self._place(k.vni, s, k.mac, ev.value)  # type: ignore[arg-type]
+                if isinstance(ev, Deleted):
+                    self._endpoint(k.vni, s, k.mac, ev.value, None)  # type: ignore[arg-type]
+                else:
+                    self._endpoint(k.vni, s, k.mac, ev.old, ev.value)  # type: ignore[arg-type]
             elif isinstance(k, HostKey):
                 if k.host != self.host_id:
                     self._host(k.host, None if isinstance(ev, Deleted) else vtep_of(ev.value))  # type: ignore[arg-type]
@@ -140,6 +139,16 @@ class Topology:
         before = self._vteps.get(host)
         if before == vtep:
             return
+        if before is not None and vtep is not None:  # a new address: its entries move, their addresses stay
+            self._vteps[host] = vtep
+            for vni, s in self._served.items():
+                for mac in self.registry.endpoints_of(host, vni):
+                    if mac not in s.refused:
+                        self.table.put(vni, mac, vtep, Source.REGISTRY, self.now)
+                if host in s.flood:
+                    s.flood[host] = vtep
+                    self._dirty.add(vni)
+            return
         for vni, s in self._served.items():
             macs = self.registry.endpoints_of(host, vni)
             if before is not None:  # placed at the old VTEP: take them (and their addresses) back
@@ -163,30 +172,49 @@ class Topology:
                     s.flood[host] = vtep
                 self._dirty.add(vni)
 
-    def _place(self, vni: int, s: _Served, mac: int, ep: Endpoint) -> None:
-        """``ep`` is now the registry's endpoint at ``mac``: forward to its host, claim its addresses."""
-        vtep = self._vteps.get(ep.host) if ep.host != self.host_id else None
-        if vtep is None:
-            return
-        outcome = self.table.put(vni, mac, vtep, Source.REGISTRY, self.now)
-        if outcome in _REFUSED:
-            s.refused.add(mac)
+    def _target(self, ep: Endpoint | None) -> Vtep | None:
+        """Where an endpoint is forwarded to: its host's VTEP, if known and not this host."""
+        if ep is None or ep.host == self.host_id:
+            return None
+        return self._vteps.get(ep.host)
+
+    def _endpoint(self, vni: int, s: _Served, mac: int, old: Endpoint | None, new: Endpoint | None) -> None:
+        """The endpoint at ``mac`` went from ``old`` to ``new`` (either may be None): change
+        only what differs, so an address change leaves the MAC's entry alone and a rewrite of
+        the same value only reorders contested addresses."""
+        # What is in the table is the truth of what was placed (within a batch of a resync the
+        # registry is already past the events, e.g. a host deleted before its endpoints).
+        before = self.table.claim(vni, mac, Source.REGISTRY)
+        placed = before is not None or mac in s.refused
+        after = self._target(new)
+        gone = set(old.ipv4) if old is not None and placed else set()
+        now = set(new.ipv4) if new is not None and after is not None else set()
         order = (self.registry.revision_of(EndpointKey(vni, mac)), mac)
-        for a in ep.ipv4:
+        for a in gone - now:
+            self._unclaim(vni, s, ipv4(a), mac)
+        if after is None:
+            if mac in s.refused:
+                s.refused.discard(mac)
+            elif before is not None and self.table.remove(vni, mac, Source.REGISTRY):
+                self._retry_refused(vni, s)
+        elif after != before or mac in s.refused:
+            if self.table.put(vni, mac, after, Source.REGISTRY, self.now) in _REFUSED:
+                s.refused.add(mac)
+            else:
+                s.refused.discard(mac)
+        for a in now:
             self._claim(vni, s, ipv4(a), mac, order)
 
+    def _place(self, vni: int, s: _Served, mac: int, ep: Endpoint) -> None:
+        """``ep`` is now the registry's endpoint at ``mac``: forward to its host, claim its addresses."""
+        self._endpoint(vni, s, mac, None, ep)
+
     def _unplace(self, vni: int, s: _Served, mac: int, ep: Endpoint) -> None:
-        """``ep`` (placed before, if its host was known) is no longer the endpoint at ``mac``."""
-        if ep.host == self.host_id or ep.host not in self._vteps:
-            return
-        for a in ep.ipv4:
-            self._unclaim(vni, s, ipv4(a), mac)
-        if mac in s.refused:
-            s.refused.discard(mac)
-        elif self.table.remove(vni, mac, Source.REGISTRY):
-            self._retry_refused(vni, s)
+        """``ep`` (placed, if its host is known) is no longer the endpoint at ``mac``."""
+        self._endpoint(vni, s, mac, ep, None)
 
     def _claim(self, vni: int, s: _Served, ip: IPv4, mac: int, order: tuple[int, int]) -> None:
+        """``mac`` (written at ``order``) claims ``ip``; again, if it held it: a newer order."""
         claimants = s.contested.get(ip)
         if claimants is None:
             current = self.table.neighbour(vni, ip)
@@ -203,7 +231,8 @@ class Topology:
             if self.table.neighbour(vni, ip) == mac:
                 self.table.remove_neighbour(vni, ip)
             return
-        claimants.pop(mac, None)
+        if claimants.pop(mac, None) is None:
+            return  # not a claimant (never placed)
         if len(claimants) <= 1:
             del s.contested[ip]
         if claimants:

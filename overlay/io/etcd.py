@@ -16,6 +16,7 @@ last knew, and this module retries with backoff (0.2 s doubling to 5 s).
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import logging
 import random
@@ -471,12 +472,17 @@ class EtcdClient:
                 revision = revision or header_revision
                 keys += len(kvs)
                 self._hand_over(resync.feed(kvs))
+                gc.freeze()  # long-lived from here on (see below); O(1)
                 await asyncio.sleep(0)
         self._hand_over(resync.finish(revision))
         for r in ranges:
             self._watched_from[r] = revision
         self._applied(revision, time.monotonic(), observe=False)
         self.resync_s, self.resync_keys = round(time.monotonic() - started, 3), keys
+        # What the snapshot built lives long: keep the cyclic collector from walking it again. A
+        # full collection over a registry of 300k keys would stall the loop (and the data path
+        # on it) for a second; our objects hold no cycles, reference counting frees them.
+        gc.freeze()
 
     async def _pages(
         self, client: aetcd.Client, start: bytes, end: bytes, revision: int
