@@ -484,20 +484,21 @@ class Registry:
                 yield AddressKey(v, a), e
 
     def _unmarked(self, scope: Scope, mark: int) -> Iterable[tuple[Key, _Entry | _EndpointEntry]]:
-        """The entries of ``scope`` a resync did not see (keys made only for those)."""
+        """The entries of ``scope`` that neither the resync of ``mark`` nor anything after it (a
+        later resync, a watched put) saw: marks only grow. Keys are made only for those."""
         if scope.hosts:
-            yield from ((HostKey(h), e) for h, e in self._hosts.items() if e.mark != mark)
+            yield from ((HostKey(h), e) for h, e in self._hosts.items() if e.mark < mark)
         vnis = sorted(set(self._networks) | set(self._nets)) if scope.vnis is None else sorted(scope.vnis)
         for v in vnis:
             network = self._networks.get(v)
-            if network is not None and network.mark != mark:
+            if network is not None and network.mark < mark:
                 yield NetworkKey(v), network
             net = self._nets.get(v)
             if net is None:
                 continue
-            yield from ((MemberKey(v, h), e) for h, e in net.members.items() if e.mark != mark)
-            yield from ((EndpointKey(v, m), e) for m, e in net.endpoints.items() if e.mark != mark)
-            yield from ((AddressKey(v, a), e) for a, e in net.allocations.items() if e.mark != mark)
+            yield from ((MemberKey(v, h), e) for h, e in net.members.items() if e.mark < mark)
+            yield from ((EndpointKey(v, m), e) for m, e in net.endpoints.items() if e.mark < mark)
+            yield from ((AddressKey(v, a), e) for a, e in net.allocations.items() if e.mark < mark)
 
     def _entry(self, k: Key) -> _Entry | _EndpointEntry | None:
         if isinstance(k, EndpointKey):
@@ -637,13 +638,13 @@ class Resync:
             if k is not None and not everything and k not in scope:
                 continue
             was = r._entry(k) if k is not None else None
-            if was is not None and was.mod_revision == mod:
-                was.mark = mark
+            if was is not None and was.mod_revision >= mod:
+                was.mark = max(was.mark, mark)  # unchanged, or newer by a watch meanwhile: kept as it is
                 continue
             decoded = r._decode(raw_key, raw_value, mod, k)
             if decoded is None:
                 if was is not None:
-                    was.mark = mark  # a bad value is ignored: the last good one stays
+                    was.mark = max(was.mark, mark)  # a bad value is ignored: the last good one stays
                 continue
             k, value = decoded
             r._set(k, value, mod, mark)

@@ -12,18 +12,23 @@ from hypothesis import strategies as st
 
 from overlay.core.fdb import ForwardingTable, Source, Vtep
 from overlay.core.registry import (
+    EVERYTHING,
+    MAX_VALUE,
     AddressKey,
     Allocation,
     Deleted,
+    Endpoint,
     EndpointKey,
     Host,
     HostKey,
+    Member,
     MemberKey,
     Network,
     NetworkKey,
     Put,
     Registry,
     Schema,
+    Scope,
 )
 from overlay.core.topology import Topology
 
@@ -367,3 +372,278 @@ def test_an_endpoint_refused_at_the_cap_is_taken_once_there_is_room() -> None:
     assert len(t) == 1
     topo.apply(r.delete(P + "/networks/42/endpoints/02:00:00:00:00:02", 5), now=1)
     assert t.lookup(42, 0x020000000003) is not None
+
+
+# --- values too large, scoped and paged resyncs, indexes ----------------------------------------
+
+
+def sized(value: dict[str, object], size: int) -> bytes:
+    """``value`` as JSON of exactly ``size`` bytes (padded with an unknown field, which is ignored)."""
+    raw = json.dumps({**value, "pad": ""}).encode()
+    out = json.dumps({**value, "pad": "x" * (size - len(raw))}).encode()
+    assert len(out) == size
+    return out
+
+
+@pytest.mark.parametrize("size", [MAX_VALUE + 1, 1 << 20])
+def test_a_value_too_large_at_a_new_key_is_refused_counted_and_reported_once(size: int) -> None:
+    key = "/networks/42/endpoints/02:00:00:00:00:01"
+    raw = sized({"host": "h1"}, size)
+    r = Registry()
+    assert r.put(P + key, raw, 3) == []
+    assert r.get(EndpointKey(42, MAC1)) is None and r.entries == {} and r.count(42) == 0
+    assert (r.too_large, r.refused) == (1, 1)
+    assert len(r.rejected) == 1 and r.rejected[0][0] == P + key and str(size) in r.rejected[0][1]
+    # the same (key, revision) again, watched or read: not counted or reported again
+    assert r.put(P + key, raw, 3) == [] and r.snapshot([(P + key, raw, 3)], 4) == []
+    assert (r.too_large, r.refused, len(r.rejected)) == (1, 1, 1)
+    # written again (a new revision): refused again, counted and reported again
+    assert r.put(P + key, raw, 5) == [] and (r.too_large, r.refused, len(r.rejected)) == (2, 2, 2)
+    assert r.get(EndpointKey(42, MAC1)) is None
+
+
+def test_a_value_of_max_value_bytes_is_taken() -> None:
+    r = Registry()
+    events = r.put(P + "/hosts/h1", sized({"address": "198.18.0.1"}, MAX_VALUE), 3)
+    assert events == [Put(HostKey("h1"), Host("198.18.0.1"))] and (r.too_large, r.refused, r.rejected) == (0, 0, [])
+
+
+def test_a_value_too_large_at_a_key_that_held_a_good_value_leaves_the_good_one() -> None:
+    r = Registry()
+    r.snapshot([kv("/hosts/h1", {"address": "198.18.0.1"}, 3)], 3)
+    big = sized({"address": "198.18.0.9"}, 1 << 20)  # a good value, but too large
+    assert r.put(P + "/hosts/h1", big, 4) == []
+    assert r.get(HostKey("h1")) == Host("198.18.0.1") and r.revision_of(HostKey("h1")) == 3
+    assert r.snapshot([(P + "/hosts/h1", big, 4)], 5) == []  # a resync keeps it too (not deleted)
+    assert r.get(HostKey("h1")) == Host("198.18.0.1")
+    assert (r.too_large, r.refused, len(r.rejected)) == (1, 1, 1)
+
+
+def fleet() -> Registry:
+    r = Registry()
+    r.snapshot(
+        [
+            kv("/hosts/h1", {"address": "198.18.0.1"}, 2),
+            kv("/hosts/h2", {"address": "198.18.0.2"}, 3),
+            kv("/networks/42", {"vni": 42}, 4),
+            kv("/networks/42/members/h1", {}, 5),
+            kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1"}, 6),
+            kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h2"}, 7),
+            kv("/networks/43", {"vni": 43}, 8),
+            kv("/networks/43/members/h1", {}, 9),
+            kv("/networks/43/endpoints/02:00:00:00:00:01", {"host": "h1"}, 10),
+            kv("/networks/420/members/h1", {}, 11),
+        ],
+        11,
+    )
+    return r
+
+
+def test_a_scoped_snapshot_reads_and_deletes_only_within_its_scope() -> None:
+    r = fleet()
+    before = r.entries
+    read = [
+        kv("/hosts/h1", {"address": "198.18.0.1"}, 2),  # h2 is gone: hosts/ are in the scope
+        kv("/networks/42/members/h1", {}, 5),  # networks/42 and endpoint MAC1 are gone
+        kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h1"}, 20),  # moved
+        kv("/networks/42/members/h2", {}, 21),  # new
+        # other networks: changed, new, gone (43's network and member) in the read: all ignored
+        kv("/networks/43/endpoints/02:00:00:00:00:01", {"host": "h2"}, 22),
+        kv("/networks/43/endpoints/02:00:00:00:00:09", {"host": "h2"}, 23),
+        kv("/networks/7/members/h1", {}, 24),
+        kv("/networks/420/members/h2", {}, 25),
+    ]
+    events = r.snapshot(read, 30, Scope(vnis=frozenset({42})))
+    assert events == [
+        Put(EndpointKey(42, MAC2), Endpoint("h1")),
+        Put(MemberKey(42, "h2"), Member()),
+        Deleted(HostKey("h2"), Host("198.18.0.2")),
+        Deleted(NetworkKey(42), Network(42)),
+        Deleted(EndpointKey(42, MAC1), Endpoint("h1")),
+    ]
+    after = r.entries
+    assert {k: e for k, e in after.items() if getattr(k, "vni", 42) != 42} == {
+        k: e for k, e in before.items() if getattr(k, "vni", 42) != 42
+    }
+    assert r.get(EndpointKey(43, MAC1)) == Endpoint("h1") and r.get(EndpointKey(43, 0x020000000009)) is None
+    assert r.members(7) == [] and r.members(420) == ["h1"] and r.revision == 30
+    # without hosts/ in the scope the hosts stay too
+    r = fleet()
+    events = r.snapshot([kv("/networks/42", {"vni": 42}, 4)], 30, Scope(hosts=False, vnis=frozenset({42})))
+    assert {type(e.key) for e in events} == {MemberKey, EndpointKey} and all(isinstance(e, Deleted) for e in events)
+    assert sorted(r.hosts()) == ["h1", "h2"] and r.count(43) == 1 and r.count(42) == 0
+
+
+def changed_fleet_read() -> list[tuple[str, bytes, int]]:
+    return [
+        kv("/hosts/h1", {"address": "198.18.0.11"}, 20),
+        kv("/hosts/h3", {"address": "198.18.0.3"}, 21),
+        kv("/networks/42", {"vni": 42}, 4),
+        kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1"}, 6),
+        kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h3", "ipv4": ["198.19.42.2"]}, 22),
+        kv("/networks/42/endpoints/02:00:00:00:00:03", b"{bad", 23),
+        kv("/networks/43/members/h3", {}, 24),
+        kv("/networks/43/endpoints/02:00:00:00:00:01", {"host": "h1"}, 10),
+    ]
+
+
+@pytest.mark.parametrize("page", [1, 2, 3, 100])
+@pytest.mark.parametrize("scope", [EVERYTHING, Scope(vnis=frozenset({42})), Scope(hosts=False, vnis=frozenset({43}))])
+def test_a_resync_in_pages_ends_as_one_snapshot(page: int, scope: Scope) -> None:
+    kvs = changed_fleet_read()
+    one = fleet()
+    want = one.snapshot(kvs, 30, scope)
+    paged = fleet()
+    resync = paged.resync(scope)
+    events = []
+    for i in range(0, len(kvs), page):
+        events += resync.feed(kvs[i : i + page])
+    events += resync.finish(30)
+    assert events == want and [type(e) for e in events] == [type(e) for e in want]
+    assert paged.entries == one.entries and paged.revision == one.revision == 30
+    assert (paged.refused, paged.rejected) == (one.refused, one.rejected)
+    for host in ("h1", "h2", "h3"):
+        for vni in (42, 43):
+            assert sorted(paged.endpoints_of(host, vni)) == sorted(one.endpoints_of(host, vni))
+
+
+def test_a_key_unchanged_in_a_resync_is_not_decoded_again() -> None:
+    r = fleet()
+    before = r.entries
+    kvs = [(Schema().key(k), b"not even json", e.mod_revision) for k, e in before.items()]
+    events = r.snapshot(kvs, 30)  # every key at the revision we hold: nothing to read
+    assert events == [] and r.rejected == [] and r.refused == 0
+    assert r.entries == before and r.revision == 30
+    # one key at a new revision is decoded (and here refused: its last good value stays)
+    kvs[0] = (kvs[0][0], b"not even json", 31)
+    assert r.snapshot(kvs, 31) == [] and len(r.rejected) == 1 and r.entries == before
+
+
+def test_the_host_index_follows_moves_and_deletes() -> None:
+    r = Registry()
+    ep = "/networks/42/endpoints/02:00:00:00:00:01"
+    r.put(*kv(ep, {"host": "h1"}, 2))
+    r.put(*kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h1"}, 3))
+    r.put(*kv("/networks/43/endpoints/02:00:00:00:00:01", {"host": "h1"}, 4))
+    assert sorted(r.endpoints_of("h1", 42)) == [MAC1, MAC2] and r.endpoints_of("h1", 43) == [MAC1]
+    assert r.count(42) == 2 and r.count(43) == 1 and r.count(44) == 0
+    assert r.put(*kv(ep, {"host": "h2", "ipv4": ["198.19.42.1"]}, 5)) == [
+        Put(EndpointKey(42, MAC1), Endpoint("h2", ["198.19.42.1"]), Endpoint("h1"))
+    ]
+    assert r.endpoints_of("h1", 42) == [MAC2] and r.endpoints_of("h2", 42) == [MAC1]
+    assert r.endpoints_of("h1", 43) == [MAC1] and r.endpoints_of("h2", 43) == []
+    assert r.endpoint(42, MAC1) == Endpoint("h2", ["198.19.42.1"]) and r.count(42) == 2
+    r.put(*kv(ep, {"host": "h2"}, 6))  # same host, other addresses: still indexed once
+    assert r.endpoints_of("h2", 42) == [MAC1]
+    r.delete(P + ep, 7)
+    assert r.endpoints_of("h2", 42) == [] and r.endpoint(42, MAC1) is None and r.count(42) == 1
+    # a resync moves and deletes as well
+    r.snapshot([kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "h3"}, 8)], 8)
+    assert r.endpoints_of("h1", 42) == [] and r.endpoints_of("h3", 42) == [MAC2]
+    assert r.endpoints_of("h1", 43) == [] and r.count(43) == 0
+    # a bad value at an endpoint leaves it (and its index) as it was
+    r.put(*kv("/networks/42/endpoints/02:00:00:00:00:02", {"host": "bad host"}, 9))
+    assert r.endpoints_of("h3", 42) == [MAC2] and r.endpoint(42, MAC2) == Endpoint("h3")
+
+
+def test_members_and_hosts_are_looked_up_by_id() -> None:
+    r = fleet()
+    assert r.is_member(42, "h1") and not r.is_member(42, "h2") and not r.is_member(44, "h1")
+    r.put(*kv("/networks/42/members/h2", {}, 20))
+    assert r.is_member(42, "h2") and r.members(42) == ["h1", "h2"]
+    r.delete(P + "/networks/42/members/h1", 21)
+    assert not r.is_member(42, "h1") and r.is_member(43, "h1") and r.members(42) == ["h2"]
+    assert r.host("h1") == Host("198.18.0.1") and r.host("h9") is None
+
+
+def test_drop_forgets_a_network_and_nothing_else() -> None:
+    r = fleet()
+    before = r.entries
+    assert r.drop(Scope(hosts=False, vnis=frozenset({43}))) is None  # no events
+    assert r.count(43) == 0 and r.members(43) == [] and 43 not in r.networks() and 43 not in r.vnis()
+    assert r.endpoints_of("h1", 43) == [] and r.endpoints_of("h1", 42) == [MAC1]
+    assert r.entries == {k: e for k, e in before.items() if getattr(k, "vni", None) != 43}
+    assert r.members(420) == ["h1"]  # networks/420 is not networks/43... nor 42's
+    # a network read again after a drop comes back as new keys (Puts)
+    events = r.snapshot([kv("/networks/43/members/h1", {}, 9)], 12, Scope(hosts=False, vnis=frozenset({43})))
+    assert events == [Put(MemberKey(43, "h1"), Member())]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        P + "/networks/42/endpoints/02:00:00:00:00:0A",  # upper case
+        P + "/networks/42/endpoints/02:00:00:00:00:Ab",
+        P + "/networks/42/endpoints/02-00-00-00-00-0a",  # dashes
+        P + "/networks/42/endpoints/0200.0000.000a",
+        P + "/networks/42/endpoints/02000000000a",
+        P + "/networks/42/endpoints/2:0:0:0:0:a",
+        P + "/networks/42/endpoints/02:00:00:00:00:0a:",
+        P + "/networks/42/endpoints/02:00:00:00:00:0a\n",
+        P + "/networks/042/endpoints/02:00:00:00:00:01",  # a VNI with a leading zero
+        P + "/networks/042/members/h1",
+        P + "/networks/00",
+        P + "/networks/+42",
+        P + "/networks/ 42",
+        P + "/networks/\u0664\u0662",  # Arabic-Indic digits: isdigit(), but not a VNI's spelling
+        P + "/networks/16777216/members/h1",  # over 24 bits
+        P + "/networks/99999999999999999999",
+        P + "/networks/42/ipam/198.019.0.1",  # a non-canonical address
+        P + "/networks/42/ipam/198.19.0.01",
+        P + "/networks/42/ipam/0198.19.0.1",
+        P + "/networks/42/ipam/198.19.1",
+        P + "/networks/42/ipam/198.19.0.1.",
+        P + "/networks/42/members/h1/x",
+        P + "/networks/42/members/",
+    ],
+)
+def test_parse_key_refuses_alias_spellings(raw: str) -> None:
+    assert Schema().parse_key(raw) is None
+    r = Registry()
+    assert r.put(raw, b"{}", 3) == [] and len(r.rejected) == 1 and r.entries == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (P + "/networks/0", NetworkKey(0)),
+        (P + "/networks/16777215", NetworkKey(16777215)),
+        (P + "/networks/42/endpoints/02:00:00:00:00:0a", EndpointKey(42, 0x02000000000A)),
+        (P + "/networks/42/endpoints/ff:ff:ff:ff:ff:fe", EndpointKey(42, 0xFFFFFFFFFFFE)),
+        (P + "/networks/42/members/h1", MemberKey(42, "h1")),
+        (P + "/networks/42/ipam/198.19.0.1", AddressKey(42, ipaddress.IPv4Address("198.19.0.1"))),
+        (P + "/networks/42/ipam/0.0.0.0", AddressKey(42, ipaddress.IPv4Address("0.0.0.0"))),
+        (P + "/networks/42/ipam/198.19.0.10", AddressKey(42, ipaddress.IPv4Address("198.19.0.10"))),
+        (P + "/hosts/H1.example_2-a", HostKey("H1.example_2-a")),
+    ],
+)
+def test_parse_key_takes_the_canonical_spellings(raw: str, key: object) -> None:
+    s = Schema()
+    assert s.parse_key(raw) == key and s.key(key) == raw  # type: ignore[arg-type]
+
+
+# --- a resync while events are watched (two bugs found by these, fixed) -------------------------
+
+
+def test_a_page_older_than_a_watched_put_does_not_undo_it() -> None:
+    r = Registry()
+    r.snapshot([kv("/hosts/h1", {"address": "198.18.0.1"}, 2)], 2)
+    resync = r.resync()  # a read at revision 8, in pages
+    r.put(*kv("/hosts/h1", {"address": "198.18.0.9"}, 10))  # watched meanwhile
+    events = resync.feed([kv("/hosts/h1", {"address": "198.18.0.5"}, 5)])  # the page, read at 8
+    events += resync.finish(8)
+    assert r.get(HostKey("h1")) == Host("198.18.0.9") and r.revision_of(HostKey("h1")) == 10
+    assert events == []
+
+
+def test_overlapping_resyncs_delete_only_what_neither_read_returned() -> None:
+    r = fleet()
+    everything = r.resync()  # a resync after a compaction, in pages ...
+    network = r.resync(Scope(hosts=False, vnis=frozenset({43})))  # ... while a network is read again
+    member = kv("/networks/43/members/h1", {}, 9)
+    endpoint = kv("/networks/43/endpoints/02:00:00:00:00:01", {"host": "h1"}, 10)
+    events = everything.feed([kv("/hosts/h1", {"address": "198.18.0.1"}, 2), member, endpoint])
+    events += network.feed([kv("/networks/43", {"vni": 43}, 8), member, endpoint]) + network.finish(12)
+    events += everything.finish(12)
+    assert r.members(43) == ["h1"] and r.count(43) == 1
+    assert not any(isinstance(e.key, (MemberKey, EndpointKey)) and e.key.vni == 43 for e in events)

@@ -124,11 +124,11 @@ class RecordingSink:
 class World:
     """etcd's keys (``truth``), a registry fed from them as raw etcd operations, and a topology
     serving 42 on host "self". ``scoped``: the registry follows hosts/ and the served networks
-    only (the agent's Scope); ``hosts_last``: each batch of events is handed to the topology with
-    the host events after the others (see test_a_host_and_its_endpoints_gone_in_one_resync...)."""
+    only (the agent's Scope): what is outside it is not watched, a network is read when it is
+    served and forgotten (``drop``) when it no longer is."""
 
-    def __init__(self, scoped: bool = False, hosts_last: bool = False, max_per_vni: int = BIG) -> None:
-        self.scoped, self.hosts_last = scoped, hosts_last
+    def __init__(self, scoped: bool = False, max_per_vni: int = BIG) -> None:
+        self.scoped = scoped
         self.truth: dict[str, tuple[Value, int]] = {}
         self.rev = 1
         self.now = 0.0
@@ -140,8 +140,7 @@ class World:
 
     def start(self, initial: Iterable[tuple[object, ...]] = ()) -> None:
         for op in initial:
-            for raw_key, value in self.mutations(op):
-                self._write_truth(raw_key, value)
+            self._write(op, deliver=False)
         self.served = {42}
         self.hand(self.registry.snapshot(self.kvs(), self.rev, self.scope()))
         self.topology.serve(42, self.now)
@@ -178,48 +177,53 @@ class World:
             gone = [SCHEMA.key(HostKey(host))] + [SCHEMA.key(MemberKey(v, host)) for v in VNIS]  # type: ignore[arg-type]
             gone += [k for k, (v, _) in self.truth.items() if isinstance(v, Endpoint) and v.host == host]
             return [(k, None) for k in gone]
+        if kind == "del":  # the i-th key etcd holds
+            keys = sorted(self.truth)
+            return [(keys[op[1] % len(keys)], None)] if keys else []  # type: ignore[operator]
+        if kind in ("move", "readdress"):  # the i-th endpoint: to another host, or other addresses
+            eps = sorted((k, v) for k, (v, _) in self.truth.items() if isinstance(v, Endpoint))
+            if not eps:
+                return []
+            k, ep = eps[op[1] % len(eps)]  # type: ignore[operator]
+            return [(k, Endpoint(op[2], ep.ipv4) if kind == "move" else Endpoint(ep.host, list(op[2])))]  # type: ignore[arg-type]
+        if kind == "txn":  # several writes in one transaction: one revision, each key once
+            return list(dict(m for o in op[1] for m in self.mutations(o)).items())  # type: ignore[attr-defined]
         raise AssertionError(op)
 
-    def _write_truth(self, raw_key: str, value: Value | None) -> bool:
-        """etcd does it: True if something changed (a delete of a missing key is nothing)."""
-        if value is None:
-            if raw_key not in self.truth:
-                return False
-            del self.truth[raw_key]
-        else:
-            self.truth[raw_key] = (value, self.rev + 1)
-        self.rev += 1
-        return True
-
-    def watched(self, op: tuple[object, ...]) -> None:
-        """``op`` happens in etcd and each of its events is watched (within the scope)."""
+    def _write(self, op: tuple[object, ...], deliver: bool) -> None:
+        """``op`` happens in etcd (a transaction: one revision); its events are watched if
+        ``deliver`` (and within the scope), each handed to the topology and checked."""
+        rev = self.rev + 1
         for raw_key, value in self.mutations(op):
             k = SCHEMA.parse_key(raw_key)
             assert k is not None
             was = self.truth.get(raw_key)
-            if isinstance(k, EndpointKey) and value is not None and was is not None and was[0] == value:
-                # The same endpoint written again: the registry takes the new mod_revision
-                # without an event (see test_an_endpoint_written_again_...): not done here.
+            if value is None:
+                if was is None:
+                    continue  # nothing to delete: no revision, no event
+                del self.truth[raw_key]
+            else:
+                self.truth[raw_key] = (value, rev)
+            self.rev = rev
+            if not deliver or (self.scoped and k not in self.scope()):
                 continue
-            if not self._write_truth(raw_key, value):
-                continue
-            if self.scoped and k not in self.scope():
-                continue  # not watched
             self.now += 1
             if value is None:
-                events = self.registry.delete(raw_key, self.rev)
+                events = self.registry.delete(raw_key, rev)
             else:
-                events = self.registry.put(raw_key, SCHEMA.encode(value), self.rev)
+                events = self.registry.put(raw_key, SCHEMA.encode(value), rev)
             self.hand(events)
             self.check()
             self.check_registry()
+
+    def watched(self, op: tuple[object, ...]) -> None:
+        self._write(op, deliver=True)
 
     def gap(self, ops: Iterable[tuple[object, ...]], page: int) -> None:
         """``ops`` happen in etcd unseen (a disconnection, then a compaction), then the scope is read
         again: in one snapshot (``page`` 0) or in pages of ``page`` keys, each handed over as read."""
         for op in ops:
-            for raw_key, value in self.mutations(op):
-                self._write_truth(raw_key, value)
+            self._write(op, deliver=False)
         self.now += 1
         self.read(self.scope(), page)
         self.check_registry()
@@ -279,10 +283,6 @@ class World:
             self.watched(op)
 
     def hand(self, events: list[Event]) -> None:
-        if self.hosts_last:
-            events = [e for e in events if not isinstance(e.key, HostKey)] + [
-                e for e in events if isinstance(e.key, HostKey)
-            ]
         self.topology.apply(events, self.now)
 
     # what must hold
@@ -315,20 +315,36 @@ class World:
 
 vnis = st.sampled_from(VNIS)
 macs = st.sampled_from(MACS)
+owners = st.sampled_from(OWNERS)
 addresses = st.lists(st.sampled_from(ADDRESSES), max_size=3).map(tuple)
+index = st.integers(0, 63)
+ENDPOINT = st.tuples(st.just("endpoint"), vnis, macs, owners, addresses)
+# several endpoints written in one transaction (one revision) claiming the same addresses: the
+# highest MAC takes them
+TXN = st.builds(
+    lambda eps, ips: ("txn", [("endpoint", vni, mac, owner, ips) for vni, mac, owner in eps]),
+    st.lists(st.tuples(vnis, macs, st.sampled_from(HOSTS[1:])), min_size=2, max_size=3),
+    addresses.filter(bool),
+)
 CHANGE = st.one_of(
     st.tuples(st.just("host"), st.sampled_from(HOSTS), st.sampled_from(UNDERLAY), st.sampled_from(PORTS)),
     st.tuples(st.just("host_del"), st.sampled_from(HOSTS)),
     st.tuples(st.just("member"), vnis, st.sampled_from(HOSTS)),
     st.tuples(st.just("member_del"), vnis, st.sampled_from(HOSTS)),
-    st.tuples(st.just("endpoint"), vnis, macs, st.sampled_from(OWNERS), addresses),
-    st.tuples(st.just("endpoint"), vnis, macs, st.sampled_from(OWNERS), addresses),  # endpoints: twice as often
+    ENDPOINT,
+    ENDPOINT,
+    st.tuples(st.just("move"), index, owners),
+    st.tuples(st.just("readdress"), index, addresses),
     st.tuples(st.just("endpoint_del"), vnis, macs),
+    st.tuples(st.just("del"), index),
+    st.tuples(st.just("del"), index),
     st.tuples(st.just("network"), vnis, st.sampled_from(["", "blue"])),
     st.tuples(st.just("expire"), st.sampled_from(HOSTS[1:])),
+    TXN,
 )
 PAGE = st.integers(0, 4)  # 0: one snapshot; else keys per page
 OP = st.one_of(
+    CHANGE,
     CHANGE,
     CHANGE,
     st.tuples(st.just("resync"), st.lists(CHANGE, max_size=8), PAGE),
@@ -336,51 +352,54 @@ OP = st.one_of(
     st.tuples(st.just("unserve")),
     st.tuples(st.just("learn"), vnis, macs, st.sampled_from(UNDERLAY)),
 )
-INITIAL = st.lists(CHANGE, max_size=16)
-OPS = st.lists(OP, max_size=30)
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def initial_states(draw: st.DrawFn) -> list[tuple[object, ...]]:
+    """A populated registry to start from: most hosts known, most of them members, most MACs in use."""
+    ops: list[tuple[object, ...]] = []
+    for host in HOSTS:
+        if draw(st.integers(0, 4)):
+            ops.append(("host", host, draw(st.sampled_from(UNDERLAY)), draw(st.sampled_from(PORTS))))
+        for vni in VNIS:
+            if draw(st.integers(0, 3)):
+                ops.append(("member", vni, host))
+    for vni in VNIS:
+        for mac in MACS:
+            if draw(st.integers(0, 3)):
+                ops.append(("endpoint", vni, mac, draw(owners), draw(addresses)))
+    return ops
+
+
+INITIAL = initial_states()
+OPS = st.lists(OP, min_size=1, max_size=30)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 M1, M2, M3 = MACS[:3]
 A1 = ADDRESSES[0]
 
-# The smallest case of the bug below: h1 dies (its lease: host record and endpoint go) unseen.
+# h1 dies unseen (its lease: host record and endpoint go), then a resync: the events come host first.
 HOST_DIES_IN_A_GAP = (
     [("host", "h1", "198.18.0.1", 4789), ("endpoint", 42, M1, "h1", (A1,))],
     [("resync", [("expire", "h1")], 0)],
 )
 
 
-@pytest.mark.parametrize(
-    "hosts_last",
-    [
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="topology: a resync that deletes a host and its endpoints hands Deleted(host) before "
-                "Deleted(endpoint); the endpoint's entry and neighbour are left behind "
-                "(see test_a_host_and_its_endpoints_gone_in_one_resync_leave_the_table)",
-            ),
-            id="events-as-returned",
-        ),
-        pytest.param(True, id="host-events-last"),
-    ],
-)
 @pytest.mark.parametrize("scoped", [False, True], ids=["everything", "scoped"])
 @SETTINGS
 @given(initial=INITIAL, ops=OPS)
 @example(initial=HOST_DIES_IN_A_GAP[0], ops=HOST_DIES_IN_A_GAP[1])
 def test_the_table_equals_desired_after_every_event(
-    initial: list[tuple[object, ...]], ops: list[tuple[object, ...]], scoped: bool, hosts_last: bool
+    initial: list[tuple[object, ...]], ops: list[tuple[object, ...]], scoped: bool
 ) -> None:
-    w = World(scoped=scoped, hosts_last=hosts_last)
+    w = World(scoped=scoped)
     w.start(initial)
     for op in ops:
         w.run(op)
 
 
-@SETTINGS
-@given(initial=INITIAL, ops=st.lists(CHANGE, max_size=30))
+@settings(SETTINGS, max_examples=100)
+@given(initial=INITIAL, ops=st.lists(CHANGE, min_size=1, max_size=30))
 def test_watched_events_alone_keep_the_table_equal_to_desired(
     initial: list[tuple[object, ...]], ops: list[tuple[object, ...]]
 ) -> None:
@@ -427,14 +446,13 @@ def test_a_host_address_change_moves_exactly_that_hosts_macs() -> None:
     neighbours = w.table.neighbours(42)
     w.watched(("host", "h1", "198.18.0.11", 4789))
     assert w.sink.calls["fdb_set"] == 3  # h1's three endpoints on 42, none of h2's
-    assert set(w.sink.touched("fdb_set", "fdb_delete")) == set(MACS[:3])
+    assert sorted(w.sink.touched("fdb_set", "fdb_delete")) == sorted(MACS[:3])  # once each, no delete
     assert {w.sink.fdb[42, m] for m in MACS[:3]} == {Vtep.parse("198.18.0.11")}
     assert w.sink.fdb[42, MACS[3]] == w.sink.fdb[42, MACS[4]] == Vtep.parse("198.18.0.2")
     assert w.sink.calls["flood_set"] == 1 and Vtep.parse("198.18.0.11") in w.table.flood(42)
     assert Vtep.parse("198.18.0.1") not in w.table.flood(42)
-    # the neighbours did not change; only h1's addresses were touched
-    assert w.table.neighbours(42) == neighbours
-    assert set(w.sink.touched("neigh_set", "neigh_delete")) <= {IPv4(a) for a in ("198.19.42.1", "198.19.42.2", "198.19.42.3")}
+    # the addresses stay where they were: not even touched
+    assert w.table.neighbours(42) == neighbours and w.sink.touched("neigh_set", "neigh_delete") == []
     # a host record written again with the same address and port changes nothing
     w.sink.reset()
     w.watched(("host", "h1", "198.18.0.11", 4789))
@@ -447,6 +465,7 @@ def test_a_host_address_change_moves_exactly_that_hosts_macs() -> None:
         ("endpoint", 42, MACS[7], "h3", ("198.19.42.5",)),  # new
         ("endpoint", 42, MACS[7], "h3", ("198.19.42.1",)),  # new, contesting an address
         ("endpoint", 42, MACS[1], "h1", ("198.19.42.3", "198.19.42.5")),  # other addresses
+        ("endpoint", 42, MACS[1], "h1", ("198.19.42.2", "198.19.42.3")),  # the same value again
         ("endpoint", 42, MACS[0], "h2", ("198.19.42.1",)),  # a move
         ("endpoint", 42, MACS[0], "h3", ("198.19.42.4",)),  # a move, and an address taken
         ("endpoint", 42, MACS[0], SELF, ("198.19.42.1",)),  # now ours
@@ -463,12 +482,19 @@ def test_one_endpoint_event_touches_its_mac_and_its_addresses_only(op: tuple[obj
     vni, mac = op[1], op[2]
     assert isinstance(vni, int) and isinstance(mac, int)
     before = w.registry.endpoint(vni, mac)
+    neighbours = dict(w.sink.neigh)
     w.watched(op)
     after = w.registry.endpoint(vni, mac)
     ips = {IPv4(a) for ep in (before, after) if ep is not None for a in ep.ipv4} if vni == 42 else set()
-    assert w.sink.calls["fdb_set"] <= 1 and w.sink.calls["flood_set"] == 0
+    # at most one change of the MAC's entry (set, move or delete), no flood list
+    assert w.sink.calls["fdb_set"] + w.sink.calls["fdb_delete"] <= 1 and w.sink.calls["flood_set"] == 0
     assert set(w.sink.touched("fdb_set", "fdb_delete")) <= ({mac} if vni == 42 else set())
-    assert set(w.sink.touched("neigh_set", "neigh_delete")) <= ips
+    # neighbour calls only for its addresses, and only where the answer changed
+    touched = w.sink.touched("neigh_set", "neigh_delete")
+    changed = {ip for _, ip in neighbours.keys() ^ w.sink.neigh.keys()} | {
+        ip for (v, ip), m in w.sink.neigh.items() if neighbours.get((v, ip), m) != m
+    }
+    assert set(touched) <= ips and set(touched) == changed and len(touched) == len(changed)
 
 
 def test_an_address_claimed_by_two_endpoints_goes_to_the_newer_and_back() -> None:
@@ -492,6 +518,19 @@ def test_an_address_claimed_by_two_endpoints_goes_to_the_newer_and_back() -> Non
     assert w.table.neighbours(42) == {} and w.sink.neigh == {}
 
 
+def test_an_endpoint_written_again_wins_its_contested_address() -> None:
+    """The same value written again (an agent renewing its lease writes all it holds) is the most
+    recently written: it takes the addresses it contests."""
+    w = World()
+    w.start([("host", "h1", "198.18.0.1", 4789), ("endpoint", 42, M1, "h1", (A1,)), ("endpoint", 42, M2, "h1", (A1,))])
+    assert w.table.neighbours(42) == {IPv4(A1): M2}
+    w.sink.reset()
+    w.watched(("endpoint", 42, M1, "h1", (A1,)))
+    assert desired(w.registry, SELF, 42).neighbours == {IPv4(A1): M1}
+    assert w.table.neighbours(42) == {IPv4(A1): M1}
+    assert w.sink.log == [("neigh_set", 42, IPv4(A1))]  # and nothing else
+
+
 def test_a_refused_endpoint_gets_in_once_another_registry_entry_of_its_vni_leaves() -> None:
     w = World(max_per_vni=2)
     w.start(
@@ -513,66 +552,9 @@ def test_a_refused_endpoint_gets_in_once_another_registry_entry_of_its_vni_leave
     assert w.sink.fdb[42, refused] == Vtep.parse("198.18.0.1") and len(w.table) == 2
 
 
-# --- bugs found (xfail, strict: each passes once fixed) -----------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="topology: in a resync's events Deleted(hosts/h1) comes before Deleted(its endpoints); "
-    "_host finds no endpoints of h1 in the registry (they are gone already) and forgets h1's VTEP, "
-    "then _unplace returns early for an endpoint whose host is unknown: the entry and neighbour stay",
-)
-def test_a_host_and_its_endpoints_gone_in_one_resync_leave_the_table() -> None:
-    r = Registry()
-    t = ForwardingTable()
-    topo = Topology(r, t, SELF)
-    host = kv("/hosts/h1", {"address": "198.18.0.1"}, 2)
-    topo.apply(r.snapshot([host, kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": [A1]}, 3)], 3), 0)
-    topo.serve(42, 0)
-    assert t.lookup(42, M1) is not None and t.neighbours(42) == {IPv4(A1): M1}
-    # h1's lease expired while we were away (and the revisions were compacted): read again
-    topo.apply(r.snapshot([], 9), 1)
-    assert desired(r, SELF, 42).fdb == {} and desired(r, SELF, 42).neighbours == {}
-    assert t.lookup(42, M1) is None  # got: the REGISTRY entry at 198.18.0.1 stays
-    assert t.neighbours(42) == {}  # got: {198.19.42.1: M1}
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry/topology: an endpoint written again with the same value (e.g. an agent renewing "
-    "its lease writes everything again) takes a new mod_revision in Registry.put but yields no "
-    "event, so the topology keeps the old order of a contested address while desired() uses the new",
-)
-def test_an_endpoint_written_again_wins_its_contested_address() -> None:
-    r = Registry()
-    t = ForwardingTable()
-    topo = Topology(r, t, SELF)
-    ep = {"host": "h1", "ipv4": [A1]}
-    topo.apply(
-        r.snapshot(
-            [
-                kv("/hosts/h1", {"address": "198.18.0.1"}, 2),
-                kv("/networks/42/endpoints/02:00:00:00:00:01", ep, 5),
-                kv("/networks/42/endpoints/02:00:00:00:00:02", ep, 6),
-            ],
-            6,
-        ),
-        0,
-    )
-    topo.serve(42, 0)
-    assert t.neighbours(42) == {IPv4(A1): M2}
-    topo.apply(r.put(*kv("/networks/42/endpoints/02:00:00:00:00:01", ep, 7)), 1)
-    assert desired(r, SELF, 42).neighbours == {IPv4(A1): M1}  # the most recently written one
-    assert t.neighbours(42) == {IPv4(A1): M1}  # got: M2
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="topology: at the cap, an endpoint event that changes only the addresses of a MAC in the "
-    "table removes its entry first (_unplace), which lets a refused MAC take the slot "
-    "(_retry_refused), and the MAC itself is then refused",
-)
 def test_an_address_change_at_the_cap_keeps_the_endpoint_in_the_table() -> None:
+    """An endpoint in the table whose addresses change keeps its slot (it does not leave and come
+    back, which would let a refused MAC take the slot)."""
     w = World(max_per_vni=2)
     w.start(
         [
@@ -585,5 +567,25 @@ def test_an_address_change_at_the_cap_keeps_the_endpoint_in_the_table() -> None:
     assert {e.mac for e in w.table.entries()} == {M1, M2}
     w.sink.reset()
     w.watched(("endpoint", 42, M1, "h1", (A1,)))  # same host, one address more
-    assert {e.mac for e in w.table.entries()} == {M1, M2}  # got: {M2, M3}
-    assert w.sink.calls["fdb_delete"] == 0 and w.sink.calls["fdb_set"] == 0
+    assert {e.mac for e in w.table.entries()} == {M1, M2}
+    assert w.sink.log == [("neigh_set", 42, IPv4(A1))]
+
+
+def test_a_host_and_its_endpoints_gone_in_one_resync_leave_the_table() -> None:
+    """A resync returns Deleted(hosts/h1) before Deleted(its endpoints); when the host goes, the
+    registry holds none of its endpoints any more, yet their entries and addresses must go."""
+    r = Registry()
+    t = ForwardingTable()
+    topo = Topology(r, t, SELF)
+    host = kv("/hosts/h1", {"address": "198.18.0.1"}, 2)
+    topo.apply(
+        r.snapshot([host, kv("/networks/42/endpoints/02:00:00:00:00:01", {"host": "h1", "ipv4": [A1]}, 3)], 3), 0
+    )
+    topo.serve(42, 0)
+    assert t.lookup(42, M1) is not None and t.neighbours(42) == {IPv4(A1): M1}
+    # h1's lease expired while we were away (and the revisions were compacted): read again
+    events = r.snapshot([], 9)
+    assert [type(e.key) for e in events] == [HostKey, EndpointKey]
+    topo.apply(events, 1)
+    assert desired(r, SELF, 42).fdb == {} and desired(r, SELF, 42).neighbours == {}
+    assert t.lookup(42, M1) is None and t.neighbours(42) == {}
