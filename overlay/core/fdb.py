@@ -155,6 +155,7 @@ class ForwardingTable:
         self.counters = Counters()
         self._nets: dict[int, _Network] = {}
         self._shared: dict[Claim, Claim] = {}
+        self._in_force = {s: 0 for s in Source}  # entries in force, by source
 
     # --- networks and flood lists ---------------------------------------------------------
 
@@ -169,8 +170,9 @@ class ForwardingTable:
         net = self._nets.pop(vni, None)
         if net is None:
             return
-        for mac in net.slots:
+        for mac, held in net.slots.items():
             self.sink.fdb_delete(vni, mac)
+            self._in_force[_best(held)[0]] -= 1
         for ip in net.neighbours:
             self.sink.neigh_delete(vni, ip)
         self.sink.vni_remove(vni)
@@ -344,7 +346,10 @@ class ForwardingTable:
                 yield entry
 
     def count(self, vni: int | None = None) -> dict[Source, int]:
-        """Entries in force by source, for one VNI or all."""
+        """Entries in force by source, for one VNI (a walk of it) or all (kept: O(1), for the
+        status and every metrics scrape)."""
+        if vni is None:
+            return dict(self._in_force)
         counts = {s: 0 for s in Source}
         nets = [self._nets[vni]] if vni is not None else self._nets.values()
         for net in nets:
@@ -396,12 +401,18 @@ class ForwardingTable:
         if after is None:
             if before is not None:
                 self.sink.fdb_delete(vni, mac)
+                self._in_force[before[0]] -= 1
             return Outcome.REFRESHED
         if before is None:
             self.sink.fdb_set(vni, mac, after[1])
+            self._in_force[after[0]] += 1
             return Outcome.ADDED
+        outcome = Outcome.REFRESHED
         if before[1] != after[1]:
             self.sink.fdb_set(vni, mac, after[1])
             self.counters.moves += 1
-            return Outcome.MOVED
-        return Outcome.REFRESHED
+            outcome = Outcome.MOVED
+        if before[0] != after[0]:
+            self._in_force[before[0]] -= 1
+            self._in_force[after[0]] += 1
+        return outcome

@@ -299,6 +299,11 @@ class World:
             assert set(self.table.flood(vni)) == want.flood, f"vni {vni}: flood list"
             assert self.table.neighbours(vni) == want.neighbours, f"vni {vni}: neighbours"
         self.sink.assert_mirrors(self.table)
+        # The counts by source kept for the status equal a walk of every VNI.
+        walked = Counter({s: 0 for s in Source})
+        for vni in self.table.vnis():
+            walked.update(self.table.count(vni))
+        assert self.table.count() == dict(walked)
 
     def check_registry(self) -> None:
         """After a read the registry holds what etcd holds within its scope, at the same revisions."""
