@@ -2,6 +2,7 @@
 agents, and what idle agents cost etcd.
 
     python -m bench.registry [--quick] [--puts N] [--idle-clients K] [--idle-seconds S] [--ttl S] [--out DIR]
+    python -m bench.registry --fleet [--quick] ...   the control plane at fleet scale: bench/fleet.py
 
 Propagation: W registry clients (EtcdClient, each with its own Registry and its own aetcd
 connection, all in this one asyncio process on uvloop like the agent) follow the prefix; a
@@ -412,7 +413,18 @@ async def run(
 
 
 def main() -> None:
+    if "--fleet" in sys.argv[1:]:  # a benchmark of its own, with its own options
+        from bench import fleet
+
+        fleet.main([a for a in sys.argv[1:] if a != "--fleet"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--fleet",
+        action="store_true",
+        help="instead: the control plane at fleet scale, simulated fleets and real agents "
+        "(bench/fleet.py; --fleet --help for its options)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",

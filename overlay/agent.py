@@ -339,6 +339,8 @@ class Agent:
         await client.register(
             cfg.host_id, Host(str(cfg.local), cfg.port, probe_port), wait_for_old=cfg.lease_ttl + 2, resume=resume
         )
+        # Kept alive from now: reading a large registry takes longer than the lease's TTL.
+        self.supervisor.spawn(client.keepalive(), "registry keepalive")
         subnet = str(cfg.address.network) if cfg.address else None
         local = LocalEndpoints(cfg.host_id, self.macs, cfg.address.ip if cfg.address else None)
         for vni in self.macs:
@@ -359,7 +361,6 @@ class Agent:
             ", ".join(f"{v} ({registry.count(v)} endpoints)" for v in self.macs),
         )
         self.supervisor.spawn(client.watch(), "registry watch")
-        self.supervisor.spawn(client.keepalive(), "registry keepalive")
         if cfg.bridge:
             self.containers = Containers(
                 client, registry, cfg.host_id, list(self.macs), self.mtu, Path(cfg.state_dir), self.core.local_forget

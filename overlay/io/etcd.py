@@ -60,8 +60,10 @@ GRPC_OPTIONS = {
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
 REQUEST_TIMEOUT = 5
-PAGE = 1000  # keys per range read of a snapshot
+PAGE = 10_000  # keys per range read of a snapshot: etcd counts the whole rest of the range for every page
+FEED = 1000  # keys of a page applied at once, before the event loop lets the data path run
 SLICE = 0.010  # s of registry work at most before the event loop lets the data path run
+FREEZE_EVERY = 5000  # watch events: what they built is frozen out of the cyclic GC (see snapshot)
 Range = tuple[bytes, bytes]  # [start, end) of etcd keys
 
 
@@ -192,6 +194,7 @@ class EtcdClient:
     _history: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=4096))
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _sequence: int = 0
+    _unfrozen: int = 0  # watch events since the last gc.freeze()
 
     def __post_init__(self) -> None:
         self.registry.scope = self.scope
@@ -471,9 +474,10 @@ class EtcdClient:
             async for header_revision, kvs in self._pages(client, start, end, revision):
                 revision = revision or header_revision
                 keys += len(kvs)
-                self._hand_over(resync.feed(kvs))
-                gc.freeze()  # long-lived from here on (see below); O(1)
-                await asyncio.sleep(0)
+                for i in range(0, len(kvs), FEED):  # applied in slices: the data path runs in between
+                    self._hand_over(resync.feed(kvs[i : i + FEED]))
+                    gc.freeze()  # long-lived from here on (see below); O(1)
+                    await asyncio.sleep(0)
         self._hand_over(resync.finish(revision))
         for r in ranges:
             self._watched_from[r] = revision
@@ -617,6 +621,10 @@ class EtcdClient:
             events = self.registry.delete(key, revision)
         self._hand_over(events)
         self._applied(revision, arrived)
+        self._unfrozen += 1
+        if self._unfrozen >= FREEZE_EVERY:  # a bulk import grows the registry by watch too (see snapshot)
+            gc.freeze()
+            self._unfrozen = 0
 
     def _applied(self, revision: int, arrived: float, observe: bool = True) -> None:
         if observe:

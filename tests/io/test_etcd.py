@@ -119,6 +119,7 @@ def test_a_snapshot_is_read_in_pages_at_one_revision_and_refuses_values_too_larg
     etcd: etcdlab.EtcdServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(etcd_module, "PAGE", 7)  # many pages from a few keys
+    monkeypatch.setattr(etcd_module, "FEED", 3)  # and each fed in slices
 
     async def main() -> None:
         writer = await open_client(etcd.endpoint, "/overlay/v1")
