@@ -52,7 +52,6 @@ import asyncio
 import ctypes
 import gc
 import json
-import math
 import os
 import random
 import re
@@ -70,7 +69,7 @@ from typing import Any, Iterator
 
 import msgspec
 
-from bench import results_dir
+from bench import pct, progress, results_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 VNI = 42
@@ -113,18 +112,6 @@ T_CORE_PCT = 5.0
 T_RSS_MB = 300.0
 T_BYTES_PER_MAC = 200.0
 T_FLAT = 1.20
-
-
-def progress(text: str) -> None:
-    print(f"... {text}", flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100); nan for no values."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
 def f(x: float | None, digits: int = 1) -> str:

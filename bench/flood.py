@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 
 import uvloop
 
-from bench import results_dir
+from bench import pct, progress, results_dir
 from overlay.core.fdb import ForwardingTable
 from overlay.core.registry import Registry, Schema, Scope
 from overlay.core.topology import Topology
@@ -65,17 +64,6 @@ async def main(endpoint, keys, hosts):
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 """
-
-
-def progress(text: str) -> None:
-    print(f"... {text}", flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
 class Ticker:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import re
 import statistics
@@ -49,7 +48,7 @@ import aetcd
 import uvloop
 
 import overlay.io.etcd as etcdclient
-from bench import results_dir
+from bench import pct, progress, results_dir
 from overlay.core.addresses import parse_endpoint
 from overlay.core.registry import Endpoint, EndpointKey, Event, Host, Put, Registry, Schema
 from overlay.io.etcd import GRPC_OPTIONS, EtcdClient
@@ -74,18 +73,6 @@ METRICS = (
     "grpc_server_msg_received_total",
     "grpc_server_msg_sent_total",
 )
-
-
-def progress(text: str) -> None:
-    print(f"... {text}", flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100); nan for no values."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
 def mac(group: int, i: int) -> int:

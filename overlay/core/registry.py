@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import Any, Iterable, Union
 
 import msgspec
 
@@ -465,40 +465,29 @@ class Registry:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _items(self, scope: Scope) -> Iterable[tuple[Key, _Entry | _EndpointEntry]]:
-        if scope.hosts:
-            for h, e in self._hosts.items():
-                yield HostKey(h), e
-        vnis = sorted(set(self._networks) | set(self._nets)) if scope.vnis is None else sorted(scope.vnis)
-        for v in vnis:
-            if (network := self._networks.get(v)) is not None:
-                yield NetworkKey(v), network
-            net = self._nets.get(v)
-            if net is None:
-                continue
-            for h, e in net.members.items():
-                yield MemberKey(v, h), e
-            for mac, ep in net.endpoints.items():
-                yield EndpointKey(v, mac), ep
-            for a, e in net.allocations.items():
-                yield AddressKey(v, a), e
+    def _items(self, scope: Scope, below: int | None = None) -> Iterable[tuple[Key, _Entry | _EndpointEntry]]:
+        """The entries of ``scope`` with their keys; with ``below``, only those marked lower: what
+        neither the resync of mark ``below`` nor anything after it (a later resync, a watched put)
+        saw, as marks only grow. Keys are made only for what is yielded."""
 
-    def _unmarked(self, scope: Scope, mark: int) -> Iterable[tuple[Key, _Entry | _EndpointEntry]]:
-        """The entries of ``scope`` that neither the resync of ``mark`` nor anything after it (a
-        later resync, a watched put) saw: marks only grow. Keys are made only for those."""
+        def kept(entries: dict[Any, Any]) -> Iterable[tuple[Any, Any]]:
+            if below is None:
+                return entries.items()
+            return ((name, e) for name, e in entries.items() if e.mark < below)
+
         if scope.hosts:
-            yield from ((HostKey(h), e) for h, e in self._hosts.items() if e.mark < mark)
+            yield from ((HostKey(h), e) for h, e in kept(self._hosts))
         vnis = sorted(set(self._networks) | set(self._nets)) if scope.vnis is None else sorted(scope.vnis)
         for v in vnis:
             network = self._networks.get(v)
-            if network is not None and network.mark < mark:
+            if network is not None and (below is None or network.mark < below):
                 yield NetworkKey(v), network
             net = self._nets.get(v)
             if net is None:
                 continue
-            yield from ((MemberKey(v, h), e) for h, e in net.members.items() if e.mark < mark)
-            yield from ((EndpointKey(v, m), e) for m, e in net.endpoints.items() if e.mark < mark)
-            yield from ((AddressKey(v, a), e) for a, e in net.allocations.items() if e.mark < mark)
+            yield from ((MemberKey(v, h), e) for h, e in kept(net.members))
+            yield from ((EndpointKey(v, m), e) for m, e in kept(net.endpoints))
+            yield from ((AddressKey(v, a), e) for a, e in kept(net.allocations))
 
     def _entry(self, k: Key) -> _Entry | _EndpointEntry | None:
         if isinstance(k, EndpointKey):
@@ -653,7 +642,7 @@ class Resync:
 
     def finish(self, revision: int) -> list[Event]:
         r = self.registry
-        gone = list(r._unmarked(self.scope, self.mark))
+        gone = list(r._items(self.scope, below=self.mark))
         for k, _ in gone:
             r._remove(k)
         r.revision = max(r.revision, revision)

@@ -93,7 +93,7 @@ class Topology:
                 s.flood[host] = self._vteps[host]
         self.table.set_flood(vni, list(s.flood.values()))
         for mac, ep, _ in list(self.registry.endpoint_entries(vni)):
-            self._place(vni, s, mac, ep)
+            self._endpoint(vni, s, mac, None, ep)
 
     def unserve(self, vni: int) -> None:
         """Stop serving ``vni``: its entries, flood list and neighbours leave the table."""
@@ -155,7 +155,7 @@ class Topology:
                 for mac in macs:
                     ep = self.registry.endpoint(vni, mac)
                     if ep is not None:
-                        self._unplace(vni, s, mac, ep)
+                        self._endpoint(vni, s, mac, ep, None)
         if vtep is None:
             self._vteps.pop(host, None)
         else:
@@ -164,7 +164,7 @@ class Topology:
             for mac in self.registry.endpoints_of(host, vni):
                 ep = self.registry.endpoint(vni, mac)
                 if ep is not None:
-                    self._place(vni, s, mac, ep)
+                    self._endpoint(vni, s, mac, None, ep)
             if self.registry.is_member(vni, host) or host in s.flood:
                 if vtep is None:
                     s.flood.pop(host, None)
@@ -204,14 +204,6 @@ class Topology:
                 s.refused.discard(mac)
         for a in now:
             self._claim(vni, s, ipv4(a), mac, order)
-
-    def _place(self, vni: int, s: _Served, mac: int, ep: Endpoint) -> None:
-        """``ep`` is now the registry's endpoint at ``mac``: forward to its host, claim its addresses."""
-        self._endpoint(vni, s, mac, None, ep)
-
-    def _unplace(self, vni: int, s: _Served, mac: int, ep: Endpoint) -> None:
-        """``ep`` (placed, if its host is known) is no longer the endpoint at ``mac``."""
-        self._endpoint(vni, s, mac, ep, None)
 
     def _claim(self, vni: int, s: _Served, ip: IPv4, mac: int, order: tuple[int, int]) -> None:
         """``mac`` (written at ``order``) claims ``ip``; again, if it held it: a newer order."""

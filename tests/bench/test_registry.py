@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"\d+(?:\.\d+)?"
 
 
-@pytest.mark.etcd
-def test_quick_run_prints_latency_and_requests_per_second(tmp_path: Path) -> None:
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.registry ARGS`` from the repository, bounded, its output captured."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.registry", "--quick", "--out", str(tmp_path)],
+    return subprocess.run(
+        [sys.executable, "-m", "bench.registry", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -31,6 +31,11 @@ def test_quick_run_prints_latency_and_requests_per_second(tmp_path: Path) -> Non
         timeout=300,
         stdin=subprocess.DEVNULL,
     )
+
+
+@pytest.mark.etcd
+def test_quick_run_prints_latency_and_requests_per_second(tmp_path: Path) -> None:
+    result = run_bench("--quick", "--out", str(tmp_path))
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "... 10 watchers:" in out  # progress while running
@@ -75,17 +80,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.root
 @pytest.mark.etcd
 def test_fleet_quick_run_prints_every_table_and_target_and_leaves_nothing(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     before = _namespaces()
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.registry", "--fleet", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_bench("--fleet", "--quick", "--out", str(tmp_path))
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     lab = re.search(r"^\.\.\. lab (\S+): ", out, re.M)

@@ -6,7 +6,8 @@ and counted, and ``applied`` answers once a revision is in."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aetcd
@@ -54,6 +55,21 @@ async def wait_until(predicate: Any, what: str, timeout: float = 10) -> None:
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def watching(client: EtcdClient, writer: aetcd.Client) -> AsyncIterator[None]:
+    """``client`` watching (both ranges open) for the block; then everything stopped and cleared."""
+    task = asyncio.create_task(client.watch())
+    try:
+        await wait_until(lambda: len(client._watches) == 2, "both watches open")
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+        await clear(writer)
+        await writer.close()
+
+
 def follower(endpoint: str, vnis: set[int], seen: list[Event]) -> EtcdClient:
     return EtcdClient([endpoint], Registry(S), seen.extend, scope=Scope(hosts=True, vnis=frozenset(vnis)))
 
@@ -73,9 +89,7 @@ def test_an_agent_receives_no_event_of_a_network_it_does_not_serve_and_joining_r
         client = follower(etcd.endpoint, {42}, seen)
         await client.snapshot()
         assert client.registry.count(43) == 0 and client.registry.host("h2") == Host("198.18.0.2")
-        task = asyncio.create_task(client.watch())
-        try:
-            await wait_until(lambda: len(client._watches) == 2, "both watches open")
+        async with watching(client, writer):
             before = client.events
             for i in range(20):  # a busy network we do not serve
                 await put(writer, EndpointKey(43, MAC + 0x4320 + i), Endpoint("h2", [f"198.19.43.{i + 10}"]))
@@ -105,12 +119,6 @@ def test_an_agent_receives_no_event_of_a_network_it_does_not_serve_and_joining_r
             marker = await put(writer, EndpointKey(42, MAC | 0x4202), Endpoint("h2", ["198.19.42.2"]))
             await client.applied(marker, 10)
             assert client.events == before + 1 and client.registry.count(43) == 0
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await client.close()
-            await clear(writer)
-            await writer.close()
 
     run(main())
 
@@ -147,9 +155,7 @@ def test_applied_waits_for_a_revision_and_times_out_without_it(etcd: etcdlab.Etc
         await clear(writer)
         client = follower(etcd.endpoint, {42}, [])
         await client.snapshot()
-        task = asyncio.create_task(client.watch())
-        try:
-            await wait_until(lambda: len(client._watches) == 2, "both watches open")
+        async with watching(client, writer):
             future = client.applied(client.applied_revision + 1, 10)
             waiting = asyncio.ensure_future(future)
             await asyncio.sleep(0)
@@ -160,11 +166,5 @@ def test_applied_waits_for_a_revision_and_times_out_without_it(etcd: etcdlab.Etc
             assert client.lag.status().count == 1
             with pytest.raises(TimeoutError):
                 await client.applied(revision + 100, 0.2)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await client.close()
-            await clear(writer)
-            await writer.close()
 
     run(main())
