@@ -307,12 +307,15 @@ def cmd_attach(args: argparse.Namespace) -> int:
         ip=args.ip,
         mac=args.mac,
         gateway=args.gateway,
+        **({"ip6": args.ip6} if args.ip6 is not None else {}),
+        **({"gateway6": args.gateway6} if args.gateway6 is not None else {}),
     )
     if args.json:
         print(json.dumps(a, indent=2))
     else:
         print(
-            f"attached {args.target}: {a['ifname']} {a['mac']} {a['address']} on network {a['network']} "
+            f"attached {args.target}: {a['ifname']} {a['mac']} {a['address']}"
+            f"{' ' + a['address6'] if a.get('address6') else ''} on network {a['network']} "
             f"(VNI {a['vni']}), mtu {a['mtu']}{', gateway ' + a['gateway'] if a['gateway'] else ''}; "
             f"host end {a['host_ifname']}"
         )
@@ -352,7 +355,8 @@ def add_attach(sub: Any) -> None:
             "examples:\n"
             "  overlay attach web1 --net blue                      # a namespace from 'ip netns'\n"
             "  overlay attach 4242 --net 42 --ip 198.19.42.10/24   # a process's namespace\n"
-            "  overlay attach /var/run/netns/db --net red --gateway 198.19.43.1"
+            "  overlay attach /var/run/netns/db --net red --gateway 198.19.43.1\n"
+            "  overlay attach web2 --net blue --ip6 2001:2:0:42::10/64   # dual-stack: the network has subnet6"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -362,6 +366,13 @@ def add_attach(sub: Any) -> None:
     p.add_argument("--mac", help="the container's MAC (default: a random 02:xx:xx:xx:xx:xx)")
     p.add_argument("--ifname", default="eth0", help="the interface's name in the container (default eth0)")
     p.add_argument("--gateway", metavar="A.B.C.D", help="default route (default: the network's gateway, if set)")
+    p.add_argument(
+        "--ip6",
+        metavar="V6/LEN",
+        help="the container's IPv6 address (default: the lowest free one of the network's subnet6, "
+        "when it has one; 'none' for no IPv6 address)",
+    )
+    p.add_argument("--gateway6", metavar="V6", help="IPv6 default route (default: the network's gateway6, if set)")
     p.add_argument("--tap", help="which agent, when several run in this namespace")
     p.add_argument("--json", action="store_true", help="print the attachment as JSON")
     p.set_defaults(func=cmd_attach)
@@ -388,11 +399,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from overlay.lab import Lab, LabError
 
     try:
-        lab = Lab(args.name, args.hosts)
+        lab = Lab(args.name, args.hosts, ipv6=args.ipv6)
         if args.action == "up":
             lab.up()
             for h in range(1, args.hosts + 1):
-                print(f"{lab.ns(h)}  eth0 {lab.address(h)}/24    run: ip netns exec {lab.ns(h)} <command>")
+                where = " ".join(str(i) for i in lab.interfaces(h))
+                print(f"{lab.ns(h)}  eth0 {where}    run: ip netns exec {lab.ns(h)} <command>")
             print(f"{lab.switch}  bridge br0    remove with: overlay lab down --name {args.name}")
         else:
             lab.down()
@@ -415,6 +427,11 @@ def add_lab(sub: Any) -> None:
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
     p.add_argument("--name", default="ovl", help="lab name, the namespaces' prefix (default ovl)")
+    p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="an IPv6-only underlay: eth0 on 2001:2:0:1::N/64 instead of 198.18.0.N/24",
+    )
     p.set_defaults(func=cmd_lab)
 
 
@@ -424,7 +441,7 @@ def add_lab(sub: Any) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from overlay.lab import demo
 
-    return demo.main(hosts=args.hosts)
+    return demo.main(hosts=args.hosts, ipv6=args.ipv6)
 
 
 def add_demo(sub: Any) -> None:
@@ -437,6 +454,11 @@ def add_demo(sub: Any) -> None:
         "talks, cross network does not), the registry and status, then cleanup.",
     )
     p.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
+    p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="the whole demo on an IPv6-only underlay (2001:2:0:1::/64), containers dual-stack",
+    )
     p.set_defaults(func=cmd_demo)
 
 

@@ -7,6 +7,7 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address  # either family, as ipaddress.ip_address returns
 DEFAULT_ADDRESS = ("127.0.0.1", 9465)  # where the metrics are served unless told otherwise
 
 

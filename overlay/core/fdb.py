@@ -27,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Protocol, Sequence, Union
 
+from overlay.core.addresses import IPAddress, format_address
 from overlay.core.wire import DEFAULT_PORT, check_vni, is_multicast_mac
 
 DEFAULT_AGEING = 300.0
@@ -34,17 +35,17 @@ DEFAULT_MAX_PER_VNI = 65536
 
 
 class Vtep(NamedTuple):
-    """A VXLAN tunnel endpoint: an underlay IPv4 address and UDP port."""
+    """A VXLAN tunnel endpoint: an underlay address (IPv4 or IPv6) and UDP port."""
 
-    ip: ipaddress.IPv4Address
+    ip: IPAddress
     port: int = DEFAULT_PORT
 
     @classmethod
     def parse(cls, ip: str, port: int = DEFAULT_PORT) -> Vtep:
-        return cls(ipaddress.IPv4Address(ip), port)
+        return cls(ipaddress.ip_address(ip), port)
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return format_address(str(self.ip), self.port)
 
 
 class Source(enum.IntEnum):
@@ -75,8 +76,8 @@ class TableSink(Protocol):
     def flood_set(self, vni: int, vteps: Sequence[Vtep]) -> None: ...
     def vni_add(self, vni: int) -> None: ...
     def vni_remove(self, vni: int) -> None: ...
-    def neigh_set(self, vni: int, ip: ipaddress.IPv4Address, mac: int) -> None: ...
-    def neigh_delete(self, vni: int, ip: ipaddress.IPv4Address) -> None: ...
+    def neigh_set(self, vni: int, ip: IPAddress, mac: int) -> None: ...
+    def neigh_delete(self, vni: int, ip: IPAddress) -> None: ...
 
 
 class NullSink:
@@ -87,8 +88,8 @@ class NullSink:
     def flood_set(self, vni: int, vteps: Sequence[Vtep]) -> None: ...
     def vni_add(self, vni: int) -> None: ...
     def vni_remove(self, vni: int) -> None: ...
-    def neigh_set(self, vni: int, ip: ipaddress.IPv4Address, mac: int) -> None: ...
-    def neigh_delete(self, vni: int, ip: ipaddress.IPv4Address) -> None: ...
+    def neigh_set(self, vni: int, ip: IPAddress, mac: int) -> None: ...
+    def neigh_delete(self, vni: int, ip: IPAddress) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,7 @@ class _Network:
     slots: dict[int, Claims] = field(default_factory=dict)  # mac -> its claims (at most one learned, alone)
     learned: OrderedDict[int, float] = field(default_factory=OrderedDict)  # mac -> seen, oldest first
     flood: tuple[Vtep, ...] = ()
-    neighbours: dict[ipaddress.IPv4Address, int] = field(default_factory=dict)  # ARP suppression
+    neighbours: dict[IPAddress, int] = field(default_factory=dict)  # ARP and NS suppression
 
 
 @dataclass
@@ -197,7 +198,7 @@ class ForwardingTable:
     def flood(self, vni: int) -> tuple[Vtep, ...]:
         return self._net(vni).flood
 
-    def set_neighbours(self, vni: int, neighbours: dict[ipaddress.IPv4Address, int]) -> None:
+    def set_neighbours(self, vni: int, neighbours: dict[IPAddress, int]) -> None:
         """Replace the IPv4 -> MAC map whose ARP requests the agent answers itself on ``vni``."""
         net = self._net(vni)
         for ip in [ip for ip in net.neighbours if ip not in neighbours]:
@@ -208,21 +209,21 @@ class ForwardingTable:
                 net.neighbours[ip] = mac
                 self.sink.neigh_set(vni, ip, mac)
 
-    def neighbours(self, vni: int) -> dict[ipaddress.IPv4Address, int]:
+    def neighbours(self, vni: int) -> dict[IPAddress, int]:
         return dict(self._net(vni).neighbours)
 
-    def neighbour(self, vni: int, ip: ipaddress.IPv4Address) -> int | None:
+    def neighbour(self, vni: int, ip: IPAddress) -> int | None:
         """The MAC whose ARP requests for ``ip`` the agent answers on ``vni``, if any."""
         return self._net(vni).neighbours.get(ip)
 
-    def set_neighbour(self, vni: int, ip: ipaddress.IPv4Address, mac: int) -> None:
+    def set_neighbour(self, vni: int, ip: IPAddress, mac: int) -> None:
         """Answer ARP requests for ``ip`` on ``vni`` with ``mac`` (one entry of the map)."""
         net = self._net(vni)
         if net.neighbours.get(ip) != mac:
             net.neighbours[ip] = mac
             self.sink.neigh_set(vni, ip, mac)
 
-    def remove_neighbour(self, vni: int, ip: ipaddress.IPv4Address) -> None:
+    def remove_neighbour(self, vni: int, ip: IPAddress) -> None:
         net = self._net(vni)
         if net.neighbours.pop(ip, None) is not None:
             self.sink.neigh_delete(vni, ip)

@@ -5,13 +5,15 @@ are msgspec Structs untracked by the cyclic garbage collector (``gc=False``: the
 cycles), so a registry of 300k keys does not make every collection walk it.
 
     <prefix>/networks/<vni>                      {"name": str, "vni": int, "subnet": "A.B.C.D/len", "mtu": int,
-                                                  "gateway": "A.B.C.D"}                          (gateway optional)
-    <prefix>/hosts/<host-id>                     {"address": "A.B.C.D", "port": int,
-                                                  "probe_port": int}                             (host's lease)
+                                                  "gateway": "A.B.C.D", "subnet6": "V6/len",
+                                                  "gateway6": "V6"}                  (gateway, subnet6, gateway6 optional)
+    <prefix>/hosts/<host-id>                     {"address": "A.B.C.D" or "V6", "port": int,
+                                                  "probe_port": int, "address6": "V6"} (host's lease; address6:
+                                                                                        a dual-stack host)
     <prefix>/networks/<vni>/members/<host-id>    {}                                             (host's lease)
     <prefix>/networks/<vni>/endpoints/<mac>      {"host": str, "ipv4": [str], "ipv6": [str]}   (owner's lease,
                                                                                                   or none if written by an operator)
-    <prefix>/networks/<vni>/ipam/<A.B.C.D>       {"host": str, "mac": str, "owner": str}        (IPAM: an address taken,
+    <prefix>/networks/<vni>/ipam/<address>       {"host": str, "mac": str, "owner": str}        (IPAM: an address taken,
                                                                                                   under the holder's lease)
 
 ``Registry`` holds what etcd holds, keyed and typed, and turns what the client reads (a
@@ -47,12 +49,20 @@ class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False
     subnet: str | None = None
     mtu: int | None = None
     gateway: str | None = None  # containers' default route when attached without --gateway
+    subnet6: str | None = None  # dual-stack: the IPv6 subnet (a /64 to /120) addresses come from too
+    gateway6: str | None = None  # containers' IPv6 default route
 
 
 class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
     address: str
     port: int = 4789
     probe_port: int | None = None  # UDP port answering peer probes (overlay/io/prober.py); None: not probed
+    address6: str | None = None  # a dual-stack host's IPv6 underlay address (``address`` is then IPv4)
+
+    def addresses(self) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+        """(IPv4, IPv6) underlay addresses of this host; either may be None (checked values
+        have at least one)."""
+        return underlay_addresses(self.address, self.address6)
 
 
 class Member(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
@@ -102,7 +112,7 @@ class EndpointKey:
 @dataclass(frozen=True)
 class AddressKey:
     vni: int
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 Key = Union[NetworkKey, HostKey, MemberKey, EndpointKey, AddressKey]
@@ -155,7 +165,12 @@ class Schema:
             try:
                 return AddressKey(vni, ipv4(name))  # canonical only: ipv4 takes no other form
             except ValueError:
+                pass
+            try:
+                a6 = ipaddress.IPv6Address(name)
+            except ValueError:
                 return None
+            return AddressKey(vni, a6) if str(a6) == name else None  # canonical (RFC 5952) only
         return None
 
     def decode(self, k: Key, raw: bytes) -> Value:
@@ -196,9 +211,16 @@ def check(k: Key, value: Value) -> None:
                 subnet = ipaddress.IPv4Network(value.subnet)
                 if gateway not in subnet or gateway in (subnet.network_address, subnet.broadcast_address):
                     raise ValueError(f"gateway {gateway} is not a host address of subnet {subnet}")
+        if value.subnet6 is not None:
+            check_subnet6(value.subnet6)
+        if value.gateway6 is not None:
+            gateway6 = ipaddress.IPv6Address(value.gateway6)
+            if value.subnet6 is not None:
+                subnet6 = ipaddress.IPv6Network(value.subnet6)
+                if gateway6 not in subnet6 or gateway6 == subnet6.network_address:
+                    raise ValueError(f"gateway6 {gateway6} is not a host address of subnet6 {subnet6}")
     elif isinstance(value, Host):
-        if not is_ipv4(value.address):
-            raise ValueError(f"address {value.address!r} is not an IPv4 address")
+        underlay_addresses(value.address, value.address6)
         for port in (value.port, value.probe_port):
             if port is not None and not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is not 1 to 65535")
@@ -213,6 +235,48 @@ def check(k: Key, value: Value) -> None:
                 raise ValueError(f"ipv4 {a!r} is not an IPv4 address")
         for a in value.ipv6:
             ipaddress.IPv6Address(a)
+
+
+SUBNET6_PREFIXES = (64, 120)  # a network's subnet6: a /64 (SLAAC-sized) down to a /120
+
+
+def check_subnet6(text: str) -> ipaddress.IPv6Network:
+    """A network's ``subnet6``: an IPv6 network of /64 to /120; ValueError saying the form."""
+    try:
+        net = ipaddress.IPv6Network(text)
+    except ValueError:
+        raise ValueError(f"subnet6 {text!r} is not an IPv6 network like 2001:2:0:42::/64") from None
+    lo, hi = SUBNET6_PREFIXES
+    if not lo <= net.prefixlen <= hi:
+        raise ValueError(f"subnet6 {text!r} is a /{net.prefixlen}: use a /{lo} to /{hi}, like 2001:2:0:42::/64")
+    return net
+
+
+def underlay_addresses(
+    address: str, address6: str | None
+) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+    """A host value's (IPv4, IPv6) underlay addresses: ``address`` of either family, ``address6``
+    IPv6 beside an IPv4 ``address``; ValueError saying what is wrong."""
+    if is_ipv4(address):
+        v4: ipaddress.IPv4Address | None = ipv4(address)
+        v6 = None
+    else:
+        try:
+            v6 = ipaddress.IPv6Address(address)
+        except ValueError:
+            raise ValueError(f"address {address!r} is not an IPv4 or IPv6 address") from None
+        v4 = None
+    if address6 is not None:
+        if v6 is not None:
+            raise ValueError(f"address6 {address6!r} beside an IPv6 address {address!r}: address6 is for an IPv4 host")
+        try:
+            v6 = ipaddress.IPv6Address(address6)
+        except ValueError:
+            raise ValueError(f"address6 {address6!r} is not an IPv6 address") from None
+    for a in (v4, v6):
+        if a is not None and (a.is_unspecified or a.is_multicast):
+            raise ValueError(f"underlay address {a} is not a unicast address")
+    return v4, v6
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -300,7 +364,7 @@ class _Net:
     def __init__(self) -> None:
         self.members: dict[str, _Entry] = {}
         self.endpoints: dict[int, _EndpointEntry] = {}
-        self.allocations: dict[ipaddress.IPv4Address, _Entry] = {}
+        self.allocations: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, _Entry] = {}
 
     def __bool__(self) -> bool:
         return bool(self.members or self.endpoints or self.allocations)
@@ -439,7 +503,7 @@ class Registry:
             for mac, e in net.endpoints.items()
         }
 
-    def allocations(self, vni: int) -> dict[ipaddress.IPv4Address, Allocation]:
+    def allocations(self, vni: int) -> dict[ipaddress.IPv4Address | ipaddress.IPv6Address, Allocation]:
         """The addresses taken from ``vni``'s subnet (IPAM keys)."""
         net = self._nets.get(vni)
         return {a: e.value for a, e in net.allocations.items()} if net is not None else {}  # type: ignore[misc]

@@ -33,8 +33,8 @@ class CoreSink:
     def vni_remove(self, vni: int) -> None:
         self.core.vni_remove(vni)
 
-    def neigh_set(self, vni: int, ip: ipaddress.IPv4Address, mac: int) -> None:
+    def neigh_set(self, vni: int, ip: IPAddress, mac: int) -> None:
         self.core.neigh_set(vni, int(ip), mac)
 
-    def neigh_delete(self, vni: int, ip: ipaddress.IPv4Address) -> None:
+    def neigh_delete(self, vni: int, ip: IPAddress) -> None:
         self.core.neigh_delete(vni, int(ip))

@@ -83,7 +83,7 @@ def test_address_keys_round_trip(vni: int, address: int) -> None:
         P + "/networks/42/ipam/198.19.0.5 ",
         P + "/networks/42/ipam/198.19.0.5/32",
         P + "/networks/42/ipam/198.19.0.256",
-        P + "/networks/42/ipam/::1",
+        P + "/networks/42/ipam/2001:2:0:42:0:0:0:1",
         P + "/networks/42/ipam/",
         P + "/networks/042/ipam/198.19.0.5",
         P + "/networks/42/ipam",
