@@ -33,6 +33,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memset, memcmp
 
+import time
+
 cdef extern from "<stdlib.h>":
     void* aligned_alloc(size_t alignment, size_t size) nogil
 
@@ -67,6 +69,7 @@ DROP_REASONS = {
     "TAP_WRITE": DROP_TAP_WRITE,
     "OVERSIZE": DROP_OVERSIZE,
     "BAD_OFFLOAD": DROP_BAD_OFFLOAD,
+    "ROUTER_ADVERT": DROP_ROUTER_ADVERT,
 }
 VNET_HDR_BYTES = VNET_HLEN
 
@@ -104,21 +107,18 @@ def flow_source_port(const uint8_t[:] frame):
 
 
 def pump_tx(ForwardingCore core, FrameBatch reads, FrameBatch frames, uint32_t vni, int tap_fd,
-            send_fds, Py_ssize_t budget=256):
+            send_fds, Py_ssize_t budget=256, send_fds6=()):
     """TAP -> offloads -> encap -> sendmmsg, until the TAP is drained or ``budget`` frames were
     read; return the number of TAP reads. ``reads`` holds what the TAP gives (virtio-net header
     + frame, up to 64 KiB), ``frames`` the ordinary frames made from it; ``send_fds`` are the
-    UDP sockets to send from (1 to 64; a flow always uses the same one). Drops are counted in
-    ``core``; a TAP error leaves its errno in ``reads.io_error``."""
-    cdef int fds[64]
-    cdef int n_fds = len(send_fds)
+    UDP sockets (IPv4) to send from to IPv4 VTEPs and ``send_fds6`` (IPv6) to IPv6 VTEPs (0 to
+    64 each; a flow always uses the same one). Drops are counted in ``core``; a TAP error
+    leaves its errno in ``reads.io_error``."""
+    cdef Senders fds
     cdef Py_ssize_t n
-    if not 1 <= n_fds <= 64:
-        raise ValueError("send_fds: 1 to 64 sockets")
-    for n in range(n_fds):
-        fds[n] = send_fds[n]
+    senders_from(send_fds, send_fds6, &fds)
     with nogil:
-        n = pump_tap_to_udp(core, reads, frames, vni, tap_fd, fds, n_fds, budget)
+        n = pump_tap_to_udp(core, reads, frames, vni, tap_fd, &fds, budget)
     return n
 
 

@@ -28,7 +28,7 @@ cdef class FrameBatch:
     cdef uint32_t* dgram_len    # received datagram length (decap input, as recvmmsg's msg_len)
     cdef uint8_t* status        # per slot after a stage: 0 or an overlay.core.wire.Drop value
     cdef uint32_t* vni          # per slot after decap
-    cdef uint32_t* src_ip       # per slot before decap: outer source IPv4 (host order)
+    cdef Addr* src_ip           # per slot before decap: outer source address (either family)
     cdef uint8_t* truncated     # per slot before decap: larger than the slot (MSG_TRUNC)
     cdef uint32_t* gso          # per slot after recvmmsg: UDP_GRO datagram size, 0 if one datagram
     cdef uint32_t* msg_vtep     # per send message: its VTEP id
@@ -58,7 +58,7 @@ cdef class FrameBatch:
         self.dgram_len = <uint32_t*>calloc(slots, sizeof(uint32_t))
         self.status = <uint8_t*>calloc(slots, sizeof(uint8_t))
         self.vni = <uint32_t*>calloc(slots, sizeof(uint32_t))
-        self.src_ip = <uint32_t*>calloc(slots, sizeof(uint32_t))
+        self.src_ip = <Addr*>calloc(slots, sizeof(Addr))
         self.truncated = <uint8_t*>calloc(slots, sizeof(uint8_t))
         self.gso = <uint32_t*>calloc(slots, sizeof(uint32_t))
         self.msg_vtep = <uint32_t*>calloc(self.out_capacity, sizeof(uint32_t))
@@ -109,9 +109,15 @@ cdef class FrameBatch:
             memcpy(self.frame_ptr(i), &frame[0], frame.shape[0])
         self.length[i] = frame.shape[0]
 
-    def put_datagram(self, Py_ssize_t i, const uint8_t[:] datagram, uint32_t src_ip=0):
-        """Place a received UDP payload in slot i (as recvmmsg would), from ``src_ip``."""
+    def put_datagram(self, Py_ssize_t i, const uint8_t[:] datagram, src_ip=0):
+        """Place a received UDP payload in slot i (as recvmmsg would), from ``src_ip`` (an
+        address int: IPv4, or 1 << 128 | IPv6)."""
+        cdef Addr a
         self.check_slot(i)
+        if src_ip:
+            addr_from_py(src_ip, &a)
+        else:
+            addr_v4(&a, 0)
         if datagram.shape[0] > self.max_frame + VXLAN_HLEN:
             raise ValueError(f"datagram of {datagram.shape[0]} bytes exceeds the slot")
         if datagram.shape[0]:
@@ -119,7 +125,7 @@ cdef class FrameBatch:
         self.dgram_len[i] = datagram.shape[0]
         self.truncated[i] = 0
         self.length[i] = 0
-        self.src_ip[i] = src_ip
+        self.src_ip[i] = a
 
     def set_macs(self, const uint8_t[:] macs, Py_ssize_t where=0):
         """Overwrite 6 bytes at ``where`` (0: destination MAC, 6: source MAC) of each frame
@@ -249,7 +255,7 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
             elif not core.allow_vlan and is_vlan_ethertype(be16(f + 12)):
                 st = DROP_INNER_VLAN
             else:
-                peer = core.member(b.src_ip[i], vni)
+                peer = core.member(&b.src_ip[i], vni)
                 if peer == NULL and core.source_check:
                     st = DROP_NOT_MEMBER
         b.status[i] = st
@@ -269,5 +275,5 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
         if i + PREFETCH_AHEAD < n and b.status[i + PREFETCH_AHEAD] == OK:
             hm_prefetch(&core.fdb, b.scratch[i + PREFETCH_AHEAD])
         if b.status[i] == OK:
-            core.note_source(b.vni[i], b.frame_ptr(i), b.src_ip[i], b.scratch[i])
+            core.note_source(b.vni[i], b.frame_ptr(i), &b.src_ip[i], b.scratch[i])
     return passed

@@ -28,7 +28,8 @@ cdef enum:
     DROP_TAP_WRITE = 11
     DROP_OVERSIZE = 12
     DROP_BAD_OFFLOAD = 13
-    N_DROP_REASONS = 14
+    DROP_ROUTER_ADVERT = 14
+    N_DROP_REASONS = 15
 
 
 cdef inline uint32_t be16(const uint8_t* p) noexcept nogil:

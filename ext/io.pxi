@@ -36,8 +36,32 @@ cdef enum:
     MAX_GSO_BYTES = 60000       # and a message stays below 64 KiB of UDP payload
 
 
-cdef inline int sender_of(uint16_t sport, const int* fds, int n_fds) noexcept nogil:
-    return fds[sport % n_fds]
+cdef struct Senders:
+    int fds4[64]         # sockets bound to the IPv4 local address: datagrams to IPv4 VTEPs
+    int n4
+    int fds6[64]         # bound to the IPv6 local address: to IPv6 VTEPs
+    int n6
+
+
+cdef inline int sender_of(uint16_t sport, const CVtep* v, const Senders* fds) noexcept nogil:
+    """The socket a flow to ``v`` is sent from: the VTEP's family, the flow hash's pick of the
+    pool; -1 when this host has no socket of that family."""
+    if addr_is4(&v.ip):
+        return fds.fds4[sport % fds.n4] if fds.n4 else -1
+    return fds.fds6[sport % fds.n6] if fds.n6 else -1
+
+
+cdef int senders_from(object send_fds, object send_fds6, Senders* out) except -1:
+    cdef int k
+    out.n4 = len(send_fds)
+    out.n6 = len(send_fds6)
+    if out.n4 > 64 or out.n6 > 64 or out.n4 + out.n6 == 0:
+        raise ValueError("send_fds, send_fds6: 0 to 64 sockets each, at least one in all")
+    for k in range(out.n4):
+        out.fds4[k] = send_fds[k]
+    for k in range(out.n6):
+        out.fds6[k] = send_fds6[k]
+    return 0
 
 
 cdef void flush_messages(ForwardingCore core, FrameBatch b, Py_ssize_t first, Py_ssize_t n_msgs,
@@ -48,6 +72,10 @@ cdef void flush_messages(ForwardingCore core, FrameBatch b, Py_ssize_t first, Py
     cdef int sent
     cdef uint32_t segs
     cdef CVtep* v
+    if fd < 0:                  # no socket of the VTEP's family (the control plane never
+        for j in range(first, end):   # places such a VTEP; counted if it happens)
+            core.drop_counts[DROP_TX_ERROR] += io.msgs[j].msg_hdr.msg_iovlen
+        return
     while k < end:
         sent = sendmmsg(fd, &io.msgs[k], end - k, 0)
         if sent < 0:
@@ -68,18 +96,19 @@ cdef void flush_messages(ForwardingCore core, FrameBatch b, Py_ssize_t first, Py
         k += sent
 
 
-cdef void send_outputs(ForwardingCore core, FrameBatch b, const int* fds, int n_fds) noexcept nogil:
+cdef void send_outputs(ForwardingCore core, FrameBatch b, const Senders* fds) noexcept nogil:
     """Send every output of the last encap: consecutive outputs to one VTEP from one socket
     with one datagram size (the last may be shorter) become one UDP_SEGMENT message."""
     cdef IoArrays* io = &b.tx
     cdef Py_ssize_t j = 0, m = 0, first = 0, iov = 0
     cdef uint32_t size, dlen, count, total
-    cdef int fd, fd_prev = -1
+    cdef int fd, fd_prev = -2
     cdef CVtep* v
     cdef cmsghdr* c
+    cdef sockaddr_in* sin
     while j < b.n_out:
         v = &core.vteps[b.out_vtep[j]]
-        fd = sender_of(b.out_sport[j], fds, n_fds)
+        fd = sender_of(b.out_sport[j], v, fds)
         if fd != fd_prev and m > first:
             flush_messages(core, b, first, m - first, fd_prev)
             first = m
@@ -100,15 +129,23 @@ cdef void send_outputs(ForwardingCore core, FrameBatch b, const int* fds, int n_
             j += 1
             if dlen < size or j == b.n_out or count == MAX_GSO_SEGMENTS \
                     or b.out_vtep[j] != b.out_vtep[j - 1] \
-                    or sender_of(b.out_sport[j], fds, n_fds) != fd \
+                    or sender_of(b.out_sport[j], &core.vteps[b.out_vtep[j]], fds) != fd \
                     or VXLAN_HLEN + b.length[b.out_slot[j]] > size \
                     or total + size > MAX_GSO_BYTES:
                 break
-        io.addrs[m].sin_family = AF_INET
-        io.addrs[m].sin_port = htons(v.port)
-        io.addrs[m].sin_addr.s_addr = htonl(v.ip)
+        if addr_is4(&v.ip):
+            sin = <sockaddr_in*>&io.addrs[m]
+            sin.sin_family = AF_INET
+            sin.sin_port = htons(v.port)
+            sin.sin_addr.s_addr = htonl(<uint32_t>(v.ip.lo & 0xFFFFFFFFu))
+            io.msgs[m].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        else:
+            memset(&io.addrs[m], 0, sizeof(sockaddr_in6))
+            io.addrs[m].sin6_family = AF_INET6
+            io.addrs[m].sin6_port = htons(v.port)
+            addr_store6(&v.ip, io.addrs[m].sin6_addr.s6_addr)
+            io.msgs[m].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
         io.msgs[m].msg_hdr.msg_name = &io.addrs[m]
-        io.msgs[m].msg_hdr.msg_namelen = sizeof(sockaddr_in)
         io.msgs[m].msg_hdr.msg_iovlen = count
         io.msgs[m].msg_hdr.msg_flags = 0
         if count > 1:
@@ -138,11 +175,13 @@ cdef bint answer_arp(ForwardingCore core, FrameBatch b, Py_ssize_t i, uint32_t v
     cdef uint8_t requester[6]
     cdef uint8_t spa[4]
     cdef Py_ssize_t k
+    cdef Addr target
     if b.length[i] < ETH_HLEN + 28 or be16(f + 12) != 0x0806:
         return False
     if be16(a) != 1 or be16(a + 2) != 0x0800 or a[4] != 6 or a[5] != 4 or be16(a + 6) != 1:
         return False                                    # Ethernet/IPv4 requests only
-    if memcmp(a + 14, a + 24, 4) == 0 or not core.neigh_lookup(vni, be32(a + 24), &mac):
+    addr_v4(&target, be32(a + 24))
+    if memcmp(a + 14, a + 24, 4) == 0 or not core.neigh_lookup(vni, &target, &mac):
         return False
     memcpy(requester, a + 8, 6)
     memcpy(spa, a + 14, 4)
@@ -162,16 +201,103 @@ cdef bint answer_arp(ForwardingCore core, FrameBatch b, Py_ssize_t i, uint32_t v
     return True
 
 
+cdef enum:
+    ICMP6 = 58
+    ND_ROUTER_ADVERT = 134
+    ND_NEIGHBOR_SOLICIT = 135
+    ND_NEIGHBOR_ADVERT = 136
+    IP6_HLEN = 40
+    NA_LEN = ETH_HLEN + IP6_HLEN + 32   # Ethernet, IPv6, NA (24 bytes) + target link-layer option
+
+
+cdef inline int icmp6_type(const uint8_t* f, Py_ssize_t n) noexcept nogil:
+    """The ICMPv6 type of an untagged Ethernet/IPv6/ICMPv6 frame (no extension headers), or -1."""
+    if n < ETH_HLEN + IP6_HLEN + 4 or be16(f + 12) != 0x86DD or (f[14] >> 4) != 6 or f[20] != ICMP6:
+        return -1
+    return f[ETH_HLEN + IP6_HLEN]
+
+
+cdef bint answer_ns(ForwardingCore core, FrameBatch b, Py_ssize_t i, uint32_t vni, int tap_fd) noexcept nogil:
+    """NS suppression, as answer_arp for IPv6 (overlay/core/wire.py neighbor_advert is the
+    reference): a neighbour solicitation for an address the registry maps to a MAC on ``vni``
+    becomes, in place, the solicited neighbour advertisement (S and O set, the target's link-
+    layer address option) written back to the TAP. A DAD probe (source ::) is left alone."""
+    cdef uint8_t* f = b.frame_ptr(i)
+    cdef uint8_t* ip = f + ETH_HLEN
+    cdef uint8_t* icmp = ip + IP6_HLEN
+    cdef uint8_t requester[6]
+    cdef uint8_t asker[16]
+    cdef Addr target
+    cdef uint64_t mac, acc
+    cdef Py_ssize_t k
+    cdef uint16_t sum16
+    if b.length[i] < ETH_HLEN + IP6_HLEN + 24 or ip[7] != 255 or icmp[1] != 0 or b.max_frame_c < NA_LEN:
+        return False
+    if be16(ip + 4) < 24 or icmp[8] == 0xFF:
+        return False                                    # too short, or a multicast target
+    for k in range(16):
+        if ip[8 + k]:
+            break
+    else:
+        return False                                    # DAD: source ::
+    addr_load6(&target, icmp + 8)
+    if not core.neigh_lookup(vni, &target, &mac):
+        return False
+    memcpy(requester, f + 6, 6)
+    memcpy(asker, ip + 8, 16)
+    memcpy(f, requester, 6)                             # Ethernet: to the requester ...
+    for k in range(6):
+        f[6 + k] = (mac >> (40 - 8 * k)) & 0xFF         # ... from the MAC asked for
+    ip[0] = 0x60; ip[1] = 0; ip[2] = 0; ip[3] = 0       # version 6, no class or flow label
+    put16(ip + 4, 32)                                   # payload: NA + one option
+    ip[6] = ICMP6
+    ip[7] = 255
+    memcpy(ip + 24, asker, 16)                          # to the asker ...
+    memcpy(ip + 8, icmp + 8, 16)                        # ... from the target address
+    icmp[0] = ND_NEIGHBOR_ADVERT
+    icmp[1] = 0
+    icmp[2] = 0; icmp[3] = 0
+    icmp[4] = 0x60; icmp[5] = 0; icmp[6] = 0; icmp[7] = 0   # flags: solicited, override
+    icmp[24] = 2                                        # option: target link-layer address
+    icmp[25] = 1
+    memcpy(icmp + 26, f + 6, 6)
+    acc = ones_add(ip + 8, 32, 0) + 32 + ICMP6          # pseudo-header: addresses, length, next header
+    sum16 = ~fold(ones_add(icmp, 32, acc)) & 0xFFFF
+    put16(icmp + 2, sum16)
+    memset(f - VNET_HLEN, 0, VNET_HLEN)
+    if c_write(tap_fd, f - VNET_HLEN, NA_LEN + VNET_HLEN) < 0:
+        core.drop_counts[DROP_TAP_WRITE] += 1
+    else:
+        core.nd_suppressed += 1
+    return True
+
+
+cdef inline bint answered_here(ForwardingCore core, FrameBatch b, Py_ssize_t i, uint32_t vni,
+                               int tap_fd) noexcept nogil:
+    """Whether frame i of the TAP stays on this host: an ARP request or neighbour
+    solicitation answered from the registry, or a router advertisement (dropped, counted:
+    a container's RA must not reach other hosts' containers)."""
+    cdef int t = icmp6_type(b.frame_ptr(i), b.length[i])
+    if t == ND_ROUTER_ADVERT:
+        core.drop_counts[DROP_ROUTER_ADVERT] += 1
+        return True
+    if not core.n_neigh_macs:
+        return False
+    if t == ND_NEIGHBOR_SOLICIT:
+        return answer_ns(core, b, i, vni, tap_fd)
+    return answer_arp(core, b, i, vni, tap_fd)
+
+
 cdef void encap_and_send(ForwardingCore core, FrameBatch b, uint32_t vni, Py_ssize_t n,
-                         const int* fds, int n_fds) noexcept nogil:
+                         const Senders* fds) noexcept nogil:
     cdef Py_ssize_t start = 0
     while start < n:
         start = encap_batch(core, b, vni, start, n)
-        send_outputs(core, b, fds, n_fds)
+        send_outputs(core, b, fds)
 
 
 cdef Py_ssize_t pump_tap_to_udp(ForwardingCore core, FrameBatch reads, FrameBatch frames,
-                                uint32_t vni, int tap_fd, const int* fds, int n_fds,
+                                uint32_t vni, int tap_fd, const Senders* fds,
                                 Py_ssize_t budget) noexcept nogil:
     cdef Py_ssize_t n, i, used, total = 0
     cdef int st
@@ -183,14 +309,14 @@ cdef Py_ssize_t pump_tap_to_udp(ForwardingCore core, FrameBatch reads, FrameBatc
         for i in range(n):
             st = prepare_frame(reads.frame_ptr(i), reads.length[i], frames, &used)
             if st == DROP_OUT_OF_ROOM and used > 0:     # frames is full: send it, then retry
-                encap_and_send(core, frames, vni, used, fds, n_fds)
+                encap_and_send(core, frames, vni, used, fds)
                 used = 0
                 st = prepare_frame(reads.frame_ptr(i), reads.length[i], frames, &used)
             if st != OK:
                 core.drop_counts[st] += 1
-            elif core.n_neigh_macs and answer_arp(core, frames, used - 1, vni, tap_fd):
-                used -= 1                               # answered here: not sent
-        encap_and_send(core, frames, vni, used, fds, n_fds)
+            elif answered_here(core, frames, used - 1, vni, tap_fd):
+                used -= 1                               # answered (or dropped) here: not sent
+        encap_and_send(core, frames, vni, used, fds)
         total += n
         if n < reads.slots:
             break                # the TAP is drained
@@ -208,7 +334,7 @@ cdef Py_ssize_t recv_udp(FrameBatch b, int fd) noexcept nogil:
         io.iovs[i].iov_base = b.frame_ptr(i) - VXLAN_HLEN
         io.iovs[i].iov_len = b.max_frame_c + VXLAN_HLEN
         io.msgs[i].msg_hdr.msg_name = &io.addrs[i]
-        io.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        io.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
         io.msgs[i].msg_hdr.msg_iov = &io.iovs[i]
         io.msgs[i].msg_hdr.msg_iovlen = 1
         io.msgs[i].msg_hdr.msg_control = io.ctrl + i * CTRL_SPACE
@@ -225,7 +351,10 @@ cdef Py_ssize_t recv_udp(FrameBatch b, int fd) noexcept nogil:
         return 0
     for i in range(r):
         b.dgram_len[i] = io.msgs[i].msg_len
-        b.src_ip[i] = ntohl(io.addrs[i].sin_addr.s_addr)
+        if io.addrs[i].sin6_family == AF_INET6:
+            addr_load6(&b.src_ip[i], io.addrs[i].sin6_addr.s6_addr)
+        else:
+            addr_v4(&b.src_ip[i], ntohl((<sockaddr_in*>&io.addrs[i]).sin_addr.s_addr))
         b.truncated[i] = (io.msgs[i].msg_hdr.msg_flags & MSG_TRUNC) != 0
         b.gso[i] = 0
         c = <cmsghdr*>(io.ctrl + i * CTRL_SPACE)

@@ -20,7 +20,7 @@ cdef extern from "<sys/socket.h>":
         unsigned int msg_len
     int recvmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags, void* timeout) nogil
     int sendmmsg(int fd, mmsghdr* msgs, unsigned int n, int flags) nogil
-    int MSG_DONTWAIT, MSG_TRUNC, AF_INET
+    int MSG_DONTWAIT, MSG_TRUNC, AF_INET, AF_INET6
     struct cmsghdr:
         size_t cmsg_len
         int cmsg_level
@@ -33,6 +33,14 @@ cdef extern from "<netinet/in.h>":
         unsigned short sin_family
         uint16_t sin_port
         in_addr sin_addr
+    struct in6_addr:
+        uint8_t s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
     uint16_t htons(uint16_t) nogil
     uint32_t htonl(uint32_t) nogil
     uint32_t ntohl(uint32_t) nogil
@@ -54,14 +62,14 @@ cdef enum:
 cdef struct IoArrays:
     mmsghdr* msgs       # one per slot (receive) or per message (send)
     iovec* iovs         # receive: one per slot; send: one per datagram
-    sockaddr_in* addrs
+    sockaddr_in6* addrs   # room for either family: an IPv4 peer's is a sockaddr_in in it
     uint8_t* ctrl       # CTRL_SPACE bytes per message: the UDP_SEGMENT / UDP_GRO control message
 
 
 cdef int io_init(IoArrays* io, Py_ssize_t n) except -1:
     io.msgs = <mmsghdr*>calloc(n, sizeof(mmsghdr))
     io.iovs = <iovec*>calloc(2 * n, sizeof(iovec))
-    io.addrs = <sockaddr_in*>calloc(n, sizeof(sockaddr_in))
+    io.addrs = <sockaddr_in6*>calloc(n, sizeof(sockaddr_in6))
     io.ctrl = <uint8_t*>calloc(n, CTRL_SPACE)
     if io.msgs == NULL or io.iovs == NULL or io.addrs == NULL or io.ctrl == NULL:
         raise MemoryError()

@@ -10,11 +10,80 @@ cdef enum:
     LEARN_RING = 256
 cdef uint32_t HIT = 0x80000000u        # FDB value bit: a frame from this MAC came from its VTEP
 cdef uint32_t VTEP_MASK = 0x7FFFFFFFu
+cdef uint64_t V4_MAPPED = 0x0000FFFF00000000u   # ::ffff:0:0/96, the IPv4 addresses in an Addr
+
+# Addresses of both families in one form: 16 bytes as two big-endian words, IPv4 as its
+# IPv4-mapped IPv6 address (::ffff:a.b.c.d), as a dual-stack socket would show it. At the
+# Python level an address is an int: IPv4 its 32-bit value, IPv6 its 128-bit value | 1 << 128
+# (overlay/fastpath/api.py: to_c / from_c).
+cdef struct Addr:
+    uint64_t hi
+    uint64_t lo
+
+cdef inline bint addr_is4(const Addr* a) noexcept nogil:
+    return a.hi == 0 and (a.lo >> 32) == 0xFFFF
+
+cdef inline bint addr_eq(const Addr* a, const Addr* b) noexcept nogil:
+    return a.lo == b.lo and a.hi == b.hi
+
+cdef inline void addr_v4(Addr* a, uint32_t ip) noexcept nogil:
+    a.hi = 0
+    a.lo = V4_MAPPED | ip
+
+cdef inline uint64_t be64(const uint8_t* p) noexcept nogil:
+    return (<uint64_t>be32(p) << 32) | be32(p + 4)
+
+cdef inline void addr_load6(Addr* a, const uint8_t* p) noexcept nogil:
+    """The 16 network-order bytes at ``p`` (an IPv6 address)."""
+    a.hi = be64(p)
+    a.lo = be64(p + 8)
+
+cdef inline void addr_store6(const Addr* a, uint8_t* p) noexcept nogil:
+    cdef int k
+    for k in range(8):
+        p[k] = (a.hi >> (56 - 8 * k)) & 0xFF
+        p[8 + k] = (a.lo >> (56 - 8 * k)) & 0xFF
+
+cdef uint64_t ADDR_SEED = 0   # set once per process from the clock: IPv6 keys are not guessable
+
+cdef inline uint64_t addr_key(const Addr* a) noexcept nogil:
+    """The 64-bit hash-table key of an address: exact for IPv4 (its mapped form), a seeded
+    hash for IPv6. Every lookup by key checks the whole address behind it."""
+    if a.hi == 0:
+        return a.lo
+    return hm_hash(a.hi ^ ADDR_SEED, 0x6) ^ a.lo
+
+cdef int addr_from_py(object x, Addr* a) except -1:
+    cdef object v
+    if x < 0 or x >> 129:
+        raise ValueError(f"address int {x!r}: IPv4 as 0..2**32-1, IPv6 as 2**128 | its value")
+    if x >> 128:
+        v = x & ((1 << 128) - 1)
+        a.hi = <uint64_t>(v >> 64)
+        a.lo = <uint64_t>(v & 0xFFFFFFFFFFFFFFFF)
+        if a.hi == 0 and a.lo == 0:
+            raise ValueError("the unspecified address :: is no VTEP or neighbour")
+        return 0
+    if x >> 32:
+        raise ValueError(f"address int {x!r}: IPv4 as 0..2**32-1, IPv6 as 2**128 | its value")
+    addr_v4(a, <uint32_t>x)
+    return 0
+
+cdef object addr_to_py(const Addr* a):
+    if addr_is4(a):
+        return <uint32_t>(a.lo & 0xFFFFFFFFu)
+    return (1 << 128) | (<object>a.hi << 64) | <object>a.lo
+
 
 cdef struct CVtep:
-    uint32_t ip          # IPv4, host byte order
+    Addr ip
     uint16_t port
     uint64_t rx_frames, rx_bytes, tx_frames, tx_bytes   # inner frames and their bytes
+
+cdef enum:
+    LOCAL_SEEN = 1       # local map value bits: the MAC was reported,
+    LOCAL_V4 = 2         # ... with its first IPv4 address,
+    LOCAL_V6 = 4         # ... with its first global IPv6 address
 
 cdef struct Net:
     uint32_t vni
@@ -26,11 +95,12 @@ cdef struct Net:
 cdef struct Learned:
     uint32_t vni
     uint64_t mac
-    uint32_t ip
+    Addr ip              # learned: the outer source; local: the address it sent from (0: none)
 
 
 cdef class ForwardingCore:
-    """The C tables behind the fast path. Keys: VNI (0..2^24-1), MAC (48-bit int), IPv4 as int.
+    """The C tables behind the fast path. Keys: VNI (0..2^24-1), MAC (48-bit int), addresses
+    of either family as ints (IPv4: its value; IPv6: 1 << 128 | its value).
 
     One thread owns a core and its batches: the batch calls release the GIL and hold pointers
     into these tables, so changing them from another thread meanwhile is not allowed (the
@@ -38,15 +108,18 @@ cdef class ForwardingCore:
 
     cdef HashMap fdb          # (mac, vni + 1) -> VTEP id | HIT
     cdef HashMap vni_index    # (vni, 1) -> index into nets
-    cdef HashMap vtep_ids     # (ip << 16 | port, 1) -> VTEP id
-    cdef HashMap members      # (ip, vni + 1) -> VTEP id, for every VTEP on a VNI's flood list
-    cdef HashMap neigh        # (IPv4, vni + 1) -> index into neigh_macs: ARP suppression
+    cdef HashMap vtep_ids     # (addr_key, port + 1) -> VTEP id
+    cdef HashMap members      # (addr_key, vni + 1) -> VTEP id, for every VTEP on a VNI's flood list
+    cdef HashMap neigh        # (addr_key, vni + 1) -> index into neigh_macs: ARP and NS suppression
     cdef uint64_t* neigh_macs
+    cdef Addr* neigh_addrs    # beside neigh_macs: the address, checked on every lookup
     cdef uint32_t n_neigh_macs, cap_neigh_macs
     cdef uint32_t* neigh_free  # indexes of neigh_macs free for reuse
     cdef uint32_t n_neigh_free
     cdef readonly uint64_t arp_suppressed   # ARP requests answered from the registry
-    cdef HashMap local        # (mac, vni + 1) -> IPv4 seen with it: MACs behind our own TAP
+    cdef readonly uint64_t nd_suppressed    # IPv6 neighbour solicitations answered from it
+    cdef HashMap local        # (mac, vni + 1) -> LOCAL_V4 | LOCAL_V6: MACs behind our own TAP,
+                              # and which families' first address was reported
     cdef public bint learn_local            # queue new local MACs for take_local (etcd mode)
     cdef Learned local_new[LEARN_RING]
     cdef uint32_t n_local_new
@@ -71,6 +144,9 @@ cdef class ForwardingCore:
         hm_init(&self.members, 16)
         hm_init(&self.neigh, 16)
         hm_init(&self.local, 16)
+        global ADDR_SEED
+        if ADDR_SEED == 0:
+            ADDR_SEED = hm_hash(<uint64_t>(time.time_ns()) ^ <uint64_t>id(self), 0x5EED) | 1
         self.source_check = source_check
         self.cap_vteps = 16
         self.vteps = <CVtep*>calloc(self.cap_vteps, sizeof(CVtep))
@@ -89,6 +165,7 @@ cdef class ForwardingCore:
         hm_free(&self.neigh)
         hm_free(&self.local)
         free(self.neigh_macs)
+        free(self.neigh_addrs)
         free(self.neigh_free)
         if self.nets != NULL:
             for i in range(self.n_nets):
@@ -146,9 +223,13 @@ cdef class ForwardingCore:
         cdef list ids
         cdef uint32_t* flood
         cdef Py_ssize_t i
+        cdef Addr a
         if net == NULL:
             raise KeyError(f"VNI {vni} is not served; vni_add it first")
-        ids = [self.vtep_id(ip, port) for ip, port in vteps]
+        ids = []
+        for ip, port in vteps:
+            addr_from_py(ip, &a)
+            ids.append(self.vtep_id(&a, port))
         flood = <uint32_t*>malloc(max(len(ids), 1) * sizeof(uint32_t))
         if flood == NULL:
             raise MemoryError()
@@ -156,12 +237,12 @@ cdef class ForwardingCore:
             flood[i] = ids[i]
         net = self.net_of(vni)   # vtep_id never moves nets, but stay obviously safe
         for i in range(net.nflood):
-            hm_delete(&self.members, self.vteps[net.flood[i]].ip, vni + 1)
+            hm_delete(&self.members, addr_key(&self.vteps[net.flood[i]].ip), vni + 1)
         free(net.flood)
         net.flood = flood
         net.nflood = len(ids)
         for i in range(net.nflood):
-            hm_set(&self.members, self.vteps[flood[i]].ip, vni + 1, flood[i])
+            hm_set(&self.members, addr_key(&self.vteps[flood[i]].ip), vni + 1, flood[i])
 
     def vni_tap(self, uint32_t vni, int tap_fd):
         """Frames received on ``vni`` go to ``tap_fd`` (an agent with one TAP per network)."""
@@ -178,11 +259,13 @@ cdef class ForwardingCore:
 
     # --- VTEPs ----------------------------------------------------------------------------
 
-    cdef uint32_t vtep_id(self, uint32_t ip, uint16_t port) except? 0xFFFFFFFF:
-        cdef uint64_t key = (<uint64_t>ip << 16) | port
-        cdef Slot* s = hm_find(&self.vtep_ids, key, 1)
+    cdef uint32_t vtep_id(self, const Addr* ip, uint16_t port) except? 0xFFFFFFFF:
+        cdef uint64_t key = addr_key(ip)
+        cdef Slot* s = hm_find(&self.vtep_ids, key, <uint32_t>port + 1)
         cdef CVtep* grown
         if s != NULL:
+            if not addr_eq(&self.vteps[s.value].ip, ip):
+                raise OverflowError("two VTEP addresses with one hash key (a 2**-64 chance)")
             return s.value
         if self.n_vteps >= MAX_VTEPS:
             raise OverflowError(f"more than {MAX_VTEPS} distinct VTEPs")
@@ -193,9 +276,9 @@ cdef class ForwardingCore:
             self.vteps = grown
             self.cap_vteps *= 2
         memset(&self.vteps[self.n_vteps], 0, sizeof(CVtep))
-        self.vteps[self.n_vteps].ip = ip
+        self.vteps[self.n_vteps].ip = ip[0]
         self.vteps[self.n_vteps].port = port
-        hm_set(&self.vtep_ids, key, 1, self.n_vteps)
+        hm_set(&self.vtep_ids, key, <uint32_t>port + 1, self.n_vteps)
         self.n_vteps += 1
         return self.n_vteps - 1
 
@@ -203,15 +286,17 @@ cdef class ForwardingCore:
         """(ip, port) of an interned VTEP id."""
         if vtep_id >= self.n_vteps:
             raise IndexError(f"no VTEP id {vtep_id}")
-        return (self.vteps[vtep_id].ip, self.vteps[vtep_id].port)
+        return (addr_to_py(&self.vteps[vtep_id].ip), self.vteps[vtep_id].port)
 
     # --- FDB ------------------------------------------------------------------------------
 
-    def fdb_set(self, uint32_t vni, uint64_t mac, uint32_t ip, uint16_t port):
+    def fdb_set(self, uint32_t vni, uint64_t mac, ip, uint16_t port):
         """(vni, mac) -> VTEP (ip, port). Insert or replace."""
+        cdef Addr a
         if vni > 0xFFFFFF or mac >> 48:
             raise ValueError("VNI must fit 24 bits and MAC 48 bits")
-        hm_set(&self.fdb, mac, vni + 1, self.vtep_id(ip, port))
+        addr_from_py(ip, &a)
+        hm_set(&self.fdb, mac, vni + 1, self.vtep_id(&a, port))
 
     def fdb_delete(self, uint32_t vni, uint64_t mac):
         """Remove (vni, mac); True if it was there."""
@@ -222,13 +307,15 @@ cdef class ForwardingCore:
         cdef Slot* s = hm_find(&self.fdb, mac, vni + 1)
         return None if s == NULL else self.vtep(s.value & VTEP_MASK)
 
-    def fdb_load(self, uint32_t vni, macs, uint32_t ip, uint16_t port):
+    def fdb_load(self, uint32_t vni, macs, ip, uint16_t port):
         """Bulk fdb_set of many MACs to one VTEP (benchmarks and resyncs)."""
         cdef uint32_t vid
         cdef uint64_t mac
+        cdef Addr a
         if vni > 0xFFFFFF:
             raise ValueError("VNI must fit 24 bits")
-        vid = self.vtep_id(ip, port)
+        addr_from_py(ip, &a)
+        vid = self.vtep_id(&a, port)
         for mac in macs:
             if mac >> 48:
                 raise ValueError("MAC must fit 48 bits")
@@ -239,13 +326,19 @@ cdef class ForwardingCore:
 
     # --- neighbours (ARP suppression) -----------------------------------------------------
 
-    def neigh_set(self, uint32_t vni, uint32_t ip, uint64_t mac):
-        """ARP requests on ``vni`` for IPv4 ``ip`` (an int) are answered with ``mac``."""
-        cdef Slot* s = hm_find(&self.neigh, ip, vni + 1)
+    def neigh_set(self, uint32_t vni, ip, uint64_t mac):
+        """ARP requests (IPv4) or neighbour solicitations (IPv6) on ``vni`` for ``ip`` are
+        answered with ``mac``."""
+        cdef Addr a
+        cdef Slot* s
         cdef uint32_t i
         if vni > 0xFFFFFF or mac >> 48:
             raise ValueError("VNI must fit 24 bits and MAC 48 bits")
+        addr_from_py(ip, &a)
+        s = hm_find(&self.neigh, addr_key(&a), vni + 1)
         if s != NULL:
+            if not addr_eq(&self.neigh_addrs[s.value], &a):
+                raise OverflowError("two neighbour addresses with one hash key (a 2**-64 chance)")
             self.neigh_macs[s.value] = mac
             return
         if self.n_neigh_free:
@@ -255,26 +348,31 @@ cdef class ForwardingCore:
             if self.n_neigh_macs == self.cap_neigh_macs:
                 self.cap_neigh_macs = max(16, self.cap_neigh_macs * 2)
                 self.neigh_macs = <uint64_t*>realloc(self.neigh_macs, self.cap_neigh_macs * sizeof(uint64_t))
+                self.neigh_addrs = <Addr*>realloc(self.neigh_addrs, self.cap_neigh_macs * sizeof(Addr))
                 self.neigh_free = <uint32_t*>realloc(self.neigh_free, self.cap_neigh_macs * sizeof(uint32_t))
-                if self.neigh_macs == NULL or self.neigh_free == NULL:
+                if self.neigh_macs == NULL or self.neigh_free == NULL or self.neigh_addrs == NULL:
                     raise MemoryError()
             i = self.n_neigh_macs
             self.n_neigh_macs += 1
         self.neigh_macs[i] = mac
-        hm_set(&self.neigh, ip, vni + 1, i)
+        self.neigh_addrs[i] = a
+        hm_set(&self.neigh, addr_key(&a), vni + 1, i)
 
-    def neigh_delete(self, uint32_t vni, uint32_t ip):
-        cdef Slot* s = hm_find(&self.neigh, ip, vni + 1)
-        if s == NULL:
+    def neigh_delete(self, uint32_t vni, ip):
+        cdef Addr a
+        cdef Slot* s
+        addr_from_py(ip, &a)
+        s = hm_find(&self.neigh, addr_key(&a), vni + 1)
+        if s == NULL or not addr_eq(&self.neigh_addrs[s.value], &a):
             return False
         self.neigh_free[self.n_neigh_free] = s.value
         self.n_neigh_free += 1
-        hm_delete(&self.neigh, ip, vni + 1)
+        hm_delete(&self.neigh, addr_key(&a), vni + 1)
         return True
 
-    cdef inline bint neigh_lookup(self, uint32_t vni, uint32_t ip, uint64_t* mac) noexcept nogil:
-        cdef Slot* s = hm_find(&self.neigh, ip, vni + 1)
-        if s == NULL:
+    cdef inline bint neigh_lookup(self, uint32_t vni, const Addr* ip, uint64_t* mac) noexcept nogil:
+        cdef Slot* s = hm_find(&self.neigh, addr_key(ip), vni + 1)
+        if s == NULL or not addr_eq(&self.neigh_addrs[s.value], ip):
             return False
         mac[0] = self.neigh_macs[s.value]
         return True
@@ -283,13 +381,17 @@ cdef class ForwardingCore:
 
     def vtep_stats(self):
         """[(ip, port, rx_frames, rx_bytes, tx_frames, tx_bytes)] for every VTEP ever used."""
-        return [(v.ip, v.port, v.rx_frames, v.rx_bytes, v.tx_frames, v.tx_bytes)
-                for v in self.vteps[:self.n_vteps]]
+        cdef uint32_t i
+        return [(addr_to_py(&self.vteps[i].ip), self.vteps[i].port, self.vteps[i].rx_frames,
+                 self.vteps[i].rx_bytes, self.vteps[i].tx_frames, self.vteps[i].tx_bytes)
+                for i in range(self.n_vteps)]
 
-    cdef inline CVtep* member(self, uint32_t ip, uint32_t vni) noexcept nogil:
+    cdef inline CVtep* member(self, const Addr* ip, uint32_t vni) noexcept nogil:
         """The VTEP at ``ip`` on the flood list of ``vni``, or NULL."""
-        cdef Slot* s = hm_find(&self.members, ip, vni + 1)
-        return NULL if s == NULL else &self.vteps[s.value]
+        cdef Slot* s = hm_find(&self.members, addr_key(ip), vni + 1)
+        if s == NULL or not addr_eq(&self.vteps[s.value].ip, ip):
+            return NULL
+        return &self.vteps[s.value]
 
     def drops(self):
         """Drop counts indexed by overlay.wire.Drop value (index 0 unused)."""
@@ -298,7 +400,7 @@ cdef class ForwardingCore:
     def take_learned(self):
         """(vni, mac, ip) of source MACs seen from a VTEP the table does not have them at,
         since the last call; for fdb.ForwardingTable.learn. At most LEARN_RING per call."""
-        out = [(self.learned[i].vni, self.learned[i].mac, self.learned[i].ip)
+        out = [(self.learned[i].vni, self.learned[i].mac, addr_to_py(&self.learned[i].ip))
                for i in range(self.n_learned)]
         self.n_learned = 0
         return out
@@ -317,11 +419,14 @@ cdef class ForwardingCore:
         return out
 
     def take_local(self):
-        """(vni, mac, ip) of MACs newly seen sending from our TAP (ip: the IPv4 address they
-        sent from, 0 if none yet), since the last call; each is recorded so it is reported once,
-        and once more when its first IPv4 address shows up (later addresses are not: a router
-        or NAT behind the TAP would otherwise publish every address it forwards)."""
-        out = [(self.local_new[i].vni, self.local_new[i].mac, self.local_new[i].ip)
+        """(vni, mac, ip) of MACs newly seen sending from our TAP (ip: the address they sent
+        from, 0 if none yet), since the last call; each is recorded so it is reported once,
+        and once more when its first IPv4 and its first global IPv6 address show up (later
+        addresses are not: a router or NAT behind the TAP would otherwise publish every
+        address it forwards)."""
+        out = [(self.local_new[i].vni, self.local_new[i].mac,
+                0 if self.local_new[i].ip.hi == 0 and self.local_new[i].ip.lo == 0
+                else addr_to_py(&self.local_new[i].ip))
                for i in range(self.n_local_new)]
         self.n_local_new = 0
         return out
@@ -331,30 +436,42 @@ cdef class ForwardingCore:
         return hm_delete(&self.local, mac, vni + 1)
 
     cdef inline void note_local(self, uint32_t vni, const uint8_t* f, uint32_t n) noexcept nogil:
-        """Learning on send: the source MAC (and IPv4 source, or ARP sender address) of a frame
-        our TAP sent; new pairs are queued for the agent to publish."""
+        """Learning on send: the source MAC (and IPv4 source, ARP sender address, or global
+        IPv6 source) of a frame our TAP sent; new pairs are queued for the agent to publish."""
         cdef uint64_t mac = mac48(f + 6)
-        cdef uint32_t ip = 0, ethertype = be16(f + 12)
+        cdef uint32_t ethertype = be16(f + 12), family = 0, known
+        cdef Addr ip
         cdef Slot* s
+        ip.hi = 0
+        ip.lo = 0
         if mac == 0 or (f[6] & 1):
             return
         if ethertype == 0x0800 and n >= ETH_HLEN + 20:
-            ip = be32(f + 26)              # IPv4 source
+            addr_v4(&ip, be32(f + 26))     # IPv4 source
+            family = LOCAL_V4
         elif ethertype == 0x0806 and n >= ETH_HLEN + 28 and be16(f + 16) == 0x0800:
-            ip = be32(f + 28)              # ARP sender address
+            addr_v4(&ip, be32(f + 28))     # ARP sender address
+            family = LOCAL_V4
+        elif ethertype == 0x86DD and n >= ETH_HLEN + 40 and (f[22] & 0xE0) == 0x20:
+            addr_load6(&ip, f + 22)        # a global unicast IPv6 source (2000::/3)
+            family = LOCAL_V6
+        if family == LOCAL_V4 and ip.lo == V4_MAPPED:
+            family = 0                     # 0.0.0.0: an ARP probe or DHCP, no address yet
+            ip.lo = 0
         s = hm_find(&self.local, mac, vni + 1)
-        if s != NULL and (ip == 0 or s.value != 0):
-            return                      # known, and its address too (the first one seen stays)
+        known = s.value if s != NULL else 0
+        if s != NULL and (family == 0 or known & family):
+            return                      # known, and this family's address too (the first stays)
         if self.n_local_new == LEARN_RING:
             return                      # reported on a later frame
         with gil:
-            hm_set(&self.local, mac, vni + 1, ip if ip else (s.value if s != NULL else 0))
+            hm_set(&self.local, mac, vni + 1, known | family | LOCAL_SEEN)
         self.local_new[self.n_local_new].vni = vni
         self.local_new[self.n_local_new].mac = mac
         self.local_new[self.n_local_new].ip = ip
         self.n_local_new += 1
 
-    cdef inline void note_source(self, uint32_t vni, const uint8_t* frame, uint32_t ip,
+    cdef inline void note_source(self, uint32_t vni, const uint8_t* frame, const Addr* ip,
                                  uint64_t h) noexcept nogil:
         """Learning on receive: mark a hit, or queue (vni, src MAC, ip) for fdb.py.
         ``h`` is hm_hash(src MAC, vni + 1), computed when the slot was prefetched."""
@@ -363,16 +480,16 @@ cdef class ForwardingCore:
         if mac == 0 or (frame[6] & 1):
             return                      # group or null source MACs are never learned
         s = hm_find_h(&self.fdb, mac, vni + 1, h)
-        if s != NULL and self.vteps[s.value & VTEP_MASK].ip == ip:
+        if s != NULL and addr_eq(&self.vteps[s.value & VTEP_MASK].ip, ip):
             s.value |= HIT
             return
         if self.n_learned and self.learned[self.n_learned - 1].mac == mac \
-                and self.learned[self.n_learned - 1].vni == vni and self.learned[self.n_learned - 1].ip == ip:
+                and self.learned[self.n_learned - 1].vni == vni and addr_eq(&self.learned[self.n_learned - 1].ip, ip):
             return                      # a burst from one new MAC is queued once
         if self.n_learned == LEARN_RING:
             self.learn_overflow += 1
             return
         self.learned[self.n_learned].vni = vni
         self.learned[self.n_learned].mac = mac
-        self.learned[self.n_learned].ip = ip
+        self.learned[self.n_learned].ip = ip[0]
         self.n_learned += 1

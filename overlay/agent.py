@@ -61,7 +61,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, tun_device: str = "/dev/net/tun") -> None:
         self.cfg = cfg
         try:
-            self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(cfg.local)
+            self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(*cfg.locals)
         except TapError as e:
             raise AgentError(str(e)) from None
         self.core = ForwardingCore(allow_vlan=cfg.allow_vlan, source_check=cfg.source_check)
@@ -80,7 +80,13 @@ class Agent:
                     self.macs[vni] = self.taps[vni].configure(self.mtu, cfg.mac, cfg.address)
             self.table.set_flood(cfg.vni, [Vtep(p, cfg.port) for p in cfg.peers])
             self.dataplane = Dataplane(
-                self.core, self.table, {v: t.fd for v, t in self.taps.items()}, cfg.local, cfg.port, self.mtu
+                self.core,
+                self.table,
+                {v: t.fd for v, t in self.taps.items()},
+                cfg.local,
+                cfg.port,
+                self.mtu,
+                local6=cfg.local6,
             )
         except (TapError, DataplaneError, bridge.PlumbingError) as e:
             self.close()
@@ -90,6 +96,7 @@ class Agent:
         self.etcd: EtcdClient | None = None
         self.containers: Containers | None = None
         self.prober: Prober | None = None
+        self.topology: Topology | None = None
         self.supervisor: Supervisor  # made by serve(), with the loop that runs the tasks
 
     def status(self) -> Status:
@@ -137,6 +144,8 @@ class Agent:
                 )
                 for v, t in self.taps.items()
             ],
+            local6=str(cfg.local6) if cfg.local6 else None,
+            unreachable=self.topology.unreachable() if self.topology is not None else [],
         )
         return Status(
             agent=agent,
@@ -226,14 +235,13 @@ class Agent:
             self.dataplane.start(loop)
             peers = ", ".join(str(p) for p in cfg.peers) or "none"
             log.info(
-                "ready: tap %s (%s, mtu %d%s) vni %s vtep %s:%d %s",
+                "ready: tap %s (%s, mtu %d%s) vni %s vtep %s %s",
                 ", ".join(t.name for t in self.taps.values()),
                 ", ".join(map(mac_to_str, self.macs.values())),
                 self.mtu,
                 f", {cfg.address}" if cfg.address else "",
                 ", ".join(map(str, self.taps)),
-                cfg.local,
-                cfg.port,
+                " ".join(format_address(str(a), cfg.port) for a in cfg.locals),
                 f"registry etcd as host {cfg.host_id}" if cfg.etcd else f"peers {peers}",
             )
             sd_notify("READY=1")
@@ -289,11 +297,14 @@ class Agent:
             def peers() -> dict[str, tuple[str, int]]:
                 if self.etcd is None:
                     return {}
-                return {
-                    host: (h.address, h.probe_port)
-                    for host, h in self.etcd.registry.hosts().items()
-                    if host != cfg.host_id and h.probe_port
-                }
+                family = cfg.local.version  # the probe socket's: a dual-stack peer is probed on it
+                out = {}
+                for host, h in self.etcd.registry.hosts().items():
+                    if host != cfg.host_id and h.probe_port:
+                        address = next((a for a in h.addresses() if a is not None and a.version == family), None)
+                        if address is not None:
+                            out[host] = (str(address), h.probe_port)
+                return out
         else:
             static = {str(p): (str(p), cfg.probe) for p in cfg.peers}
 
@@ -316,7 +327,7 @@ class Agent:
         cfg = self.cfg
         assert cfg.host_id is not None
         registry = Registry(Schema(cfg.prefix))
-        topology = Topology(registry, self.table, cfg.host_id)
+        topology = self.topology = Topology(registry, self.table, cfg.host_id, cfg.underlay)
         tls = Tls(cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key) if cfg.etcd_ca else None
         self.etcd = client = EtcdClient(
             list(cfg.etcd),
@@ -337,7 +348,10 @@ class Agent:
                 resume = None  # Containers.adopt says what is wrong with the file
         probe_port = self.prober.address[1] if self.prober is not None else None  # only if we answer probes
         await client.register(
-            cfg.host_id, Host(str(cfg.local), cfg.port, probe_port), wait_for_old=cfg.lease_ttl + 2, resume=resume
+            cfg.host_id,
+            Host(str(cfg.local), cfg.port, probe_port, address6=str(cfg.local6) if cfg.local6 else None),
+            wait_for_old=cfg.lease_ttl + 2,
+            resume=resume,
         )
         # Kept alive from now: reading a large registry takes longer than the lease's TTL.
         self.supervisor.spawn(client.keepalive(), "registry keepalive")

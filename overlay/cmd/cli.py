@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from overlay import __version__
 from overlay.cmd.errors import RunError, UserError
+from overlay.core.addresses import format_address
 from overlay.core.status import Status
 from overlay.fastpath import FastPathMissing, load
 
@@ -63,6 +64,8 @@ def add_agent(sub: Any) -> None:
             "--peer 198.18.0.3 --tap ovl0 --address 198.19.0.1/24\n"
             "etcd:    overlay agent --etcd http://198.18.0.250:2379 --host-id h1 --local 198.18.0.1 "
             "--network 42 --address 198.19.42.1/24\n"
+            "IPv6:    overlay agent --etcd http://[2001:2:0:1::fa]:2379 --host-id h1 --local 2001:2:0:1::1 --network 42\n"
+            "dual:    overlay agent ... --local 198.18.0.1 --local6 2001:2:0:1::1   (IPv6 to peers that have it)\n"
             'Every flag can also be a key of the --config TOML file (peer = ["198.18.0.2"]); '
             "flags override the file."
         ),
@@ -70,14 +73,33 @@ def add_agent(sub: Any) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with the same keys as the flags")
     p.add_argument("--vni", help="VXLAN network identifier, 0-16777215 (required)")
-    p.add_argument("--local", metavar="IP", help="this host's underlay IPv4 address, the VTEP address (required)")
-    p.add_argument("--peer", metavar="IP", action="append", help="another host's VTEP address; repeat for each peer")
+    p.add_argument(
+        "--local", metavar="IP", help="this host's underlay address, IPv4 or IPv6: the VTEP address (required)"
+    )
+    p.add_argument(
+        "--local6",
+        metavar="V6",
+        help="a dual-stack host's IPv6 underlay address, beside an IPv4 --local (published as address6)",
+    )
+    p.add_argument(
+        "--underlay-family",
+        dest="underlay_family",
+        choices=["auto", "4", "6"],
+        help="the family to reach a peer that has both (default auto: IPv6; a peer with one family is "
+        "reached over it, one sharing none with this host is unreachable and shown so in status)",
+    )
+    p.add_argument(
+        "--peer",
+        metavar="IP",
+        action="append",
+        help="another host's VTEP address (IPv4 or IPv6, a family this host has); repeat for each peer",
+    )
     p.add_argument("--tap", help="TAP device name (default ovl0)")
     p.add_argument("--address", metavar="IP/LEN", help="IPv4 address with prefix for the TAP, e.g. 198.19.0.1/24")
     p.add_argument(
         "--port", help="VXLAN UDP port, to listen on and send to (default 4789; Linux's old default is 8472)"
     )
-    p.add_argument("--mtu", help="TAP MTU (default: the underlay interface's MTU minus 50)")
+    p.add_argument("--mtu", help="TAP MTU (default: the underlay interface's MTU minus 50 on IPv4, 70 on IPv6)")
     p.add_argument("--mac", help="TAP MAC address, e.g. 02:00:00:00:00:01 (default: random)")
     p.add_argument(
         "--no-source-check",
@@ -188,9 +210,13 @@ def format_status(s: Status) -> str:
     """The human form of ``overlay status``; ``--json`` prints the agent's JSON instead."""
     a, d = s.agent, s.dataplane
     lines = [
-        f"agent  vtep {a.local}:{a.port}  mtu {a.mtu}{'  ' + a.address if a.address else ''}  "
+        f"agent  vtep {format_address(a.local, a.port)}"
+        f"{'  vtep6 ' + format_address(a.local6, a.port) if a.local6 else ''}  mtu {a.mtu}"
+        f"{'  ' + a.address if a.address else ''}  "
         f"up {a.uptime_s} s  source check {'on' if a.source_check else 'off'}",
     ]
+    if a.unreachable:
+        lines.append(f"  UNREACHABLE (no shared underlay family): {', '.join(a.unreachable)}")
     for n in a.networks:
         lines.append(f"  vni {n.vni:<8} tap {n.tap:15} {'bridge ' + n.bridge if n.bridge else '':15} mac {n.mac}")
     r = s.registry
@@ -221,7 +247,10 @@ def format_status(s: Status) -> str:
         f"fdb    static {f.static}  registry {f.registry}  learned {f.learned}  "
         f"(refused at cap {f.refused_cap}, moves {f.moves}, expired {f.expired})"
     )
-    lines.append(f"arp    answered locally {d.arp_suppressed}   tcp segments coalesced on receive {d.coalesced_frames}")
+    lines.append(
+        f"arp    answered locally {d.arp_suppressed}   nd (IPv6) answered locally {d.nd_suppressed}   "
+        f"tcp segments coalesced on receive {d.coalesced_frames}"
+    )
     if s.probes:
         lines += ["", f"{'peer host':16} {'underlay path':22} {'rtt ms':>8} {'srtt ms':>8} {'loss':>6}  state"]
         for host, probe in sorted(s.probes.items()):

@@ -3,7 +3,8 @@
 Pure: parses and checks values, touches no device or socket. Every error says which setting
 was wrong, what was given, and what is accepted, so the CLI prints it as one line.
 
-TOML keys are the long flag names (``vni``, ``local``, ``peer``, ``tap``, ``address``, ``port``,
+TOML keys are the long flag names (``vni``, ``local``, ``local6``, ``underlay_family``, ``peer``,
+``tap``, ``address``, ``port``,
 ``mtu``, ``mac``, ``source_check``, ``allow_vlan``, ``ageing``, ``max_per_vni``, and for etcd
 mode ``etcd``, ``host_id``, ``network``, ``prefix``, ``lease_ttl``); ``peer``, ``etcd`` and
 ``network`` are lists; ``bridge``, ``state_dir``, ``metrics`` and ``probe_port`` in either mode.
@@ -22,9 +23,10 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from overlay.core.addresses import parse_address, parse_endpoint
+from overlay.core.addresses import IPAddress, parse_address, parse_endpoint
 from overlay.core.fdb import DEFAULT_AGEING, DEFAULT_MAX_PER_VNI
 from overlay.core.registry import HOST_ID, HOST_ID_FORM
+from overlay.core.underlay import UNDERLAY_FAMILIES, Underlay
 from overlay.core.wire import DEFAULT_PORT, MTU_MAX, MTU_MIN, VNI_MAX, unicast_mac
 
 TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/', ':' or spaces
@@ -40,8 +42,10 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class AgentConfig:
     vni: int
-    local: ipaddress.IPv4Address
-    peers: tuple[ipaddress.IPv4Address, ...] = ()
+    local: IPAddress  # the underlay address, either family
+    peers: tuple[IPAddress, ...] = ()
+    local6: ipaddress.IPv6Address | None = None  # a dual-stack host's IPv6 underlay address (local is IPv4)
+    underlay_family: str = "auto"  # with a peer that has both families: auto (IPv6), 4 or 6
     tap: str = "ovl0"
     address: ipaddress.IPv4Interface | None = None
     port: int = DEFAULT_PORT
@@ -65,6 +69,17 @@ class AgentConfig:
     state_dir: str = DEFAULT_STATE_DIR  # where attachments are remembered across restarts
     metrics: str | None = None  # Prometheus endpoint HOST:PORT, "off"; None: the default, and best effort
     probe_port: int | None = None  # UDP port of peer probes, 0 = off; None: the default, and best effort
+
+    @property
+    def locals(self) -> tuple[IPAddress, ...]:
+        """This host's underlay addresses: ``local``, then ``local6`` if given."""
+        return (self.local,) if self.local6 is None else (self.local, self.local6)
+
+    @property
+    def underlay(self) -> Underlay:
+        v4 = self.local if self.local.version == 4 else None
+        v6 = self.local if self.local.version == 6 else self.local6
+        return Underlay(v4, v6, UNDERLAY_FAMILIES[self.underlay_family])
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -102,6 +117,8 @@ KEYS = (
     "state_dir",
     "metrics",
     "probe_port",
+    "local6",
+    "underlay_family",
 )
 ETCD_KEYS = (
     "etcd",
@@ -142,20 +159,38 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError("no VNI: give --vni N (0 to 16777215) or 'vni = N' in the config file")
     vni = _int("vni", settings["vni"], 0, VNI_MAX)
     if settings.get("local") is None:
-        raise ConfigError("no local VTEP address: give --local A.B.C.D (this host's underlay address)")
-    local = _ipv4("local", settings["local"])
+        raise ConfigError("no local VTEP address: give --local A.B.C.D or --local V6 (this host's underlay address)")
+    local = _ip("local", settings["local"])
+    local6 = _ip("local6", settings["local6"]) if settings.get("local6") is not None else None
+    if local6 is not None and (local6.version != 6 or local.version != 4):
+        raise ConfigError(
+            f"local6: {local6} beside --local {local}: --local6 is the IPv6 address of a host whose "
+            f"--local is IPv4 (an IPv6-only host gives just --local V6)"
+        )
+    family = str(settings.get("underlay_family", "auto"))
+    if family not in UNDERLAY_FAMILIES:
+        raise ConfigError(f"underlay_family: {family!r} is not one of {', '.join(UNDERLAY_FAMILIES)}")
     peers_raw = settings.get("peer") or []
     if isinstance(peers_raw, str):
         peers_raw = [peers_raw]
     if not isinstance(peers_raw, (list, tuple)):
-        raise ConfigError(f"peer: expected a list of IPv4 addresses, got {peers_raw!r}")
-    peers = tuple(dict.fromkeys(_ipv4("peer", p) for p in peers_raw))
-    if local in peers:
-        raise ConfigError(f"peer {local} is this host's own --local address; list only the other hosts")
+        raise ConfigError(f"peer: expected a list of IP addresses, got {peers_raw!r}")
+    peers = tuple(dict.fromkeys(_ip("peer", p) for p in peers_raw))
+    for p in peers:
+        if p in (local, local6):
+            raise ConfigError(f"peer {p} is this host's own --local address; list only the other hosts")
+        if p.version not in {a.version for a in (local, local6) if a is not None}:
+            have = "--local6 V6 (its IPv6 address)" if p.version == 6 else "--local A.B.C.D with --local6"
+            raise ConfigError(
+                f"peer {p} is IPv{p.version} but this host has no IPv{p.version} underlay address "
+                f"(--local {local}): give {have}, or a peer of this host's family"
+            )
     return AgentConfig(
         vni=vni,
         local=local,
         peers=peers,
+        local6=local6,
+        underlay_family=family,
         tap=_tap(settings.get("tap", "ovl0")),
         address=_interface(settings["address"]) if settings.get("address") is not None else None,
         port=_int("port", settings.get("port", DEFAULT_PORT), 1, 65535),
@@ -299,11 +334,16 @@ def _bool(name: str, value: Any) -> bool:
     raise ConfigError(f"{name}: {value!r} is not true or false")
 
 
-def _ipv4(name: str, value: Any) -> ipaddress.IPv4Address:
+def _ip(name: str, value: Any) -> IPAddress:
     try:
-        return ipaddress.IPv4Address(value)
-    except (ipaddress.AddressValueError, ValueError):
-        raise ConfigError(f"{name}: {value!r} is not an IPv4 address like 198.18.0.1") from None
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(
+            f"{name}: {value!r} is not an IPv4 or IPv6 address like 198.18.0.1 or 2001:2:0:1::1"
+        ) from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ConfigError(f"{name}: {ip} is not a unicast address")
+    return ip
 
 
 def _interface(value: Any) -> ipaddress.IPv4Interface:

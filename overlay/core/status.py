@@ -6,7 +6,7 @@ The JSON form is a contract (README.md, "overlay status --json"): ``Status.to_js
 exactly its keys, nesting, types and order, and ``Status.from_json()`` reads it back:
 
     {"agent": AgentInfo, "registry": RegistryStatus | null,
-     "wakeups", "peers", "totals", "drops", "fdb", "coalesced_frames", "arp_suppressed",   (DataplaneStatus, flat)
+     "wakeups", "peers", "totals", "drops", "fdb", "coalesced_frames", "arp_suppressed", "nd_suppressed",   (DataplaneStatus, flat)
      "attachments": [Attachment.to_json()], "probes": {host id: ProbeStatus},
      "probe_counters": ProbeCounters | {}}
 
@@ -47,7 +47,7 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     tap: str
     vni: int
-    local: str  # the VTEP's IPv4 address
+    local: str  # the VTEP's address (IPv4 or IPv6)
     port: int
     peers: list[str]  # static peers' VTEP addresses (empty in etcd mode)
     mtu: int
@@ -56,6 +56,8 @@ class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
     source_check: bool
     uptime_s: float
     networks: list[NetworkInfo] = []
+    local6: str | None = None  # a dual-stack host's IPv6 VTEP address
+    unreachable: list[str] = []  # hosts in the registry sharing no underlay family with this one
 
 
 LAG_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -190,6 +192,7 @@ class DataplaneStatus(msgspec.Struct, frozen=True, kw_only=True):
     fdb: FdbStatus
     coalesced_frames: int = 0  # received frames written to the TAP inside TCP super-frames
     arp_suppressed: int = 0  # ARP requests answered from the registry
+    nd_suppressed: int = 0  # IPv6 neighbour solicitations answered from the registry
 
 
 class ProbeStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,12 +1,14 @@
 """What this host's forwarding table holds, given the registry. Pure.
 
 For every VNI this host serves:
-- the flood list is every other member host of the VNI whose host record is known
-  (address and port from ``hosts/<id>``);
+- the flood list is every other member host of the VNI whose host record is known and that
+  shares an underlay family with this host (address and port from ``hosts/<id>``, the family
+  chosen by ``core.underlay``; a host it cannot reach is left out, as if unknown);
 - every endpoint owned by another known host is a REGISTRY entry (MAC -> that host's VTEP);
 - endpoints of this host, of unknown hosts, or on VNIs not served are not forwarded to;
-- the IPv4 addresses of other hosts' endpoints are the neighbours whose ARP requests the
-  agent answers itself (ARP suppression): a request for one never leaves the host. An address
+- the IPv4 and IPv6 addresses of other hosts' endpoints are the neighbours whose ARP requests
+  and neighbour solicitations the agent answers itself (ARP and NS suppression): a request for
+  one never leaves the host. An address
   claimed by two endpoints (a container restarted with a new MAC) goes to the most recently
   written one (highest mod_revision, then highest MAC).
 ``desired`` computes this from scratch. ``Topology`` keeps the table equal to it by applying the
@@ -23,16 +25,30 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
 
-from overlay.core.addresses import ipv4
+from overlay.core.addresses import IPAddress, ipv4, is_ipv4
 from overlay.core.fdb import ForwardingTable, Outcome, Source, Vtep
-from overlay.core.registry import Deleted, Endpoint, EndpointKey, Event, Host, HostKey, MemberKey, Registry
+from overlay.core.registry import Deleted, Endpoint, EndpointKey, Event, HostKey, MemberKey, Registry
+from overlay.core.underlay import Underlay
 
-IPv4 = ipaddress.IPv4Address
 _REFUSED = (Outcome.REFUSED_CAP, Outcome.REFUSED_UNKNOWN_VNI, Outcome.REFUSED_MULTICAST)
 
 
-def vtep_of(host: Host) -> Vtep:
-    return Vtep(ipv4(host.address), host.port)
+def _ip(text: str) -> IPAddress:
+    """An endpoint's address (checked when decoded): IPv4 by the fast parser."""
+    return ipv4(text) if is_ipv4(text) else ipaddress.IPv6Address(text)
+
+
+def _addresses(ep: Endpoint) -> set[str]:
+    return set(ep.ipv4).union(ep.ipv6) if ep.ipv6 else set(ep.ipv4)
+
+
+def _vteps(registry: Registry, host_id: str, underlay: Underlay) -> dict[str, Vtep]:
+    """The VTEP of every other host this one can reach."""
+    out = {}
+    for h, v in registry.hosts().items():
+        if h != host_id and (vtep := underlay.vtep(v)) is not None:
+            out[h] = vtep
+    return out
 
 
 @dataclass
@@ -41,21 +57,21 @@ class Desired:
 
     fdb: dict[int, Vtep]
     flood: set[Vtep]
-    neighbours: dict[IPv4, int]
+    neighbours: dict[IPAddress, int]
 
 
-def desired(registry: Registry, host_id: str, vni: int) -> Desired:
+def desired(registry: Registry, host_id: str, vni: int, underlay: Underlay | None = None) -> Desired:
     """The forwarding state of ``vni`` computed from the whole registry (the reference the
     incremental ``Topology`` is tested against; it walks the VNI)."""
-    vteps = {h: vtep_of(v) for h, v in registry.hosts().items() if h != host_id}
+    vteps = _vteps(registry, host_id, underlay or Underlay.any())
     flood = {vteps[m] for m in registry.members(vni) if m in vteps}
     fdb: dict[int, Vtep] = {}
-    best: dict[IPv4, tuple[int, int]] = {}
+    best: dict[IPAddress, tuple[int, int]] = {}
     for mac, ep, rev in registry.endpoint_entries(vni):
         if ep.host in vteps:
             fdb[mac] = vteps[ep.host]
-            for a in ep.ipv4:
-                ip = ipv4(a)
+            for a in _addresses(ep):
+                ip = _ip(a)
                 if ip not in best or best[ip] < (rev, mac):
                     best[ip] = (rev, mac)
     return Desired(fdb, flood, {ip: mac for ip, (_, mac) in best.items()})
@@ -68,14 +84,17 @@ class _Served:
 
     def __init__(self) -> None:
         self.flood: dict[str, Vtep] = {}  # member host -> its VTEP
-        self.contested: dict[IPv4, dict[int, tuple[int, int]]] = {}  # ip -> claimant MAC -> (rev, mac)
+        self.contested: dict[IPAddress, dict[int, tuple[int, int]]] = {}  # ip -> claimant MAC -> (rev, mac)
         self.refused: set[int] = set()  # MACs the table refused (at its cap): tried again when room is made
 
 
 class Topology:
-    def __init__(self, registry: Registry, table: ForwardingTable, host_id: str) -> None:
+    def __init__(
+        self, registry: Registry, table: ForwardingTable, host_id: str, underlay: Underlay | None = None
+    ) -> None:
         self.registry, self.table, self.host_id = registry, table, host_id
-        self._vteps: dict[str, Vtep] = {h: vtep_of(v) for h, v in registry.hosts().items() if h != host_id}
+        self.underlay = underlay or Underlay.any()
+        self._vteps: dict[str, Vtep] = _vteps(registry, host_id, self.underlay)
         self._served: dict[int, _Served] = {}
         self._dirty: set[int] = set()
         self.now = 0.0
@@ -115,7 +134,7 @@ class Topology:
                     self._endpoint(k.vni, s, k.mac, ev.old, ev.value)  # type: ignore[arg-type]
             elif isinstance(k, HostKey):
                 if k.host != self.host_id:
-                    self._host(k.host, None if isinstance(ev, Deleted) else vtep_of(ev.value))  # type: ignore[arg-type]
+                    self._host(k.host, None if isinstance(ev, Deleted) else self.underlay.vtep(ev.value))  # type: ignore[arg-type]
             elif isinstance(k, MemberKey):
                 s = self._served.get(k.vni)
                 if s is None or k.host == self.host_id:
@@ -187,11 +206,11 @@ class Topology:
         before = self.table.claim(vni, mac, Source.REGISTRY)
         placed = before is not None or mac in s.refused
         after = self._target(new)
-        gone = set(old.ipv4) if old is not None and placed else set()
-        now = set(new.ipv4) if new is not None and after is not None else set()
+        gone = _addresses(old) if old is not None and placed else set()
+        now = _addresses(new) if new is not None and after is not None else set()
         order = (self.registry.revision_of(EndpointKey(vni, mac)), mac)
         for a in gone - now:
-            self._unclaim(vni, s, ipv4(a), mac)
+            self._unclaim(vni, s, _ip(a), mac)
         if after is None:
             if mac in s.refused:
                 s.refused.discard(mac)
@@ -203,9 +222,13 @@ class Topology:
             else:
                 s.refused.discard(mac)
         for a in now:
-            self._claim(vni, s, ipv4(a), mac, order)
+            self._claim(vni, s, _ip(a), mac, order)
 
-    def _claim(self, vni: int, s: _Served, ip: IPv4, mac: int, order: tuple[int, int]) -> None:
+    def unreachable(self) -> list[str]:
+        """Other hosts in the registry that share no underlay family with this one."""
+        return sorted(h for h in self.registry.hosts() if h != self.host_id and h not in self._vteps)
+
+    def _claim(self, vni: int, s: _Served, ip: IPAddress, mac: int, order: tuple[int, int]) -> None:
         """``mac`` (written at ``order``) claims ``ip``; again, if it held it: a newer order."""
         claimants = s.contested.get(ip)
         if claimants is None:
@@ -217,7 +240,7 @@ class Topology:
         claimants[mac] = order
         self.table.set_neighbour(vni, ip, max(claimants.values())[1])
 
-    def _unclaim(self, vni: int, s: _Served, ip: IPv4, mac: int) -> None:
+    def _unclaim(self, vni: int, s: _Served, ip: IPAddress, mac: int) -> None:
         claimants = s.contested.get(ip)
         if claimants is None:
             if self.table.neighbour(vni, ip) == mac:

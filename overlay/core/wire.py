@@ -48,6 +48,7 @@ VNI_MAX = (1 << 24) - 1
 DEFAULT_PORT = 4789  # IANA; Linux's historical default is 8472
 # Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14): a 1500 underlay gives 1450.
 IPV4_OVERHEAD = 20 + 8 + VXLAN_HEADER_LEN + ETH_HEADER_LEN
+IPV6_OVERHEAD = 40 + 8 + VXLAN_HEADER_LEN + ETH_HEADER_LEN  # 70: an IPv6 underlay's default MTU subtracts it
 # An overlay MTU: at least IPv4's minimum, at most what an outer IPv4 datagram can carry.
 MTU_MIN, MTU_MAX = 68, 65535 - IPV4_OVERHEAD
 
@@ -81,6 +82,7 @@ class Drop(enum.IntEnum):
     TAP_WRITE = 11  # receive: the TAP refused the frame
     OVERSIZE = 12  # receive: datagram larger than a buffer slot (truncated, so dropped)
     BAD_OFFLOAD = 13  # send: a TAP frame whose virtio-net header does not describe it
+    ROUTER_ADVERT = 14  # send: an IPv6 router advertisement from a container (never flooded)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
 """Typed API of the compiled fast path (ext/_fastpath.pyx). See its module docstring for the
-pipeline. MACs are 48-bit ints, IPv4 addresses ints in host order, VNIs 0..2**24-1."""
+pipeline. MACs are 48-bit ints, VNIs 0..2**24-1, addresses ints: IPv4 its value (host order), IPv6
+1 << 128 | its value (``overlay.fastpath.api.to_c`` / ``from_c``)."""
 
 from typing import Iterable
 
@@ -27,6 +28,7 @@ class ForwardingCore:
     def fdb_get(self, vni: int, mac: int) -> tuple[int, int] | None: ...
     def fdb_load(self, vni: int, macs: Iterable[int], ip: int, port: int) -> None: ...
     def __len__(self) -> int: ...
+    nd_suppressed: int
     def neigh_set(self, vni: int, ip: int, mac: int) -> None: ...
     def neigh_delete(self, vni: int, ip: int) -> bool: ...
     def drops(self) -> list[int]: ...
@@ -64,6 +66,7 @@ def pump_tx(
     tap_fd: int,
     send_fds: list[int],
     budget: int = 256,
+    send_fds6: list[int] | tuple[int, ...] = (),
 ) -> int: ...
 def pump_rx(
     core: ForwardingCore,

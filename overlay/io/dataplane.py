@@ -5,10 +5,13 @@ encap -> sendmmsg; pump_rx: recvmmsg -> decap -> TAP writes). Python runs once p
 hand sources the fast path has not seen to the forwarding table (learning), and every few
 seconds to age entries. Nothing here touches a packet.
 
-Sockets: a UDP socket bound to (local, port) receives, with UDP_GRO. A pool of UDP sockets
-bound to (local, source ports in 49152-65535) sends, with UDP_SEGMENT, each flow from the
-socket its hash picks, so flows keep distinct and stable source ports for ECMP (ext/io.pxi).
-The sending sockets never read: a BPF filter that accepts nothing keeps stray datagrams out.
+Sockets, per underlay family this host has (IPv4, IPv6 or both): a UDP socket bound to
+(local, port) receives, with UDP_GRO. A pool of UDP sockets bound to (local, source ports in
+49152-65535) sends, with UDP_SEGMENT, each flow from the socket its hash picks, so flows keep
+distinct and stable source ports for ECMP (ext/io.pxi); a VTEP is sent to from the pool of its
+family. Outer packets are never fragmented (IP_PMTUDISC_DO; IPV6_DONTFRAG and
+IPV6_PMTUDISC_DO). The sending sockets never read: a BPF filter that accepts nothing keeps
+stray datagrams out. IPv6 sockets are IPv6-only (IPV6_V6ONLY), so a family is one socket set.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ import struct
 import time
 from typing import Callable
 
+from overlay.core.addresses import IPAddress
 from overlay.core.fdb import ForwardingTable, Source, Vtep
 from overlay.core.status import DataplaneStatus, FdbStatus, PeerTraffic, Totals, Wakeups
 from overlay.core.wire import Drop, mac_to_str
 from overlay.fastpath import api as fp
-from overlay.fastpath.api import ForwardingCore, FrameBatch
+from overlay.fastpath.api import ForwardingCore, FrameBatch, from_c
 
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # never fragment outer packets
+IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_DONTFRAG = 23, 2, 62  # nor on IPv6
 SO_ATTACH_FILTER = 26
 SOL_UDP, UDP_GRO = 17, 104
 SEND_SOCKETS = 8  # source ports per host; ECMP spreads flows over them
@@ -58,14 +63,14 @@ def _drop_all_filter() -> tuple[bytes, ctypes.Array[ctypes.c_uint64]]:
     return struct.pack("HL", 1, ctypes.addressof(program)), program
 
 
-def _bind_error(e: OSError, local: ipaddress.IPv4Address, port: int) -> DataplaneError:
+def _bind_error(e: OSError, local: IPAddress, port: int) -> DataplaneError:
     if e.errno == errno.EADDRINUSE:
         return DataplaneError(
             f"UDP port {port} on {local} is in use (another overlay agent or a kernel vxlan "
             f"device?): stop it, or choose another --port"
         )
     if e.errno == errno.EADDRNOTAVAIL:
-        return DataplaneError(f"--local {local} is not an address of this host")
+        return DataplaneError(f"--local {local} is not an address of this host (or still tentative: IPv6 DAD)")
     return DataplaneError(f"cannot bind UDP {local}:{port}: {e.strerror}")
 
 
@@ -76,11 +81,24 @@ def _set_buffer(sock: socket.socket, opt: int, force: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
-def _sender(local: ipaddress.IPv4Address, k: int) -> socket.socket:
+def _socket(local: IPAddress) -> socket.socket:
+    """A UDP socket of ``local``'s family that never fragments what it sends."""
+    if local.version == 4:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+        return sock
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
+    return sock
+
+
+def _sender(local: IPAddress, k: int) -> socket.socket:
     """Sending socket k, bound to a source port in 49152-65535 (the next free candidate)."""
     for attempt in range(64):
         port = 49152 + (k * 2053 + attempt * 257 + int(local)) % 16384
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = _socket(local)
         try:
             sock.bind((str(local), port))
         except OSError as e:
@@ -90,15 +108,15 @@ def _sender(local: ipaddress.IPv4Address, k: int) -> socket.socket:
             raise _bind_error(e, local, port) from None
         prog, _keep = _drop_all_filter()
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
-        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
         _set_buffer(sock, socket.SO_SNDBUF, 32)
         return sock
     raise DataplaneError(f"no free UDP source port in 49152-65535 on {local}")
 
 
-def open_sockets(local: ipaddress.IPv4Address, port: int) -> tuple[socket.socket, list[socket.socket]]:
-    """(receiving UDP socket, sending UDP sockets); DataplaneError with the fix on failure."""
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def open_sockets(local: IPAddress, port: int) -> tuple[socket.socket, list[socket.socket]]:
+    """(receiving UDP socket, sending UDP sockets) on ``local`` (either family); DataplaneError
+    with the fix on failure."""
+    udp = _socket(local)
     senders: list[socket.socket] = []
     try:
         try:
@@ -120,17 +138,20 @@ def open_sockets(local: ipaddress.IPv4Address, port: int) -> tuple[socket.socket
 
 
 class Dataplane:
-    """The running data path: one TAP per network (VNI), one UDP socket for all."""
+    """The running data path: one TAP per network (VNI), one UDP socket per underlay family
+    for all (``local`` of either family, ``local6`` beside an IPv4 ``local`` on a dual-stack
+    host)."""
 
     def __init__(
         self,
         core: ForwardingCore,
         table: ForwardingTable,
         taps: dict[int, int],
-        local: ipaddress.IPv4Address,
+        local: IPAddress,
         port: int,
         mtu: int,
         clock: Callable[[], float] = time.monotonic,
+        local6: ipaddress.IPv6Address | None = None,
     ) -> None:
         self.core, self.table = core, table
         self.taps, self.local, self.port = dict(taps), local, port  # VNI -> TAP fd
@@ -138,8 +159,21 @@ class Dataplane:
         for vni, fd in self.taps.items():
             core.vni_tap(vni, fd)  # received frames go to their network's TAP
         self.clock = clock
-        self.udp, self.senders = open_sockets(local, port)
-        self.send_fds = [s.fileno() for s in self.senders]
+        self.udps: list[socket.socket] = []
+        self.senders: list[socket.socket] = []
+        sends: dict[int, list[int]] = {4: [], 6: []}
+        try:
+            for address in (local, local6):
+                if address is not None:
+                    udp, senders = open_sockets(address, port)
+                    self.udps.append(udp)
+                    self.senders += senders
+                    sends[address.version] = [s.fileno() for s in senders]
+        except DataplaneError:
+            self._close_sockets()
+            raise
+        self.udp = self.udps[0]  # the first family's receiving socket
+        self.send_fds, self.send_fds6 = sends[4], sends[6]
         frame = slot_size(mtu + 18)  # + Ethernet header and a VLAN tag
         self.reads = FrameBatch(READS, slot_size=slot_size(MAX_READ))
         self.frames = FrameBatch(FRAMES, slot_size=frame)
@@ -156,23 +190,29 @@ class Dataplane:
         self._loop = loop
         for vni, fd in self.taps.items():
             loop.add_reader(fd, self._on_tap, vni, fd)
-        loop.add_reader(self.udp.fileno(), self._on_udp)
+        for udp in self.udps:
+            loop.add_reader(udp.fileno(), self._on_udp, udp.fileno())
         self._maintenance = loop.create_task(self._maintain())
+
+    def _close_sockets(self) -> None:
+        for s in self.udps + self.senders:
+            s.close()
 
     def stop(self) -> None:
         if self._loop is not None:
             for fd in self.taps.values():
                 self._loop.remove_reader(fd)
-            self._loop.remove_reader(self.udp.fileno())
+            for udp in self.udps:
+                self._loop.remove_reader(udp.fileno())
         if self._maintenance is not None:
             self._maintenance.cancel()
-        self.udp.close()
-        for s in self.senders:
-            s.close()
+        self._close_sockets()
 
     def _on_tap(self, vni: int, fd: int) -> None:
         self.wakeups["tx"] += 1
-        self.wakeups["tx_frames"] += fp.pump_tx(self.core, self.reads, self.frames, vni, fd, self.send_fds, BUDGET)
+        self.wakeups["tx_frames"] += fp.pump_tx(
+            self.core, self.reads, self.frames, vni, fd, self.send_fds, BUDGET, self.send_fds6
+        )
         if self.reads.io_error:
             self._fatal(f"the TAP failed ({os.strerror(self.reads.io_error)}): was it deleted?")
         if self.on_local is not None:
@@ -185,13 +225,14 @@ class Dataplane:
         if self._loop is not None:
             for fd in self.taps.values():
                 self._loop.remove_reader(fd)
-            self._loop.remove_reader(self.udp.fileno())
+            for udp in self.udps:
+                self._loop.remove_reader(udp.fileno())
         self.on_fatal(message)
 
-    def _on_udp(self) -> None:
+    def _on_udp(self, fd: int) -> None:
         self.wakeups["rx"] += 1
         self.wakeups["rx_frames"] += fp.pump_rx(
-            self.core, self.messages, self.datagrams, self.merge, self.udp.fileno(), self.tap_fd, BUDGET
+            self.core, self.messages, self.datagrams, self.merge, fd, self.tap_fd, BUDGET
         )
         if self.messages.io_error:
             self._fatal(f"the UDP socket failed: {os.strerror(self.messages.io_error)}")
@@ -201,7 +242,7 @@ class Dataplane:
             now = self.clock()
             for vni, mac, ip in learned:
                 try:
-                    self.table.learn(vni, mac, Vtep(ipaddress.IPv4Address(ip), self.port), now)
+                    self.table.learn(vni, mac, Vtep(from_c(ip), self.port), now)
                 except (OverflowError, MemoryError):  # the C table is out of VTEP ids: not learned
                     self.table.counters.refused_table_full += 1
 
@@ -218,9 +259,7 @@ class Dataplane:
 
     def status(self) -> DataplaneStatus:
         peers = [
-            PeerTraffic(
-                vtep=f"{ipaddress.IPv4Address(ip)}:{port}", rx_frames=rx_f, rx_bytes=rx_b, tx_frames=tx_f, tx_bytes=tx_b
-            )
+            PeerTraffic(vtep=str(Vtep(from_c(ip), port)), rx_frames=rx_f, rx_bytes=rx_b, tx_frames=tx_f, tx_bytes=tx_b)
             for ip, port, rx_f, rx_b, tx_f, tx_b in self.core.vtep_stats()
         ]
         drops = self.core.drops()
@@ -250,6 +289,7 @@ class Dataplane:
             ),
             coalesced_frames=self.core.coalesced,
             arp_suppressed=self.core.arp_suppressed,
+            nd_suppressed=self.core.nd_suppressed,
         )
 
     def fdb(self) -> list[dict[str, object]]:

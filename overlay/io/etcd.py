@@ -146,6 +146,8 @@ async def open_client(
     raised as it came; callers say what it means to their user. The one way to connect to etcd:
     the agent's EtcdClient and the operator commands both use it."""
     host, port = parse_endpoint(url)
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address: gRPC's target is [V6]:PORT
     common = {"username": user, "password": password, "timeout": REQUEST_TIMEOUT, "options": GRPC_OPTIONS}
     client: aetcd.Client = (
         SecureClient(host, port, tls=tls, **common) if tls is not None else aetcd.Client(host, port, **common)

@@ -115,6 +115,11 @@ class StatusCollector(Collector):
         yield CounterMetricFamily(
             "overlay_arp_suppressed", "ARP requests answered by the agent from the registry.", float(d.arp_suppressed)
         )
+        yield CounterMetricFamily(
+            "overlay_nd_suppressed",
+            "IPv6 neighbour solicitations answered by the agent from the registry.",
+            float(d.nd_suppressed),
+        )
 
     def _table(self, fdb: FdbStatus) -> Iterator[Metric]:
         size = GaugeMetricFamily("overlay_fdb_entries", "Forwarding-table entries, by source.", labels=["source"])

@@ -12,12 +12,14 @@ import errno
 import fcntl
 import ipaddress
 import os
+import socket
 
 import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from overlay.core.wire import IPV4_OVERHEAD, mac_to_str
+from overlay.core.addresses import IPAddress
+from overlay.core.wire import IPV4_OVERHEAD, IPV6_OVERHEAD, mac_to_str
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETOFFLOAD = 0x400454D0
@@ -103,21 +105,23 @@ class Tap:
         self._device.close()
 
 
-def underlay_mtu(local: ipaddress.IPv4Address) -> tuple[str, int]:
-    """(interface name, MTU) of the interface that holds ``local`` in this network namespace."""
+def underlay_mtu(local: IPAddress) -> tuple[str, int]:
+    """(interface name, MTU) of the interface that holds ``local`` (either family) in this
+    network namespace."""
     with IPRoute() as ipr:
-        addrs = ipr.get_addr(family=2)
+        addrs = ipr.get_addr(family=socket.AF_INET if local.version == 4 else socket.AF_INET6)
         for a in addrs:  # IFA_LOCAL is ours on point-to-point links, where IFA_ADDRESS is the peer's
-            if (a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) == str(local):
+            if ipaddress.ip_address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) == local:
                 link = ipr.get_links(a["index"])[0]
                 return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
-        have = sorted({a.get_attr("IFA_ADDRESS") for a in addrs} - {"127.0.0.1"})
+        have = sorted({a.get_attr("IFA_ADDRESS") for a in addrs} - {"127.0.0.1", "::1"})
         raise TapError(
             f"--local {local} is not an address of this host (network namespace); "
             f"addresses here: {', '.join(have) or 'none but loopback'}"
         )
 
 
-def default_overlay_mtu(local: ipaddress.IPv4Address) -> int:
-    """The underlay interface's MTU minus the VXLAN overhead (50 bytes on IPv4)."""
-    return underlay_mtu(local)[1] - IPV4_OVERHEAD
+def default_overlay_mtu(*locals: IPAddress) -> int:
+    """The underlay interface's MTU minus the VXLAN overhead (50 bytes on IPv4, 70 on IPv6);
+    on a dual-stack host the smaller of the two, so a frame fits whichever family carries it."""
+    return min(underlay_mtu(a)[1] - (IPV4_OVERHEAD if a.version == 4 else IPV6_OVERHEAD) for a in locals)

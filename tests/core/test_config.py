@@ -54,7 +54,7 @@ def test_duplicate_peers_collapse() -> None:
         ({"port": "0"}, "port: '0' is not an integer from 1 to 65535"),
         ({"mtu": "60"}, "mtu: '60' is not an integer from 68"),
         ({"peer": ["198.18.0.1"]}, "own --local address"),
-        ({"peer": ["nope"]}, "peer: 'nope' is not an IPv4 address"),
+        ({"peer": ["nope"]}, "peer: 'nope' is not an IPv4 or IPv6 address"),
         ({"mac": "ff:ff:ff:ff:ff:ff"}, "group or null"),
         ({"mac": "02:00:00:00:00"}, "six hex pairs"),
         ({"tap": "x" * 16}, "not an interface name"),

@@ -1,0 +1,53 @@
+"""Which underlay family two hosts talk over. Pure.
+
+A host has an IPv4 underlay address, an IPv6 one, or both (``hosts/<id>``: ``address`` of
+either family, ``address6`` beside an IPv4 ``address``). Two hosts talk over a family they
+share: when they share both, IPv6 unless this host's ``--underlay-family`` says 4. A host
+that shares no family with this one cannot be reached: it gets no VTEP (it is left out of
+flood lists and forwarding, and counted as unreachable), rather than one this host has no
+socket for.
+
+Both ends choose by the same rule, so with the default on both a dual-stack pair talks IPv6
+both ways; a host that prefers 4 talks IPv4 to its peers while they may answer over IPv6.
+The receive side accepts either, because a member's VTEP is the address its datagrams come
+from only for the family chosen, so hosts that want the source check to hold both ways
+should agree on the preference (the default does).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from overlay.core.fdb import Vtep
+from overlay.core.registry import Host
+
+UNDERLAY_FAMILIES = {"auto": 6, "6": 6, "4": 4}  # --underlay-family -> the family preferred
+
+
+@dataclass(frozen=True)
+class Underlay:
+    """This host's underlay addresses and the family it prefers when a peer has both."""
+
+    v4: ipaddress.IPv4Address | None = None
+    v6: ipaddress.IPv6Address | None = None
+    prefer: int = 6
+
+    @classmethod
+    def any(cls) -> Underlay:
+        """A host that reaches both families (tests, and tools that only read the registry)."""
+        return cls(ipaddress.IPv4Address("0.0.0.1"), ipaddress.IPv6Address("::1"))
+
+    @property
+    def families(self) -> frozenset[int]:
+        return frozenset(f for f, a in ((4, self.v4), (6, self.v6)) if a is not None)
+
+    def vtep(self, host: Host) -> Vtep | None:
+        """The VTEP to send to ``host`` at (a checked registry value), or None when the two
+        share no underlay family."""
+        v4, v6 = host.addresses()
+        if v6 is not None and self.v6 is not None and (self.prefer == 6 or v4 is None or self.v4 is None):
+            return Vtep(v6, host.port)
+        if v4 is not None and self.v4 is not None:
+            return Vtep(v4, host.port)
+        return None
