@@ -23,7 +23,7 @@ LO6 = ipaddress.IPv6Address("::1")
 
 
 def solicit(target: str, src: str = "2001:2:0:42::1", hlim: int = 255, opt: bool = True) -> bytes:
-    from scapy.layers.inet6 import IPv6, ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr
+    from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr, IPv6
     from scapy.layers.l2 import Ether
 
     t = ipaddress.IPv6Address(target)
@@ -72,7 +72,7 @@ def lookup(ip: ipaddress.IPv6Address) -> int | None:
 
 
 def test_a_solicitation_for_a_known_address_is_answered_on_the_tap_as_the_reference_does(pair) -> None:
-    from scapy.layers.inet6 import IPv6, ICMPv6ND_NA, ICMPv6NDOptDstLLAddr
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
     from scapy.layers.l2 import Ether
 
     core, udp, send, tap_agent, tap_kernel = pair
@@ -108,7 +108,7 @@ def test_unknown_targets_dad_probes_and_odd_solicitations_flood_as_before(pair) 
 
 
 def test_a_router_advertisement_from_a_container_is_dropped_and_counted(pair) -> None:
-    from scapy.layers.inet6 import IPv6, ICMPv6ND_RA
+    from scapy.layers.inet6 import ICMPv6ND_RA, IPv6
     from scapy.layers.l2 import Ether
 
     core, udp, send, tap_agent, tap_kernel = pair
