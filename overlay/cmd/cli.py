@@ -449,7 +449,7 @@ def add_lab(sub: Any) -> None:
         help="make or remove a lab of hosts (network namespaces on a bridge)",
         description=(
             "A lab of hosts on this machine: network namespaces <name>-h1..hN, each with eth0 "
-            "on 198.18.0.N/24, joined by bridge br0 in namespace <name>-sw. 'down' kills "
+            "on 198.18.0.N/24 (2001:2:0:1::N/64 with --ipv6), joined by bridge br0 in namespace <name>-sw. 'down' kills "
             "everything still running in them and deletes them."
         ),
     )

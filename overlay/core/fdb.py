@@ -47,6 +47,10 @@ class Vtep(NamedTuple):
     def __str__(self) -> str:
         return format_address(str(self.ip), self.port)
 
+    def order(self) -> tuple[int, IPAddress, int]:
+        """A sort key across families (addresses of two families do not compare)."""
+        return (self.ip.version, self.ip, self.port)
+
 
 class Source(enum.IntEnum):
     """Where an entry came from; a higher value takes precedence."""
@@ -184,7 +188,7 @@ class ForwardingTable:
     def set_flood(self, vni: int, vteps: Sequence[Vtep]) -> None:
         """Replace the flood list of ``vni`` (order-insensitive, duplicates removed)."""
         net = self._net(vni)
-        flood = tuple(sorted(set(vteps)))
+        flood = tuple(sorted(set(vteps), key=Vtep.order))
         if flood != net.flood:
             net.flood = flood
             self.sink.flood_set(vni, flood)

@@ -191,7 +191,7 @@ def test_agent_reads_a_toml_config_and_flags_override_it(labs: Labs, tmp_path: P
     ("flags", "message"),
     [
         (["--vni", "16777216"], "vni: '16777216' is not an integer from 0 to 16777215"),
-        (["--vni", "42", "--local", "198.18.0.300"], "local: '198.18.0.300' is not an IPv4 address"),
+        (["--vni", "42", "--local", "198.18.0.300"], "local: '198.18.0.300' is not an IPv4 or IPv6 address"),
         (["--vni", "42", "--local", "198.18.0.1", "--mac", "01:00:5e:00:00:01"], "group or null address"),
         (["--vni", "42", "--local", "198.18.0.1", "--address", "198.19.0.1"], "needs a prefix length"),
         (["--vni", "42", "--local", "198.18.0.1", "--tap", "a/b"], "is not an interface name"),

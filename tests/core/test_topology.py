@@ -32,6 +32,7 @@ from overlay.core.registry import (
     Value,
 )
 from overlay.core.topology import Topology, desired
+from overlay.core.underlay import Underlay
 
 IPv4 = ipaddress.IPv4Address
 P = "/overlay/v1"
@@ -39,11 +40,35 @@ SCHEMA = Schema(P)
 SELF = "self"
 HOSTS = [SELF, "h1", "h2", "h3", "h4"]
 OWNERS = [*HOSTS, "ghost"]  # "ghost" never has a host record: its endpoints are not forwarded to
-UNDERLAY = [f"198.18.0.{i}" for i in range(1, 10)]
+UNDERLAY = [f"198.18.0.{i}" for i in range(1, 10)] + [  # IPv6-only and dual-stack hosts ("v4|v6") too
+    "2001:2:0:1::1",
+    "2001:2:0:1::2",
+    "198.18.0.3|2001:2:0:1::3",
+    "198.18.0.4|2001:2:0:1::4",
+]
 PORTS = [4789, 4790]
 VNIS = [42, 43]  # the topology serves 42 from the start, 43 only after a serve()
 MACS = [0x020000000001 + i for i in range(8)]
-ADDRESSES = [f"198.19.42.{i}" for i in range(1, 6)]  # few: several endpoints contest each
+ADDRESSES = [f"198.19.42.{i}" for i in range(1, 6)] + ["2001:2:0:42::1", "2001:2:0:42::2"]  # few: contested
+# This host's underlay: both families, IPv4 only preferring nothing else, IPv6 only, both preferring 4.
+UNDERLAYS = {
+    "any": Underlay.any(),
+    "v4": Underlay(ipaddress.IPv4Address("198.18.0.100")),
+    "v6": Underlay(None, ipaddress.IPv6Address("2001:2:0:1::100")),
+    "dual4": Underlay(ipaddress.IPv4Address("198.18.0.100"), ipaddress.IPv6Address("2001:2:0:1::100"), prefer=4),
+}
+
+
+def host_value(address: str, port: int) -> Host:
+    v4, _, v6 = address.partition("|")
+    return Host(v4, port, address6=v6 or None)
+
+
+def endpoint_value(owner: str, ips: Iterable[str]) -> Endpoint:
+    ips = list(ips)
+    return Endpoint(owner, [a for a in ips if ":" not in a], [a for a in ips if ":" in a])
+
+
 BIG = 1 << 20  # max_per_vni: the cap never refuses in the property tests
 
 
@@ -127,15 +152,16 @@ class World:
     only (the agent's Scope): what is outside it is not watched, a network is read when it is
     served and forgotten (``drop``) when it no longer is."""
 
-    def __init__(self, scoped: bool = False, max_per_vni: int = BIG) -> None:
+    def __init__(self, scoped: bool = False, max_per_vni: int = BIG, underlay: str = "any") -> None:
         self.scoped = scoped
+        self.underlay = UNDERLAYS[underlay]
         self.truth: dict[str, tuple[Value, int]] = {}
         self.rev = 1
         self.now = 0.0
         self.registry = Registry(SCHEMA)
         self.sink = RecordingSink()
         self.table = ForwardingTable(self.sink, max_per_vni=max_per_vni)
-        self.topology = Topology(self.registry, self.table, SELF)  # before the first read, as the agent
+        self.topology = Topology(self.registry, self.table, SELF, self.underlay)  # before the first read
         self.served: set[int] = set()
 
     def start(self, initial: Iterable[tuple[object, ...]] = ()) -> None:
@@ -158,7 +184,7 @@ class World:
         kind = op[0]
         if kind == "host":
             _, host, address, port = op
-            return [(SCHEMA.key(HostKey(host)), Host(address, port))]  # type: ignore[arg-type]
+            return [(SCHEMA.key(HostKey(host)), host_value(address, port))]  # type: ignore[arg-type]
         if kind == "host_del":
             return [(SCHEMA.key(HostKey(op[1])), None)]  # type: ignore[arg-type]
         if kind == "member":
@@ -167,7 +193,7 @@ class World:
             return [(SCHEMA.key(MemberKey(op[1], op[2])), None)]  # type: ignore[arg-type]
         if kind == "endpoint":
             _, vni, mac, owner, ips = op
-            return [(mac_key(vni, mac), Endpoint(owner, list(ips)))]  # type: ignore[arg-type]
+            return [(mac_key(vni, mac), endpoint_value(owner, ips))]  # type: ignore[arg-type]
         if kind == "endpoint_del":
             return [(mac_key(op[1], op[2]), None)]  # type: ignore[arg-type]
         if kind == "network":
@@ -185,7 +211,7 @@ class World:
             if not eps:
                 return []
             k, ep = eps[op[1] % len(eps)]  # type: ignore[operator]
-            return [(k, Endpoint(op[2], ep.ipv4) if kind == "move" else Endpoint(ep.host, list(op[2])))]  # type: ignore[arg-type]
+            return [(k, Endpoint(op[2], ep.ipv4, ep.ipv6) if kind == "move" else endpoint_value(ep.host, op[2]))]  # type: ignore[arg-type]
         if kind == "txn":  # several writes in one transaction: one revision, each key once
             return list(dict(m for o in op[1] for m in self.mutations(o)).items())  # type: ignore[attr-defined]
         raise AssertionError(op)
@@ -266,7 +292,7 @@ class World:
     def learn(self, vni: int, mac: int, address: str) -> None:
         if vni in self.served:
             self.now += 1
-            self.table.learn(vni, mac, Vtep.parse(address), self.now)
+            self.table.learn(vni, mac, Vtep.parse(address.partition("|")[0]), self.now)
             self.check()
 
     def run(self, op: tuple[object, ...]) -> None:
@@ -290,7 +316,7 @@ class World:
     def check(self) -> None:
         assert self.table.vnis() == sorted(self.served)
         for vni in self.served:
-            want = desired(self.registry, SELF, vni)
+            want = desired(self.registry, SELF, vni, self.underlay)
             fdb = {e.mac: e.vtep for e in self.table.entries() if e.vni == vni and e.source is Source.REGISTRY}
             if self.table.max_per_vni < BIG:  # desired() knows no cap: what is held is right
                 assert fdb.items() <= want.fdb.items(), f"vni {vni}: forwarding entries"
@@ -392,12 +418,12 @@ HOST_DIES_IN_A_GAP = (
 
 @pytest.mark.parametrize("scoped", [False, True], ids=["everything", "scoped"])
 @SETTINGS
-@given(initial=INITIAL, ops=OPS)
-@example(initial=HOST_DIES_IN_A_GAP[0], ops=HOST_DIES_IN_A_GAP[1])
+@given(initial=INITIAL, ops=OPS, underlay=st.sampled_from(sorted(UNDERLAYS)))
+@example(initial=HOST_DIES_IN_A_GAP[0], ops=HOST_DIES_IN_A_GAP[1], underlay="any")
 def test_the_table_equals_desired_after_every_event(
-    initial: list[tuple[object, ...]], ops: list[tuple[object, ...]], scoped: bool
+    initial: list[tuple[object, ...]], ops: list[tuple[object, ...]], scoped: bool, underlay: str
 ) -> None:
-    w = World(scoped=scoped)
+    w = World(scoped=scoped, underlay=underlay)
     w.start(initial)
     for op in ops:
         w.run(op)
@@ -490,7 +516,11 @@ def test_one_endpoint_event_touches_its_mac_and_its_addresses_only(op: tuple[obj
     neighbours = dict(w.sink.neigh)
     w.watched(op)
     after = w.registry.endpoint(vni, mac)
-    ips = {IPv4(a) for ep in (before, after) if ep is not None for a in ep.ipv4} if vni == 42 else set()
+    ips = (
+        {ipaddress.ip_address(a) for ep in (before, after) if ep is not None for a in ep.ipv4 + ep.ipv6}
+        if vni == 42
+        else set()
+    )
     # at most one change of the MAC's entry (set, move or delete), no flood list
     assert w.sink.calls["fdb_set"] + w.sink.calls["fdb_delete"] <= 1 and w.sink.calls["flood_set"] == 0
     assert set(w.sink.touched("fdb_set", "fdb_delete")) <= ({mac} if vni == 42 else set())
