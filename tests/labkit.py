@@ -20,18 +20,23 @@ _numbers = itertools.count(1)
 
 
 @contextmanager
-def new_lab(hosts: int = 3, prefix: str = "t") -> Iterator[Lab]:
+def new_lab(hosts: int = 3, prefix: str = "t", *, ipv6: bool = False, dual_stack: bool = False) -> Iterator[Lab]:
     """The one way tests build a lab: ``hosts`` namespaces on a bridge, named uniquely for this
     run (``prefix``, the pid, a counter), torn down afterwards, also when the test fails. The
-    ``labs`` fixture (tests/conftest.py) gives the same per test."""
-    with Lab(f"{prefix}{os.getpid() % 100000}x{next(_numbers)}", hosts=hosts) as lab:
+    ``labs`` fixture (tests/conftest.py) gives the same per test. ``ipv6``: an IPv6-only
+    underlay (2001:2:0:1::N/64), ``dual_stack``: both (overlay/lab/netns.py, the address plan)."""
+    name = f"{prefix}{os.getpid() % 100000}x{next(_numbers)}"
+    with Lab(name, hosts=hosts, ipv6=ipv6, dual_stack=dual_stack) as lab:
         yield lab
 
 
 @contextmanager
-def new_lab_with_etcd(hosts: int = 3, prefix: str = "t") -> Iterator[tuple[Lab, etcdlab.EtcdServer]]:
-    """``new_lab`` plus a real etcd in its service host (198.18.0.250), stopped before the lab goes."""
-    with new_lab(hosts, prefix) as lab, etcdlab.single(lab) as etcd:
+def new_lab_with_etcd(
+    hosts: int = 3, prefix: str = "t", *, ipv6: bool = False, dual_stack: bool = False
+) -> Iterator[tuple[Lab, etcdlab.EtcdServer]]:
+    """``new_lab`` plus a real etcd in its service host (198.18.0.250; 2001:2:0:1::250 in an
+    IPv6-only lab), stopped before the lab goes."""
+    with new_lab(hosts, prefix, ipv6=ipv6, dual_stack=dual_stack) as lab, etcdlab.single(lab) as etcd:
         yield lab, etcd
 
 
@@ -47,11 +52,13 @@ class Labs:
     def __init__(self, stack: ExitStack) -> None:
         self.stack = stack
 
-    def __call__(self, hosts: int = 3, prefix: str = "t") -> Lab:
-        return self.stack.enter_context(new_lab(hosts, prefix))
+    def __call__(self, hosts: int = 3, prefix: str = "t", *, ipv6: bool = False, dual_stack: bool = False) -> Lab:
+        return self.stack.enter_context(new_lab(hosts, prefix, ipv6=ipv6, dual_stack=dual_stack))
 
-    def with_etcd(self, hosts: int = 3, prefix: str = "t") -> tuple[Lab, etcdlab.EtcdServer]:
-        return self.stack.enter_context(new_lab_with_etcd(hosts, prefix))
+    def with_etcd(
+        self, hosts: int = 3, prefix: str = "t", *, ipv6: bool = False, dual_stack: bool = False
+    ) -> tuple[Lab, etcdlab.EtcdServer]:
+        return self.stack.enter_context(new_lab_with_etcd(hosts, prefix, ipv6=ipv6, dual_stack=dual_stack))
 
 
 def agent_argv(lab: Lab, host: int, peers: list[int], *extra: str, tap: str = "ovl0") -> list[str]:

@@ -13,6 +13,12 @@ What an operator would do by hand, in one command:
   because the overlay keeps the networks apart;
 - `overlay host ls`, the registry as etcd holds it, one agent's status.
 Everything is removed at the end, also after an error or Ctrl-C.
+
+With ``ipv6=True`` (`overlay demo --ipv6`) the same on an IPv6-only underlay (2001:2:0:1::/64:
+the agents run with ``--local <their IPv6 address>``, etcd listens on 2001:2:0:1::250), and the
+networks are dual-stack (``--subnet6 2001:2:0:<vni>::/64`` beside their IPv4 subnet), so every
+container also gets an IPv6 address from `overlay attach` and the ping matrix runs over IPv4
+and over IPv6 (``ping -6``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,29 @@ def subnet(vni: int) -> str:
     return f"198.19.{vni}.0/24"
 
 
-def main(hosts: int = 3) -> int:
+def subnet6(vni: int) -> str:
+    """A network's IPv6 subnet: 2001:2:0:<vni>::/64, the VNI's decimal digits as the group
+    (mirroring 198.19.<vni>.0/24)."""
+    return f"2001:2:0:{vni}::/64"
+
+
+def _bare(address: str) -> str:
+    return address.split("/")[0]
+
+
+def _ipv6_ready(lab: Lab, ns: str, ifname: str) -> bool:
+    """Whether ``ifname`` in ``ns`` has an IPv6 address that is no longer tentative (DAD done);
+    LabError if duplicate address detection failed."""
+
+    def shown(*flags: str) -> str:
+        return lab.run(ns, ["ip", "-6", "-o", "addr", "show", "dev", ifname, "scope", "global", *flags]).stdout
+
+    if shown("dadfailed").strip():
+        raise LabError(f"duplicate address detection failed in {ns}: {shown().strip()}")
+    return bool(shown().strip()) and not shown("tentative").strip()
+
+
+def main(hosts: int = 3, ipv6: bool = False) -> int:
     if os.geteuid() != 0:
         print("overlay: error: the demo builds network namespaces: run it as root", file=sys.stderr)
         return 1
@@ -43,17 +71,24 @@ def main(hosts: int = 3) -> int:
         return 2
     overlay = [sys.executable, "-m", "overlay"]
     logs = Path(tempfile.mkdtemp(prefix="overlay-demo-"))
-    lab = Lab(f"demo{os.getpid() % 10000}", hosts=hosts)
+    lab = Lab(f"demo{os.getpid() % 10000}", hosts=hosts, ipv6=ipv6)
+    families = ("IPv4", "IPv6") if ipv6 else ("IPv4",)
     etcd = None
     try:
-        print(f"lab: {hosts} hosts as network namespaces on a bridge, underlay 198.18.0.0/24")
+        underlay = "2001:2:0:1::/64 (IPv6 only)" if ipv6 else "198.18.0.0/24"
+        print(f"lab: {hosts} hosts as network namespaces on a bridge, underlay {underlay}")
         lab.up()
         etcd = etcdlab.single(lab)
         print(f"etcd: {etcd.endpoint} in namespace {etcd.namespace} (data in {etcd.data_dir})")
         for name, vni in NETWORKS.items():
+            v6 = ["--subnet6", subnet6(vni)] if ipv6 else []
             out = lab.run(
                 1,
-                [*overlay, "net", "create", str(vni), "--name", name, "--subnet", subnet(vni), "--etcd", etcd.endpoint],
+                [
+                    *overlay,
+                    *("net", "create", str(vni), "--name", name, "--subnet", subnet(vni), *v6),
+                    *("--etcd", etcd.endpoint),
+                ],
             )
             print(f"  {out.stdout.strip()}")
         for h in range(1, hosts + 1):
@@ -89,40 +124,64 @@ def main(hosts: int = 3) -> int:
 
         print("\ncontainers (namespaces), attached with 'overlay attach <netns> --net <network>':")
         containers: dict[str, tuple[int, str, str]] = {}  # name -> (host, network, address)
+        addresses6: dict[str, tuple[str, str]] = {}  # name -> (its IPv6 address, its interface); ipv6 only
         for h in range(1, hosts + 1):
             for name, vni in NETWORKS.items():
                 c = f"{name[0]}{h}"
                 ns = lab.add_container(c)
                 out = lab.run(h, [*overlay, "attach", ns, "--net", name, "--json"])
                 a = json.loads(out.stdout)
-                containers[c] = (h, name, a["address"].split("/")[0])
+                containers[c] = (h, name, _bare(a["address"]))
                 other = next(v for n, v in NETWORKS.items() if n != name)
                 lab.run(ns, ["ip", "route", "add", subnet(other), "dev", a["ifname"]])
+                shown6 = ""
+                if ipv6:
+                    if not a.get("address6"):
+                        raise LabError(f"'overlay attach {ns} --net {name}' gave no IPv6 address: {out.stdout.strip()}")
+                    addresses6[c] = (_bare(a["address6"]), a["ifname"])
+                    lab.run(ns, ["ip", "-6", "route", "add", subnet6(other), "dev", a["ifname"]])
+                    shown6 = f"{a['address6']:22} "
                 print(
-                    f"  {c:4} on host {h}  network {name:4} (VNI {vni})  {a['address']:16} {a['mac']}  "
+                    f"  {c:4} on host {h}  network {name:4} (VNI {vni})  {a['address']:16} {shown6}{a['mac']}  "
                     f"[{lab.container_ns(c)}]"
                 )
-
-        print("\npings between every pair of containers (ok = answered, -- = no answer):")
-        pings = {
-            (src, dst): lab.spawn(
-                lab.container_ns(src),
-                ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", containers[dst][2]],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+        for c, (_, ifname) in addresses6.items():  # pings from a tentative address would go nowhere
+            wait_for(
+                lambda c=c, ifname=ifname: _ipv6_ready(lab, lab.container_ns(c), ifname),
+                10,
+                f"the IPv6 address of container {c} to leave the tentative state",
             )
-            for src in containers
-            for dst in containers
-            if src != dst
-        }
-        answered = {pair: proc.wait(timeout=30) == 0 for pair, proc in pings.items()}
+
+        def target(family: str, dst: str) -> list[str]:
+            return ["-6", addresses6[dst][0]] if family == "IPv6" else [containers[dst][2]]
+
+        over = " (IPv4, then IPv6)" if ipv6 else ""
+        print(f"\npings between every pair of containers{over} (ok = answered, -- = no answer):")
+        answered: dict[tuple[str, str, str], bool] = {}
+        for family in families:  # one family at a time: all its pings at once
+            pings = {
+                (family, src, dst): lab.spawn(
+                    lab.container_ns(src),
+                    ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", *target(family, dst)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for src in containers
+                for dst in containers
+                if src != dst
+            }
+            answered |= {key: proc.wait(timeout=30) == 0 for key, proc in pings.items()}
         names = list(containers)
-        print("  from \\ to  " + " ".join(f"{n:>4}" for n in names))
-        for src in names:
-            cells = ["    " if src == dst else ("  ok" if answered[src, dst] else "  --") for dst in names]
-            print(f"  {src:10} " + " ".join(cells))
-        wrong = [(s, d) for (s, d), ok in answered.items() if ok != (containers[s][1] == containers[d][1])]
-        same = sum(1 for (s, d) in answered if containers[s][1] == containers[d][1])
+        for family in families:
+            if ipv6:
+                print(f"  {family}:")
+            print("  from \\ to  " + " ".join(f"{n:>4}" for n in names))
+            for src in names:
+                cells = ["    " if src == dst else ("  ok" if answered[family, src, dst] else "  --") for dst in names]
+                print(f"  {src:10} " + " ".join(cells))
+        wrong = [(f, s, d) for (f, s, d), ok in answered.items() if ok != (containers[s][1] == containers[d][1])]
+        pairs = [(s, d) for (f, s, d) in answered if f == "IPv4"]
+        same = sum(1 for (s, d) in pairs if containers[s][1] == containers[d][1])
 
         print(f"\nhost 1: overlay host ls --etcd {etcd.endpoint}")
         print(lab.run(1, [*overlay, "host", "ls", "--etcd", etcd.endpoint]).stdout)
@@ -134,13 +193,17 @@ def main(hosts: int = 3) -> int:
         if wrong:
             print(
                 "result: FAILED: "
-                + ", ".join(f"{s}->{d} {'answered' if answered[s, d] else 'unanswered'}" for s, d in wrong)
+                + ", ".join(
+                    f"{s}->{d}{' ' + f if ipv6 else ''} {'answered' if answered[f, s, d] else 'unanswered'}"
+                    for f, s, d in wrong
+                )
                 + "; removing the lab"
             )
             return 1
+        both = " (over IPv4 and IPv6, on an IPv6-only underlay)" if ipv6 else ""
         print(
-            f"result: all {same} same-network pairs talk, all {len(answered) - same} cross-network pairs are "
-            f"kept apart; removing the lab"
+            f"result: all {same} same-network pairs talk, all {len(pairs) - same} cross-network pairs are "
+            f"kept apart{both}; removing the lab"
         )
         return 0
     except (LabError, TimeoutError, etcdlab.EtcdError) as e:

@@ -4,8 +4,10 @@ The registry talks to Debian's etcd (3.4), not a fake, so what we test is what w
 Each network namespace has its own loopback: an etcd on the root namespace's 127.0.0.1 is out
 of reach of the lab's hosts. So in a lab etcd runs in a service host of its own on the underlay
 bridge (``Lab.add_service``: ``<lab>-etcd1`` at 198.18.0.250, etcd2 at .249, ...), where every
-host reaches it. Without a lab (unit tests of the registry) it listens on 127.0.0.1 on free
-ports of the current namespace::
+host reaches it. In a lab with an IPv6-only underlay it listens on the service host's IPv6
+address instead (2001:2:0:1::250, ::249, ...; client URL ``http://[2001:2:0:1::250]:2379``);
+a dual-stack lab keeps it on IPv4. Without a lab (unit tests of the registry) it listens on
+127.0.0.1 (or ``address="::1"``) on free ports of the current namespace::
 
     with Lab("demo", hosts=2) as lab, etcdlab.single(lab) as etcd:
         etcdlab.etcdctl(etcd, "put", "k", "v", lab=lab, namespace=1, check=True)  # from host 1
@@ -73,9 +75,16 @@ def _argv(cmd: Sequence[str], lab: Lab | None, namespace: int | str | None) -> l
     return ["ip", "netns", "exec", namespace, *cmd]
 
 
+def url(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, scheme: str = "http") -> str:
+    """``scheme://address:port``, an IPv6 address in brackets: http://[2001:2:0:1::250]:2379."""
+    host = str(address)
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports free on ``host`` now, below the ephemeral range so that no
-    outgoing connection takes one before etcd binds it."""
+    """``count`` distinct TCP ports free on ``host`` (IPv4 or IPv6) now, below the ephemeral
+    range so that no outgoing connection takes one before etcd binds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ports: list[int] = []
     deadline = time.monotonic() + 5
     while len(ports) < count:
@@ -84,7 +93,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         port = random.randrange(20000, 32000)
         if port in ports:
             continue
-        with socket.socket() as s:
+        with socket.socket(family) as s:
             try:
                 s.bind((host, port))
             except OSError:
@@ -95,9 +104,9 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 class EtcdServer:
     """One etcd member. In a lab it runs in the service namespace ``<lab>-<name>`` (made with
-    ``lab.add_service``; its address and ports 2379/2380 are the defaults); without a lab on
-    127.0.0.1 with free ports. A context manager: started (and waited healthy) on entry, stopped
-    on exit."""
+    ``lab.add_service``; its primary address, IPv6 in an IPv6-only lab, and ports 2379/2380 are
+    the defaults); without a lab on 127.0.0.1 with free ports. A context manager: started (and
+    waited healthy) on entry, stopped on exit."""
 
     def __init__(
         self,
@@ -105,7 +114,7 @@ class EtcdServer:
         *,
         lab: Lab | None = None,
         namespace: str | None = None,
-        address: str | ipaddress.IPv4Address | None = None,
+        address: str | ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
         client_port: int | None = None,
         peer_port: int | None = None,
         initial_cluster: str | None = None,
@@ -147,12 +156,12 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        """The client URL, e.g. http://198.18.0.250:2379."""
-        return f"http://{self.address}:{self.client_port}"
+        """The client URL, e.g. http://198.18.0.250:2379 or http://[2001:2:0:1::250]:2379."""
+        return url(self.address, self.client_port)
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.address}:{self.peer_port}"
+        return url(self.address, self.peer_port)
 
     @property
     def log_path(self) -> Path | None:
@@ -303,7 +312,8 @@ class EtcdServer:
 
 def single(lab: Lab | None = None, **kw: Any) -> EtcdServer:
     """One etcd member, started and healthy: in ``lab`` in service host "etcd1" at 198.18.0.250
-    (added here), else on 127.0.0.1 with free ports. ``kw`` goes to EtcdServer."""
+    (2001:2:0:1::250 in an IPv6-only lab; added here), else on 127.0.0.1 with free ports. ``kw``
+    goes to EtcdServer."""
     if lab is not None:
         lab.add_service("etcd1", FIRST_SERVICE_HOST)
     server = EtcdServer("etcd1", lab=lab, **kw)
@@ -312,7 +322,8 @@ def single(lab: Lab | None = None, **kw: Any) -> EtcdServer:
 
 def cluster(lab: Lab | None, members: int = 3, **kw: Any) -> list[EtcdServer]:
     """``members`` etcd members etcd1..N in one cluster, all started, then all waited healthy:
-    in ``lab`` in service hosts at 198.18.0.250, .249, ... (added here), else on 127.0.0.1."""
+    in ``lab`` in service hosts at 198.18.0.250, .249, ... (2001:2:0:1::250, ::249, ... in an
+    IPv6-only lab; added here), else on 127.0.0.1."""
     if not 1 <= members <= FIRST_SERVICE_HOST - 200:
         raise EtcdError(f"a lab cluster has 1 to {FIRST_SERVICE_HOST - 200} members, not {members}")
     names = [f"etcd{i}" for i in range(1, members + 1)]
@@ -321,7 +332,7 @@ def cluster(lab: Lab | None, members: int = 3, **kw: Any) -> list[EtcdServer]:
             lab.add_service(name, FIRST_SERVICE_HOST - i)
         servers = [EtcdServer(name, lab=lab, **kw) for name in names]
     else:
-        ports = free_ports(2 * members)
+        ports = free_ports(2 * members, str(kw.get("address") or "127.0.0.1"))
         servers = [
             EtcdServer(name, client_port=ports[2 * i], peer_port=ports[2 * i + 1], **kw) for i, name in enumerate(names)
         ]

@@ -16,7 +16,7 @@ from overlay.lab import etcd as etcdlab
 from overlay.lab.etcd import EtcdError, EtcdServer, etcdctl
 
 TAG = os.getpid() % 100000
-LABS = (f"tes{TAG}", f"tec{TAG}", f"tel{TAG}")  # this module's labs
+LABS = (f"tes{TAG}", f"tec{TAG}", f"tel{TAG}", f"te6{TAG}", f"ted{TAG}")  # this module's labs
 STARTED: list[EtcdServer] = []  # every server the tests start, checked afterwards
 T = TypeVar("T", EtcdServer, list[EtcdServer])
 
@@ -154,3 +154,60 @@ def test_cluster_keeps_serving_after_its_leader_is_killed() -> None:
         finally:
             for s in servers:
                 s.stop()
+
+
+@pytest.mark.root
+@pytest.mark.etcd
+def test_etcd_in_an_ipv6_only_lab_listens_on_ipv6_and_serves_the_hosts() -> None:
+    with Lab(LABS[3], hosts=2, ipv6=True) as lab:
+        server = started(etcdlab.single(lab))
+        try:
+            assert server.endpoint == "http://[2001:2:0:1::250]:2379" and server.namespace == f"{lab.name}-etcd1"
+            assert server.peer_url == "http://[2001:2:0:1::250]:2380"
+            listening = lab.run("etcd1", ["ss", "-H", "-l", "-t", "-n"], timeout=10).stdout.split()
+            assert "[2001:2:0:1::250]:2379" in listening and not [a for a in listening if a.startswith("198.18.")]
+            etcdctl(server, "put", "/overlay/v6", "yes", lab=lab, namespace=1, check=True)  # the helper, from h1
+            env = {**os.environ, "ETCDCTL_API": "3"}
+            got = lab.run(  # by hand, from h2, over the IPv6 underlay
+                2,
+                ["etcdctl", "--endpoints", "http://[2001:2:0:1::250]:2379", "get", "/overlay/v6", "--print-value-only"],
+                timeout=15,
+                env=env,
+            )
+            assert got.stdout.strip() == "yes"
+            health = etcdctl(server, "endpoint", "health", lab=lab, namespace=2, check=True)
+            assert "is healthy" in health.stdout + health.stderr
+        except BaseException:
+            server.stop()
+            raise
+    assert not server.running and lab.namespaces() == []
+    server.stop()
+
+
+@pytest.mark.root
+@pytest.mark.etcd
+def test_etcd_in_a_dual_stack_lab_stays_on_ipv4() -> None:
+    with Lab(LABS[4], hosts=1, dual_stack=True) as lab:
+        server = started(etcdlab.single(lab))
+        try:
+            assert server.endpoint == "http://198.18.0.250:2379"
+            assert etcdctl(server, "put", "/overlay/k", "v", lab=lab, namespace=1).returncode == 0
+        finally:
+            server.stop()
+
+
+def test_client_urls_put_ipv6_addresses_in_brackets() -> None:
+    assert etcdlab.url("2001:2:0:1::250", 2379) == "http://[2001:2:0:1::250]:2379"
+    assert etcdlab.url("198.18.0.250", 2379, scheme="https") == "https://198.18.0.250:2379"
+    assert EtcdServer("x", address="::1", client_port=1, peer_port=2).endpoint == "http://[::1]:1"
+
+
+@pytest.mark.etcd
+def test_single_server_on_the_ipv6_loopback() -> None:
+    server = started(etcdlab.single(address="::1"))
+    try:
+        assert server.endpoint.startswith("http://[::1]:")
+        etcdctl(server, "put", "/overlay/k", "v6", check=True)
+        assert etcdctl(server, "get", "/overlay/k", "--print-value-only", check=True).stdout.strip() == "v6"
+    finally:
+        server.stop()
