@@ -15,7 +15,7 @@ from pathlib import Path
 
 import uvloop
 
-from overlay.core.addresses import format_address
+from overlay.core.addresses import IPAddress, format_address
 from overlay.core.config import AgentConfig, tap_names
 from overlay.core.control import AppliedRequest, AttachRequest, CheckRequest, DetachRequest, Refused
 from overlay.core.fdb import ForwardingTable, Vtep
@@ -409,7 +409,7 @@ class Agent:
         def owned(vni: int, mac: int) -> bool:
             return self.containers is not None and self.containers.owns(vni, mac)
 
-        def seen(reports: list[tuple[int, int, int]]) -> None:
+        def seen(reports: list[tuple[int, int, IPAddress | None]]) -> None:
             for key, endpoint in local.seen(reports, owned):
                 self.supervisor.spawn(publish(key, endpoint), "local endpoint publisher")
 

@@ -117,6 +117,37 @@ def parse_gateway(text: str, subnet: str | None) -> str:
     return str(address)
 
 
+def parse_subnet6(text: str) -> str:
+    from overlay.core.registry import SUBNET6_PREFIXES
+
+    lo, hi = SUBNET6_PREFIXES
+    try:
+        net = ipaddress.IPv6Network(text.strip())
+    except ValueError as e:
+        if "host bits" in str(e):
+            net = ipaddress.IPv6Network(text.strip(), strict=False)
+            raise UserError(f"--subnet6 {text} has host bits set: write the network, {net}") from None
+        raise UserError(
+            f"--subnet6 {text!r} is not an IPv6 network: write V6/LEN (/{lo} to /{hi}), e.g. 2001:2:0:42::/64"
+        ) from None
+    if not lo <= net.prefixlen <= hi:
+        raise UserError(f"--subnet6 {net} is a /{net.prefixlen}: use a /{lo} to /{hi}, e.g. 2001:2:0:42::/64")
+    return str(net)
+
+
+def parse_gateway6(text: str, subnet6: str | None) -> str:
+    try:
+        address = ipaddress.IPv6Address(text.strip())
+    except ValueError:
+        raise UserError(f"--gateway6 {text!r} is not an IPv6 address like 2001:2:0:42::1") from None
+    if subnet6 is None:
+        raise UserError("--gateway6 needs --subnet6 (the gateway is an address in it)")
+    network = ipaddress.IPv6Network(subnet6)
+    if address not in network or address == network.network_address:
+        raise UserError(f"--gateway6 {address} is not a host address of --subnet6 {subnet6}")
+    return str(address)
+
+
 def parse_mtu(text: str) -> int:
     t = text.strip()
     if not (t.isascii() and t.isdigit()) or not MTU_MIN <= int(t) <= MTU_MAX:
@@ -358,7 +389,9 @@ def cmd_net_create(args: argparse.Namespace) -> int:
     subnet = parse_subnet(args.subnet) if args.subnet is not None else None
     mtu = parse_mtu(args.mtu) if args.mtu is not None else None
     gateway = parse_gateway(args.gateway, subnet) if args.gateway is not None else None
-    network = Network(vni=vni, name=name, subnet=subnet, mtu=mtu, gateway=gateway)
+    subnet6 = parse_subnet6(args.subnet6) if args.subnet6 is not None else None
+    gateway6 = parse_gateway6(args.gateway6, subnet6) if args.gateway6 is not None else None
+    network = Network(vni=vni, name=name, subnet=subnet, mtu=mtu, gateway=gateway, subnet6=subnet6, gateway6=gateway6)
     check(NetworkKey(vni), network)
     target = Target.from_args(args)
 
@@ -375,12 +408,21 @@ def cmd_net_create(args: argparse.Namespace) -> int:
             )
 
     run(target, action)
-    data = {"vni": vni, "name": name, "subnet": subnet, "mtu": mtu, "gateway": gateway}
+    data = {
+        "vni": vni,
+        "name": name,
+        "subnet": subnet,
+        "mtu": mtu,
+        "gateway": gateway,
+        "subnet6": subnet6,
+        "gateway6": gateway6,
+    }
     emit(
         target,
         data,
         f"created network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'}"
-        f"{', gateway ' + gateway if gateway else ''})",
+        f"{', gateway ' + gateway if gateway else ''}{', subnet6 ' + subnet6 if subnet6 else ''}"
+        f"{', gateway6 ' + gateway6 if gateway6 else ''})",
     )
     return 0
 
@@ -402,25 +444,27 @@ def cmd_net_ls(args: argparse.Namespace) -> int:
                 "name": net.name if net else None,
                 "subnet": net.subnet if net else None,
                 "mtu": net.mtu if net else None,
+                "subnet6": net.subnet6 if net else None,
                 "defined": net is not None,
                 "members": len(snap.members.get(vni, {})),
                 "endpoints": sum(1 for v, _ in snap.endpoints if v == vni),
             }
         )
     human = table(
-        ["VNI", "NAME", "SUBNET", "MTU", "MEMBERS", "ENDPOINTS"],
+        ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "MEMBERS", "ENDPOINTS"],
         [
             [
                 r["vni"],
                 r["name"] if r["defined"] else "(not defined)",
                 r["subnet"],
+                r["subnet6"],
                 r["mtu"],
                 r["members"],
                 r["endpoints"],
             ]
             for r in rows
         ],
-        right={0, 3, 4, 5},
+        right={0, 4, 5, 6},
     )
     if not rows:
         human += f"\n(no networks under {target.prefix}: 'overlay net create VNI' defines one)"
@@ -759,6 +803,7 @@ def add_commands(sub: Any) -> None:
         "examples:\n"
         "  overlay net create 42\n"
         "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
+        "  overlay net create 42 --subnet 198.19.42.0/24 --subnet6 2001:2:0:42::/64   # dual stack\n"
         "  same as: etcdctl put /overlay/v1/networks/42 "
         '\'{"vni":42,"name":"blue","subnet":"198.19.42.0/24","mtu":1450}\'',
         common,
@@ -772,12 +817,22 @@ def add_commands(sub: Any) -> None:
         metavar="A.B.C.D",
         help="containers' default route on this network (an address in --subnet; never allocated)",
     )
+    p.add_argument(
+        "--subnet6",
+        metavar="V6/LEN",
+        help="the overlay's IPv6 subnet, /64 to /120, e.g. 2001:2:0:42::/64: containers get an address of each family",
+    )
+    p.add_argument(
+        "--gateway6",
+        metavar="V6",
+        help="containers' IPv6 default route on this network (an address in --subnet6; never allocated)",
+    )
     _leaf(
         net,
         "ls",
         cmd_net_ls,
         "list networks",
-        "List the networks: VNI, name, subnet, MTU, how many hosts are members and how many endpoints "
+        "List the networks: VNI, name, subnet, subnet6, MTU, how many hosts are members and how many endpoints "
         "it has. A VNI with members or endpoints but no definition shows as '(not defined)'.",
         "examples:\n  overlay net ls\n  overlay net ls --json",
         common,

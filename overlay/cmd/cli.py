@@ -265,7 +265,7 @@ def format_status(s: Status) -> str:
         for c in s.attachments:
             lines.append(
                 f"{str(c['id'])[:34]:34} {str(c['network'])[:12]:12} {c['ifname']!s:6} {c['mac']!s:17} "
-                f"{c['address']!s:18} {c['host_ifname']!s:13}"
+                f"{(c['address'] or c.get('address6'))!s:18} {c['host_ifname']!s:13}"
             )
     return "\n".join(lines)
 
@@ -343,7 +343,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         print(json.dumps(a, indent=2))
     else:
         print(
-            f"attached {args.target}: {a['ifname']} {a['mac']} {a['address']}"
+            f"attached {args.target}: {a['ifname']} {a['mac']} {a['address'] or ''}"
             f"{' ' + a['address6'] if a.get('address6') else ''} on network {a['network']} "
             f"(VNI {a['vni']}), mtu {a['mtu']}{', gateway ' + a['gateway'] if a['gateway'] else ''}; "
             f"host end {a['host_ifname']}"
@@ -365,7 +365,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     elif not answer["detached"]:
         print(f"nothing attached for {args.target or args.id}")
     for a in [] if args.json else answer["detached"]:
-        print(f"detached {a['ifname']} {a['mac']} {a['address']} from network {a['network']} (VNI {a['vni']})")
+        print(f"detached {a['ifname']} {a['mac']} {a['address'] or ''} from network {a['network']} (VNI {a['vni']})")
     return 0
 
 

@@ -16,16 +16,22 @@ on the agent's control socket (overlay.control) and the answer into a CNI result
 makes the interface, assigns and publishes the address, and remembers the attachment under the
 id ``cni/<container id>/<ifname>``:
 
-    ADD   -> attach(netns, net, ifname, id, ip, mac, gateway) -> the attachment
+    ADD   -> attach(netns, net, ifname, id, ip, mac, gateway, ip6, gateway6) -> the attachment
     DEL   -> detach(id)  (idempotent: nothing attached is a success)
     CHECK -> check(id)   (the agent checks the live state; here the answer is held against prevResult)
 
 Network config keys (besides cniVersion, name, type): "network" (an overlay network's name or
 VNI; default the config's "name"), "agent" (the TAP naming the agent's control socket; default
 the only agent in this namespace), "ip" ("A.B.C.D/len", or "A.B.C.D" for the network's prefix
-length; default: the agent picks a free one), "mac", "gateway", "dns" (copied into the result).
-The address and MAC may be overridden, weakest first, by CNI_ARGS IP= / MAC= and by
-runtimeConfig "ips" / "mac" (the "ips" and "mac" capabilities).
+length; default: the agent picks a free one), "mac", "gateway", "ip6" ("V6/len" or "V6" in the
+network's subnet6, or "none" for no IPv6 address; default: a free one when the network has a
+subnet6), "gateway6", "dns" (copied into the result). The addresses and MAC may be overridden,
+weakest first, by CNI_ARGS IP= (an address of either family, or one of each separated by a
+comma) / MAC= and by runtimeConfig "ips" (at most one address per family) / "mac" (the "ips"
+and "mac" capabilities).
+
+The result has one ``ips`` entry per address, IPv4 first ("version": "4" or "6" before CNI
+1.0.0), with its gateway, and a default route (0.0.0.0/0, ::/0) per gateway.
 
 Layout: the pure part (parsing and validating the invocation, building and checking results)
 raises CniError and does no IO; ``run`` adds the agent requests; ``main`` reads and writes.
@@ -124,6 +130,8 @@ class NetConf:
     gateway: str | None
     dns: dict[str, Any]
     prev_result: dict[str, Any] | None
+    ip6: str | None = None  # V6/len, V6, or "none"
+    gateway6: str | None = None
 
 
 # --- the pure part: environment, config, results --------------------------------------------
@@ -248,6 +256,39 @@ def _ipv4(value: Any, where: str) -> str:
     )
 
 
+def _ipv6(value: Any, where: str) -> str:
+    """An IPv6 address with or without a prefix length (without, the agent takes the subnet6's)."""
+    try:
+        if isinstance(value, str):
+            return str(ipaddress.IPv6Interface(value)) if "/" in value else str(ipaddress.IPv6Address(value))
+    except ValueError:
+        pass
+    raise CniError(
+        INVALID_CONFIG,
+        f"{where}: {value!r} is not an IPv6 address",
+        "write it as V6/LEN or V6 (the network's subnet6 length), e.g. 2001:2:0:42::7/64; "
+        "overlay-cni gives one IPv6 address per interface",
+    )
+
+
+def _by_family(values: list[Any], where: str) -> tuple[str | None, str | None]:
+    """Addresses asked for (CNI_ARGS IP, runtimeConfig ips): (IPv4, IPv6), at most one of each."""
+    v4: list[str] = []
+    v6: list[str] = []
+    for value in values:
+        if isinstance(value, str) and ":" in value:
+            v6.append(_ipv6(value, where))
+        else:
+            v4.append(_ipv4(value, where))
+    if len(v4) > 1 or len(v6) > 1:
+        raise CniError(
+            INVALID_CONFIG,
+            f"{where}: {values!r}",
+            "overlay-cni gives one IPv4 and one IPv6 address per interface: pass at most one of each",
+        )
+    return (v4[0] if v4 else None), (v6[0] if v6 else None)
+
+
 def _mac(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise CniError(INVALID_CONFIG, f"{where}: {value!r} is not a MAC address", "write it as 02:00:00:00:00:07")
@@ -305,12 +346,22 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
             gateway = str(ipaddress.IPv4Address(gateway))
         except ValueError:
             raise CniError(INVALID_CONFIG, f'"gateway": {gateway!r} is not an IPv4 address') from None
+    ip6 = _optional_str(conf, "ip6")
+    if ip6 is not None and ip6 != "none":
+        ip6 = _ipv6(ip6, '"ip6"')
+    gateway6 = _optional_str(conf, "gateway6")
+    if gateway6 is not None:
+        try:
+            gateway6 = str(ipaddress.IPv6Address(gateway6))
+        except ValueError:
+            raise CniError(INVALID_CONFIG, f'"gateway6": {gateway6!r} is not an IPv6 address') from None
     dns = conf.get("dns", {})
     if not isinstance(dns, dict):
         raise CniError(INVALID_CONFIG, '"dns" must be an object')
 
     if "IP" in args:
-        ip = _ipv4(args["IP"], "CNI_ARGS IP")
+        asked, asked6 = _by_family(args["IP"].split(","), "CNI_ARGS IP")
+        ip, ip6 = asked or ip, asked6 or ip6
     if "MAC" in args:
         mac = _mac(args["MAC"], "CNI_ARGS MAC")
     runtime = conf.get("runtimeConfig", {})
@@ -320,14 +371,14 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
         mac = _mac(runtime["mac"], "runtimeConfig mac")
     if runtime.get("ips") is not None:
         ips = runtime["ips"]
-        if not isinstance(ips, list) or len(ips) > 1:
+        if not isinstance(ips, list):
             raise CniError(
                 INVALID_CONFIG,
                 f"runtimeConfig ips: {ips!r}",
-                "overlay-cni gives one IPv4 address per interface: pass a list of one address",
+                "overlay-cni gives one IPv4 and one IPv6 address per interface: pass a list of at most one of each",
             )
-        if ips:
-            ip = _ipv4(ips[0], "runtimeConfig ips")
+        asked, asked6 = _by_family(ips, "runtimeConfig ips")
+        ip, ip6 = asked or ip, asked6 or ip6
 
     prev = conf.get("prevResult")
     if prev is not None and (
@@ -337,7 +388,7 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
         raise CniError(
             INVALID_CONFIG, '"prevResult" must be a CNI result', "an object whose interfaces, ips and routes are lists"
         )
-    return NetConf(version, name, network, agent, ip, mac, gateway, dns, prev)
+    return NetConf(version, name, network, agent, ip, mac, gateway, dns, prev, ip6, gateway6)
 
 
 def _version_before_1(version: str) -> bool:
@@ -355,13 +406,19 @@ def add_result(conf: NetConf, inv: Invocation, answer: Mapping[str, Any], host_m
         host["mac"] = host_mac
     interfaces.append(host)
     interfaces.append({"name": inv.ifname, "mac": answer["mac"], "sandbox": inv.netns})
-    ip: dict[str, Any] = {"address": answer["address"], "interface": len(interfaces) - 1}
-    if _version_before_1(conf.version):
-        ip = {"version": "4", **ip}
-    if answer.get("gateway"):
-        ip["gateway"] = answer["gateway"]
-        routes.append({"dst": "0.0.0.0/0", "gw": answer["gateway"]})
-    ips.append(ip)
+    for version, address, gateway, default in (
+        ("4", "address", "gateway", "0.0.0.0/0"),
+        ("6", "address6", "gateway6", "::/0"),
+    ):
+        if not answer.get(address):
+            continue  # no address of this family (an IPv4-only or IPv6-only attachment)
+        ip: dict[str, Any] = {"address": answer[address], "interface": len(interfaces) - 1}
+        if _version_before_1(conf.version):
+            ip = {"version": version, **ip}
+        if answer.get(gateway):
+            ip["gateway"] = answer[gateway]
+            routes.append({"dst": default, "gw": answer[gateway]})
+        ips.append(ip)
     result: dict[str, Any] = {"cniVersion": conf.version, "interfaces": interfaces, "ips": ips}
     if routes:
         result["routes"] = routes
@@ -392,21 +449,28 @@ def check_result(conf: NetConf, inv: Invocation, answer: Mapping[str, Any]) -> N
     if want_mac != str(answer.get("mac", "")).lower():
         raise CniError(MISMATCH, f"{inv.ifname} has MAC {answer.get('mac')}, prevResult says {want_mac or 'none'}")
     ours = [ip for ip in prev.get("ips") or [] if isinstance(ip, dict) and ip.get("interface") == index]
-    mine = next((ip for ip in ours if ip.get("address") == answer.get("address")), None)
-    if mine is None:
-        said = ", ".join(str(ip.get("address")) for ip in ours) or "none"
-        raise CniError(MISMATCH, f"{inv.ifname} has address {answer.get('address')}, prevResult says {said}")
-    if mine.get("gateway") != answer.get("gateway"):
-        raise CniError(
-            MISMATCH, f"{inv.ifname} has gateway {answer.get('gateway')}, prevResult says {mine.get('gateway')}"
-        )
+    for address, gateway in (("address", "gateway"), ("address6", "gateway6")):
+        if not answer.get(address):
+            continue
+        mine = next((ip for ip in ours if ip.get("address") == answer[address]), None)
+        if mine is None:
+            said = ", ".join(str(ip.get("address")) for ip in ours) or "none"
+            raise CniError(MISMATCH, f"{inv.ifname} has address {answer[address]}, prevResult says {said}")
+        if mine.get("gateway") != answer.get(gateway):
+            raise CniError(
+                MISMATCH, f"{inv.ifname} has gateway {answer.get(gateway)}, prevResult says {mine.get('gateway')}"
+            )
 
 
-ATTACHMENT_KEYS = ("host_ifname", "mac", "address")
+ATTACHMENT_KEYS = ("host_ifname", "mac")  # and an address of one family at least: "address", "address6"
 
 
 def _attachment(answer: Any, what: str) -> dict[str, Any]:
-    if not isinstance(answer, dict) or any(not isinstance(answer.get(k), str) for k in ATTACHMENT_KEYS):
+    if (
+        not isinstance(answer, dict)
+        or any(not isinstance(answer.get(k), str) for k in ATTACHMENT_KEYS)
+        or not any(isinstance(answer.get(k), str) for k in ("address", "address6"))
+    ):
         raise CniError(IO_FAILURE, f"the agent's answer to {what} is not an attachment", json.dumps(answer)[:500])
     return answer
 
@@ -415,8 +479,8 @@ def _attachment(answer: Any, what: str) -> dict[str, Any]:
 
 
 FLAGS_IN_CONFIG = (
-    'the agent\'s --ip, --mac and --gateway are "ip", "mac" and "gateway" in the network '
-    "config (or IP= and MAC= in CNI_ARGS)"
+    'the agent\'s --ip, --mac, --gateway, --ip6 and --gateway6 are "ip", "mac", "gateway", "ip6" and '
+    '"gateway6" in the network config (or IP= and MAC= in CNI_ARGS)'
 )
 
 
@@ -509,6 +573,8 @@ def run(
                     ip=conf.ip,
                     mac=conf.mac,
                     gateway=conf.gateway,
+                    ip6=conf.ip6,
+                    gateway6=conf.gateway6,
                 ),
                 "attach",
             )

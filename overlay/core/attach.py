@@ -11,7 +11,10 @@ Attach, in the order a request is judged (the first thing wrong is the one refus
 - The agent's own namespace (the host's) is refused (kind "netns"). The attachment's id is the
   request's, else "netns/<namespace id>/<ifname>".
 - ``--gateway`` (else the network's) is an IPv4 address, inside the network's subnet and
-  neither its network nor its broadcast address, when the network has a subnet.
+  neither its network nor its broadcast address, when the network has a subnet. ``--gateway6``
+  (else the network's gateway6) is an IPv6 address inside the network's subnet6 and not its
+  subnet-router anycast address. A gateway of a family the container gets no address of is
+  refused when the request gives it, dropped when it is the network's (``gateways``).
 - The registry must be reachable (kind "etcd").
 - An id attached already gets the same answer again if it is on the same network and its veth
   is still there, and is refused otherwise (kind "invalid").
@@ -22,10 +25,17 @@ Attach, in the order a request is judged (the first thing wrong is the one refus
   of the subnet is taken (``ipam.pick``), never the gateway. ``AddressChoice`` says which
   address to claim next: an explicit one once, else the lowest free one, the next one after
   each claim lost to another host, at most ``CLAIM_TRIES`` times.
+- IPv6 (dual stack): ``--ip6`` explicit must fit the network's subnet6 (with its prefix
+  length, which a bare address takes) and be free; "none" gives no IPv6 address; without it the
+  lowest free address of the subnet6 is taken, when the network has one (no IPv6 otherwise). A
+  network with a subnet6 and no IPv4 subnet gives IPv6-only containers unless ``--ip`` is
+  given. ``Candidates`` pairs the two families' choices: both addresses are claimed in one
+  transaction, and a claim lost for either family moves only that family on.
 - The MTU is the network's, never above the agent's (the TAP's: the bridge would drop more).
 
-The attach of one candidate address is an ``AttachPlan``: ``ClaimAddress`` (etcd transaction:
-create the IPAM key if absent), ``PlugVeth``, ``PublishEndpoint``, ``SaveAttached``. A claim
+The attach of one candidate pair of addresses is an ``AttachPlan``: ``ClaimAddress`` (one etcd
+transaction: create the IPAM key of each address, IPv4 and IPv6, if none exists), ``PlugVeth``,
+``PublishEndpoint``, ``SaveAttached``. A claim
 lost to another host ends the plan (nothing to undo) and the next candidate gets a new plan.
 A gateway outside an explicit address's network (possible only when the network has no
 subnet) is known once the address is ours: the plan is then ``ClaimAddress``, ``Refuse``. When
@@ -37,14 +47,15 @@ Detach selects by id, else by namespace (the attachments named after its id, or 
 path if it is gone) and ifname; nothing selected is not an error (CNI DEL is idempotent). Each
 selected attachment's ``DetachPlan``: ``Unplug`` (not when the veth is gone already),
 ``ForgetLocal`` (first: its late frames must not publish it again), ``ReleaseEndpoint``,
-``ReleaseAddress``, ``SaveDetached``. A detach is never undone: what fails stays held until the
+``ReleaseAddress`` (one per address, IPv4 then IPv6), ``SaveDetached``. A detach is never undone: what fails stays held until the
 reaper tries again.
 
 A (VNI, MAC) is ``owns``-ed while it is being attached or is attached, and for
 ``DETACH_GRACE`` seconds after its detach (frames it sent before, read from the TAP after).
 
 The state file (``encode_state``/``decode_state``) is ``{"lease": int | null, "attachments":
-[Attachment.to_json()]}``; a bare list is the first format (attachments, no lease).
+[Attachment.to_json()]}``; a bare list is the first format (attachments, no lease). Records
+written before dual stack have no ``address6``/``gateway6``: they load as IPv4-only.
 """
 
 from __future__ import annotations
@@ -56,11 +67,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Union
 
 from overlay.core import ipam
+from overlay.core.addresses import IPAddress
 from overlay.core.control import AttachRequest, DetachRequest, Refused
 from overlay.core.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
 from overlay.core.wire import mac_to_int, mac_to_str, unicast_mac
 
 CLAIM_TRIES = 64
+NO_IPV6 = "none"  # --ip6 none: no IPv6 address, even on a network with a subnet6
 DETACH_GRACE = 10.0  # seconds a detached MAC's late frames are not taken for a new local endpoint
 
 
@@ -75,13 +88,19 @@ class Attachment:
     ifname: str
     host_ifname: str
     mac: str
-    address: str  # A.B.C.D/len
+    address: str | None  # A.B.C.D/len; None: no IPv4 address (an IPv6-only network)
     gateway: str | None
     mtu: int
+    address6: str | None = None  # V6/len; None: no IPv6 address
+    gateway6: str | None = None
 
     @property
-    def interface(self) -> ipaddress.IPv4Interface:
-        return ipaddress.IPv4Interface(self.address)
+    def interface(self) -> ipaddress.IPv4Interface | None:
+        return ipaddress.IPv4Interface(self.address) if self.address else None
+
+    @property
+    def interface6(self) -> ipaddress.IPv6Interface | None:
+        return ipaddress.IPv6Interface(self.address6) if self.address6 else None
 
     @property
     def router(self) -> ipaddress.IPv4Address | None:
@@ -89,12 +108,28 @@ class Attachment:
         return ipaddress.IPv4Address(self.gateway) if self.gateway else None
 
     @property
+    def router6(self) -> ipaddress.IPv6Address | None:
+        """The IPv6 default route, if it has one."""
+        return ipaddress.IPv6Address(self.gateway6) if self.gateway6 else None
+
+    @property
     def endpoint_key(self) -> EndpointKey:
         return EndpointKey(self.vni, mac_to_int(self.mac))
 
     @property
-    def address_key(self) -> AddressKey:
-        return AddressKey(self.vni, self.interface.ip)
+    def address_keys(self) -> tuple[AddressKey, ...]:
+        """The IPAM keys of its addresses, IPv4 first."""
+        return tuple(AddressKey(self.vni, i.ip) for i in (self.interface, self.interface6) if i is not None)
+
+    @property
+    def addresses(self) -> str:
+        """Its addresses, for people and logs: "A.B.C.D/len V6/len"."""
+        return " ".join(a for a in (self.address, self.address6) if a)
+
+    def endpoint(self, host: str) -> Endpoint:
+        """The endpoint it is published as, on ``host``."""
+        v4, v6 = self.interface, self.interface6
+        return Endpoint(host, [str(v4.ip)] if v4 else [], [str(v6.ip)] if v6 else [])
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -105,7 +140,9 @@ class Attachment:
         if not isinstance(record, dict):
             raise TypeError(f"an attachment is a JSON object, not {type(record).__name__}")
         names = [f.name for f in fields(cls)]
-        missing, unknown = [n for n in names if n not in record], sorted(str(k) for k in record if k not in names)
+        optional = ("address6", "gateway6")  # added with dual stack: older records lack them
+        missing = [n for n in names if n not in record and n not in optional]
+        unknown = sorted(str(k) for k in record if k not in names)
         if missing or unknown:
             raise TypeError(f"an attachment with fields missing {missing} or unknown {unknown}")
 
@@ -114,6 +151,9 @@ class Attachment:
             if not isinstance(value, str):
                 raise TypeError(f"attachment field {name} must be a string, not {type(value).__name__}")
             return value
+
+        def maybe(name: str) -> str | None:
+            return None if record.get(name) is None else text(name)
 
         def number(name: str) -> int:
             value = record[name]
@@ -129,9 +169,11 @@ class Attachment:
             text("ifname"),
             text("host_ifname"),
             text("mac"),
-            text("address"),
-            None if record["gateway"] is None else text("gateway"),
+            maybe("address"),
+            maybe("gateway"),
             number("mtu"),
+            maybe("address6"),
+            maybe("gateway6"),
         )
 
 
@@ -140,10 +182,11 @@ class Attachment:
 
 @dataclass(frozen=True)
 class ClaimAddress:
-    """Create the address's IPAM key under the lease unless it exists; the shell answers
-    whether it won (False: another host has it)."""
+    """Create the IPAM key of each address (IPv4 first, then IPv6) under the lease, all in one
+    transaction, unless one of them exists; the shell answers which are another host's (none:
+    all are ours now; some: none was written)."""
 
-    key: AddressKey
+    keys: tuple[AddressKey, ...]
     allocation: Allocation
 
 
@@ -244,8 +287,8 @@ class AttachPlan:
 
 def _undo_of(step: AttachStep, done: bool) -> tuple[UndoStep, ...]:
     if isinstance(step, ClaimAddress):
-        # A claim that raised or was lost holds nothing: the key is held only once etcd said yes.
-        return (ReleaseAddress(step.key),) if done else ()
+        # A claim that raised or was lost holds nothing: the keys are held only once etcd said yes.
+        return tuple(ReleaseAddress(k) for k in step.keys) if done else ()
     if isinstance(step, PlugVeth):
         return (Unplug(step.attachment.host_ifname),)  # done, or half made
     if isinstance(step, PublishEndpoint):
@@ -326,6 +369,55 @@ def check_gateway(text: str | None, network: Network) -> ipaddress.IPv4Address |
     return gateway
 
 
+def check_gateway6(text: str | None, network: Network) -> ipaddress.IPv6Address | None:
+    """The container's IPv6 gateway from ``text`` (the request's, else the network's), if any."""
+    if text is None:
+        return None
+    try:
+        gateway = ipaddress.IPv6Address(text)
+    except ValueError:
+        raise Refused(f"--gateway6 {text!r} is not an IPv6 address", "invalid") from None
+    if network.subnet6 is not None:
+        subnet = ipaddress.IPv6Network(network.subnet6)
+        if gateway not in subnet:
+            raise Refused(f"--gateway6 {gateway} is outside the container's subnet6 {subnet}", "address")
+        if gateway == subnet.network_address:
+            raise Refused(f"--gateway6 {gateway} is the subnet-router anycast address of {subnet}", "address")
+    return gateway
+
+
+def wants_ipv4(wanted: str | None, network: Network) -> bool:
+    """Whether the container gets an IPv4 address: always, but on a network with a subnet6 and
+    no IPv4 subnet unless ``--ip`` asks for one (IPv6-only containers)."""
+    return wanted is not None or network.subnet is not None or network.subnet6 is None
+
+
+def wants_ipv6(wanted6: str | None, network: Network) -> bool:
+    """Whether the container gets an IPv6 address: ``--ip6`` given (not "none"), or the
+    network has a subnet6 to take one from."""
+    return wanted6 != NO_IPV6 and (wanted6 is not None or network.subnet6 is not None)
+
+
+def gateways(req: AttachRequest, network: Network) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+    """The container's (IPv4, IPv6) default routes: the request's, else the network's, each
+    checked (``check_gateway``, ``check_gateway6``). For a family the container gets no address
+    of, the network's is dropped and the request's refused."""
+    v4, v6 = wants_ipv4(req.ip, network), wants_ipv6(req.ip6, network)
+    name = network.name or network.vni
+    if req.gateway is not None and not v4:
+        raise Refused(
+            f"--gateway {req.gateway}: the container gets no IPv4 address (network {name} has only a subnet6): "
+            f"leave out --gateway, or give --ip",
+            "invalid",
+        )
+    if req.gateway6 is not None and not v6:
+        why = "--ip6 none" if req.ip6 == NO_IPV6 else f"network {name} has no subnet6"
+        raise Refused(f"--gateway6 {req.gateway6}: the container gets no IPv6 address ({why})", "invalid")
+    gateway = check_gateway(req.gateway or network.gateway, network) if v4 else None
+    gateway6 = check_gateway6(req.gateway6 or network.gateway6, network) if v6 else None
+    return gateway, gateway6
+
+
 def require_registry(connected: bool) -> None:
     """Attach writes addresses and endpoints: refused while etcd is unreachable."""
     if not connected:
@@ -337,32 +429,37 @@ def require_registry(connected: bool) -> None:
 
 
 class AddressChoice:
-    """Which address of ``vni`` to claim next: the explicit one (``wanted``) once; else the
-    lowest one not ``used``, then after each ``lost`` one the lowest left, at most ``tries``
-    addresses in all. ``next`` refuses when there is nothing (more) to try."""
+    """Which address of ``vni`` of one family (``version``) to claim next: the explicit one
+    (``wanted``) once; else the lowest one not ``used``, then after each ``lost`` one the lowest
+    left, at most ``tries`` addresses in all. ``next`` refuses when there is nothing (more) to
+    try."""
 
     def __init__(
         self,
         vni: int,
         network: Network,
-        wanted: ipaddress.IPv4Interface | None,
-        used: Iterable[ipaddress.IPv4Address],
+        wanted: ipam.Interface | None,
+        used: Iterable[IPAddress],
         tries: int = CLAIM_TRIES,
+        version: ipam.Version = 4,
     ) -> None:
-        self.vni, self.network, self.wanted, self.tries = vni, network, wanted, tries
+        self.vni, self.network, self.wanted, self.tries, self.version = vni, network, wanted, tries, version
         self.used = set(used)
-        self.losses: set[ipaddress.IPv4Address] = set()
+        self.losses: set[IPAddress] = set()
         self.offered = 0
 
     @classmethod
     def parse(
-        cls, vni: int, network: Network, wanted: str | None, used: Iterable[ipaddress.IPv4Address]
+        cls, vni: int, network: Network, wanted: str | None, used: Iterable[IPAddress], version: ipam.Version = 4
     ) -> AddressChoice:
-        """From the request's ``--ip`` (None: the agent picks): its prefix length filled in from
-        the network's subnet when missing, and checked against the subnet and ``used``."""
+        """From the request's ``--ip`` (``--ip6`` for ``version`` 6; None: the agent picks): its
+        prefix length filled in from the network's subnet when missing, and checked against the
+        subnet and ``used``."""
         used = set(used)
         if wanted is None:
-            return cls(vni, network, None, used)
+            return cls(vni, network, None, used, version=version)
+        if version == 6:
+            return cls(vni, network, _parse_ip6(wanted, network, used), used, version=6)
         try:
             address = ipaddress.IPv4Interface(wanted)
         except ValueError:
@@ -384,13 +481,13 @@ class AddressChoice:
                 raise Refused(str(e), e.kind) from None
         return cls(vni, network, address, used)
 
-    def next(self) -> ipaddress.IPv4Interface:
+    def next(self) -> ipam.Interface:
         name = self.network.name or self.vni
         if self.wanted is not None:
             if self.losses:
                 raise Refused(
                     f"address {self.wanted.ip} is in use on network {name}: pick another, "
-                    f"or leave out --ip to get a free one",
+                    f"or leave out {'--ip' if self.version == 4 else '--ip6'} to get a free one",
                     "address",
                 )
             return self.wanted
@@ -401,15 +498,58 @@ class AddressChoice:
                 "address",
             )
         try:
-            address = ipam.pick(self.network, self.used | self.losses)
+            address = ipam.pick(self.network, self.used | self.losses, self.version)
         except ipam.IpamError as e:
             raise Refused(str(e), e.kind) from None
         self.offered += 1
         return address
 
-    def lost(self, address: ipaddress.IPv4Interface) -> None:
+    def lost(self, address: ipam.Interface) -> None:
         """Another host claimed ``address`` first."""
         self.losses.add(address.ip)
+
+
+def _parse_ip6(wanted: str, network: Network, used: set[IPAddress]) -> ipaddress.IPv6Interface:
+    """An explicit ``--ip6``: V6/len, or V6 with the subnet6's length; checked by ``ipam.check``."""
+    try:
+        address = ipaddress.IPv6Interface(wanted)
+    except ValueError:
+        raise Refused(
+            f"--ip6 {wanted!r} is not an IPv6 address with a prefix length like 2001:2:0:42::5/64 (or 'none')",
+            "invalid",
+        ) from None
+    if "/" not in wanted and network.subnet6 is not None:
+        address = ipaddress.IPv6Interface(f"{address.ip}/{ipaddress.IPv6Network(network.subnet6).prefixlen}")
+    try:
+        ipam.check(network, address, used)
+    except ipam.IpamError as e:
+        raise Refused(str(e), e.kind) from None
+    return address
+
+
+class Candidates:
+    """The addresses one attach claims together: an IPv4 choice and an IPv6 choice, either
+    None when the container gets no address of that family (never both)."""
+
+    def __init__(self, v4: AddressChoice | None, v6: AddressChoice | None) -> None:
+        self.v4, self.v6 = v4, v6
+        self.offered: tuple[ipaddress.IPv4Interface | None, ipaddress.IPv6Interface | None] = (None, None)
+
+    def next(self) -> tuple[ipaddress.IPv4Interface | None, ipaddress.IPv6Interface | None]:
+        """The next pair to claim (refused when a family has nothing more to try)."""
+        v4 = self.v4.next() if self.v4 is not None else None
+        v6 = self.v6.next() if self.v6 is not None else None
+        assert not isinstance(v4, ipaddress.IPv6Interface) and not isinstance(v6, ipaddress.IPv4Interface)
+        self.offered = (v4, v6)
+        return self.offered
+
+    def lost(self, taken: Iterable[IPAddress]) -> None:
+        """The claim of the last pair failed: ``taken`` are the addresses another host had (an
+        address not among them was free, and is offered again)."""
+        others = set(taken)
+        for address, choice in zip(self.offered, (self.v4, self.v6)):
+            if address is not None and choice is not None and address.ip in others:
+                choice.lost(address)
 
 
 class Attachments:
@@ -454,11 +594,21 @@ class Attachments:
         return mac_to_str(mac)
 
     def addresses(
-        self, vni: int, network: Network, wanted: str | None, gateway: ipaddress.IPv4Address | None, registry: Registry
-    ) -> AddressChoice:
-        """Which addresses to claim: never one in use (claimed or announced), nor the gateway."""
-        used = ipam.taken(registry, vni) | ({gateway} if gateway else set())  # never the route out
-        return AddressChoice.parse(vni, network, wanted, used)
+        self,
+        vni: int,
+        network: Network,
+        wanted: str | None,
+        gateway: ipaddress.IPv4Address | None,
+        registry: Registry,
+        wanted6: str | None = None,
+        gateway6: ipaddress.IPv6Address | None = None,
+    ) -> Candidates:
+        """Which addresses to claim, of each family the container gets (``wants_ipv4``,
+        ``wants_ipv6``): never one in use (claimed or announced), nor a gateway."""
+        used: set[IPAddress] = ipam.taken(registry, vni) | {g for g in (gateway, gateway6) if g}  # never the route out
+        v6 = AddressChoice.parse(vni, network, wanted6, used, 6) if wants_ipv6(wanted6, network) else None
+        v4 = AddressChoice.parse(vni, network, wanted, used) if wants_ipv4(wanted, network) or v6 is None else None
+        return Candidates(v4, v6)
 
     def plan_attach(
         self,
@@ -470,9 +620,12 @@ class Attachments:
         network: Network,
         mac: str,
         gateway: ipaddress.IPv4Address | None,
-        address: ipaddress.IPv4Interface,
+        address: ipaddress.IPv4Interface | None,
+        gateway6: ipaddress.IPv6Address | None = None,
+        address6: ipaddress.IPv6Interface | None = None,
     ) -> AttachPlan:
-        """Attaching ``req`` as ``attachment_id`` with the candidate ``address``."""
+        """Attaching ``req`` as ``attachment_id`` with the candidate ``address`` and ``address6``
+        (at least one of them)."""
         a = Attachment(
             attachment_id,
             vni,
@@ -481,17 +634,19 @@ class Attachments:
             req.ifname,
             host_ifname,
             mac,
-            str(address),
-            str(gateway) if gateway else None,
+            str(address) if address else None,
+            str(gateway) if gateway and address else None,
             min(network.mtu or self.mtu, self.mtu),  # never above the TAP's: the bridge would drop
+            str(address6) if address6 else None,
+            str(gateway6) if gateway6 and address6 else None,
         )
-        claim = ClaimAddress(AddressKey(vni, address.ip), Allocation(self.host_id, mac, attachment_id))
-        if gateway is not None and gateway not in address.network:
+        claim = ClaimAddress(a.address_keys, Allocation(self.host_id, mac, attachment_id))
+        if address is not None and gateway is not None and gateway not in address.network:
             return AttachPlan(
                 a,
                 (claim, Refuse(f"--gateway {gateway} is outside the container's subnet {address.network}", "address")),
             )
-        endpoint = PublishEndpoint(a.endpoint_key, Endpoint(self.host_id, [str(address.ip)]))
+        endpoint = PublishEndpoint(a.endpoint_key, a.endpoint(self.host_id))
         return AttachPlan(a, (claim, PlugVeth(a), endpoint, SaveAttached(a)))
 
     # --- detach and check -----------------------------------------------------------------------
@@ -515,7 +670,7 @@ class Attachments:
         steps: tuple[DetachStep, ...] = (
             ForgetLocal(a.vni, key.mac),
             ReleaseEndpoint(key),
-            ReleaseAddress(a.address_key),
+            *(ReleaseAddress(k) for k in a.address_keys),
             SaveDetached(a),
         )
         return DetachPlan(a, ((Unplug(a.host_ifname), *steps) if unplug else steps))
@@ -534,9 +689,10 @@ class Attachments:
         endpoint = registry.get(a.endpoint_key)
         if not isinstance(endpoint, Endpoint) or endpoint.host != self.host_id:
             problems.append(f"the registry does not have endpoint {a.mac} on this host")
-        allocation = registry.get(a.address_key)
-        if not isinstance(allocation, Allocation) or allocation.host != self.host_id:
-            problems.append(f"address {a.address} is not held by this host in the registry")
+        for address, key in zip([x for x in (a.address, a.address6) if x], a.address_keys):
+            allocation = registry.get(key)
+            if not isinstance(allocation, Allocation) or allocation.host != self.host_id:
+                problems.append(f"address {address} is not held by this host in the registry")
         if problems:
             raise Refused(f"{a.id} is broken: " + "; ".join(problems), "broken")
 

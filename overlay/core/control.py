@@ -40,7 +40,9 @@ class AttachRequest:
     """``overlay attach`` and CNI ADD: put the namespace ``netns`` on network ``net`` (a name or a
     VNI). ``id`` names the attachment (CNI: "cni/<container id>/<ifname>"); without one the
     agent names it after the namespace. Unset ``ip``, ``mac`` and ``gateway`` are chosen by the
-    agent (a free address, a random MAC, the network's gateway)."""
+    agent (a free address, a random MAC, the network's gateway); so are unset ``ip6`` (a free
+    address of the network's subnet6, if it has one; "none": no IPv6 address) and ``gateway6``
+    (the network's gateway6)."""
 
     netns: str
     net: str
@@ -49,6 +51,8 @@ class AttachRequest:
     ip: str | None = None  # A.B.C.D/len, or A.B.C.D when the network has a subnet to take the length from
     mac: str | None = None
     gateway: str | None = None
+    ip6: str | None = None  # V6/len, or V6 (the network's subnet6 gives the length), or "none"
+    gateway6: str | None = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, object]) -> AttachRequest:
@@ -63,6 +67,8 @@ class AttachRequest:
             gateway=_text(params, "gateway"),
             mac=_text(params, "mac"),
             ip=_text(params, "ip"),
+            ip6=_text(params, "ip6"),
+            gateway6=_text(params, "gateway6"),
         )
 
 

@@ -5,8 +5,9 @@ agent writes them (``EtcdClient.hold`` / ``delete_if_unchanged``) and schedules 
 - every TAP's own MAC is an endpoint of this host from the start, with the host's overlay
   address (``--address``) if it has one;
 - a MAC the fast path reports as newly seen behind a TAP (``ForwardingCore.take_local``: the
-  MAC, and the IPv4 address it sent from, 0 if none yet) becomes an endpoint of this host on
-  that VNI, with every address it was reported with, sorted;
+  MAC, and the address it sent from, None if none yet: its first IPv4 and its first global
+  IPv6 address) becomes an endpoint of this host on that VNI, with every address it was
+  reported with, sorted, in ``ipv4`` and ``ipv6``;
 - a MAC that an attached container owns is not published from here: attach publishes it with
   its assigned address, which is authoritative (and a frame it sent before a detach, read after
   it, must not publish it again: the ``owned`` predicate says so);
@@ -24,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Collection, Iterable, Mapping
 
+from overlay.core.addresses import IPAddress
 from overlay.core.registry import AddressKey, Endpoint, EndpointKey, Key, MemberKey, Registry
 
 
@@ -40,20 +42,23 @@ class LocalEndpoints:
         return [self.endpoint(vni, mac) for vni, mac in self.addresses]
 
     def endpoint(self, vni: int, mac: int) -> tuple[EndpointKey, Endpoint]:
-        return EndpointKey(vni, mac), Endpoint(self.host_id, sorted(self.addresses.get((vni, mac), ())))
+        known = sorted(self.addresses.get((vni, mac), ()))
+        return EndpointKey(vni, mac), Endpoint(
+            self.host_id, [a for a in known if ":" not in a], [a for a in known if ":" in a]
+        )
 
     def seen(
-        self, local: Iterable[tuple[int, int, int]], owned: Callable[[int, int], bool]
+        self, local: Iterable[tuple[int, int, IPAddress | None]], owned: Callable[[int, int], bool]
     ) -> list[tuple[EndpointKey, Endpoint]]:
-        """MACs newly seen sending from a TAP, as (vni, mac, IPv4 as int or 0): the endpoints to
+        """MACs newly seen sending from a TAP, as (vni, mac, address or None): the endpoints to
         write now, one per report (a container's MAC excepted)."""
         out = []
         for vni, mac, ip in local:
             if owned(vni, mac):
                 continue
             known = self.addresses.setdefault((vni, mac), set())
-            if ip:
-                known.add(str(ipaddress.IPv4Address(ip)))
+            if ip is not None:
+                known.add(str(ip))
             out.append(self.endpoint(vni, mac))
         return out
 

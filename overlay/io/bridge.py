@@ -4,7 +4,10 @@ On each host, network <vni> has a bridge ``ovbr<vni>`` holding the agent's TAP f
 and one veth per attached container, so traffic between local containers stays in the kernel
 and only remote traffic crosses the TAP into the agent. The host's own overlay address (and
 MAC) sit on the bridge. A container gets the other end of its veth, moved into its network
-namespace and renamed (eth0 by default), with its MAC, address, MTU and default route.
+namespace and renamed (eth0 by default), with its MAC, addresses, MTU and default routes. An
+IPv6 address is added without duplicate address detection (IFA_F_NODAD: IPAM made it unique,
+and it is usable at once), and the container's interface ignores router advertisements
+(``accept_ra`` and ``autoconf`` 0): its addresses and routes are the agent's alone.
 
 Every function here is synchronous netlink. The agent calls them from a worker thread: pyroute2
 runs its own event loop, and the data path's loop must not wait on netlink.
@@ -21,6 +24,8 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -33,6 +38,9 @@ log = logging.getLogger("overlay.bridge")
 NUD_NOARP = 0x40  # 'static' in bridge fdb terms; 'permanent' would mean the bridge's own (local) address
 NTF_MASTER = 0x04
 IFNAMSIZ = 15
+IFA_F_NODAD = 0x02
+AF_INET6 = socket.AF_INET6
+NO_ROUTER_ADVERTISEMENTS = (("accept_ra", "0"), ("autoconf", "0"))  # a container's IPv6 sysctls
 
 
 class PlumbingError(RuntimeError):
@@ -162,9 +170,11 @@ class Plug:
     host_ifname: str  # the host end, a port of the bridge
     bridge: str
     mac: int
-    address: ipaddress.IPv4Interface
+    address: ipaddress.IPv4Interface | None
     gateway: ipaddress.IPv4Address | None
     mtu: int
+    address6: ipaddress.IPv6Interface | None = None
+    gateway6: ipaddress.IPv6Address | None = None
 
 
 def open_netns(path: str) -> int:
@@ -245,12 +255,14 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def netns_socket(path: str) -> IPRoute:
-    """A netlink socket inside the network namespace at ``path``.
+@contextmanager
+def _inside(path: str) -> Iterator[None]:
+    """This thread inside the network namespace at ``path`` for the block, then back home.
 
-    This thread enters the namespace just long enough to open the socket (a socket belongs to
-    the namespace it was made in), then returns. pyroute2's own ``IPRoute(netns=...)`` forks a
-    helper, which is not safe in a process that runs threads (it crashed in the agent)."""
+    Only what the block opens belongs to the namespace: a socket (it stays in the namespace it
+    was made in), a file under /proc/sys/net (a sysctl of that namespace). pyroute2's own
+    ``IPRoute(netns=...)`` forks a helper, which is not safe in a process that runs threads (it
+    crashed in the agent)."""
     fd = open_netns(path)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -260,7 +272,7 @@ def netns_socket(path: str) -> IPRoute:
             hint = ": the agent needs CAP_SYS_ADMIN to enter a container's namespace" if e.errno == errno.EPERM else ""
             raise PlumbingError(f"cannot enter the network namespace at {path} ({e.strerror}){hint}", "netns") from None
         try:
-            ipr = IPRoute()
+            yield
         finally:
             try:
                 _setns(home)
@@ -270,20 +282,69 @@ def netns_socket(path: str) -> IPRoute:
     finally:
         os.close(fd)
         os.close(home)
-    return ipr
+
+
+def netns_socket(path: str) -> IPRoute:
+    """A netlink socket inside the network namespace at ``path``."""
+    with _inside(path):
+        return IPRoute()
+
+
+def _ipv6_conf(ifname: str, name: str) -> str:
+    return f"/proc/sys/net/ipv6/conf/{ifname}/{name}"
+
+
+def _ignore_router_advertisements(p: Plug) -> None:
+    """In the container: ``ifname`` takes no address or route from router advertisements."""
+    with _inside(p.netns):
+        for name, value in NO_ROUTER_ADVERTISEMENTS:
+            try:
+                with open(_ipv6_conf(p.ifname, name), "w") as f:
+                    f.write(value)
+            except OSError as e:
+                raise PlumbingError(
+                    f"cannot set net.ipv6.conf.{p.ifname}.{name}={value} in the container ({e.strerror}): "
+                    f"IPv6 needs a kernel with IPv6 and /proc/sys writable"
+                ) from None
+
+
+def _router_advertisement_settings(p: Plug) -> dict[str, str | None]:
+    """The container's ``accept_ra`` and ``autoconf`` for ``ifname`` (None: unreadable)."""
+    out: dict[str, str | None] = {}
+    with _inside(p.netns):
+        for name, _ in NO_ROUTER_ADVERTISEMENTS:
+            try:
+                with open(_ipv6_conf(p.ifname, name)) as f:
+                    out[name] = f.read().strip()
+            except OSError:
+                out[name] = None
+    return out
 
 
 def _configure_container(p: Plug) -> None:
+    if p.address6 is not None:  # before the link is up: no advertisement is ever acted on
+        _ignore_router_advertisements(p)
     with netns_socket(p.netns) as ns:
         index = _index(ns, p.ifname)
         ns.link("set", index=index, address=mac_to_str(p.mac), mtu=p.mtu)
-        ns.addr("add", index=index, address=str(p.address.ip), prefixlen=p.address.network.prefixlen)
+        if p.address is not None:
+            ns.addr("add", index=index, address=str(p.address.ip), prefixlen=p.address.network.prefixlen)
+        if p.address6 is not None:
+            ns.addr(
+                "add",
+                index=index,
+                address=str(p.address6.ip),
+                prefixlen=p.address6.network.prefixlen,
+                flags=IFA_F_NODAD,
+            )
         ns.link("set", index=index, state="up")
         lo = _index(ns, "lo")
         if lo is not None:
             ns.link("set", index=lo, state="up")
         if p.gateway is not None:
             ns.route("replace", dst="0.0.0.0/0", gateway=str(p.gateway), oif=index)
+        if p.gateway6 is not None:
+            ns.route("replace", family=AF_INET6, dst="::/0", gateway=str(p.gateway6), oif=index)
 
 
 def unplug(host_ifname: str) -> bool:
@@ -336,11 +397,17 @@ def problems(p: Plug) -> list[str]:
             found.append(f"{p.ifname} has MAC {link.get_attr('IFLA_ADDRESS')}, not {mac_to_str(p.mac)}")
         if link.get_attr("IFLA_MTU") != p.mtu:
             found.append(f"{p.ifname} has MTU {link.get_attr('IFLA_MTU')}, not {p.mtu}")
-        addresses = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ns.get_addr(index=index, family=2)}
-        if (str(p.address.ip), p.address.network.prefixlen) not in addresses:
-            found.append(f"{p.ifname} lacks address {p.address}")
-        if p.gateway is not None:
-            routes = ns.get_routes(family=2, dst_len=0)
-            if not any(r.get_attr("RTA_GATEWAY") == str(p.gateway) for r in routes):
-                found.append(f"the container has no default route via {p.gateway}")
+        addresses = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ns.get_addr(index=index)}
+        for address in (p.address, p.address6):
+            if address is not None and (str(address.ip), address.network.prefixlen) not in addresses:
+                found.append(f"{p.ifname} lacks address {address}")
+        for family, gateway in ((socket.AF_INET, p.gateway), (AF_INET6, p.gateway6)):
+            if gateway is not None:
+                routes = ns.get_routes(family=family, dst_len=0)
+                if not any(r.get_attr("RTA_GATEWAY") == str(gateway) for r in routes):
+                    found.append(f"the container has no default route via {gateway}")
+    if p.address6 is not None:
+        for name, value in _router_advertisement_settings(p).items():
+            if value != "0":
+                found.append(f"the container's net.ipv6.conf.{p.ifname}.{name} is {value or 'unreadable'}, not 0")
     return found

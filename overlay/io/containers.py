@@ -7,12 +7,13 @@ agent over its control socket (overlay/io/control.py). What to do is decided in
 overlay/core/attach.py, as plans of steps; this module gathers the facts those decisions need
 (namespace ids, whether a veth exists, a random MAC, the clock) and executes the steps:
 
-    attach: resolve the network -> claim an address (etcd transaction; lowest free first,
-            the loser of a race takes the next) -> veth into the container (overlay/io/bridge.py)
-            -> publish the endpoint (MAC, address, this host) -> remember it in the state file;
+    attach: resolve the network -> claim its addresses, IPv4 and IPv6 (one etcd transaction;
+            lowest free first, the loser of a race takes the next) -> veth into the container
+            (overlay/io/bridge.py) -> publish the endpoint (MAC, addresses, this host) ->
+            remember it in the state file;
             a failure undoes what was done (each undo step logged if it fails, never hiding
             the error that caused it)
-    detach: remove the veth -> delete endpoint and address -> forget it
+    detach: remove the veth -> delete endpoint and addresses -> forget it
 
 Attachments are remembered in ``<state_dir>/<host-id>.json`` so an agent restarted by systemd
 takes its containers back (their veths outlive it); a container whose veth vanished (its
@@ -31,6 +32,7 @@ from typing import Callable, assert_never
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from overlay.core.addresses import IPAddress
 from overlay.core.attach import (
     Attachment,
     Attachments,
@@ -50,13 +52,13 @@ from overlay.core.attach import (
     UndoStep,
     Unplug,
     attachment_id,
-    check_gateway,
     decode_state,
     encode_state,
+    gateways,
     require_registry,
 )
 from overlay.core.control import AttachRequest, CheckRequest, DetachRequest, Refused
-from overlay.core.registry import Allocation, Endpoint, Registry
+from overlay.core.registry import AddressKey, Allocation, Registry
 from overlay.io import bridge
 from overlay.io.etcd import FAILURES as ETCD_ERRORS
 from overlay.io.etcd import EtcdClient
@@ -68,7 +70,16 @@ REAP_EVERY = 2.0
 def plug_of(a: Attachment) -> bridge.Plug:
     """What the bridge module builds for ``a``."""
     return bridge.Plug(
-        a.netns, a.ifname, a.host_ifname, bridge.bridge_name(a.vni), a.endpoint_key.mac, a.interface, a.router, a.mtu
+        a.netns,
+        a.ifname,
+        a.host_ifname,
+        bridge.bridge_name(a.vni),
+        a.endpoint_key.mac,
+        a.interface,
+        a.router,
+        a.mtu,
+        a.interface6,
+        a.router6,
     )
 
 
@@ -126,7 +137,7 @@ class Containers:
         book = self.attachments
         vni, network = book.network(req.net, self.registry.networks())
         this_id = attachment_id(req, netns_id(req.netns), self.own_netns)
-        gateway = check_gateway(req.gateway or network.gateway, network)
+        gateway, gateway6 = gateways(req, network)
         require_registry(self.client.connected)
         async with self.lock:
             existing = self.attached.get(this_id)
@@ -134,11 +145,11 @@ class Containers:
                 plugged = await asyncio.to_thread(bridge.exists, existing.host_ifname)
                 return book.again(existing, vni, plugged).to_json()  # asked twice: the same answer
             mac = book.mac(req.mac, vni, bridge.random_mac(), self.registry)
-            choice = book.addresses(vni, network, req.ip, gateway, self.registry)
+            choice = book.addresses(vni, network, req.ip, gateway, self.registry, req.ip6, gateway6)
             host_ifname = bridge.host_ifname(this_id)
             try:
                 while True:
-                    address = choice.next()
+                    address, address6 = choice.next()
                     plan = book.plan_attach(
                         req=req,
                         attachment_id=this_id,
@@ -148,41 +159,46 @@ class Containers:
                         mac=mac,
                         gateway=gateway,
                         address=address,
+                        gateway6=gateway6,
+                        address6=address6,
                     )
-                    if await self._attach(plan):
+                    taken = await self._attach(plan)
+                    if not taken:
                         break
-                    choice.lost(address)  # another host got it first: take the next
+                    choice.lost(taken)  # another host got one first: take the next
             except bridge.PlumbingError as e:
                 raise Refused(str(e), e.kind) from None
             except ETCD_ERRORS as e:
                 raise _etcd_refusal(e) from None
         a = plan.attachment
         log.info(
-            "attached %s: %s %s on network %s (%s) via %s", a.id, a.mac, a.address, a.network, a.vni, a.host_ifname
+            "attached %s: %s %s on network %s (%s) via %s", a.id, a.mac, a.addresses, a.network, a.vni, a.host_ifname
         )
         return a.to_json()
 
-    async def _attach(self, plan: AttachPlan) -> bool:
-        """Run ``plan``'s steps; False if its address was lost to another host (nothing is left
-        behind then). On a failure, undo and raise it."""
+    async def _attach(self, plan: AttachPlan) -> list[IPAddress]:
+        """Run ``plan``'s steps; the addresses lost to another host, if its claim was lost
+        (nothing is left behind then), else none. On a failure, undo and raise it."""
         a = plan.attachment
         try:
             for index, step in enumerate(plan.steps):
                 try:
-                    done = await self._attach_step(step)
-                except BaseException:  # nothing left behind: veth, endpoint, address
+                    taken = await self._attach_step(step)
+                except BaseException:  # nothing left behind: veth, endpoint, addresses
                     await asyncio.shield(self._undo(plan.undo(index)))
                     raise
-                if not done:
+                if taken:
                     await asyncio.shield(self._undo(plan.undo(index)))
-                    return False
-            return True
+                    return taken
+            return []
         finally:
             self.attachments.attaching.discard((a.vni, a.endpoint_key.mac))
 
-    async def _attach_step(self, step: AttachStep) -> bool:
-        if isinstance(step, ClaimAddress):
-            return await self.client.claim(step.key, step.allocation)
+    async def _attach_step(self, step: AttachStep) -> list[IPAddress]:
+        """Execute one step; the addresses another host has when it is a claim that lost."""
+        if isinstance(step, ClaimAddress):  # every address at once: one transaction
+            taken = await self.client.claim_all([(key, step.allocation) for key in step.keys])
+            return [k.address for k in taken if isinstance(k, AddressKey)]
         if isinstance(step, Refuse):
             raise Refused(step.message, step.kind)
         if isinstance(step, PlugVeth):
@@ -196,7 +212,7 @@ class Containers:
             self.attached[step.attachment.id] = step.attachment
         else:
             assert_never(step)
-        return True
+        return []
 
     async def _undo(self, steps: Iterable[UndoStep]) -> None:
         """Roll back a half-made attach; errors here must not hide the one that caused it."""
@@ -282,19 +298,22 @@ class Containers:
         if a.vni not in self.attachments.served or not await asyncio.to_thread(bridge.exists, a.host_ifname):
             log.info("not adopting %s: its network or veth is gone", a.id)
             return
-        address = a.interface
-        key, allocation = a.address_key, Allocation(self.host_id, a.mac, a.id)
-        if not await self.client.claim(key, allocation):
-            owner = self.registry.get(key)
-            if owner != allocation:
-                log.warning("not adopting %s: address %s was taken meanwhile; unplugging it", a.id, address.ip)
-                await asyncio.to_thread(bridge.unplug, a.host_ifname)
-                return
-            await self.client.hold(key, allocation)  # ours from before: under the new lease now
+        allocation = Allocation(self.host_id, a.mac, a.id)
+        for key in a.address_keys:  # IPv4, then IPv6
+            if await self.client.claim(key, allocation):
+                continue
+            if self.registry.get(key) == allocation:
+                await self.client.hold(key, allocation)  # ours from before: under the new lease now
+                continue
+            log.warning("not adopting %s: address %s was taken meanwhile; unplugging it", a.id, key.address)
+            for mine in a.address_keys:  # those claimed or held above (not the other host's)
+                await self.client.release(mine)
+            await asyncio.to_thread(bridge.unplug, a.host_ifname)
+            return
         await asyncio.to_thread(bridge.replug, a.host_ifname, bridge.bridge_name(a.vni), a.endpoint_key.mac)
-        await self.client.hold(a.endpoint_key, Endpoint(self.host_id, [str(address.ip)]))
+        await self.client.hold(a.endpoint_key, a.endpoint(self.host_id))
         self.attached[a.id] = a
-        log.info("adopted %s: %s %s on network %s", a.id, a.mac, a.address, a.network)
+        log.info("adopted %s: %s %s on network %s", a.id, a.mac, a.addresses, a.network)
 
     def stopping(self, lease: int | None) -> bool:
         """The agent stops. With containers attached, keep the lease alive (True): their
@@ -313,7 +332,7 @@ class Containers:
                 if not await asyncio.to_thread(bridge.exists, a.host_ifname):
                     async with self.lock:
                         if self.attached.get(a.id) is a:
-                            log.info("container of %s is gone; releasing %s and %s", a.id, a.address, a.mac)
+                            log.info("container of %s is gone; releasing %s and %s", a.id, a.addresses, a.mac)
                             try:
                                 await self._remove(a, unplug=False)
                             except ETCD_ERRORS as e:
@@ -324,7 +343,7 @@ class Containers:
     async def _remove(self, a: Attachment, unplug: bool) -> None:
         for step in self.attachments.plan_detach(a, unplug).steps:
             await self._do(step)
-        log.info("detached %s: %s %s from network %s", a.id, a.mac, a.address, a.network)
+        log.info("detached %s: %s %s from network %s", a.id, a.mac, a.addresses, a.network)
 
     def _save(self, lease: int | None = None) -> None:
         """Write the attachments atomically (a crash mid-write keeps the old file), with the

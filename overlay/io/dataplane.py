@@ -181,7 +181,7 @@ class Dataplane:
         self.datagrams = FrameBatch(DATAGRAMS, slot_size=frame)
         self.merge = FrameBatch(1, slot_size=slot_size(MAX_READ))
         self.on_fatal: Callable[[str], None] = lambda message: None
-        self.on_local: Callable[[list[tuple[int, int, int]]], None] | None = None  # MACs behind our TAP
+        self.on_local: Callable[[list[tuple[int, int, IPAddress | None]]], None] | None = None  # MACs behind our TAP
         self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._maintenance: asyncio.Task[None] | None = None
@@ -218,7 +218,7 @@ class Dataplane:
         if self.on_local is not None:
             local = self.core.take_local()
             if local:
-                self.on_local(local)
+                self.on_local([(vni, mac, from_c(ip) if ip else None) for vni, mac, ip in local])
 
     def _fatal(self, message: str) -> None:
         """An fd is broken for good: stop watching it (no busy loop) and stop the agent."""

@@ -23,7 +23,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import aetcd
 import aetcd.exceptions
@@ -353,10 +353,25 @@ class EtcdClient:
     async def claim(self, key: Key, value: Value) -> bool:
         """Create ``key`` under our lease if nobody has it (an address for IPAM); True if it is
         ours now. Held from then on like ``hold``."""
-        ok = await self._create(await self.connect(), key, value, self._lease)
+        return not await self.claim_all([(key, value)])
+
+    async def claim_all(self, items: Sequence[tuple[Key, Value]]) -> list[Key]:
+        """Create every key of ``items`` under our lease in one transaction, if none of them
+        exists (a container's IPv4 and IPv6 addresses, for IPAM): all or nothing. Returns the
+        keys someone else has: none, and every key is ours now, held from then on like ``hold``;
+        some, and nothing was written."""
+        client = await self.connect()
+        t = client.transactions
+        raws = [self.schema.key(key).encode() for key, _ in items]
+        ok, responses = await client.transaction(
+            compare=[t.create(raw) == 0 for raw in raws],
+            success=[t.put(raw, self.schema.encode(value), self._lease) for raw, (_, value) in zip(raws, items)],
+            failure=[t.get(raw) for raw in raws],  # which exist: read at the transaction's revision
+        )
         if ok:
-            self.held[key] = value
-        return ok
+            self.held.update(items)
+            return []
+        return [key for (key, _), found in zip(items, responses) if found] or [key for key, _ in items]
 
     async def release(self, key: Key) -> None:
         """Delete ``key`` if it still holds our value (another host may own it by now: a moved

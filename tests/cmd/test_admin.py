@@ -116,6 +116,8 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
         "subnet": None,
         "mtu": None,
         "gateway": None,
+        "subnet6": None,
+        "gateway6": None,
     }
     assert etcd.value("/networks/420") == etcd.schema.encode(Network(420, "net420")).decode()
 
@@ -131,15 +133,25 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
             "name": "blue",
             "subnet": "198.19.42.0/24",
             "mtu": 1450,
+            "subnet6": None,
             "defined": True,
             "members": 1,
             "endpoints": 1,
         },
-        {"vni": 420, "name": "net420", "subnet": None, "mtu": None, "defined": True, "members": 0, "endpoints": 1},
+        {
+            "vni": 420,
+            "name": "net420",
+            "subnet": None,
+            "mtu": None,
+            "subnet6": None,
+            "defined": True,
+            "members": 0,
+            "endpoints": 1,
+        },
     ]
     table = ok(etcd.cli("net", "ls")).splitlines()
-    assert table[0].split() == ["VNI", "NAME", "SUBNET", "MTU", "MEMBERS", "ENDPOINTS"]
-    assert table[1].split() == ["42", "blue", "198.19.42.0/24", "1450", "1", "1"]
+    assert table[0].split() == ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "MEMBERS", "ENDPOINTS"]
+    assert table[1].split() == ["42", "blue", "198.19.42.0/24", "-", "1450", "1", "1"]
 
     one_line_error(etcd.cli("net", "rm", "42"), 1, "network 42 has 1 member (h1)", "--force")
     assert f"{etcd.prefix}/networks/42" in etcd.keys()
@@ -154,6 +166,69 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
     one_line_error(etcd.cli("net", "rm", "42"), 1, "network 42 does not exist")
     assert "removed network 420" in ok(etcd.cli("net", "rm", "420"))  # no members: no --force needed
     assert etcd.keys() == []
+
+
+@pytest.mark.etcd
+def test_net_create_with_subnet6_and_gateway6_writes_them_and_ls_shows_subnet6(etcd: Etcd) -> None:
+    created = etcd.json(
+        "net",
+        "create",
+        "42",
+        "--subnet",
+        "198.19.42.0/24",
+        "--subnet6",
+        "2001:2:0:42:0::/64",
+        "--gateway6",
+        "2001:2:0:42::1",
+    )
+    assert created == {
+        "vni": 42,
+        "name": "net42",
+        "subnet": "198.19.42.0/24",
+        "mtu": None,
+        "gateway": None,
+        "subnet6": "2001:2:0:42::/64",  # canonical (RFC 5952), as the agents read it
+        "gateway6": "2001:2:0:42::1",
+    }
+    assert (
+        etcd.value("/networks/42")
+        == etcd.schema.encode(
+            Network(42, "net42", "198.19.42.0/24", subnet6="2001:2:0:42::/64", gateway6="2001:2:0:42::1")
+        ).decode()
+    )
+    assert "subnet -, mtu -, subnet6 2001:2:0:43::/120)" in ok(
+        etcd.cli("net", "create", "43", "--subnet6", "2001:2:0:43::/120")
+    )
+    assert [(r["vni"], r["subnet"], r["subnet6"]) for r in etcd.json("net", "ls")] == [
+        (42, "198.19.42.0/24", "2001:2:0:42::/64"),
+        (43, None, "2001:2:0:43::/120"),
+    ]
+    assert ok(etcd.cli("net", "ls")).splitlines()[2].split()[:4] == ["43", "net43", "-", "2001:2:0:43::/120"]
+
+
+def test_a_bad_subnet6_or_gateway6_is_one_line_exit_2_and_nothing_is_written() -> None:
+    nowhere = ["--etcd", "http://127.0.0.1:9"]  # never reached: the input is checked first
+    create = ["net", "create", "42", "--subnet", "198.19.42.0/24"]
+    not_v6, v4, too_big, too_small, host_bits, outside, anycast, bare, no_subnet6 = overlay_many(
+        [*create, "--subnet6", "nonsense", *nowhere],
+        [*create, "--subnet6", "198.19.42.0/24", *nowhere],
+        [*create, "--subnet6", "2001:2::/48", *nowhere],
+        [*create, "--subnet6", "2001:2:0:42::/124", *nowhere],
+        [*create, "--subnet6", "2001:2:0:42::1/64", *nowhere],
+        [*create, "--subnet6", "2001:2:0:42::/64", "--gateway6", "2001:2:0:43::1", *nowhere],
+        [*create, "--subnet6", "2001:2:0:42::/64", "--gateway6", "2001:2:0:42::", *nowhere],
+        [*create, "--subnet6", "2001:2:0:42::/64", "--gateway6", "198.19.42.1", *nowhere],
+        [*create, "--gateway6", "2001:2:0:42::1", *nowhere],
+    )
+    one_line_error(not_v6, 2, "--subnet6 'nonsense' is not an IPv6 network", "2001:2:0:42::/64")
+    one_line_error(v4, 2, "--subnet6 '198.19.42.0/24' is not an IPv6 network")
+    one_line_error(too_big, 2, "--subnet6 2001:2::/48 is a /48", "/64 to /120")
+    one_line_error(too_small, 2, "--subnet6 2001:2:0:42::/124 is a /124", "/64 to /120")
+    one_line_error(host_bits, 2, "host bits", "2001:2:0:42::/64")
+    one_line_error(outside, 2, "--gateway6 2001:2:0:43::1 is not a host address of --subnet6 2001:2:0:42::/64")
+    one_line_error(anycast, 2, "--gateway6 2001:2:0:42:: is not a host address")
+    one_line_error(bare, 2, "--gateway6 '198.19.42.1' is not an IPv6 address")
+    one_line_error(no_subnet6, 2, "--gateway6 needs --subnet6")
 
 
 # --- endpoints --------------------------------------------------------------------------------
@@ -289,6 +364,7 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
         "name": None,
         "subnet": None,
         "mtu": None,
+        "subnet6": None,
         "defined": False,
         "members": 1,
         "endpoints": 1,

@@ -252,6 +252,8 @@ def test_add_asks_the_agent_to_attach_with_the_contracts_parameters() -> None:
                 "ip": "198.19.0.7/24",
                 "mac": "02:00:00:00:01:07",
                 "gateway": "198.19.0.1",
+                "ip6": None,
+                "gateway6": None,
             },
         )
     ]
@@ -268,6 +270,8 @@ def test_the_network_defaults_to_the_configs_name_and_the_address_to_the_agents_
         "ip": None,
         "mac": None,
         "gateway": None,
+        "ip6": None,
+        "gateway6": None,
     }
 
 
@@ -317,6 +321,75 @@ def test_a_chained_add_keeps_the_previous_result_and_points_past_it() -> None:
     result = run(config(prevResult=prev), FakeAgent(ANSWER))
     assert [i["name"] for i in result["interfaces"]] == ["lo", "ovc1a2b3c4", "eth0"]
     assert result["ips"][1] == {"address": "198.19.0.7/24", "gateway": "198.19.0.1", "interface": 2}
+
+
+DUAL = {**ANSWER, "address6": "2001:2:0:42::7/64", "gateway6": "2001:2:0:42::1"}
+
+
+def test_a_dual_stack_add_result_has_both_addresses_gateways_and_default_routes() -> None:
+    result = run(config(), FakeAgent({**DUAL, "host_mac": "02:00:00:00:ff:01"}))
+    assert result["ips"] == [
+        {"address": "198.19.0.7/24", "gateway": "198.19.0.1", "interface": 1},
+        {"address": "2001:2:0:42::7/64", "gateway": "2001:2:0:42::1", "interface": 1},
+    ]
+    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "198.19.0.1"}, {"dst": "::/0", "gw": "2001:2:0:42::1"}]
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0"])
+def test_before_1_0_0_the_ipv6_entry_says_version_6(version: str) -> None:
+    result = run(config(cniVersion=version), FakeAgent({**DUAL, "gateway6": None}))
+    assert [ip["version"] for ip in result["ips"]] == ["4", "6"]
+    assert result["ips"][1] == {"version": "6", "address": "2001:2:0:42::7/64", "interface": 1}
+    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "198.19.0.1"}]  # no gateway6, no ::/0
+
+
+def test_an_ipv6_only_attachment_gives_one_ipv6_entry() -> None:
+    result = run(config(), FakeAgent({**DUAL, "address": None, "gateway": None}))
+    assert result["ips"] == [{"address": "2001:2:0:42::7/64", "gateway": "2001:2:0:42::1", "interface": 1}]
+    assert result["routes"] == [{"dst": "::/0", "gw": "2001:2:0:42::1"}]
+
+
+def test_ip6_and_gateway6_come_from_the_config_cni_args_and_runtime_config_ips() -> None:
+    agent = FakeAgent(DUAL)
+    run(config(ip6="2001:2:0:42::5/64", gateway6="2001:2:0:42::1"), agent)
+    assert (agent.calls[-1][2]["ip6"], agent.calls[-1][2]["gateway6"]) == ("2001:2:0:42::5/64", "2001:2:0:42::1")
+    run(config(ip6="none"), agent)
+    assert agent.calls[-1][2]["ip6"] == "none"
+    run(config(ip6="2001:2:0:42::5/64"), agent, CNI_ARGS="IP=198.19.0.6/24,2001:2:0:42:0:0:0:6/64")
+    assert (agent.calls[-1][2]["ip"], agent.calls[-1][2]["ip6"]) == ("198.19.0.6/24", "2001:2:0:42::6/64")
+    run(config(ip="198.19.0.5/24", runtimeConfig={"ips": ["2001:2:0:42::8/64"]}), agent)
+    assert (agent.calls[-1][2]["ip"], agent.calls[-1][2]["ip6"]) == ("198.19.0.5/24", "2001:2:0:42::8/64")
+
+
+@pytest.mark.parametrize(
+    "conf, env, said",
+    [
+        (config(ip6="2001:2:0:42::5/129"), {}, "\"ip6\": '2001:2:0:42::5/129' is not an IPv6 address"),
+        (config(gateway6="198.19.0.1"), {}, "\"gateway6\": '198.19.0.1' is not an IPv6 address"),
+        (config(runtimeConfig={"ips": ["2001:2:0:42::8/64", "2001:2:0:42::9/64"]}), {}, "runtimeConfig ips"),
+        (config(), {"CNI_ARGS": "IP=198.19.0.6/24,198.19.0.7/24"}, "CNI_ARGS IP"),
+    ],
+)
+def test_bad_ipv6_settings_are_invalid_config(conf: dict[str, Any], env: dict[str, str], said: str) -> None:
+    with pytest.raises(cni.CniError) as e:
+        run(conf, FakeAgent(DUAL), **env)
+    assert e.value.code == cni.INVALID_CONFIG and said in e.value.msg
+
+
+def test_check_holds_the_ipv6_address_and_gateway6_against_the_previous_result() -> None:
+    prev = prev_result()
+    prev["ips"].append({"address": "2001:2:0:42::7/64", "gateway": "2001:2:0:42::1", "interface": 1})
+    assert run(config(prevResult=prev), FakeAgent(DUAL), CNI_COMMAND="CHECK") is None
+    for answer, said in (
+        ({**DUAL, "address6": "2001:2:0:42::8/64"}, "has address 2001:2:0:42::8/64"),
+        ({**DUAL, "gateway6": None}, "has gateway None"),
+    ):
+        with pytest.raises(cni.CniError) as e:
+            run(config(prevResult=prev), FakeAgent(answer), CNI_COMMAND="CHECK")
+        assert e.value.code == cni.MISMATCH and said in e.value.msg
+    with pytest.raises(cni.CniError) as e:
+        run(config(prevResult=prev_result()), FakeAgent(DUAL), CNI_COMMAND="CHECK")
+    assert e.value.code == cni.MISMATCH and "2001:2:0:42::7/64" in e.value.msg
 
 
 def test_del_asks_to_detach_and_prints_nothing() -> None:

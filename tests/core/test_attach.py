@@ -18,6 +18,7 @@ from overlay.core.attach import (
     Attachments,
     AttachPlan,
     AttachStep,
+    Candidates,
     ClaimAddress,
     ForgetEndpoint,
     ForgetLocal,
@@ -32,8 +33,10 @@ from overlay.core.attach import (
     Unplug,
     attachment_id,
     check_gateway,
+    check_gateway6,
     decode_state,
     encode_state,
+    gateways,
     require_registry,
     resolve_network,
 )
@@ -253,9 +256,15 @@ def test_a_mac_attached_here_already_on_the_network_is_refused() -> None:
 def choice(
     wanted: str | None, network: Network = BLUE, *entries: tuple[Key, Value], gateway: str | None = None
 ) -> AddressChoice:
-    return book().addresses(
-        network.vni, network, wanted, IP4(gateway) if gateway else None, registry(*networks(network), *entries)
+    c = (
+        book()
+        .addresses(
+            network.vni, network, wanted, IP4(gateway) if gateway else None, registry(*networks(network), *entries)
+        )
+        .v4
     )
+    assert c is not None
+    return c
 
 
 def test_without_ip_the_lowest_free_address_is_offered() -> None:
@@ -396,7 +405,7 @@ def test_an_attach_claims_the_address_plugs_the_veth_publishes_the_endpoint_and_
         1400,
     )
     assert p.steps == (
-        ClaimAddress(AddressKey(42, IP4("198.19.42.7")), Allocation(HOST, MAC, "netns/4:1/eth0")),
+        ClaimAddress((AddressKey(42, IP4("198.19.42.7")),), Allocation(HOST, MAC, "netns/4:1/eth0")),
         PlugVeth(a),
         PublishEndpoint(EndpointKey(42, mac_to_int(MAC)), Endpoint(HOST, ["198.19.42.7"])),
         SaveAttached(a),
@@ -422,7 +431,7 @@ def test_an_unnamed_network_is_called_by_its_vni_and_no_gateway_is_none() -> Non
 def test_a_gateway_outside_an_explicit_address_is_refused_once_the_claim_is_won() -> None:
     p = plan(network=BARE, address="10.1.2.3/24", gateway="10.9.9.9")
     assert p.steps == (
-        ClaimAddress(AddressKey(44, IP4("10.1.2.3")), Allocation(HOST, MAC, "netns/4:1/eth0")),
+        ClaimAddress((AddressKey(44, IP4("10.1.2.3")),), Allocation(HOST, MAC, "netns/4:1/eth0")),
         Refuse("--gateway 10.9.9.9 is outside the container's subnet 10.1.2.0/24", "address"),
     )
     assert p.undo(1) == (ReleaseAddress(AddressKey(44, IP4("10.1.2.3"))),)
@@ -472,7 +481,7 @@ class Shell:
                     raise Refused(step.message, step.kind)
                 if self.fail is not None and isinstance(step, self.fail):
                     raise OSError("injected")
-                won = not (isinstance(step, ClaimAddress) and str(step.key.address) in self.others)
+                won = not (isinstance(step, ClaimAddress) and any(str(k.address) in self.others for k in step.keys))
             except Exception:
                 self.done.extend(p.undo(index))
                 raise
@@ -503,7 +512,7 @@ def test_the_claim_loop_takes_the_lowest_address_no_other_host_won() -> None:
     shell = Shell(others=frozenset({"198.19.42.1", "198.19.42.2"}))
     a = shell.attach(book(), choice(None))
     assert a.address == "198.19.42.3/24"
-    assert [s.key.address for s in shell.done if isinstance(s, ClaimAddress)] == [
+    assert [s.keys[0].address for s in shell.done if isinstance(s, ClaimAddress)] == [
         IP4("198.19.42.1"),
         IP4("198.19.42.2"),
         IP4("198.19.42.3"),
@@ -580,9 +589,7 @@ def test_the_reaper_detaches_without_unplugging_a_veth_that_is_gone() -> None:
 
 
 def whole(a: Attachment) -> Registry:
-    return registry(
-        (a.endpoint_key, Endpoint(HOST, [str(a.interface.ip)])), (a.address_key, Allocation(HOST, a.mac, a.id))
-    )
+    return registry((a.endpoint_key, a.endpoint(HOST)), *((k, Allocation(HOST, a.mac, a.id)) for k in a.address_keys))
 
 
 def test_check_of_an_id_not_attached_is_unknown() -> None:
@@ -603,9 +610,9 @@ def test_check_lists_the_plumbings_problems_then_the_registrys() -> None:
 
 
 def test_an_endpoint_or_address_held_by_another_host_is_broken() -> None:
-    r = registry((A1.endpoint_key, Endpoint("h2")), (A1.address_key, Allocation(HOST)))
+    r = registry((A1.endpoint_key, Endpoint("h2")), (A1.address_keys[0], Allocation(HOST)))
     assert refused(lambda: book(A1).verify(A1, [], r), "broken").endswith(f"endpoint {MAC} on this host")
-    r = registry((A1.endpoint_key, Endpoint(HOST)), (A1.address_key, Allocation("h2")))
+    r = registry((A1.endpoint_key, Endpoint(HOST)), (A1.address_keys[0], Allocation("h2")))
     assert refused(lambda: book(A1).verify(A1, [], r), "broken").endswith("not held by this host in the registry")
 
 
@@ -647,7 +654,11 @@ def test_noting_a_detach_drops_the_notes_past_their_grace() -> None:
 
 def test_an_attachment_says_its_interface_route_and_registry_keys() -> None:
     assert (A1.interface, A1.router) == (IF4("198.19.42.7/24"), IP4("198.19.42.1"))
-    assert (A1.endpoint_key, A1.address_key) == (EndpointKey(42, mac_to_int(MAC)), AddressKey(42, IP4("198.19.42.7")))
+    assert (A1.endpoint_key, A1.address_keys) == (
+        EndpointKey(42, mac_to_int(MAC)),
+        (AddressKey(42, IP4("198.19.42.7")),),
+    )
+    assert (A1.interface6, A1.router6, A1.endpoint(HOST)) == (None, None, Endpoint(HOST, ["198.19.42.7"], []))
 
 
 def test_an_attachments_json_has_its_fields_in_order_and_reads_back() -> None:
@@ -662,6 +673,8 @@ def test_an_attachments_json_has_its_fields_in_order_and_reads_back() -> None:
         "address",
         "gateway",
         "mtu",
+        "address6",
+        "gateway6",
     ]
     assert Attachment.from_json(A1.to_json()) == A1
     no_gateway = attachment(gateway=None)
@@ -738,3 +751,183 @@ def test_unknown_state_fields_are_ignored() -> None:
 def test_a_state_file_that_is_not_one_is_a_value_error(text: str, said: str) -> None:
     with pytest.raises(ValueError, match=said):
         decode_state(text)
+
+
+# --- dual stack -----------------------------------------------------------------------------------
+
+IP6 = ipaddress.IPv6Address
+IF6 = ipaddress.IPv6Interface
+DUAL = Network(46, "dual", "198.19.46.0/24", subnet6="2001:2:0:46::/64", gateway6="2001:2:0:46::1")
+V6ONLY = Network(47, "six", subnet6="2001:2:0:47::/64")
+
+
+def candidates(
+    network: Network = DUAL,
+    wanted: str | None = None,
+    wanted6: str | None = None,
+    *entries: tuple[Key, Value],
+    gateway6: str | None = "2001:2:0:46::1",
+) -> Candidates:
+    return book(served=(42, 46, 47)).addresses(
+        network.vni,
+        network,
+        wanted,
+        None,
+        registry(*networks(network), *entries),
+        wanted6,
+        IP6(gateway6) if gateway6 else None,
+    )
+
+
+def dual_plan(
+    network: Network = DUAL, address: str | None = "198.19.46.2/24", address6: str = "2001:2:0:46::2/64"
+) -> AttachPlan:
+    return book(served=(42, 46, 47)).plan_attach(
+        req=AttachRequest("/run/netns/a", network.name),
+        attachment_id="netns/4:1/eth0",
+        host_ifname="ov0123456789a",
+        vni=network.vni,
+        network=network,
+        mac=MAC,
+        gateway=None,
+        address=IF4(address) if address else None,
+        gateway6=IP6("2001:2:0:46::1"),
+        address6=IF6(address6),
+    )
+
+
+def test_a_network_with_a_subnet6_gives_the_lowest_free_ipv6_address_beside_the_ipv4_one() -> None:
+    taken6 = (AddressKey(46, IP6("2001:2:0:46::2")), Allocation("h2"))
+    announced6 = (EndpointKey(46, 0x020000000002), Endpoint("h3", [], ["2001:2:0:46::3"]))
+    assert candidates(DUAL, None, None, taken6, announced6).next() == (
+        IF4("198.19.46.1/24"),
+        IF6("2001:2:0:46::4/64"),  # not ::0 (subnet-router anycast), ::1 (gateway6), ::2 and ::3 (in use)
+    )
+
+
+def test_ip6_none_or_a_network_without_subnet6_gives_no_ipv6_address() -> None:
+    assert candidates(DUAL, None, "none").next() == (IF4("198.19.46.1/24"), None)
+    assert candidates(BLUE, None, None, gateway6=None).next() == (IF4("198.19.42.1/24"), None)
+
+
+def test_an_explicit_ip6_is_claimed_as_given_and_a_bare_one_takes_the_subnet6_length() -> None:
+    assert candidates(DUAL, None, "2001:2:0:46::99/64").next()[1] == IF6("2001:2:0:46::99/64")
+    assert candidates(DUAL, None, "2001:2:0:46::99").next()[1] == IF6("2001:2:0:46::99/64")
+
+
+@pytest.mark.parametrize(
+    "network, wanted6, kind, said",
+    [
+        (DUAL, "2001:2:0:99::5/64", "address", "outside network dual's subnet6 2001:2:0:46::/64"),
+        (DUAL, "2001:2:0:46::5/80", "address", "subnet6 is 2001:2:0:46::/64, so the prefix length must be /64"),
+        (DUAL, "2001:2:0:46::/64", "address", "reserved"),
+        (DUAL, "2001:2:0:46::1/64", "address", "reserved"),  # the gateway6: never a container's
+        (DUAL, "x", "invalid", "--ip6 'x' is not an IPv6 address with a prefix length like 2001:2:0:42::5/64"),
+        (DUAL, "198.19.46.5/24", "invalid", "is not an IPv6 address"),
+        (BLUE, "2001:2:0:42::5/64", "address", "--ip6 2001:2:0:42::5/64: network blue has no subnet6"),
+    ],
+)
+def test_a_bad_explicit_ip6_is_refused_before_any_claim(network: Network, wanted6: str, kind: str, said: str) -> None:
+    assert said in refused(lambda: candidates(network, None, wanted6), kind)
+
+
+def test_an_explicit_ip6_in_use_is_refused_before_any_claim() -> None:
+    taken6 = (AddressKey(46, IP6("2001:2:0:46::10")), Allocation("h2"))
+    assert "2001:2:0:46::10 is in use on network dual: pick another, or leave out --ip6" in refused(
+        lambda: candidates(DUAL, None, "2001:2:0:46::10/64", taken6), "address"
+    )
+
+
+def test_a_lost_claim_moves_on_only_the_family_another_host_had() -> None:
+    c = candidates(DUAL)
+    first = c.next()
+    c.lost([IP6("2001:2:0:46::2")])  # the IPv6 address was taken; the IPv4 one was free
+    assert (first, c.next()) == (
+        (IF4("198.19.46.1/24"), IF6("2001:2:0:46::2/64")),
+        (IF4("198.19.46.1/24"), IF6("2001:2:0:46::3/64")),
+    )
+    explicit = candidates(DUAL, "198.19.46.9/24")
+    explicit.next()
+    explicit.lost([IP6("2001:2:0:46::2")])
+    assert explicit.next()[0] == IF4("198.19.46.9/24")  # still ours to try: only the IPv6 one was lost
+    explicit.lost([IP4("198.19.46.9")])
+    assert "198.19.46.9 is in use" in refused(explicit.next, "address")
+
+
+def test_a_dual_stack_attach_claims_both_addresses_in_one_step_and_publishes_both() -> None:
+    p = dual_plan()
+    a = p.attachment
+    keys = (AddressKey(46, IP4("198.19.46.2")), AddressKey(46, IP6("2001:2:0:46::2")))
+    assert (a.address, a.address6, a.gateway6, a.router6) == (
+        "198.19.46.2/24",
+        "2001:2:0:46::2/64",
+        "2001:2:0:46::1",
+        IP6("2001:2:0:46::1"),
+    )
+    assert p.steps == (
+        ClaimAddress(keys, Allocation(HOST, MAC, "netns/4:1/eth0")),
+        PlugVeth(a),
+        PublishEndpoint(EndpointKey(46, mac_to_int(MAC)), Endpoint(HOST, ["198.19.46.2"], ["2001:2:0:46::2"])),
+        SaveAttached(a),
+    )
+    assert p.undo(1) == (Unplug("ov0123456789a"), ReleaseAddress(keys[0]), ReleaseAddress(keys[1]))
+    assert book(a).plan_detach(a, unplug=True).steps[3:5] == (ReleaseAddress(keys[0]), ReleaseAddress(keys[1]))
+
+
+def test_a_network_with_only_a_subnet6_gives_ipv6_only_containers_unless_ip_is_given() -> None:
+    assert candidates(V6ONLY, gateway6=None).next() == (None, IF6("2001:2:0:47::1/64"))
+    assert candidates(V6ONLY, "198.19.47.5/24", gateway6=None).next() == (
+        IF4("198.19.47.5/24"),
+        IF6("2001:2:0:47::1/64"),
+    )
+    assert "no subnet to allocate from" in refused(lambda: candidates(V6ONLY, None, "none").next(), "network")
+    p = dual_plan(V6ONLY, None, "2001:2:0:47::1/64")
+    a = p.attachment
+    assert (a.address, a.gateway, a.interface, a.addresses) == (None, None, None, "2001:2:0:47::1/64")
+    assert p.steps[0] == ClaimAddress((AddressKey(47, IP6("2001:2:0:47::1")),), Allocation(HOST, MAC, a.id))
+    assert a.endpoint(HOST) == Endpoint(HOST, [], ["2001:2:0:47::1"])
+    assert Attachment.from_json(json.loads(json.dumps(a.to_json()))) == a
+
+
+def test_the_gateway6_is_the_requests_else_the_networks_and_only_with_an_ipv6_address() -> None:
+    def req(**kw: str) -> AttachRequest:
+        return AttachRequest("/run/netns/a", "dual", **kw)
+
+    assert gateways(req(), DUAL) == (None, IP6("2001:2:0:46::1"))
+    assert gateways(req(gateway6="2001:2:0:46::fe"), DUAL) == (None, IP6("2001:2:0:46::fe"))
+    assert gateways(req(ip6="none"), DUAL) == (None, None)  # the network's is dropped
+    assert gateways(AttachRequest("n", "blue"), Network(42, "blue", "198.19.42.0/24", gateway6="2001:2:0:42::1")) == (
+        None,
+        None,
+    )
+    assert "no IPv6 address (--ip6 none)" in refused(
+        lambda: gateways(req(ip6="none", gateway6="2001:2:0:46::1"), DUAL), "invalid"
+    )
+    assert "no IPv6 address (network blue has no subnet6)" in refused(
+        lambda: gateways(AttachRequest("n", "blue", gateway6="2001:2:0:42::1"), BLUE), "invalid"
+    )
+    assert "outside the container's subnet6 2001:2:0:46::/64" in refused(
+        lambda: gateways(req(gateway6="2001:2:0:99::1"), DUAL), "address"
+    )
+    assert "subnet-router anycast" in refused(lambda: gateways(req(gateway6="2001:2:0:46::"), DUAL), "address")
+    assert "is not an IPv6 address" in refused(lambda: check_gateway6("198.19.46.1", DUAL), "invalid")
+    assert "only a subnet6" in refused(
+        lambda: gateways(AttachRequest("n", "six", gateway="198.19.47.1"), V6ONLY), "invalid"
+    )
+
+
+def test_check_finds_a_missing_ipv6_claim() -> None:
+    a = dual_plan().attachment
+    book(a).verify(a, [], whole(a))
+    partial = registry((a.endpoint_key, a.endpoint(HOST)), (a.address_keys[0], Allocation(HOST)))
+    assert refused(lambda: book(a).verify(a, [], partial), "broken").endswith(
+        "address 2001:2:0:46::2/64 is not held by this host in the registry"
+    )
+
+
+def test_a_record_saved_before_dual_stack_still_loads_as_ipv4_only() -> None:
+    old = {k: v for k, v in A1.to_json().items() if k not in ("address6", "gateway6")}
+    assert Attachment.from_json(old) == A1 and A1.address6 is None
+    assert "address6 must be a string, not int" in str(
+        pytest.raises(TypeError, Attachment.from_json, {**old, "address6": 6}).value
+    )

@@ -87,6 +87,8 @@ def test_integers_are_taken_as_their_text_a_pid_as_netns_and_a_vni_as_net() -> N
         ("ip", 1.5, "float"),
         ("mac", False, "bool"),
         ("gateway", [1], "list"),
+        ("ip6", 6.0, "float"),
+        ("gateway6", True, "bool"),
     ],
 )
 def test_a_parameter_that_is_not_text_is_invalid_and_says_its_type(name: str, value: object, typename: str) -> None:
@@ -95,9 +97,28 @@ def test_a_parameter_that_is_not_text_is_invalid_and_says_its_type(name: str, va
     assert (str(e), e.kind) == (f"{name} must be a string, not {typename}", "invalid")
 
 
+def test_an_attach_request_carries_the_ipv6_address_and_gateway_as_given() -> None:
+    params = {"netns": "n", "net": "blue", "ip6": "2001:2:0:42::7/64", "gateway6": "2001:2:0:42::1"}
+    assert AttachRequest.from_params(params) == AttachRequest(
+        "n", "blue", ip6="2001:2:0:42::7/64", gateway6="2001:2:0:42::1"
+    )
+    assert AttachRequest.from_params({"netns": "n", "net": "blue", "ip6": "none"}).ip6 == "none"  # attach judges it
+    assert (AttachRequest("n", "blue").ip6, AttachRequest("n", "blue").gateway6) == (None, None)  # older clients
+
+
 def test_empty_and_null_optional_parameters_are_absent() -> None:
     req = AttachRequest.from_params(
-        {"netns": "n", "net": "blue", "ifname": "", "id": None, "ip": "", "mac": "", "gateway": None}
+        {
+            "netns": "n",
+            "net": "blue",
+            "ifname": "",
+            "id": None,
+            "ip": "",
+            "mac": "",
+            "gateway": None,
+            "ip6": "",
+            "gateway6": None,
+        }
     )
     assert req == AttachRequest("n", "blue")
 

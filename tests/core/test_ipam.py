@@ -170,3 +170,75 @@ def test_pick_never_gives_a_taken_or_reserved_address_and_gives_the_lowest_free(
     assert got.network == subnet
     assert got.ip not in forbidden
     assert got.ip == min(free)
+
+
+# --- IPv6 -----------------------------------------------------------------------------------------
+
+A6 = ipaddress.IPv6Address
+I6 = ipaddress.IPv6Interface
+DUAL = Network(42, "blue", "198.19.42.0/24", subnet6="2001:2:0:42::/64", gateway6="2001:2:0:42::1")
+
+
+def test_ipv6_picks_the_lowest_free_host_of_subnet6_never_the_anycast_or_gateway6() -> None:
+    assert ipam.reserved(DUAL, 6) == {A6("2001:2:0:42::"), A6("2001:2:0:42::1")}
+    assert ipam.pick(DUAL, set(), 6) == I6("2001:2:0:42::2/64")
+    assert ipam.pick(DUAL, {A6("2001:2:0:42::2"), A6("2001:2:0:42::4"), A("198.19.42.3")}, 6) == I6("2001:2:0:42::3/64")
+    assert ipam.pick(DUAL, {A6("2001:2:0:42::2")}) == I("198.19.42.1/24")  # families never mix
+
+
+def test_ipv6_pick_looks_only_at_what_is_used_not_at_the_whole_64() -> None:
+    used = {A6(f"2001:2:0:42::{n:x}") for n in range(2, 5002)}
+    assert ipam.pick(DUAL, used, 6) == I6("2001:2:0:42::138a/64")  # 5002 = 0x138a, found at once
+
+
+def test_ipv6_has_no_broadcast_the_last_address_of_a_small_subnet6_is_given() -> None:
+    small = Network(42, "blue", subnet6="2001:2:0:42::/126")  # ::0 anycast, ::1 to ::3 hosts
+    assert ipam.pick(small, {A6("2001:2:0:42::1"), A6("2001:2:0:42::2")}, 6) == I6("2001:2:0:42::3/126")
+    with pytest.raises(IpamError, match=r"subnet6 2001:2:0:42::/126 has no free address left") as e:
+        ipam.pick(small, {A6(f"2001:2:0:42::{n}") for n in (1, 2, 3)}, 6)
+    assert e.value.kind == "address"
+
+
+def test_a_network_without_subnet6_is_a_network_error_for_picks_and_an_address_error_for_ip6() -> None:
+    with pytest.raises(IpamError, match="network blue has no subnet6") as e:
+        ipam.pick(NET, set(), 6)
+    assert e.value.kind == "network"
+    with pytest.raises(IpamError, match=r"--ip6 2001:2:0:42::5/64: network blue has no subnet6") as e:
+        ipam.check(NET, I6("2001:2:0:42::5/64"), set())
+    assert e.value.kind == "address"
+
+
+@pytest.mark.parametrize(
+    "wanted, said",
+    [
+        (
+            "2001:2:0:43::5/64",
+            "outside network blue's subnet6 2001:2:0:42::/64: pick one in 2001:2:0:42::/64, or leave out --ip6",
+        ),
+        ("2001:2:0:42::5/96", "subnet6 is 2001:2:0:42::/64, so the prefix length must be /64"),
+        ("2001:2:0:42::/64", "reserved in 2001:2:0:42::/64 (subnet-router anycast or gateway6 address)"),
+        ("2001:2:0:42::1/64", "reserved"),
+        ("2001:2:0:42::7/64", "2001:2:0:42::7 is in use on network blue: pick another, or leave out --ip6"),
+    ],
+)
+def test_an_explicit_ipv6_address_must_fit_subnet6_and_be_free(wanted: str, said: str) -> None:
+    with pytest.raises(IpamError, match=said.replace("(", r"\(").replace(")", r"\)")):
+        ipam.check(DUAL, I6(wanted), {A6("2001:2:0:42::7")})
+    ipam.check(DUAL, I6("2001:2:0:42::8/64"), {A6("2001:2:0:42::7")})
+
+
+def test_taken_holds_ipv6_allocations_and_endpoints_ipv6_addresses() -> None:
+    r = Registry()
+    r.snapshot(
+        [
+            kv("/networks/42/ipam/2001:2:0:42::5", {"host": "h1"}, 1),
+            kv("/networks/42/ipam/198.19.42.5", {"host": "h1"}, 2),
+            kv(
+                "/networks/42/endpoints/02:00:00:00:00:09",
+                {"host": "h2", "ipv4": ["198.19.42.9"], "ipv6": ["2001:2:0:42::9"]},
+                3,
+            ),
+        ],
+        3,
+    )
+    assert ipam.taken(r, 42) == {A6("2001:2:0:42::5"), A("198.19.42.5"), A("198.19.42.9"), A6("2001:2:0:42::9")}

@@ -25,8 +25,8 @@ TAP = 0x020000000001
 OTHER = 0x02AABBCCDD01
 
 
-def ip(text: str) -> int:
-    return int(ipaddress.IPv4Address(text))
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
 
 
 def never(vni: int, mac: int) -> bool:
@@ -47,7 +47,7 @@ def test_a_host_without_an_address_publishes_its_taps_without_addresses() -> Non
 
 def test_a_new_mac_behind_the_tap_is_published_with_the_addresses_it_sent_from_sorted() -> None:
     local = LocalEndpoints("h1", {42: TAP}, None)
-    assert local.seen([(42, OTHER, 0)], never) == [(EndpointKey(42, OTHER), Endpoint("h1", []))]
+    assert local.seen([(42, OTHER, None)], never) == [(EndpointKey(42, OTHER), Endpoint("h1", []))]
     assert local.seen([(42, OTHER, ip("198.19.42.9"))], never) == [
         (EndpointKey(42, OTHER), Endpoint("h1", ["198.19.42.9"]))
     ]
@@ -75,7 +75,7 @@ def test_the_tap_keeps_the_host_address_when_it_is_seen_with_another() -> None:
 def test_a_container_mac_is_never_published_from_here() -> None:
     local = LocalEndpoints("h1", {42: TAP}, None)
     owned = {(42, OTHER)}
-    assert local.seen([(42, OTHER, ip("198.19.42.9")), (43, OTHER, 0)], lambda v, m: (v, m) in owned) == [
+    assert local.seen([(42, OTHER, ip("198.19.42.9")), (43, OTHER, None)], lambda v, m: (v, m) in owned) == [
         (EndpointKey(43, OTHER), Endpoint("h1", []))
     ]
     assert (42, OTHER) not in local.addresses  # nothing remembered for it either
@@ -114,3 +114,11 @@ def test_a_resumed_lease_sweeps_only_this_hosts_keys_that_are_not_held() -> None
 def test_nothing_to_sweep_when_everything_of_this_host_is_held() -> None:
     reg = registry((HostKey("h1"), Host("198.18.0.1", 4789)), (MemberKey(42, "h1"), Member()))
     assert LeaseSweep("h1").leftovers(reg, {HostKey("h1"), MemberKey(42, "h1")}) == []
+
+
+def test_a_mac_seen_with_ipv6_publishes_it_beside_its_ipv4() -> None:
+    local = LocalEndpoints("h1", {42: TAP}, None)
+    local.seen([(42, OTHER, ip("198.19.42.9"))], never)
+    assert local.seen([(42, OTHER, ip("2001:2:0:42::9"))], never) == [
+        (EndpointKey(42, OTHER), Endpoint("h1", ["198.19.42.9"], ["2001:2:0:42::9"]))
+    ]

@@ -32,6 +32,8 @@ FULL: dict[str, object] = {
             {"vni": 42, "tap": "ovl-42", "mac": "02:00:00:00:00:01", "bridge": "ovbr42"},
             {"vni": 43, "tap": "ovl-43", "mac": "02:00:00:00:00:02", "bridge": "ovbr43"},
         ],
+        "local6": "2001:2:0:1::1",
+        "unreachable": ["h9"],
     },
     "registry": {
         "endpoints": ["http://198.18.0.250:2379", "http://198.18.0.251:2379"],
@@ -78,6 +80,7 @@ FULL: dict[str, object] = {
     },
     "coalesced_frames": 7,
     "arp_suppressed": 11,
+    "nd_suppressed": 3,
     "attachments": [
         {
             "id": "netns/4026532567/eth0",
@@ -90,6 +93,8 @@ FULL: dict[str, object] = {
             "address": "198.19.42.10/24",
             "gateway": None,
             "mtu": 1450,
+            "address6": "2001:2:0:42::10/64",
+            "gateway6": None,
         }
     ],
     "probes": {
@@ -238,7 +243,10 @@ def test_decoding_tolerates_the_optional_parts_missing_as_the_cli_always_did() -
         "probe_counters",
         "coalesced_frames",
         "arp_suppressed",
+        "nd_suppressed",
         "agent.networks",
+        "agent.local6",
+        "agent.unreachable",
     )
     s = Status.from_json(old)
     assert s.registry is None and s.attachments == [] and s.probes == {} and s.probe_counters is None
@@ -306,7 +314,9 @@ def test_a_status_that_is_not_one_is_a_value_error_naming_the_key(obj: object, w
 
 def test_format_status_prints_the_typed_status() -> None:
     assert format_status(Status.from_json(FULL)).split("\n") == [
-        "agent  vtep 198.18.0.1:4789  mtu 1450  198.19.42.1/24  up 12.5 s  source check on",
+        "agent  vtep 198.18.0.1:4789  vtep6 [2001:2:0:1::1]:4789  mtu 1450  198.19.42.1/24  up 12.5 s  "
+        "source check on",
+        "  UNREACHABLE (no shared underlay family): h9",
         "  vni 42       tap ovl-42          bridge ovbr42   mac 02:00:00:00:00:01",
         "  vni 43       tap ovl-43          bridge ovbr43   mac 02:00:00:00:00:02",
         "registry  etcd http://198.18.0.250:2379, http://198.18.0.251:2379  host h1  "
@@ -321,7 +331,7 @@ def test_format_status_prints_the_typed_status() -> None:
         "",
         "drops  too_short 1  not_member 2",
         "fdb    static 0  registry 2  learned 1  (refused at cap 0, moves 3, expired 4)",
-        "arp    answered locally 11   tcp segments coalesced on receive 7",
+        "arp    answered locally 11   nd (IPv6) answered locally 3   tcp segments coalesced on receive 7",
         "",
         "peer host        underlay path            rtt ms  srtt ms   loss  state",
         "h2               198.18.0.2:4788           0.250    0.500    10%  ok",

@@ -30,8 +30,8 @@ class World:
     """Three hosts, etcd, networks blue (42, 198.19.42.0/24) and red (43, 198.19.43.0/24), an
     agent on both networks on every host."""
 
-    def __init__(self, lab: Lab, etcd: etcdlab.EtcdServer, tmp: Path) -> None:
-        self.lab, self.etcd, self.tmp = lab, etcd, tmp
+    def __init__(self, lab: Lab, etcd: etcdlab.EtcdServer, tmp: Path, vnis: tuple[int, ...] = (BLUE, RED)) -> None:
+        self.lab, self.etcd, self.tmp, self.vnis = lab, etcd, tmp, vnis
         self.agents: dict[int, subprocess.Popen[Any]] = {}
 
     def start(self, host: int, ttl: int = TTL) -> subprocess.Popen[Any]:
@@ -44,10 +44,7 @@ class World:
             f"h{host}",
             "--local",
             str(self.lab.address(host)),
-            "--network",
-            str(BLUE),
-            "--network",
-            str(RED),
+            *(arg for vni in self.vnis for arg in ("--network", str(vni))),
             "--lease-ttl",
             str(ttl),
             "--state-dir",
@@ -69,7 +66,7 @@ class World:
         return json.loads(self.overlay(host, "attach", ns, "--net", net, "--json", *args).stdout)
 
     def ping(self, container: str, address: str, count: int = 1, wait: float = 1) -> bool:
-        argv = ["ping", "-n", "-c", str(count), "-i", "0.1", "-W", str(wait), address]
+        argv = ["ping", "-6" if ":" in address else "-4", "-n", "-c", str(count), "-i", "0.1", "-W", str(wait), address]
         return self.lab.run(self.lab.container_ns(container), argv, check=False).returncode == 0
 
     def etcd_keys(self, prefix: str) -> list[str]:
@@ -321,3 +318,218 @@ def test_metrics_and_peer_probes_show_a_peer_that_stops_answering(world: World) 
     finally:
         world.agents[2].send_signal(signal.SIGCONT)
     wait_for(lambda: probe(1, "h2").get("reachable"), 10, "h2 to be reachable again")
+
+
+# --- dual stack -----------------------------------------------------------------------------------
+
+SIX = 44  # IPv6 only: a subnet6 and no IPv4 subnet
+
+
+@pytest.fixture
+def dual(tmp_path: Path) -> Iterator[World]:
+    """Two hosts: blue (42) dual stack (198.19.42.0/24, 2001:2:0:42::/64, gateway6 ::1), red (43)
+    IPv4 only, six (44) IPv6 only (2001:2:0:44::/64); an agent on all three on each host."""
+    with new_lab_with_etcd(hosts=2, prefix="k6") as (lab, etcd):
+        w = World(lab, etcd, tmp_path, vnis=(BLUE, RED, SIX))
+        for vni, extra in (
+            (BLUE, ["--subnet", "198.19.42.0/24", "--subnet6", "2001:2:0:42::/64", "--gateway6", "2001:2:0:42::1"]),
+            (RED, ["--subnet", "198.19.43.0/24"]),
+            (SIX, ["--subnet6", "2001:2:0:44::/64"]),
+        ):
+            w.overlay(
+                1,
+                "net",
+                "create",
+                str(vni),
+                "--name",
+                {BLUE: "blue", RED: "red", SIX: "six"}[vni],
+                *extra,
+                "--etcd",
+                etcd.endpoint,
+            )
+        for h in (1, 2):
+            w.start(h)
+        yield w
+
+
+def ip6(attachment: dict[str, Any]) -> str:
+    return attachment["address6"].split("/")[0]
+
+
+def mod_revision(world: World, key: str) -> int:
+    out = json.loads(etcdlab.etcdctl(world.etcd, "get", key, "-w", "json", check=True).stdout)
+    return int(out["kvs"][0]["mod_revision"])
+
+
+def sysctl(world: World, container: str, name: str) -> str:
+    return world.lab.run(
+        world.lab.container_ns(container), ["cat", f"/proc/sys/net/ipv6/conf/eth0/{name}"]
+    ).stdout.strip()
+
+
+def test_dual_stack_containers_on_one_host_ping6_each_other_and_detach_releases_both_addresses(dual: World) -> None:
+    lab = dual.lab
+    a = dual.attach(1, "a", "blue")
+    b = dual.attach(1, "b", "blue", "--ip6", "2001:2:0:42::77/64", "--mac", "02:42:00:00:00:77")
+    assert (a["address"], a["address6"], a["gateway6"]) == ("198.19.42.1/24", "2001:2:0:42::2/64", "2001:2:0:42::1")
+    assert (b["address"], b["address6"]) == ("198.19.42.2/24", "2001:2:0:42::77/64")
+    # In the container: the address usable at once (no DAD), the IPv6 default route, no RAs acted on.
+    info = json.loads(
+        lab.run(lab.container_ns("b"), ["ip", "-j", "-6", "addr", "show", "eth0", "scope", "global"]).stdout
+    )
+    (global6,) = [x for x in info[0]["addr_info"] if x.get("family") == "inet6" and x.get("scope") == "global"]
+    assert (global6["local"], global6["prefixlen"], global6.get("nodad"), global6.get("tentative")) == (
+        "2001:2:0:42::77",
+        64,
+        True,
+        None,
+    )
+    assert (
+        "default via 2001:2:0:42::1 dev eth0"
+        in lab.run(lab.container_ns("a"), ["ip", "-6", "route", "show", "default"]).stdout
+    )
+    assert (sysctl(dual, "a", "accept_ra"), sysctl(dual, "a", "autoconf")) == ("0", "0")
+    assert dual.ping("a", ip6(b), count=3)  # kernel-local: both on h1's bridge
+    assert dual.ping("b", ip6(a)) and dual.ping("a", ip(b))
+    # Both addresses claimed by one transaction (one revision), the endpoint carries both.
+    v4_key, v6_key = f"{P}/networks/{BLUE}/ipam/{ip(b)}", f"{P}/networks/{BLUE}/ipam/2001:2:0:42::77"
+    assert mod_revision(dual, v4_key) == mod_revision(dual, v6_key)
+    endpoint = json.loads(
+        etcdlab.etcdctl(
+            dual.etcd, "get", f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77", "--print-value-only", check=True
+        ).stdout
+    )
+    assert endpoint == {"host": "h1", "ipv4": [ip(b)], "ipv6": ["2001:2:0:42::77"]}
+    (shown,) = [x for x in status(lab, 1, TAP)["attachments"] if x["id"] == b["id"]]
+    assert (shown["address6"], shown["gateway6"]) == ("2001:2:0:42::77/64", "2001:2:0:42::1")
+    # An IPv4-only network's attachment says so with nulls.
+    r = dual.attach(1, "r", "red")
+    assert (r["address6"], r["gateway6"]) == (None, None)
+
+    dual.overlay(1, "detach", lab.container_ns("b"))
+    b_keys = {v4_key, v6_key, f"{P}/networks/{BLUE}/endpoints/02:42:00:00:00:77"}
+    wait_for(lambda: not b_keys & set(dual.etcd_keys(f"{P}/networks/{BLUE}/")), 5, "b's three keys to go")
+    assert {f"{P}/networks/{BLUE}/ipam/{ip(a)}", f"{P}/networks/{BLUE}/ipam/{ip6(a)}"} <= set(
+        dual.etcd_keys(f"{P}/networks/{BLUE}/ipam/")
+    )
+
+
+def test_ipv6_only_containers_get_no_ipv4_address_and_ping6_each_other(dual: World) -> None:
+    lab = dual.lab
+    x = dual.attach(1, "x", "six")
+    y = dual.attach(1, "y", "six")
+    assert (x["address"], x["address6"], y["address6"]) == (None, "2001:2:0:44::1/64", "2001:2:0:44::2/64")
+    assert "inet " not in lab.run(lab.container_ns("x"), ["ip", "addr", "show", "eth0"]).stdout
+    assert dual.ping("x", ip6(y), count=2)
+    assert dual.etcd_keys(f"{P}/networks/{SIX}/ipam/") == [
+        f"{P}/networks/{SIX}/ipam/2001:2:0:44::1",
+        f"{P}/networks/{SIX}/ipam/2001:2:0:44::2",
+    ]
+    dual.overlay(1, "detach", lab.container_ns("x"))
+    wait_for(lambda: len(dual.etcd_keys(f"{P}/networks/{SIX}/ipam/")) == 1, 5, "x's address to go")
+
+
+def test_bad_ipv6_requests_are_refused_in_one_line_and_leave_nothing_behind(dual: World) -> None:
+    lab = dual.lab
+    dual.attach(1, "taken", "blue", "--ip6", "2001:2:0:42::10/64")
+    ns = lab.add_container("e")
+    cases = [
+        (["--net", "blue", "--ip6", "2001:2:0:43::5/64"], "outside network blue's subnet6 2001:2:0:42::/64"),
+        (["--net", "blue", "--ip6", "2001:2:0:42::10/64"], "2001:2:0:42::10 is in use on network blue"),
+        (["--net", "blue", "--ip6", "2001:2:0:42::5/80"], "prefix length must be /64"),
+        (["--net", "blue", "--ip6", "2001:2:0:42::1/64"], "reserved"),
+        (["--net", "blue", "--ip6", "nonsense"], "is not an IPv6 address"),
+        (["--net", "blue", "--gateway6", "2001:2:0:43::1"], "outside the container's subnet6"),
+        (["--net", "red", "--ip6", "2001:2:0:43::5/64"], "network red has no subnet6"),
+        (["--net", "red", "--gateway6", "2001:2:0:43::1"], "gets no IPv6 address"),
+    ]
+    for args, message in cases:
+        result = dual.overlay(1, "attach", ns, *args, check=False)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert lab.run(ns, ["ip", "-br", "link"]).stdout.split()[0] == "lo"  # no veth left in the container
+    assert dual.etcd_keys(f"{P}/networks/{BLUE}/ipam/") == [
+        f"{P}/networks/{BLUE}/ipam/198.19.42.1",
+        f"{P}/networks/{BLUE}/ipam/2001:2:0:42::10",
+    ]
+    assert dual.etcd_keys(f"{P}/networks/{RED}/ipam/") == []
+    host_ends = [
+        line.split()[0] for line in lab.run(1, ["ip", "-br", "link"]).stdout.splitlines() if line.startswith("ov")
+    ]
+    assert len([h for h in host_ends if not h.startswith("ovbr") and not h.startswith("ovl")]) == 1  # "taken"'s only
+
+
+def test_a_restarted_agent_takes_back_a_dual_stack_container_with_both_addresses(dual: World) -> None:
+    kept = dual.attach(1, "kept", "blue")
+    dual.attach(2, "peer", "blue")
+    dual.agents[1].terminate()
+    assert dual.agents[1].wait(timeout=15) == 0
+    dual.start(1)
+    (back,) = status(dual.lab, 1, TAP)["attachments"]
+    assert (back["id"], back["address6"]) == (kept["id"], kept["address6"])
+    keys = set(dual.etcd_keys(f"{P}/networks/{BLUE}/ipam/"))
+    assert {f"{P}/networks/{BLUE}/ipam/{ip(kept)}", f"{P}/networks/{BLUE}/ipam/{ip6(kept)}"} <= keys
+    wait_for(lambda: dual.ping("peer", ip6(kept), wait=0.5), 10, "the adopted container to answer over IPv6")
+
+
+ASK_NS = """
+import ipaddress, sys, threading
+from scapy.all import AsyncSniffer, Ether, IPv6, ICMPv6ND_NS, ICMPv6ND_NA, ICMPv6NDOptSrcLLAddr, get_if_hwaddr, sendp, conf
+conf.verb = 0
+me, src, target = get_if_hwaddr("eth0"), sys.argv[1], sys.argv[2]
+low = ipaddress.IPv6Address(target).packed[13:]
+group, mac = "ff02::1:ff%02x:%02x%02x" % tuple(low), "33:33:ff:%02x:%02x:%02x" % tuple(low)
+ns = Ether(src=me, dst=mac) / IPv6(src=src, dst=group, hlim=255) / ICMPv6ND_NS(tgt=target) / ICMPv6NDOptSrcLLAddr(lladdr=me)
+ready = threading.Event()
+sniffer = AsyncSniffer(iface="eth0", count=1, started_callback=ready.set,
+                       lfilter=lambda p: ICMPv6ND_NA in p and p[ICMPv6ND_NA].tgt == target)
+sniffer.start()
+ready.wait(5)
+sendp(ns, iface="eth0")
+sniffer.join(timeout=5)
+if sniffer.running:
+    sniffer.stop()
+print(sniffer.results[0][Ether].src if sniffer.results else "none")
+"""
+
+
+SNIFF_NS = """
+import sys, threading
+from scapy.all import AsyncSniffer, ICMPv6ND_NS
+ready = threading.Event()
+sniffer = AsyncSniffer(iface="eth0", started_callback=ready.set,
+                       lfilter=lambda p: ICMPv6ND_NS in p and p[ICMPv6ND_NS].tgt == sys.argv[1])
+sniffer.start()
+ready.wait(5)
+print("ready", flush=True)
+sys.stdin.readline()  # until told the solicitation was sent (and answered)
+sniffer.stop()
+print(len(sniffer.results), flush=True)
+"""
+
+
+def test_neighbour_solicitations_for_remote_containers_are_answered_on_their_host_not_flooded(dual: World) -> None:
+    """Dual-stack containers on two hosts ping6 each other; a solicitation for the remote one's
+    IPv6 address is answered by the local agent from the registry (counted), and nothing of it
+    reaches the other host."""
+    a = dual.attach(1, "na", "blue")
+    b = dual.attach(2, "nb", "blue", "--mac", "02:42:00:00:00:b2")
+    assert dual.ping("na", ip6(b), count=3) and dual.ping("nb", ip6(a), count=3)
+
+    sniff = dual.lab.spawn(
+        dual.lab.container_ns("nb"),
+        [sys.executable, "-c", SNIFF_NS, ip6(b)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sniff.stdout is not None and sniff.stdin is not None
+    assert sniff.stdout.readline().strip() == "ready"
+    before = status(dual.lab, 1, TAP)["nd_suppressed"]
+    out = dual.lab.run(
+        dual.lab.container_ns("na"), [sys.executable, "-c", ASK_NS, ip6(a), ip6(b)], timeout=30
+    ).stdout.strip()
+    assert out == "02:42:00:00:00:b2"  # the remote container's MAC, answered on h1
+    assert status(dual.lab, 1, TAP)["nd_suppressed"] == before + 1
+    seen, _ = sniff.communicate("done\n", timeout=30)
+    assert seen.strip() == "0"  # the solicitation never reached nb's host
