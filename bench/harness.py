@@ -1,9 +1,12 @@
 """The benchmark harness: overlay side by side with the bare underlay, the Linux kernel's VXLAN,
-tinc 1.0 (switch mode, without and with its cipher) and a naive Python tunnel, in one run.
+tinc 1.0 (switch mode, without and with its cipher) and a naive Python tunnel, in one run; kernel
+VXLAN and overlay also over an IPv6 underlay (kernel6, overlay6).
 
     python -m bench [--quick] [--rounds N] [--seconds S] [--only kernel,overlay,...]
 
-A two-host lab (overlay/lab/netns.py); for each round, each dataplane is set up, measured and torn
+A two-host lab (overlay/lab/netns.py), dual-stack when kernel6 or overlay6 runs (eth0 has
+198.18.0.N/24 and 2001:2:0:1::N/64; every other dataplane still uses the IPv4 underlay, and the
+inner addresses are IPv4 for all); for each round, each dataplane is set up, measured and torn
 down in turn, so drift on this shared machine hits all of them alike. Figures:
 - TCP throughput with iperf3, 1 and 4 streams (Gbit/s);
 - UDP with 64-byte payloads at full offered load: delivered packets/s and loss; and the loss at
@@ -13,9 +16,10 @@ down in turn, so drift on this shared machine hits all of them alike. Figures:
 - CPU seconds per GB moved by the tunnel processes during the 1-stream TCP test (user +
   system time from /proc; the kernel's own VXLAN runs in softirq and has no process: n/a).
 Medians over rounds, the spread (min-max) beside them, ratios to kernel VXLAN and to tinc
-without cipher measured in the same run. Writes bench.md, bench.json and bench.png under
-bench/results/<date>-<commit>/. Traffic stays inside the lab's namespaces; every load is
-bounded in time.
+without cipher measured in the same run, and of each IPv6-underlay dataplane to its IPv4 twin
+(goal: overlay6/overlay >= 0.90 in throughput, <= 1.10 in RTT). Writes bench.md, bench.json and
+bench.png under bench/results/<date>-<commit>/. Traffic stays inside the lab's namespaces;
+every load is bounded in time.
 """
 
 from __future__ import annotations
@@ -45,6 +49,26 @@ FIGURES = [  # key, label, unit, higher is better
     ("cpu_s_per_gb", "tunnel CPU per GB", "s/GB", False),
 ]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+LABELS = {  # --only name -> what it is, in the tables
+    "underlay": "bare underlay (veth, IPv4)",
+    "kernel": "kernel VXLAN (IPv4 underlay)",
+    "kernel6": "kernel VXLAN (IPv6 underlay)",
+    "tinc-none": "tinc, Cipher = none",
+    "tinc": "tinc, default cipher",
+    "naive": "naive Python tunnel",
+    "overlay": "overlay (IPv4 underlay)",
+    "overlay6": "overlay (IPv6 underlay)",
+    "overlay-etcd": "overlay, etcd mode",
+}
+IPV6_TWINS = {"kernel6": "kernel", "overlay6": "overlay"}  # a dataplane over the IPv6 underlay -> its IPv4 twin
+# The goal of issue 13 for overlay over IPv6 against overlay over IPv4 in the same run:
+# figure -> (bound on the ratio overlay6/overlay, True if the ratio must be at least the bound)
+IPV6_GOAL = {
+    "tcp_gbps": (0.90, True),
+    "tcp4_gbps": (0.90, True),
+    "udp64_kpps": (0.90, True),
+    "rtt_median_ms": (1.10, False),
+}
 
 
 def cpu_seconds(procs: list[Any]) -> float:
@@ -86,10 +110,12 @@ def dataplanes(etcd_url: Callable[[], str]) -> dict[str, Callable[[Lab, Path], C
     return {
         "underlay": underlay,
         "kernel": lambda lab, wd: setup_kernel(lab),
+        "kernel6": lambda lab, wd: setup_kernel(lab, family=6),
         "tinc-none": tinc(False),
         "tinc": tinc(True),
         "naive": naive,
         "overlay": lambda lab, wd: setup_overlay(lab),
+        "overlay6": lambda lab, wd: setup_overlay(lab, family=6),
         "overlay-etcd": lambda lab, wd: setup_overlay(lab, etcd=etcd_url()),
     }
 
@@ -123,7 +149,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         help="comma-separated dataplanes (default: all): "
-        + "underlay,kernel,tinc-none,tinc,naive,overlay,overlay-etcd",
+        + "underlay,kernel,kernel6,tinc-none,tinc,naive,overlay,overlay6,overlay-etcd "
+        + "(kernel6, overlay6: over the IPv6 underlay)",
     )
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<commit>/)")
     args = parser.parse_args()
@@ -144,7 +171,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown dataplane(s) {', '.join(unknown)}; known: {', '.join(all_planes)}")
     results: dict[str, list[dict[str, float | None]]] = {n: [] for n in names}
-    with Lab(f"bh{os.getpid() % 10000}", hosts=2) as lab, tempfile.TemporaryDirectory() as tmp:
+    dual_stack = any(n in IPV6_TWINS for n in names)  # IPv6 on the underlay only when a dataplane uses it
+    with (
+        Lab(f"bh{os.getpid() % 10000}", hosts=2, dual_stack=dual_stack) as lab,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         try:
             if "overlay-etcd" in names:
                 # Up front: adding the service namespace after the tinc rounds failed here (the
@@ -187,6 +218,12 @@ def report(results: dict[str, list[dict[str, float | None]]], rounds: int, secon
         f"# overlay vs the alternatives: medians of {rounds} round(s), {seconds} s per iperf3 run (spread: min-max)",
         "",
     ]
+    if any(n in IPV6_TWINS for n in names):
+        lines += [
+            "; ".join(f"{n}: {LABELS[n]}" for n in names if n in IPV6_TWINS)
+            + "; every other dataplane over the IPv4 underlay (the lab is dual-stack; inner addresses IPv4)",
+            "",
+        ]
     lines.append("| figure | " + " | ".join(names) + " |")
     lines.append("|---|" + "---:|" * len(names))
     for k, label, unit, _ in FIGURES:
@@ -202,13 +239,92 @@ def report(results: dict[str, list[dict[str, float | None]]], rounds: int, secon
             ]
             for k, label, _unit, _ in FIGURES:
                 lines.append(f"| {label} | " + " | ".join(ratio(n, k, base) for n in names) + " |")
+    ipv6 = ipv6_vs_ipv4(results, med)
+    if ipv6["pairs"]:
+        lines += ["", *ipv6_table(ipv6, cell)]
     table = "\n".join(lines)
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(table + "\n")
-    (out / "bench.json").write_text(json.dumps({"rounds": results, "medians": med}, indent=2))
+    saved: dict[str, Any] = {"rounds": results, "medians": med}
+    if ipv6["pairs"]:
+        saved.update(labels={n: LABELS[n] for n in names}, ipv6_vs_ipv4=ipv6)
+    (out / "bench.json").write_text(json.dumps(saved, indent=2))
     chart(results, med, out / "bench.png")
     print(f"\nwritten: {out}/bench.md, bench.json, bench.png")
+
+
+def ipv6_vs_ipv4(
+    results: dict[str, list[dict[str, float | None]]], med: dict[str, dict[str, float | None]]
+) -> dict[str, Any]:
+    """Each IPv6-underlay dataplane against its IPv4 twin in the same run (only pairs of which
+    both ran): per figure the ratio of the medians and the min-max of the per-round ratios (each
+    round measures both), and for overlay6/overlay the goal of issue 13 per figure, met or not."""
+    pairs: dict[str, dict[str, Any]] = {}
+    for six, four in IPV6_TWINS.items():
+        if six not in results or four not in results:
+            continue
+        figures: dict[str, dict[str, float | None]] = {}
+        for k, *_ in FIGURES:
+            a, b = med[six].get(k), med[four].get(k)
+            pairs_k = ((x.get(k), y.get(k)) for x, y in zip(results[six], results[four]))
+            per_round = [u / v for u, v in pairs_k if u is not None and v]
+            figures[k] = {
+                "ratio": a / b if a is not None and b else None,
+                "round_min": min(per_round) if per_round else None,
+                "round_max": max(per_round) if per_round else None,
+            }
+        pair: dict[str, Any] = {"ipv6": six, "ipv4": four, "rounds": len(results[six]), "figures": figures}
+        if six == "overlay6":
+            goal = {}
+            for k, (bound, at_least) in IPV6_GOAL.items():
+                r = figures[k]["ratio"]
+                met = None if r is None else r >= bound if at_least else r <= bound
+                goal[k] = {"bound": bound, "at_least": at_least, "met": met}
+            pair["goal"] = goal
+        pairs[f"{six}/{four}"] = pair
+    return {"pairs": pairs}
+
+
+def ipv6_table(ipv6: dict[str, Any], cell: Callable[[str, str], str]) -> list[str]:
+    """The markdown of ``ipv6_vs_ipv4``: a row per dataplane and one per ratio, then the goal;
+    ``cell(name, figure)`` is a median with its spread, as in the main table."""
+    lines = [
+        "IPv6 underlay against IPv4 underlay (same run; ratio of the medians, per-round ratios min-max)",
+        "",
+        "| dataplane | " + " | ".join(f"{label} ({unit})" for _, label, unit, _ in FIGURES) + " |",
+        "|---|" + "---:|" * len(FIGURES),
+    ]
+    for key, pair in ipv6["pairs"].items():
+        for n in (pair["ipv4"], pair["ipv6"]):
+            lines.append(f"| {LABELS[n]} (`{n}`) | " + " | ".join(cell(n, k) for k, *_ in FIGURES) + " |")
+        ratios = []
+        for k, *_ in FIGURES:
+            f = pair["figures"][k]
+            spread = (
+                f" ({f['round_min']:.2f}-{f['round_max']:.2f})"
+                if pair["rounds"] > 1 and f["round_min"] is not None
+                else ""
+            )
+            ratios.append("-" if f["ratio"] is None else f"{f['ratio']:.2f}{spread}")
+        lines.append(f"| **ratio {key}** | " + " | ".join(ratios) + " |")
+    if "overlay6/overlay" in ipv6["pairs"]:
+        pair = ipv6["pairs"]["overlay6/overlay"]
+        labels = {k: label for k, label, *_ in FIGURES}
+        verdicts = []
+        for k, g in pair["goal"].items():
+            r = pair["figures"][k]["ratio"]
+            verdict = "not measured" if g["met"] is None else "met" if g["met"] else "MISSED"
+            value = "-" if r is None else f"{r:.2f}"
+            verdicts.append(f"{labels[k]} {value} ({'>=' if g['at_least'] else '<='} {g['bound']:.2f}: {verdict})")
+        overall = "met" if all(g["met"] for g in pair["goal"].values()) else "MISSED"
+        lines += [
+            "",
+            "goal (issue 13): overlay over IPv6 within 10% of overlay over IPv4 in the same run: "
+            + "; ".join(verdicts)
+            + f". Overall: {overall}",
+        ]
+    return lines
 
 
 def chart(

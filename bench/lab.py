@@ -11,6 +11,7 @@ bounded in time; the lab is removed at the end, also on failure.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import re
 import signal
@@ -20,18 +21,34 @@ import sys
 from typing import Any, Callable
 
 from bench import results_dir
-from overlay.lab import Lab, wait_for
+from overlay.lab import Lab, LabError, wait_for
 
 VNI, PORT = 42, 4789
 OVERLAY_NET = "198.19.42.{}/24"
 
 
-def setup_kernel(lab: Lab) -> Callable[[], None]:
-    """A kernel vxlan pair, offloads on: between two kernels, inner checksums left unfinished
-    (CHECKSUM_PARTIAL) are fine, since neither side checks what the other offloaded; only a
-    peer that takes the frame off the kernel, like overlay, needs `ethtool -K vx0 tx off` on
-    the kernel side (tests/test_interop.py). With tx on the kernel keeps TSO through the
-    tunnel, so this is the kernel at its best on this lab."""
+def underlay_address(lab: Lab, host: int, family: int = 4) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Host ``host``'s underlay address of ``family`` (4 or 6; 6 needs a lab with IPv6, e.g.
+    ``Lab(..., dual_stack=True)``)."""
+    if family == 6:
+        return lab.address6(host)
+    address = lab.address(host)
+    if address.version != 4:
+        raise LabError(f"lab {lab.name!r} has no IPv4 underlay")
+    return address
+
+
+def setup_kernel(lab: Lab, family: int = 4) -> Callable[[], None]:
+    """A kernel vxlan pair over the IPv4 (``family=4``) or IPv6 (``family=6``) underlay, on
+    eth0 (``dev eth0``), so the kernel sets vx0's MTU to eth0's minus 50 (IPv4) or 70 (IPv6),
+    like overlay's default: 1450 or 1430 here (without ``dev`` it would be 1500 and every
+    full-size segment would exceed the underlay's MTU).
+
+    Offloads on: between two kernels, inner checksums left unfinished (CHECKSUM_PARTIAL) are
+    fine, since neither side checks what the other offloaded; only a peer that takes the frame
+    off the kernel, like overlay, needs `ethtool -K vx0 tx off` on the kernel side
+    (tests/test_interop.py). With tx on the kernel keeps TSO through the tunnel, so this is the
+    kernel at its best on this lab."""
     for h, peer in ((1, 2), (2, 1)):
         for cmd in (
             [
@@ -46,10 +63,21 @@ def setup_kernel(lab: Lab) -> Callable[[], None]:
                 "dstport",
                 str(PORT),
                 "local",
-                str(lab.address(h)),
+                str(underlay_address(lab, h, family)),
+                "dev",
+                "eth0",
                 "nolearning",
             ],
-            ["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", str(lab.address(peer))],
+            [
+                "bridge",
+                "fdb",
+                "append",
+                "00:00:00:00:00:00",
+                "dev",
+                "vx0",
+                "dst",
+                str(underlay_address(lab, peer, family)),
+            ],
             ["ip", "addr", "add", OVERLAY_NET.format(h), "dev", "vx0"],
             ["ip", "link", "set", "vx0", "up"],
         ):
@@ -62,15 +90,18 @@ def setup_kernel(lab: Lab) -> Callable[[], None]:
     return teardown
 
 
-def setup_overlay(lab: Lab, etcd: str | None = None) -> Callable[[], None]:
-    """Agents on hosts 1 and 2: static peers, or with ``etcd`` (an endpoint URL) in etcd mode.
-    The returned teardown has ``procs``: the agent processes (for CPU accounting)."""
+def setup_overlay(lab: Lab, etcd: str | None = None, family: int = 4) -> Callable[[], None]:
+    """Agents on hosts 1 and 2: static peers, or with ``etcd`` (an endpoint URL) in etcd mode,
+    over the IPv4 (``family=4``) or IPv6 (``family=6``) underlay: ``--local`` and ``--peer`` of
+    that family, the TAP's MTU the agent's default (eth0's minus 50 or 70). The inner addresses
+    are IPv4 (OVERLAY_NET) either way. The returned teardown has ``procs``: the agent processes
+    (for CPU accounting)."""
     procs = []
     for h, peer in ((1, 2), (2, 1)):
         mode = (
             ["--etcd", etcd, "--host-id", f"h{h}", "--network", str(VNI)]
             if etcd
-            else ["--vni", str(VNI), "--peer", str(lab.address(peer))]
+            else ["--vni", str(VNI), "--peer", str(underlay_address(lab, peer, family))]
         )
         procs.append(
             lab.spawn(
@@ -82,7 +113,7 @@ def setup_overlay(lab: Lab, etcd: str | None = None) -> Callable[[], None]:
                     "agent",
                     *mode,
                     "--local",
-                    str(lab.address(h)),
+                    str(underlay_address(lab, h, family)),
                     "--tap",
                     "ovl0",
                     "--address",

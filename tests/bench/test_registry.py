@@ -19,16 +19,16 @@ ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"\d+(?:\.\d+)?"
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m bench.registry ARGS`` from the repository, bounded, its output captured."""
+def run_bench(*args: str, module: str = "bench.registry", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` from the repository, bounded, its output captured."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
-        [sys.executable, "-m", "bench.registry", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
 
