@@ -45,13 +45,18 @@ from overlay.io.etcd import EtcdClient, EtcdError, Tls, retry
 from overlay.io.prober import ProbeError, Prober
 from overlay.io.supervisor import Supervisor
 from overlay.io.systemd import sd_notify
-from overlay.io.tap import Tap, TapError, default_overlay_mtu
+from overlay.io.tap import NotLocal, Tap, TapError, default_overlay_mtu
 
 log = logging.getLogger("overlay.agent")
 
 
 class AgentError(RuntimeError):
     """The agent cannot start; the message says why and how to fix it."""
+
+
+class AgentUsageError(AgentError):
+    """The agent cannot start because of a flag the user got wrong (``--local`` not an
+    address of this host): the CLI exits 2, as for any bad flag."""
 
 
 class Agent:
@@ -64,6 +69,8 @@ class Agent:
             self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(*cfg.locals)
         except TapError as e:
             raise AgentError(str(e)) from None
+        except NotLocal as e:
+            raise AgentUsageError(str(e)) from None
         self.core = ForwardingCore(allow_vlan=cfg.allow_vlan, source_check=cfg.source_check)
         self.table = ForwardingTable(CoreSink(self.core), ageing=cfg.ageing, max_per_vni=cfg.max_per_vni)
         self.taps: dict[int, Tap] = {}  # VNI -> its TAP
@@ -88,9 +95,9 @@ class Agent:
                 self.mtu,
                 local6=cfg.local6,
             )
-        except (TapError, DataplaneError, bridge.PlumbingError) as e:
+        except (TapError, DataplaneError, bridge.PlumbingError, NotLocal) as e:
             self.close()
-            raise AgentError(str(e)) from None
+            raise (AgentUsageError if isinstance(e, NotLocal) else AgentError)(str(e)) from None
         self.mac = self.macs[cfg.vni]
         self.started = time.monotonic()
         self.etcd: EtcdClient | None = None

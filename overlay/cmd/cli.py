@@ -44,6 +44,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     try:
         agent.run(cfg)
+    except agent.AgentUsageError as e:
+        raise UserError(str(e)) from None
     except agent.AgentError as e:
         raise RunError(str(e)) from None
     return 0

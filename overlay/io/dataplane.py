@@ -32,6 +32,7 @@ from overlay.core.status import DataplaneStatus, FdbStatus, PeerTraffic, Totals,
 from overlay.core.wire import Drop, mac_to_str
 from overlay.fastpath import api as fp
 from overlay.fastpath.api import ForwardingCore, FrameBatch, from_c
+from overlay.io.tap import NotLocal
 
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # never fragment outer packets
 IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_DONTFRAG = 23, 2, 62  # nor on IPv6
@@ -63,14 +64,14 @@ def _drop_all_filter() -> tuple[bytes, ctypes.Array[ctypes.c_uint64]]:
     return struct.pack("HL", 1, ctypes.addressof(program)), program
 
 
-def _bind_error(e: OSError, local: IPAddress, port: int) -> DataplaneError:
+def _bind_error(e: OSError, local: IPAddress, port: int) -> DataplaneError | NotLocal:
     if e.errno == errno.EADDRINUSE:
         return DataplaneError(
             f"UDP port {port} on {local} is in use (another overlay agent or a kernel vxlan "
             f"device?): stop it, or choose another --port"
         )
     if e.errno == errno.EADDRNOTAVAIL:
-        return DataplaneError(f"--local {local} is not an address of this host (or still tentative: IPv6 DAD)")
+        return NotLocal(f"--local {local} is not an address of this host (or still tentative: IPv6 DAD)")
     return DataplaneError(f"cannot bind UDP {local}:{port}: {e.strerror}")
 
 
@@ -127,11 +128,11 @@ def open_sockets(local: IPAddress, port: int) -> tuple[socket.socket, list[socke
         _set_buffer(udp, socket.SO_RCVBUF, 33)
         udp.setblocking(False)
         senders = [_sender(local, k) for k in range(SEND_SOCKETS)]
-    except (DataplaneError, OSError) as e:
+    except (DataplaneError, NotLocal, OSError) as e:
         udp.close()
         for s in senders:
             s.close()
-        if isinstance(e, DataplaneError):
+        if isinstance(e, (DataplaneError, NotLocal)):
             raise
         raise DataplaneError(f"cannot set up the UDP sockets on {local}: {e.strerror}") from None
     return udp, senders
@@ -169,7 +170,7 @@ class Dataplane:
                     self.udps.append(udp)
                     self.senders += senders
                     sends[address.version] = [s.fileno() for s in senders]
-        except DataplaneError:
+        except (DataplaneError, NotLocal):
             self._close_sockets()
             raise
         self.udp = self.udps[0]  # the first family's receiving socket

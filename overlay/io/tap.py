@@ -32,6 +32,11 @@ class TapError(RuntimeError):
     """The TAP could not be set up; the message says why and how to fix it."""
 
 
+class NotLocal(ValueError):
+    """A --local address that is not an address of this host (network namespace): a flag the
+    user got wrong, so the CLI exits 2."""
+
+
 class Tap:
     """An open TAP device. Use ``Tap.open`` and ``close``."""
 
@@ -115,7 +120,7 @@ def underlay_mtu(local: IPAddress) -> tuple[str, int]:
                 link = ipr.get_links(a["index"])[0]
                 return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
         have = sorted({a.get_attr("IFA_ADDRESS") for a in addrs} - {"127.0.0.1", "::1"})
-        raise TapError(
+        raise NotLocal(
             f"--local {local} is not an address of this host (network namespace); "
             f"addresses here: {', '.join(have) or 'none but loopback'}"
         )

@@ -196,6 +196,8 @@ def test_agent_reads_a_toml_config_and_flags_override_it(labs: Labs, tmp_path: P
         (["--vni", "42", "--local", "198.18.0.1", "--address", "198.19.0.1"], "needs a prefix length"),
         (["--vni", "42", "--local", "198.18.0.1", "--tap", "a/b"], "is not an interface name"),
         (["--local", "198.18.0.1"], "no VNI"),
+        (["--vni", "42", "--local", "198.18.0.1", "--peer", "2001:2:0:1::2"], "is IPv6 but this host has no IPv6"),
+        (["--vni", "42", "--local", "2001:2:0:1::1", "--local6", "2001:2:0:1::2"], "--local6 is the IPv6 address"),
         (["--vni", "42", "--local", "198.18.0.1", "--config", "/nonexistent.toml"], "No such file"),
     ],
 )
@@ -210,7 +212,16 @@ def test_bad_input_is_one_clear_line(flags: list[str], message: str) -> None:
 def test_local_address_not_on_this_host_is_a_clear_error(labs: Labs, tmp_path: Path) -> None:
     lab = labs(hosts=1, prefix="tl")
     result = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "1", "--local", "198.18.0.99"], check=False)
-    assert result.returncode == 1 and "198.18.0.99 is not an address of this host" in result.stderr
+    assert result.returncode == 2 and "198.18.0.99 is not an address of this host" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    for flags in (
+        ["--local", "2001:2:0:1::99"],
+        ["--local", "198.18.0.1", "--local6", "2001:2:0:1::99", "--mtu", "1400"],
+    ):
+        result = lab.run(1, [sys.executable, "-m", "overlay", "agent", "--vni", "1", *flags], check=False)
+        assert result.returncode == 2 and "2001:2:0:1::99 is not an address of this host" in result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "ovl0" not in lab.run(1, ["ip", "-o", "link"]).stdout  # nothing left behind
 
 
 def test_without_privileges_the_error_says_what_is_needed(labs: Labs) -> None:

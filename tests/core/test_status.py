@@ -314,8 +314,7 @@ def test_a_status_that_is_not_one_is_a_value_error_naming_the_key(obj: object, w
 
 def test_format_status_prints_the_typed_status() -> None:
     assert format_status(Status.from_json(FULL)).split("\n") == [
-        "agent  vtep 198.18.0.1:4789  vtep6 [2001:2:0:1::1]:4789  mtu 1450  198.19.42.1/24  up 12.5 s  "
-        "source check on",
+        "agent  vtep 198.18.0.1:4789  vtep6 [2001:2:0:1::1]:4789  mtu 1450  198.19.42.1/24  up 12.5 s  source check on",
         "  UNREACHABLE (no shared underlay family): h9",
         "  vni 42       tap ovl-42          bridge ovbr42   mac 02:00:00:00:00:01",
         "  vni 43       tap ovl-43          bridge ovbr43   mac 02:00:00:00:00:02",

@@ -20,7 +20,6 @@ def test_the_demo_shows_networks_kept_apart_and_cleans_up() -> None:
     assert not {n for n in after - before if n.startswith("demo")}
 
 
-@pytest.mark.skip(reason="needs the IPv6 agent: lead enables")
 def test_the_ipv6_demo_runs_on_an_ipv6_only_underlay_with_dual_stack_containers() -> None:
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     result = subprocess.run(
