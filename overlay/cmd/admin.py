@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from overlay.cmd.errors import RunError, UserError
+from overlay.core.addresses import format_address
 from overlay.core.wire import MTU_MAX, MTU_MIN, VNI_MAX, unicast_mac
 
 if TYPE_CHECKING:
@@ -557,6 +558,7 @@ def cmd_host_ls(args: argparse.Namespace) -> int:
                 "rtt_ms": probe.srtt_ms if probe else None,
                 "loss": probe.loss if probe else None,
                 "reachable": probe.reachable if probe else None,
+                "address6": host.address6 if host else None,
             }
         )
     human = table(
@@ -564,7 +566,7 @@ def cmd_host_ls(args: argparse.Namespace) -> int:
         [
             [
                 r["host"],
-                f"{r['address']}:{r['port']}" if r["address"] else None,
+                " ".join(format_address(a, r["port"]) for a in (r["address"], r["address6"]) if a) or None,
                 "yes" if r["alive"] else "no",
                 (f"{r['ttl']} s" if r["ttl"] is not None else "no lease" if r["alive"] else None),
                 ",".join(map(str, r["networks"])),

@@ -340,6 +340,7 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
         "rtt_ms": None,
         "loss": None,
         "reachable": None,
+        "address6": None,
     }  # no agent here: no probes
     assert h9 == {
         "host": "h9",
@@ -352,6 +353,7 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
         "rtt_ms": None,
         "loss": None,
         "reachable": None,
+        "address6": None,
     }
     table = ok(etcd.cli("host", "ls")).splitlines()
     assert table[0].split() == ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "RTT", "LOSS", "PATH"]
@@ -458,3 +460,15 @@ def test_login_with_user_and_password() -> None:
         assert json.loads(ok(colon)) == []
         env = overlay("net", "ls", *at, "--user", "root", "--json", env={"OVERLAY_ETCD_PASSWORD": "secret"})
         assert [n["vni"] for n in json.loads(ok(env))] == [5]
+
+
+@pytest.mark.etcd
+def test_host_ls_shows_both_vteps_of_a_dual_stack_host_and_an_ipv6_one(etcd: Etcd) -> None:
+    p = etcd.prefix
+    etcd.ctl("put", f"{p}/hosts/d1", '{"address": "198.18.0.1", "address6": "2001:2:0:1::1", "port": 4789}')
+    etcd.ctl("put", f"{p}/hosts/s6", '{"address": "2001:2:0:1::6", "port": 8472}')
+    rows = {r["host"]: r for r in etcd.json("host", "ls")}
+    assert (rows["d1"]["address"], rows["d1"]["address6"]) == ("198.18.0.1", "2001:2:0:1::1")
+    assert (rows["s6"]["address"], rows["s6"]["address6"]) == ("2001:2:0:1::6", None)
+    table = {line.split()[0]: line for line in ok(etcd.cli("host", "ls")).splitlines()[1:]}
+    assert "198.18.0.1:4789 [2001:2:0:1::1]:4789" in table["d1"] and "[2001:2:0:1::6]:8472" in table["s6"]
