@@ -356,7 +356,13 @@ class Agent:
         probe_port = self.prober.address[1] if self.prober is not None else None  # only if we answer probes
         await client.register(
             cfg.host_id,
-            Host(str(cfg.local), cfg.port, probe_port, address6=str(cfg.local6) if cfg.local6 else None),
+            Host(
+                str(cfg.local),
+                cfg.port,
+                probe_port,
+                address6=str(cfg.local6) if cfg.local6 else None,
+                underlay_family=4 if cfg.local6 and cfg.underlay.prefer == 4 else None,
+            ),
             wait_for_old=cfg.lease_ttl + 2,
             resume=resume,
         )

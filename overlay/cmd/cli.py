@@ -87,8 +87,9 @@ def add_agent(sub: Any) -> None:
         "--underlay-family",
         dest="underlay_family",
         choices=["auto", "4", "6"],
-        help="the family to reach a peer that has both (default auto: IPv6; a peer with one family is "
-        "reached over it, one sharing none with this host is unreachable and shown so in status)",
+        help="the family to reach a peer that has both (default auto: IPv6; 4: IPv4, and the peers "
+        "use IPv4 towards this host too); a peer with one family is reached over it, one sharing "
+        "none with this host is unreachable and shown so in status",
     )
     p.add_argument(
         "--peer",

@@ -58,6 +58,7 @@ class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
     port: int = 4789
     probe_port: int | None = None  # UDP port answering peer probes (overlay/io/prober.py); None: not probed
     address6: str | None = None  # a dual-stack host's IPv6 underlay address (``address`` is then IPv4)
+    underlay_family: int | None = None  # 4: a dual-stack host that wants IPv4 with dual-stack peers
 
     def addresses(self) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
         """(IPv4, IPv6) underlay addresses of this host; either may be None (checked values
@@ -221,6 +222,8 @@ def check(k: Key, value: Value) -> None:
                     raise ValueError(f"gateway6 {gateway6} is not a host address of subnet6 {subnet6}")
     elif isinstance(value, Host):
         underlay_addresses(value.address, value.address6)
+        if value.underlay_family not in (None, 4, 6):
+            raise ValueError(f"underlay_family {value.underlay_family!r} is not 4 or 6")
         for port in (value.port, value.probe_port):
             if port is not None and not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is not 1 to 65535")

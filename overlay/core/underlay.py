@@ -2,16 +2,14 @@
 
 A host has an IPv4 underlay address, an IPv6 one, or both (``hosts/<id>``: ``address`` of
 either family, ``address6`` beside an IPv4 ``address``). Two hosts talk over a family they
-share: when they share both, IPv6 unless this host's ``--underlay-family`` says 4. A host
-that shares no family with this one cannot be reached: it gets no VTEP (it is left out of
-flood lists and forwarding, and counted as unreachable), rather than one this host has no
-socket for.
+share: when they share both, IPv6, unless either of them says 4 (``--underlay-family 4``,
+published as ``"underlay_family": 4`` in its host value). A host that shares no family with
+this one cannot be reached: it gets no VTEP (it is left out of flood lists and forwarding, and
+shown as unreachable), rather than one this host has no socket for.
 
-Both ends choose by the same rule, so with the default on both a dual-stack pair talks IPv6
-both ways; a host that prefers 4 talks IPv4 to its peers while they may answer over IPv6.
-The receive side accepts either, because a member's VTEP is the address its datagrams come
-from only for the family chosen, so hosts that want the source check to hold both ways
-should agree on the preference (the default does).
+The rule is symmetric: both ends of a pair compute the same family from the two host values,
+so each receives from the address the other has as its VTEP, and the source check holds both
+ways (a member's datagrams are accepted from its VTEP's address only).
 """
 
 from __future__ import annotations
@@ -46,7 +44,8 @@ class Underlay:
         """The VTEP to send to ``host`` at (a checked registry value), or None when the two
         share no underlay family."""
         v4, v6 = host.addresses()
-        if v6 is not None and self.v6 is not None and (self.prefer == 6 or v4 is None or self.v4 is None):
+        both = v4 is not None and self.v4 is not None
+        if v6 is not None and self.v6 is not None and not (both and 4 in (self.prefer, host.underlay_family)):
             return Vtep(v6, host.port)
         if v4 is not None and self.v4 is not None:
             return Vtep(v4, host.port)

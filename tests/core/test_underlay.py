@@ -26,6 +26,8 @@ ONLY4, ONLY6 = Host("198.18.0.3"), Host("2001:2:0:1::3")
         (Underlay(V4, V6), ONLY6, "[2001:2:0:1::3]:4789"),
         (Underlay(V4), DUAL, "198.18.0.2:4789"),
         (Underlay(None, V6, prefer=4), DUAL, "[2001:2:0:1::2]:4789"),  # 4 preferred but not had
+        (Underlay(V4, V6), Host("198.18.0.2", address6="2001:2:0:1::2", underlay_family=4), "198.18.0.2:4789"),
+        (Underlay(V4, V6), Host("198.18.0.2", address6="2001:2:0:1::2", underlay_family=6), "[2001:2:0:1::2]:4789"),
         (Underlay(V4), ONLY6, None),  # nothing shared: unreachable
         (Underlay(None, V6), ONLY4, None),
     ],
@@ -43,6 +45,7 @@ def test_two_hosts_talk_over_a_family_they_share(me: Underlay, peer: Host, vtep:
         (Host("198.18.0.1", address6="198.18.0.2"), "not an IPv6 address"),
         (Host("::"), "not a unicast address"),
         (Host("198.18.0.1", address6="ff02::1"), "not a unicast address"),
+        (Host("198.18.0.1", underlay_family=5), "underlay_family 5 is not 4 or 6"),
     ],
 )
 def test_bad_host_values_say_what_is_wrong(value: Host, message: str) -> None:
@@ -105,3 +108,18 @@ def test_a_flood_list_may_mix_families() -> None:
     vteps = [Vtep.parse("2001:2:0:1::2"), Vtep.parse("198.18.0.2"), Vtep.parse("2001:2:0:1::1", 8472)]
     t.set_flood(42, vteps)
     assert list(t.flood(42)) == sorted(vteps, key=Vtep.order)
+
+
+def test_the_family_of_a_pair_is_the_same_seen_from_either_end() -> None:
+    """Whatever each end prefers, both compute one family: each receives from where the other
+    sends (the source check holds both ways)."""
+    a4, a6 = ipaddress.IPv4Address("198.18.0.1"), ipaddress.IPv6Address("2001:2:0:1::1")
+    b4, b6 = ipaddress.IPv4Address("198.18.0.2"), ipaddress.IPv6Address("2001:2:0:1::2")
+    for pa in (4, 6):
+        for pb in (4, 6):
+            a, b = Underlay(a4, a6, pa), Underlay(b4, b6, pb)
+            host_a = Host(str(a4), address6=str(a6), underlay_family=4 if pa == 4 else None)
+            host_b = Host(str(b4), address6=str(b6), underlay_family=4 if pb == 4 else None)
+            to_b, to_a = a.vtep(host_b), b.vtep(host_a)
+            assert to_b is not None and to_a is not None and to_b.ip.version == to_a.ip.version
+            assert to_b.ip.version == (4 if 4 in (pa, pb) else 6)
