@@ -105,16 +105,23 @@ def parse_subnet(text: str) -> str:
         raise UserError(f"--subnet {text!r} is not an IPv4 network: write A.B.C.D/LEN, e.g. 198.19.42.0/24") from None
 
 
-def parse_gateway(text: str, subnet: str | None) -> str:
+def parse_gateway(text: str, subnet: str | None, version: int = 4) -> str:
+    """``--gateway`` (``--gateway6`` with version 6): a host address of the network's subnet."""
+    flag, of, example = (
+        ("--gateway", "--subnet", "198.19.42.1") if version == 4 else ("--gateway6", "--subnet6", "2001:2:0:42::1")
+    )
     try:
-        address = ipaddress.IPv4Address(text.strip())
+        address = ipaddress.ip_address(text.strip())
+        if address.version != version:
+            raise ValueError(text)
     except ValueError:
-        raise UserError(f"--gateway {text!r} is not an IPv4 address like 198.19.42.1") from None
+        raise UserError(f"{flag} {text!r} is not an IPv{version} address like {example}") from None
     if subnet is None:
-        raise UserError("--gateway needs --subnet (the gateway is an address in it)")
-    network = ipaddress.IPv4Network(subnet)
-    if address not in network or address in (network.network_address, network.broadcast_address):
-        raise UserError(f"--gateway {address} is not a host address of --subnet {subnet}")
+        raise UserError(f"{flag} needs {of} (the gateway is an address in it)")
+    network = ipaddress.ip_network(subnet)
+    host = address != network.network_address and (version == 6 or address != network.broadcast_address)
+    if address not in network or not host:
+        raise UserError(f"{flag} {address} is not a host address of {of} {subnet}")
     return str(address)
 
 
@@ -134,19 +141,6 @@ def parse_subnet6(text: str) -> str:
     if not lo <= net.prefixlen <= hi:
         raise UserError(f"--subnet6 {net} is a /{net.prefixlen}: use a /{lo} to /{hi}, e.g. 2001:2:0:42::/64")
     return str(net)
-
-
-def parse_gateway6(text: str, subnet6: str | None) -> str:
-    try:
-        address = ipaddress.IPv6Address(text.strip())
-    except ValueError:
-        raise UserError(f"--gateway6 {text!r} is not an IPv6 address like 2001:2:0:42::1") from None
-    if subnet6 is None:
-        raise UserError("--gateway6 needs --subnet6 (the gateway is an address in it)")
-    network = ipaddress.IPv6Network(subnet6)
-    if address not in network or address == network.network_address:
-        raise UserError(f"--gateway6 {address} is not a host address of --subnet6 {subnet6}")
-    return str(address)
 
 
 def parse_mtu(text: str) -> int:
@@ -391,7 +385,7 @@ def cmd_net_create(args: argparse.Namespace) -> int:
     mtu = parse_mtu(args.mtu) if args.mtu is not None else None
     gateway = parse_gateway(args.gateway, subnet) if args.gateway is not None else None
     subnet6 = parse_subnet6(args.subnet6) if args.subnet6 is not None else None
-    gateway6 = parse_gateway6(args.gateway6, subnet6) if args.gateway6 is not None else None
+    gateway6 = parse_gateway(args.gateway6, subnet6, 6) if args.gateway6 is not None else None
     network = Network(vni=vni, name=name, subnet=subnet, mtu=mtu, gateway=gateway, subnet6=subnet6, gateway6=gateway6)
     check(NetworkKey(vni), network)
     target = Target.from_args(args)

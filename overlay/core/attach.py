@@ -352,38 +352,38 @@ def netns_prefix(netns: str) -> str:
     return f"netns/{netns}/"
 
 
-def check_gateway(text: str | None, network: Network) -> ipaddress.IPv4Address | None:
-    """The container's gateway from ``text`` (the request's, else the network's), if any."""
+def _check_gateway(text: str | None, subnet_text: str | None, version: int) -> IPAddress | None:
+    """A container's gateway of ``version`` from ``text``, checked against its subnet."""
+    flag, kind, name = (
+        ("--gateway", "subnet", "network or broadcast")
+        if version == 4
+        else ("--gateway6", "subnet6", "subnet-router anycast")
+    )
     if text is None:
         return None
     try:
-        gateway = ipaddress.IPv4Address(text)
+        gateway = ipaddress.ip_address(text)
+        if gateway.version != version:
+            raise ValueError(text)
     except ValueError:
-        raise Refused(f"--gateway {text!r} is not an IPv4 address", "invalid") from None
-    if network.subnet is not None:
-        subnet = ipaddress.IPv4Network(network.subnet)
+        raise Refused(f"{flag} {text!r} is not an IPv{version} address", "invalid") from None
+    if subnet_text is not None:
+        subnet = ipaddress.ip_network(subnet_text)
         if gateway not in subnet:
-            raise Refused(f"--gateway {gateway} is outside the container's subnet {subnet}", "address")
-        if gateway in (subnet.network_address, subnet.broadcast_address):
-            raise Refused(f"--gateway {gateway} is the network or broadcast address of {subnet}", "address")
+            raise Refused(f"{flag} {gateway} is outside the container's {kind} {subnet}", "address")
+        if gateway == subnet.network_address or (version == 4 and gateway == subnet.broadcast_address):
+            raise Refused(f"{flag} {gateway} is the {name} address of {subnet}", "address")
     return gateway
+
+
+def check_gateway(text: str | None, network: Network) -> ipaddress.IPv4Address | None:
+    """The container's gateway from ``text`` (the request's, else the network's), if any."""
+    return _check_gateway(text, network.subnet, 4)  # type: ignore[return-value]
 
 
 def check_gateway6(text: str | None, network: Network) -> ipaddress.IPv6Address | None:
     """The container's IPv6 gateway from ``text`` (the request's, else the network's), if any."""
-    if text is None:
-        return None
-    try:
-        gateway = ipaddress.IPv6Address(text)
-    except ValueError:
-        raise Refused(f"--gateway6 {text!r} is not an IPv6 address", "invalid") from None
-    if network.subnet6 is not None:
-        subnet = ipaddress.IPv6Network(network.subnet6)
-        if gateway not in subnet:
-            raise Refused(f"--gateway6 {gateway} is outside the container's subnet6 {subnet}", "address")
-        if gateway == subnet.network_address:
-            raise Refused(f"--gateway6 {gateway} is the subnet-router anycast address of {subnet}", "address")
-    return gateway
+    return _check_gateway(text, network.subnet6, 6)  # type: ignore[return-value]
 
 
 def wants_ipv4(wanted: str | None, network: Network) -> bool:
