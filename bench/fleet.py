@@ -934,7 +934,7 @@ class Driver:
     async def window(self, agents: list[Agent], name: str, rate: float | None) -> dict[str, Any]:
         """CPU of every agent (and etcd's, and ours) over a window of cfg seconds: idle, or with
         ``rate`` endpoint changes per second; etcd's gRPC counters too."""
-        from bench.registry import METRICS, scrape
+        from bench.registry import deltas, scrape
 
         seconds = self.cfg["seconds"]
         loop = asyncio.get_running_loop()
@@ -971,12 +971,7 @@ class Driver:
         after = await loop.run_in_executor(None, scrape, self.cfg["etcd"])
         st1 = await self.statuses(agents)
         per = [(c1 - c0) for c0, c1 in zip(cpu0, cpu1)]
-        methods: dict[str, dict[str, float]] = {}
-        for metric in METRICS:
-            for method, value in after[metric].items():
-                delta = value - before[metric].get(method, 0.0)
-                if delta:
-                    methods.setdefault(method, {m: 0.0 for m in METRICS})[metric] = delta
+        methods = deltas(before, after)
         seen = [
             (s1.get("registry") or {}).get("events", 0) - (s0.get("registry") or {}).get("events", 0)
             for s0, s1 in zip(st0, st1)

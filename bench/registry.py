@@ -199,6 +199,18 @@ async def propagation(endpoint: str, watchers: int, puts: int, spacing: float = 
 # --- requests at rest --------------------------------------------------------------------------------
 
 
+def deltas(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """What two ``scrape``s differ by, per gRPC method: {method: {metric: delta}}, methods
+    that moved only."""
+    methods: dict[str, dict[str, float]] = {}
+    for name in METRICS:
+        for method, value in after[name].items():
+            delta = value - before[name].get(method, 0.0)
+            if delta:
+                methods.setdefault(method, {n: 0.0 for n in METRICS})[name] = delta
+    return methods
+
+
 def scrape(endpoint: str) -> dict[str, dict[str, float]]:
     """etcd's gRPC server counters: {metric: {method: value}}, summed over services, types, codes."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
@@ -245,12 +257,7 @@ async def at_rest(endpoint: str, clients_n: int, seconds: float, ttl: int = TTL)
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.wait_for(asyncio.gather(*(c.close() for c in clients), return_exceptions=True), 30)
-    methods: dict[str, dict[str, float]] = {}
-    for name in METRICS:
-        for method, value in after[name].items():
-            delta = value - before[name].get(method, 0.0)
-            if delta:
-                methods.setdefault(method, {n: 0.0 for n in METRICS})[name] = delta
+    methods = deltas(before, after)
     received = sum(m["grpc_server_msg_received_total"] for m in methods.values())
     started = sum(m["grpc_server_started_total"] for m in methods.values())
     keepalive = methods.get("LeaseKeepAlive", {}).get("grpc_server_msg_received_total", 0.0)

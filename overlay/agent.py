@@ -304,13 +304,12 @@ class Agent:
             def peers() -> dict[str, tuple[str, int]]:
                 if self.etcd is None:
                     return {}
-                family = cfg.local.version  # the probe socket's: a dual-stack peer is probed on it
+                six = cfg.local.version == 6  # the probe socket's family: a dual-stack peer is probed on it
                 out = {}
-                for host, h in self.etcd.registry.hosts().items():
-                    if host != cfg.host_id and h.probe_port:
-                        address = next((a for a in h.addresses() if a is not None and a.version == family), None)
-                        if address is not None:
-                            out[host] = (str(address), h.probe_port)
+                for host, h in self.etcd.registry.hosts().items():  # checked values: no parsing needed
+                    address = h.address6 if six and h.address6 else h.address
+                    if host != cfg.host_id and h.probe_port and (":" in address) == six:
+                        out[host] = (address, h.probe_port)
                 return out
         else:
             static = {str(p): (str(p), cfg.probe) for p in cfg.peers}

@@ -5,13 +5,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from overlay.core import wire
 from overlay.lab import Lab, wait_for
 from overlay.lab import etcd as etcdlab
 
@@ -192,3 +195,39 @@ def tcp_transfer(lab: Lab, src: int, dst: int, dst_ip: str, path: Path, port: in
     out, _ = sink.communicate(timeout=60)
     digest, count = out.split()
     return digest, int(count)
+
+
+# Datagrams no agent accepts, each a drop of its own reason, sent from a lab host in plain
+# Python over the family of the address given.
+SEND_JUNK = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+for hexdata in sys.argv[2:]:
+    s.sendto(bytes.fromhex(hexdata), (sys.argv[1], 4789))
+"""
+
+
+def hostile_datagrams() -> list[bytes]:
+    frame = bytes.fromhex("020000000001 020000000002 0806") + bytes(28)
+    return [
+        random.Random(7).randbytes(40),  # random bytes (no I flag)
+        bytes.fromhex("080000"),  # truncated header
+        bytes.fromhex("00000000 00002a00") + frame,  # I flag missing
+        bytes.fromhex("08000000 00002a00") + frame[:10],  # inner frame truncated
+        wire.encode(VNI + 1, frame),  # unknown VNI
+    ]
+
+
+def send_hostile(lab: Lab, src: int, dst: int, address: object, junk: list[bytes]) -> Counter[str]:
+    """Send ``junk`` from host ``src`` to ``address`` (host ``dst``'s agent) and wait until its
+    agent counted each as the drop the wire rules name; return those counts."""
+    before = status(lab, dst)["drops"]
+    lab.run(src, [sys.executable, "-c", SEND_JUNK, str(address), *(j.hex() for j in junk)])
+    expected = Counter(wire.decode(j, {VNI}).name.lower() for j in junk)  # type: ignore[union-attr]
+
+    def counted() -> bool:
+        after = status(lab, dst)["drops"]
+        return all(after[k] - before[k] >= n for k, n in expected.items())
+
+    wait_for(counted, 10, f"the hostile datagrams to {address} to be counted")
+    return expected

@@ -241,34 +241,25 @@ def config_version(conf: Mapping[str, Any]) -> str:
     return version
 
 
-def _ipv4(value: Any, where: str) -> str:
-    """An IPv4 address with or without a prefix length (without, the agent takes the network's)."""
-    try:
-        if isinstance(value, str):
-            return str(ipaddress.IPv4Interface(value)) if "/" in value else str(ipaddress.IPv4Address(value))
-    except ValueError:
-        pass
-    raise CniError(
-        INVALID_CONFIG,
-        f"{where}: {value!r} is not an IPv4 address",
-        "write it as A.B.C.D/LEN or A.B.C.D (the network's prefix length), e.g. 198.19.0.7/24; "
-        "overlay-cni gives one IPv4 address per interface",
-    )
+_ADDRESS_FORMS = {
+    4: "write it as A.B.C.D/LEN or A.B.C.D (the network's prefix length), e.g. 198.19.0.7/24; "
+    "overlay-cni gives one IPv4 address per interface",
+    6: "write it as V6/LEN or V6 (the network's subnet6 length), e.g. 2001:2:0:42::7/64; "
+    "overlay-cni gives one IPv6 address per interface",
+}
 
 
-def _ipv6(value: Any, where: str) -> str:
-    """An IPv6 address with or without a prefix length (without, the agent takes the subnet6's)."""
+def _address(value: Any, where: str, version: int) -> str:
+    """An address of ``version`` with or without a prefix length (without, the agent takes its
+    subnet's)."""
     try:
         if isinstance(value, str):
-            return str(ipaddress.IPv6Interface(value)) if "/" in value else str(ipaddress.IPv6Address(value))
+            parsed = ipaddress.ip_interface(value) if "/" in value else ipaddress.ip_address(value)
+            if parsed.version == version:
+                return str(parsed)
     except ValueError:
         pass
-    raise CniError(
-        INVALID_CONFIG,
-        f"{where}: {value!r} is not an IPv6 address",
-        "write it as V6/LEN or V6 (the network's subnet6 length), e.g. 2001:2:0:42::7/64; "
-        "overlay-cni gives one IPv6 address per interface",
-    )
+    raise CniError(INVALID_CONFIG, f"{where}: {value!r} is not an IPv{version} address", _ADDRESS_FORMS[version])
 
 
 def _by_family(values: list[Any], where: str) -> tuple[str | None, str | None]:
@@ -277,9 +268,9 @@ def _by_family(values: list[Any], where: str) -> tuple[str | None, str | None]:
     v6: list[str] = []
     for value in values:
         if isinstance(value, str) and ":" in value:
-            v6.append(_ipv6(value, where))
+            v6.append(_address(value, where, 6))
         else:
-            v4.append(_ipv4(value, where))
+            v4.append(_address(value, where, 4))
     if len(v4) > 1 or len(v6) > 1:
         raise CniError(
             INVALID_CONFIG,
@@ -338,7 +329,7 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
             f'"agent": {agent!r} is not a TAP name',
             "name the TAP of the agent's control socket (what `overlay status` shows as tap)",
         )
-    ip = _ipv4(conf["ip"], '"ip"') if conf.get("ip") is not None else None
+    ip = _address(conf["ip"], '"ip"', 4) if conf.get("ip") is not None else None
     mac = _mac(conf["mac"], '"mac"') if conf.get("mac") is not None else None
     gateway = _optional_str(conf, "gateway")
     if gateway is not None:
@@ -348,7 +339,7 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
             raise CniError(INVALID_CONFIG, f'"gateway": {gateway!r} is not an IPv4 address') from None
     ip6 = _optional_str(conf, "ip6")
     if ip6 is not None and ip6 != "none":
-        ip6 = _ipv6(ip6, '"ip6"')
+        ip6 = _address(ip6, '"ip6"', 6)
     gateway6 = _optional_str(conf, "gateway6")
     if gateway6 is not None:
         try:

@@ -42,7 +42,7 @@ def _addresses(ep: Endpoint) -> set[str]:
     return set(ep.ipv4).union(ep.ipv6) if ep.ipv6 else set(ep.ipv4)
 
 
-def _vteps(registry: Registry, host_id: str, underlay: Underlay) -> dict[str, Vtep]:
+def reachable_vteps(registry: Registry, host_id: str, underlay: Underlay) -> dict[str, Vtep]:
     """The VTEP of every other host this one can reach."""
     out = {}
     for h, v in registry.hosts().items():
@@ -63,7 +63,7 @@ class Desired:
 def desired(registry: Registry, host_id: str, vni: int, underlay: Underlay | None = None) -> Desired:
     """The forwarding state of ``vni`` computed from the whole registry (the reference the
     incremental ``Topology`` is tested against; it walks the VNI)."""
-    vteps = _vteps(registry, host_id, underlay or Underlay.any())
+    vteps = reachable_vteps(registry, host_id, underlay or Underlay.any())
     flood = {vteps[m] for m in registry.members(vni) if m in vteps}
     fdb: dict[int, Vtep] = {}
     best: dict[IPAddress, tuple[int, int]] = {}
@@ -94,7 +94,7 @@ class Topology:
     ) -> None:
         self.registry, self.table, self.host_id = registry, table, host_id
         self.underlay = underlay or Underlay.any()
-        self._vteps: dict[str, Vtep] = _vteps(registry, host_id, self.underlay)
+        self._vteps: dict[str, Vtep] = reachable_vteps(registry, host_id, self.underlay)
         self._served: dict[int, _Served] = {}
         self._dirty: set[int] = set()
         self.now = 0.0

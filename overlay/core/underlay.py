@@ -36,10 +36,6 @@ class Underlay:
         """A host that reaches both families (tests, and tools that only read the registry)."""
         return cls(ipaddress.IPv4Address("0.0.0.1"), ipaddress.IPv6Address("::1"))
 
-    @property
-    def families(self) -> frozenset[int]:
-        return frozenset(f for f, a in ((4, self.v4), (6, self.v6)) if a is not None)
-
     def vtep(self, host: Host) -> Vtep | None:
         """The VTEP to send to ``host`` at (a checked registry value), or None when the two
         share no underlay family."""

@@ -173,7 +173,6 @@ class Dataplane:
         except (DataplaneError, NotLocal):
             self._close_sockets()
             raise
-        self.udp = self.udps[0]  # the first family's receiving socket
         self.send_fds, self.send_fds6 = sends[4], sends[6]
         frame = slot_size(mtu + 18)  # + Ethernet header and a VLAN tag
         self.reads = FrameBatch(READS, slot_size=slot_size(MAX_READ))

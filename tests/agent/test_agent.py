@@ -8,7 +8,6 @@ import random
 import socket
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +15,21 @@ import pytest
 
 from overlay.core import wire
 from overlay.lab import Lab, wait_for
-from tests.labkit import VNI, Labs, new_lab, overlay_ip, ping, start_agent, status, stop_agent, tcp_transfer, wait_ping
+from tests.labkit import (
+    SEND_JUNK,
+    VNI,
+    Labs,
+    hostile_datagrams,
+    new_lab,
+    overlay_ip,
+    ping,
+    send_hostile,
+    start_agent,
+    status,
+    stop_agent,
+    tcp_transfer,
+    wait_ping,
+)
 
 pytestmark = pytest.mark.root
 
@@ -97,33 +110,10 @@ def test_mtu_1450_crosses_and_larger_is_refused_never_fragmented(lab3: Lab) -> N
     assert underlay_fragments(lab3, 1) + underlay_fragments(lab3, 2) == before
 
 
-SEND_JUNK = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for hexdata in sys.argv[2:]:
-    s.sendto(bytes.fromhex(hexdata), (sys.argv[1], 4789))
-"""
-
-
 def test_hostile_datagrams_are_counted_drops_and_the_overlay_keeps_working(lab3: Lab) -> None:
-    frame = bytes.fromhex("020000000001 020000000002 0806") + bytes(28)
-    junk = [
-        random.Random(7).randbytes(40),  # random bytes (no I flag)
-        bytes.fromhex("080000"),  # truncated header
-        bytes.fromhex("00000000 00002a00") + frame,  # I flag missing
-        bytes.fromhex("08000000 00002a00") + frame[:10],  # inner frame truncated
-        wire.encode(VNI + 1, frame),  # unknown VNI
-    ]
-    before = status(lab3, 1)["drops"]
-    lab3.run(2, [sys.executable, "-c", SEND_JUNK, str(lab3.address(1)), *(j.hex() for j in junk)])
-    expected = Counter(wire.decode(j, {VNI}).name.lower() for j in junk)  # type: ignore[union-attr]
+    junk = hostile_datagrams()
+    expected = send_hostile(lab3, 2, 1, lab3.address(1), junk)
     assert sum(expected.values()) == len(junk)  # every one of them is a drop
-
-    def counted() -> bool:
-        after = status(lab3, 1)["drops"]
-        return all(after[k] - before[k] >= n for k, n in expected.items())
-
-    wait_for(counted, 10, "the hostile datagrams to be counted")
     wait_ping(lab3, 1, overlay_ip(2))
 
 

@@ -7,24 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import sys
-from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from overlay.core import wire
 from overlay.lab import Lab, wait_for
 from overlay.lab import etcd as etcdlab
 from tests.labkit import (
     VNI,
     Labs,
     etcd_agent_argv,
+    hostile_datagrams,
     new_lab,
     new_lab_with_etcd,
     overlay_ip,
     ping,
+    send_hostile,
     start_agent,
     status,
     tcp_transfer,
@@ -91,35 +90,11 @@ def test_1430_bytes_cross_an_ipv6_underlay_and_1431_are_refused_never_fragmented
     assert ip6_fragments(lab, 1) + ip6_fragments(lab, 2) == before
 
 
-SEND_JUNK6 = """
-import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-for hexdata in sys.argv[2:]:
-    s.sendto(bytes.fromhex(hexdata), (sys.argv[1], 4789))
-"""
-
-
 def test_hostile_ipv6_datagrams_are_counted_drops_and_the_overlay_keeps_working(
     lab6: tuple[Lab, etcdlab.EtcdServer],
 ) -> None:
     lab, _ = lab6
-    frame = bytes.fromhex("020000000001 020000000002 0806") + bytes(28)
-    junk = [
-        random.Random(7).randbytes(40),
-        bytes.fromhex("080000"),
-        bytes.fromhex("00000000 00002a00") + frame,
-        bytes.fromhex("08000000 00002a00") + frame[:10],
-        wire.encode(VNI + 1, frame),
-    ]
-    before = status(lab, 1)["drops"]
-    lab.run(2, [sys.executable, "-c", SEND_JUNK6, str(lab.address6(1)), *(j.hex() for j in junk)])
-    expected = Counter(wire.decode(j, {VNI}).name.lower() for j in junk)  # type: ignore[union-attr]
-
-    def counted() -> bool:
-        after = status(lab, 1)["drops"]
-        return all(after[k] - before[k] >= n for k, n in expected.items())
-
-    wait_for(counted, 10, "the hostile IPv6 datagrams to be counted")
+    send_hostile(lab, 2, 1, lab.address6(1), hostile_datagrams())
     wait_ping(lab, 1, overlay_ip(2))
 
 
