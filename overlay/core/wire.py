@@ -83,6 +83,12 @@ class Drop(enum.IntEnum):
     OVERSIZE = 12  # receive: datagram larger than a buffer slot (truncated, so dropped)
     BAD_OFFLOAD = 13  # send: a TAP frame whose virtio-net header does not describe it
     ROUTER_ADVERT = 14  # send: an IPv6 router advertisement from a container (never flooded)
+    # Encrypted networks (overlay/core/seal.py):
+    AUTH_FAILED = 15  # receive: an encrypted datagram that does not authenticate (or no such session)
+    REPLAYED = 16  # receive: an encrypted datagram's counter was seen, or is behind the window
+    NOT_ENCRYPTED = 17  # receive: plaintext VXLAN for an encrypted VNI, whoever sent it
+    NO_SESSION = 18  # send: no session with the VTEP yet (a handshake is started)
+    HANDSHAKE_LIMITED = 19  # receive: a handshake message over the per-source rate or queue
 
 
 @dataclass(frozen=True, slots=True)
