@@ -47,6 +47,7 @@ cdef extern from *:
 
 include "hashmap.pxi"
 include "codec.pxi"
+include "crypto.pxi"
 include "table.pxi"
 include "syscalls.pxi"
 include "batch.pxi"
@@ -70,7 +71,13 @@ DROP_REASONS = {
     "OVERSIZE": DROP_OVERSIZE,
     "BAD_OFFLOAD": DROP_BAD_OFFLOAD,
     "ROUTER_ADVERT": DROP_ROUTER_ADVERT,
+    "AUTH_FAILED": DROP_AUTH_FAILED,
+    "REPLAYED": DROP_REPLAYED,
+    "NOT_ENCRYPTED": DROP_NOT_ENCRYPTED,
+    "NO_SESSION": DROP_NO_SESSION,
+    "HANDSHAKE_LIMITED": DROP_HANDSHAKE_LIMITED,
 }
+SEAL_OVERHEAD_BYTES = SEAL_OVERHEAD
 VNET_HDR_BYTES = VNET_HLEN
 
 

@@ -5,7 +5,8 @@ cdef enum:
     # a cache line and header + Ethernet + IPv4 + ports (8+14+20+4 bytes) share that one line;
     # the 64 before it are for later headers (virtio-net, UDP for raw sends).
     HEADROOM = 64 + 8
-    TAILROOM = 24       # behind every frame: a later AEAD authentication trailer
+    TAILROOM = 24       # behind every frame: room for an AEAD tag (16; crypto.pxi)
+    COPY_SLOTS = 256    # encrypted floods: copies of a frame per extra VTEP, per encap call
     # Table lookups of a batch run this many frames ahead of their use as prefetches: enough to
     # keep several cache misses in flight, few enough that the CPU does not drop them.
     PREFETCH_AHEAD = 16
@@ -38,6 +39,11 @@ cdef class FrameBatch:
     cdef uint16_t* out_slot
     cdef uint32_t* out_vtep
     cdef uint16_t* out_sport
+    cdef uint8_t** out_ptr      # per output: the datagram to send (the slot's, or a sealed copy's)
+    cdef uint32_t* out_len
+    cdef uint8_t* enc           # per slot before decap: an encrypted datagram, placed 16 bytes early
+    cdef uint8_t* copies        # COPY_SLOTS slots for encrypted floods, allocated on first use
+    cdef Py_ssize_t n_copies
     cdef readonly Py_ssize_t n_out
     cdef Py_ssize_t max_frame_c
     cdef IoArrays rx            # recvmmsg headers, one per slot
@@ -72,6 +78,11 @@ cdef class FrameBatch:
         self.out_slot = <uint16_t*>calloc(self.out_capacity, sizeof(uint16_t))
         self.out_vtep = <uint32_t*>calloc(self.out_capacity, sizeof(uint32_t))
         self.out_sport = <uint16_t*>calloc(self.out_capacity, sizeof(uint16_t))
+        self.out_ptr = <uint8_t**>calloc(self.out_capacity, sizeof(uint8_t*))
+        self.out_len = <uint32_t*>calloc(self.out_capacity, sizeof(uint32_t))
+        self.enc = <uint8_t*>calloc(slots, sizeof(uint8_t))
+        if self.out_ptr == NULL or self.out_len == NULL or self.enc == NULL:
+            raise MemoryError()
         if (self.mem == NULL or self.length == NULL or self.dgram_len == NULL or self.status == NULL or self.vni == NULL
                 or self.src_ip == NULL or self.truncated == NULL or self.scratch == NULL or self.out_slot == NULL
                 or self.out_vtep == NULL or self.out_sport == NULL):
@@ -82,6 +93,7 @@ cdef class FrameBatch:
         free(self.mem); free(self.length); free(self.dgram_len); free(self.status); free(self.vni); free(self.src_ip)
         free(self.scratch); free(self.out_slot); free(self.out_vtep); free(self.out_sport)
         free(self.truncated); free(self.gso); free(self.msg_vtep); free(self.msg_bytes)
+        free(self.out_ptr); free(self.out_len); free(self.enc); free(self.copies)
         io_free(&self.rx)
         io_free(&self.tx)
 
@@ -92,6 +104,13 @@ cdef class FrameBatch:
 
     cdef inline uint8_t* frame_ptr(self, Py_ssize_t i) noexcept nogil:
         return self.mem + i * self.slot_size + HEADROOM
+
+    cdef bint alloc_copies(self) noexcept nogil:
+        self.copies = <uint8_t*>aligned_alloc(64, COPY_SLOTS * self.slot_size)
+        return self.copies != NULL
+
+    cdef inline uint8_t* copy_ptr(self, Py_ssize_t k) noexcept nogil:
+        return self.copies + k * self.slot_size + HEADROOM
 
     cdef int check_slot(self, Py_ssize_t i) except -1:
         if not 0 <= i < self.slots:
@@ -118,10 +137,11 @@ cdef class FrameBatch:
             addr_from_py(src_ip, &a)
         else:
             addr_v4(&a, 0)
-        if datagram.shape[0] > self.max_frame + VXLAN_HLEN:
+        self.enc[i] = datagram.shape[0] > 0 and datagram[0] == SEAL_DATA
+        if datagram.shape[0] > self.max_frame + VXLAN_HLEN + (SEAL_OVERHEAD if self.enc[i] else 0):
             raise ValueError(f"datagram of {datagram.shape[0]} bytes exceeds the slot")
         if datagram.shape[0]:
-            memcpy(self.frame_ptr(i) - VXLAN_HLEN, &datagram[0], datagram.shape[0])
+            memcpy(self.frame_ptr(i) - VXLAN_HLEN - (SEAL_HLEN if self.enc[i] else 0), &datagram[0], datagram.shape[0])
         self.dgram_len[i] = datagram.shape[0]
         self.truncated[i] = 0
         self.length[i] = 0
@@ -156,6 +176,13 @@ cdef class FrameBatch:
         """[(slot, VTEP id, UDP source port)] produced by the last encap."""
         return [(self.out_slot[j], self.out_vtep[j], self.out_sport[j]) for j in range(self.n_out)]
 
+    def output(self, Py_ssize_t j):
+        """The UDP payload of output j of the last encap, as it is sent (sealed on an encrypted
+        network, else the VXLAN datagram)."""
+        if not 0 <= j < self.n_out:
+            raise IndexError(f"output {j} out of range 0..{self.n_out - 1}")
+        return (<char*>self.out_ptr[j])[:self.out_len[j]]
+
 
 # ---- the stages ---------------------------------------------------------------------------
 
@@ -174,10 +201,12 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
     cdef Net* net = core.net_of(vni)
     cdef Py_ssize_t i, j, n_out = 0
     cdef uint8_t* f
-    cdef uint32_t fanout, vtep
+    cdef uint8_t* p
+    cdef uint32_t fanout, vtep, dlen
     cdef uint16_t sport
     cdef Slot* s
     b.n_out = 0
+    b.n_copies = 0
     if net == NULL:
         for i in range(start, stop):
             b.status[i] = DROP_UNKNOWN_VNI
@@ -207,7 +236,7 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
             b.status[i] = DROP_NO_PEERS
             core.drop_counts[DROP_NO_PEERS] += 1
             continue
-        if n_out + fanout > b.out_capacity:
+        if n_out + fanout > b.out_capacity or (net.encrypted and fanout > 1 and b.n_copies + fanout > COPY_SLOTS):
             if n_out == 0:
                 b.status[i] = DROP_OUT_OF_ROOM
                 core.drop_counts[DROP_OUT_OF_ROOM] += 1
@@ -219,8 +248,29 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
         write_header(f - VXLAN_HLEN, vni)
         sport = source_port(f, b.length[i])
         b.status[i] = OK
+        dlen = VXLAN_HLEN + b.length[i]
         for j in range(fanout):
             vtep = (s.value & VTEP_MASK) if s != NULL else net.flood[j]
+            p = f - VXLAN_HLEN
+            if net.encrypted:
+                if not core.can_seal(vtep):
+                    core.want(vtep)                     # counted NO_SESSION; a handshake follows
+                    continue
+                if fanout > 1:                          # one sealed copy per VTEP: the plaintext stays
+                    if b.copies == NULL and not b.alloc_copies():
+                        core.drop_counts[DROP_OUT_OF_ROOM] += 1
+                        continue
+                    p = b.copy_ptr(b.n_copies) - VXLAN_HLEN
+                    b.n_copies += 1
+                    memcpy(p, f - VXLAN_HLEN, dlen)
+                if not core.seal_for(vtep, p - SEAL_HLEN, dlen):
+                    core.drop_counts[DROP_TX_ERROR] += 1
+                    continue
+                b.out_ptr[n_out] = p - SEAL_HLEN
+                b.out_len[n_out] = dlen + SEAL_OVERHEAD
+            else:
+                b.out_ptr[n_out] = p
+                b.out_len[n_out] = dlen
             b.out_slot[n_out] = <uint16_t>i
             b.out_vtep[n_out] = vtep
             b.out_sport[n_out] = sport
@@ -235,7 +285,10 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
     Per datagram (dgram_len[i] bytes at HEADROOM - 8): the receive rules of overlay/core/wire.py in
     the same order (header, VNI, inner VLAN), the source check (NOT_MEMBER, when on), then
     learning (source MAC -> outer source address). A passing slot gets status 0, its VNI, and length = the inner frame's length,
-    with the frame at HEADROOM. The input is not modified, so decap can run again on it.
+    with the frame at HEADROOM. A sealed datagram (enc[i], placed 16 bytes early) is opened
+    first (crypto.pxi) and then obeys the same rules; plaintext for an encrypted VNI is dropped
+    (NOT_ENCRYPTED); a handshake message is queued for Python (status PUNTED, not a drop).
+    A plaintext input is not modified, so decap can run again on it; a sealed one is opened in place.
     """
     cdef Py_ssize_t i, passed = 0
     cdef uint8_t* d
@@ -243,15 +296,31 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
     cdef int st
     cdef uint32_t vni
     cdef CVtep* peer = NULL
+    cdef Net* net
     for i in range(n):
         f = b.frame_ptr(i)
         d = f - VXLAN_HLEN
-        st = DROP_OVERSIZE if b.truncated[i] else check_header(d, b.dgram_len[i])
+        if b.truncated[i]:
+            st = DROP_OVERSIZE
+        elif b.enc[i]:                                  # sealed: open first (crypto.pxi)
+            st = core.open_datagram(d - SEAL_HLEN, b.dgram_len[i], &b.src_ip[i])
+            if st == OK:
+                b.dgram_len[i] -= SEAL_OVERHEAD
+                st = check_header(d, b.dgram_len[i])
+        elif b.dgram_len[i] and (d[0] == HS_INITIATION or d[0] == HS_RESPONSE):
+            core.punt_handshake(d, b.dgram_len[i], &b.src_ip[i])
+            b.status[i] = PUNTED
+            continue
+        else:
+            st = check_header(d, b.dgram_len[i])
         if st == OK:
             vni = header_vni(d)
             b.vni[i] = vni
-            if core.net_of(vni) == NULL:
+            net = core.net_of(vni)
+            if net == NULL:
                 st = DROP_UNKNOWN_VNI
+            elif net.encrypted and not b.enc[i]:
+                st = DROP_NOT_ENCRYPTED                 # plaintext for an encrypted VNI, whoever sent it
             elif not core.allow_vlan and is_vlan_ethertype(be16(f + 12)):
                 st = DROP_INNER_VLAN
             else:

@@ -29,7 +29,13 @@ cdef enum:
     DROP_OVERSIZE = 12
     DROP_BAD_OFFLOAD = 13
     DROP_ROUTER_ADVERT = 14
-    N_DROP_REASONS = 15
+    DROP_AUTH_FAILED = 15
+    DROP_REPLAYED = 16
+    DROP_NOT_ENCRYPTED = 17
+    DROP_NO_SESSION = 18
+    DROP_HANDSHAKE_LIMITED = 19
+    N_DROP_REASONS = 20
+    PUNTED = 255        # a slot's status: a handshake message handed to Python, not a drop
 
 
 cdef inline uint32_t be16(const uint8_t* p) noexcept nogil:

@@ -113,24 +113,24 @@ cdef void send_outputs(ForwardingCore core, FrameBatch b, const Senders* fds) no
             flush_messages(core, b, first, m - first, fd_prev)
             first = m
         fd_prev = fd
-        size = VXLAN_HLEN + b.length[b.out_slot[j]]
+        size = b.out_len[j]
         io.msgs[m].msg_hdr.msg_iov = &io.iovs[iov]
         count = 0
         total = 0
         b.msg_bytes[m] = 0
         while True:      # gather this message's datagrams
-            dlen = VXLAN_HLEN + b.length[b.out_slot[j]]
-            io.iovs[iov].iov_base = b.frame_ptr(b.out_slot[j]) - VXLAN_HLEN
+            dlen = b.out_len[j]
+            io.iovs[iov].iov_base = b.out_ptr[j]
             io.iovs[iov].iov_len = dlen
             iov += 1
             count += 1
             total += dlen
-            b.msg_bytes[m] += dlen - VXLAN_HLEN
+            b.msg_bytes[m] += b.length[b.out_slot[j]]
             j += 1
             if dlen < size or j == b.n_out or count == MAX_GSO_SEGMENTS \
                     or b.out_vtep[j] != b.out_vtep[j - 1] \
                     or sender_of(b.out_sport[j], &core.vteps[b.out_vtep[j]], fds) != fd \
-                    or VXLAN_HLEN + b.length[b.out_slot[j]] > size \
+                    or b.out_len[j] > size \
                     or total + size > MAX_GSO_BYTES:
                 break
         if addr_is4(&v.ip):
@@ -369,18 +369,21 @@ cdef Py_ssize_t split_datagrams(FrameBatch msgs, Py_ssize_t i, Py_ssize_t* offse
     """Copy the datagrams of message i (from byte offset[0]) into ``out`` slots used..; stop
     when ``out`` is full. Returns the slots used after; offset[0] is where to go on."""
     cdef Py_ssize_t size = msgs.gso[i] if msgs.gso[i] > 0 else msgs.dgram_len[i]
-    cdef Py_ssize_t length
+    cdef Py_ssize_t length, early
     cdef uint8_t* base = msgs.frame_ptr(i) - VXLAN_HLEN
     while offset[0] < msgs.dgram_len[i] and used < out.slots:
         length = min(size, msgs.dgram_len[i] - offset[0])
-        out.truncated[used] = msgs.truncated[i] or length > out.max_frame_c + VXLAN_HLEN
+        out.enc[used] = base[offset[0]] == SEAL_DATA   # sealed: placed 16 bytes early (crypto.pxi)
+        early = SEAL_HLEN if out.enc[used] else 0
+        out.truncated[used] = msgs.truncated[i] or length > out.max_frame_c + VXLAN_HLEN + 2 * early
         out.dgram_len[used] = <uint32_t>length
         out.src_ip[used] = msgs.src_ip[i]
         if not out.truncated[used]:
-            memcpy(out.frame_ptr(used) - VXLAN_HLEN, base + offset[0], length)
+            memcpy(out.frame_ptr(used) - VXLAN_HLEN - early, base + offset[0], length)
         offset[0] += length
         used += 1
     if msgs.dgram_len[i] == 0 and used < out.slots:    # an empty datagram is still one
+        out.enc[used] = 0
         out.truncated[used] = msgs.truncated[i]
         out.dgram_len[used] = 0
         out.src_ip[used] = msgs.src_ip[i]

@@ -75,10 +75,20 @@ cdef object addr_to_py(const Addr* a):
     return (1 << 128) | (<object>a.hi << 64) | <object>a.lo
 
 
+cdef struct Handshake:     # a handshake message for Python (crypto.pxi)
+    uint8_t data[HS_MAX]
+    uint32_t length
+    Addr ip
+
+
 cdef struct CVtep:
     Addr ip
     uint16_t port
     uint64_t rx_frames, rx_bytes, tx_frames, tx_bytes   # inner frames and their bytes
+    EVP_CIPHER_CTX* tx_ctx   # encrypted networks: the session this host seals with, or NULL
+    uint32_t tx_index        # ... the peer's receiver index for it
+    uint64_t tx_counter      # ... the next counter
+    bint wanted              # queued for take_wanted: traffic but no session
 
 cdef enum:
     LOCAL_SEEN = 1       # local map value bits: the MAC was reported,
@@ -91,6 +101,7 @@ cdef struct Net:
     uint32_t* flood      # VTEP ids that get broadcast, multicast and unknown unicast
     int tap_fd           # where its received frames go; -1: the pump's tap_fd
     bint used
+    bint encrypted       # every datagram sealed; plaintext VXLAN for it dropped (NOT_ENCRYPTED)
 
 cdef struct Learned:
     uint32_t vni
@@ -134,6 +145,15 @@ cdef class ForwardingCore:
     cdef uint32_t n_learned
     cdef readonly uint64_t learn_overflow
     cdef readonly uint64_t coalesced    # received frames written to the TAP inside super-frames
+    cdef HashMap rx_index     # (receiver index, 1) -> index into rxs: sessions we open with
+    cdef RxSession* rxs
+    cdef uint32_t n_rxs, cap_rxs
+    cdef uint32_t wanted[LEARN_RING]      # VTEP ids with traffic but no session (take_wanted)
+    cdef uint32_t n_wanted
+    cdef uint32_t confirmed[LEARN_RING]   # receiver indexes with their first datagram (take_confirmed)
+    cdef uint32_t n_confirmed
+    cdef Handshake* handshakes            # handshake messages for Python (take_handshakes)
+    cdef uint32_t n_handshakes
 
     def __cinit__(self, Py_ssize_t capacity=1024, bint allow_vlan=False, bint source_check=False):
         if not 0 <= capacity <= (1 << 28):
@@ -144,6 +164,10 @@ cdef class ForwardingCore:
         hm_init(&self.members, 16)
         hm_init(&self.neigh, 16)
         hm_init(&self.local, 16)
+        hm_init(&self.rx_index, 16)
+        self.handshakes = <Handshake*>calloc(HS_RING, sizeof(Handshake))
+        if self.handshakes == NULL:
+            raise MemoryError()
         global ADDR_SEED
         if ADDR_SEED == 0:
             ADDR_SEED = hm_hash(<uint64_t>(time.time_ns()) ^ <uint64_t>id(self), 0x5EED) | 1
@@ -164,6 +188,15 @@ cdef class ForwardingCore:
         hm_free(&self.members)
         hm_free(&self.neigh)
         hm_free(&self.local)
+        hm_free(&self.rx_index)
+        for i in range(self.n_vteps):
+            if self.vteps[i].tx_ctx != NULL:
+                EVP_CIPHER_CTX_free(self.vteps[i].tx_ctx)
+        for i in range(self.n_rxs):
+            if self.rxs[i].ctx != NULL:
+                EVP_CIPHER_CTX_free(self.rxs[i].ctx)
+        free(self.rxs)
+        free(self.handshakes)
         free(self.neigh_macs)
         free(self.neigh_addrs)
         free(self.neigh_free)
@@ -202,6 +235,7 @@ cdef class ForwardingCore:
         self.nets[i].nflood = 0
         self.nets[i].flood = NULL
         self.nets[i].used = True
+        self.nets[i].encrypted = False
         hm_set(&self.vni_index, vni, 1, i)
 
     def vni_remove(self, uint32_t vni):
@@ -493,3 +527,187 @@ cdef class ForwardingCore:
         self.learned[self.n_learned].mac = mac
         self.learned[self.n_learned].ip = ip[0]
         self.n_learned += 1
+
+    # --- encrypted networks: sessions (overlay/core/sessions.py decides; these apply) ------
+
+    def vni_encrypt(self, uint32_t vni, bint encrypted):
+        """Seal every datagram of ``vni`` (and drop plaintext VXLAN for it), or stop."""
+        cdef Net* net = self.net_of(vni)
+        if net == NULL:
+            raise KeyError(f"VNI {vni} is not served; vni_add it first")
+        net.encrypted = encrypted
+
+    def vni_encrypted(self, uint32_t vni):
+        cdef Net* net = self.net_of(vni)
+        return net != NULL and net.encrypted
+
+    def tx_set(self, ip, uint16_t port, uint32_t index, const uint8_t[:] key, int cipher):
+        """Seal what goes to VTEP (ip, port) with ``key`` (32 bytes) of ``cipher`` (seal.AES_256_GCM
+        or seal.CHACHA20_POLY1305), ``index`` being the peer's receiver index; counters from 0."""
+        cdef Addr a
+        cdef uint32_t vid
+        cdef EVP_CIPHER_CTX* ctx
+        if key.shape[0] != 32 or cipher not in (CIPHER_AES_256_GCM, CIPHER_CHACHA20_POLY1305):
+            raise ValueError("a session key is 32 bytes of cipher 1 (AES-256-GCM) or 2 (ChaCha20-Poly1305)")
+        addr_from_py(ip, &a)
+        vid = self.vtep_id(&a, port)
+        ctx = cipher_context(cipher, &key[0], True)
+        if ctx == NULL:
+            raise MemoryError("OpenSSL refused the session key")
+        if self.vteps[vid].tx_ctx != NULL:
+            EVP_CIPHER_CTX_free(self.vteps[vid].tx_ctx)
+        self.vteps[vid].tx_ctx = ctx
+        self.vteps[vid].tx_index = index
+        self.vteps[vid].tx_counter = 0
+
+    def tx_clear(self, ip, uint16_t port):
+        """VTEP (ip, port) has no session: its encrypted traffic is dropped (NO_SESSION) and wanted."""
+        cdef Addr a
+        cdef Slot* s
+        addr_from_py(ip, &a)
+        s = hm_find(&self.vtep_ids, addr_key(&a), <uint32_t>port + 1)
+        if s == NULL or self.vteps[s.value].tx_ctx == NULL:
+            return False
+        EVP_CIPHER_CTX_free(self.vteps[s.value].tx_ctx)
+        self.vteps[s.value].tx_ctx = NULL
+        return True
+
+    def tx_counters(self):
+        """[(ip, port, receiver index, next counter)] of every VTEP with a session."""
+        cdef uint32_t i
+        return [(addr_to_py(&self.vteps[i].ip), self.vteps[i].port, self.vteps[i].tx_index,
+                 self.vteps[i].tx_counter) for i in range(self.n_vteps) if self.vteps[i].tx_ctx != NULL]
+
+    def rx_add(self, uint32_t index, ip, uint16_t port, const uint8_t[:] key, int cipher):
+        """Open data datagrams with receiver index ``index`` from VTEP (ip, port) with ``key``."""
+        cdef Addr a
+        cdef uint32_t vid, i
+        cdef EVP_CIPHER_CTX* ctx
+        cdef RxSession* grown
+        if key.shape[0] != 32 or cipher not in (CIPHER_AES_256_GCM, CIPHER_CHACHA20_POLY1305):
+            raise ValueError("a session key is 32 bytes of cipher 1 (AES-256-GCM) or 2 (ChaCha20-Poly1305)")
+        if hm_find(&self.rx_index, index, 1) != NULL:
+            raise KeyError(f"receiver index {index} is in use")
+        addr_from_py(ip, &a)
+        vid = self.vtep_id(&a, port)
+        ctx = cipher_context(cipher, &key[0], False)
+        if ctx == NULL:
+            raise MemoryError("OpenSSL refused the session key")
+        for i in range(self.n_rxs):
+            if not self.rxs[i].used:
+                break
+        else:
+            if self.n_rxs == self.cap_rxs:
+                grown = <RxSession*>realloc(self.rxs, max(16, self.cap_rxs * 2) * sizeof(RxSession))
+                if grown == NULL:
+                    EVP_CIPHER_CTX_free(ctx)
+                    raise MemoryError()
+                self.rxs = grown
+                self.cap_rxs = max(16, self.cap_rxs * 2)
+            i = self.n_rxs
+            self.n_rxs += 1
+        memset(&self.rxs[i], 0, sizeof(RxSession))
+        self.rxs[i].ctx = ctx
+        self.rxs[i].index = index
+        self.rxs[i].vtep = vid
+        self.rxs[i].used = True
+        hm_set(&self.rx_index, index, 1, i)
+
+    def rx_remove(self, uint32_t index):
+        """Stop opening datagrams of receiver index ``index``; True if it was there."""
+        cdef Slot* s = hm_find(&self.rx_index, index, 1)
+        cdef RxSession* r
+        if s == NULL:
+            return False
+        r = &self.rxs[s.value]
+        EVP_CIPHER_CTX_free(r.ctx)
+        r.ctx = NULL
+        r.used = False
+        hm_delete(&self.rx_index, index, 1)
+        return True
+
+    def rx_stats(self):
+        """[(receiver index, datagrams opened, their inner bytes)] of every session we open with."""
+        cdef uint32_t i
+        return [(self.rxs[i].index, self.rxs[i].packets, self.rxs[i].nbytes)
+                for i in range(self.n_rxs) if self.rxs[i].used]
+
+    def take_wanted(self):
+        """[(ip, port)] of VTEPs that encrypted traffic was dropped for (NO_SESSION) since the
+        last call: each once, until it is taken."""
+        cdef uint32_t i, vid
+        out = []
+        for i in range(self.n_wanted):
+            vid = self.wanted[i]
+            self.vteps[vid].wanted = False
+            out.append(self.vtep(vid))
+        self.n_wanted = 0
+        return out
+
+    def take_confirmed(self):
+        """Receiver indexes whose first authenticated datagram arrived since the last call."""
+        out = [self.confirmed[i] for i in range(self.n_confirmed)]
+        self.n_confirmed = 0
+        return out
+
+    def take_handshakes(self):
+        """[(message bytes, source address int)] of handshake messages received since the last
+        call (at most 64: more are dropped as HANDSHAKE_LIMITED)."""
+        out = [((<char*>self.handshakes[i].data)[:self.handshakes[i].length], addr_to_py(&self.handshakes[i].ip))
+               for i in range(self.n_handshakes)]
+        self.n_handshakes = 0
+        return out
+
+    cdef inline bint want(self, uint32_t vid) noexcept nogil:
+        """Drop for lack of a session: counted, and the VTEP queued for a handshake."""
+        self.drop_counts[DROP_NO_SESSION] += 1
+        if not self.vteps[vid].wanted and self.n_wanted < LEARN_RING:
+            self.vteps[vid].wanted = True
+            self.wanted[self.n_wanted] = vid
+            self.n_wanted += 1
+        return False
+
+    cdef inline bint can_seal(self, uint32_t vid) noexcept nogil:
+        cdef CVtep* v = &self.vteps[vid]
+        return v.tx_ctx != NULL and v.tx_counter < REJECT_AFTER_MESSAGES
+
+    cdef inline bint seal_for(self, uint32_t vid, uint8_t* p, Py_ssize_t n) noexcept nogil:
+        """Seal the n-byte VXLAN datagram at p + 16 for VTEP vid (can_seal checked)."""
+        cdef CVtep* v = &self.vteps[vid]
+        v.tx_counter += 1
+        return seal_in_place(v.tx_ctx, v.tx_index, v.tx_counter - 1, p, n)
+
+    cdef int open_datagram(self, uint8_t* p, Py_ssize_t n, const Addr* src) noexcept nogil:
+        """seal.open_datagram on the n-byte data datagram at p, plus: the session's peer must be
+        the outer source (NOT_MEMBER otherwise). OK leaves the VXLAN datagram at p + 16."""
+        cdef Slot* s
+        cdef RxSession* r
+        if n < SEAL_OVERHEAD:
+            return DROP_TOO_SHORT
+        s = hm_find(&self.rx_index, le32(p + 4), 1)
+        if s == NULL:
+            return DROP_AUTH_FAILED
+        r = &self.rxs[s.value]
+        if not open_in_place(r.ctx, p, n):
+            return DROP_AUTH_FAILED
+        if not replay_accept(r, le64(p + 8)):
+            return DROP_REPLAYED
+        if not addr_eq(&self.vteps[r.vtep].ip, src):
+            return DROP_NOT_MEMBER
+        r.packets += 1
+        r.nbytes += n - SEAL_OVERHEAD - VXLAN_HLEN
+        if not r.confirmed and self.n_confirmed < LEARN_RING:
+            r.confirmed = True
+            self.confirmed[self.n_confirmed] = r.index
+            self.n_confirmed += 1
+        return OK
+
+    cdef inline void punt_handshake(self, const uint8_t* p, Py_ssize_t n, const Addr* src) noexcept nogil:
+        """Queue a handshake message for Python (take_handshakes), or count it if the queue is full."""
+        if n > HS_MAX or self.n_handshakes == HS_RING:
+            self.drop_counts[DROP_HANDSHAKE_LIMITED] += 1
+            return
+        memcpy(self.handshakes[self.n_handshakes].data, p, n)
+        self.handshakes[self.n_handshakes].length = <uint32_t>n
+        self.handshakes[self.n_handshakes].ip = src[0]
+        self.n_handshakes += 1
