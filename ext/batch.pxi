@@ -306,6 +306,9 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
             st = core.open_datagram(d - SEAL_HLEN, b.dgram_len[i], &b.src_ip[i])
             if st == OK:
                 b.dgram_len[i] -= SEAL_OVERHEAD
+                if b.dgram_len[i] == 0:             # a keepalive: it confirmed the session, no more
+                    b.status[i] = PUNTED
+                    continue
                 st = check_header(d, b.dgram_len[i])
         elif b.dgram_len[i] and (d[0] == HS_INITIATION or d[0] == HS_RESPONSE):
             core.punt_handshake(d, b.dgram_len[i], &b.src_ip[i])

@@ -711,3 +711,17 @@ cdef class ForwardingCore:
         self.handshakes[self.n_handshakes].length = <uint32_t>n
         self.handshakes[self.n_handshakes].ip = src[0]
         self.n_handshakes += 1
+
+    def seal_keepalive(self, ip, uint16_t port):
+        """A data datagram with nothing in it, sealed for VTEP (ip, port) on its session (the
+        initiator's first message confirms a new session to the responder); None without one."""
+        cdef Addr a
+        cdef Slot* s
+        cdef uint8_t buf[SEAL_OVERHEAD]
+        addr_from_py(ip, &a)
+        s = hm_find(&self.vtep_ids, addr_key(&a), <uint32_t>port + 1)
+        if s == NULL or not self.can_seal(s.value):
+            return None
+        if not self.seal_for(s.value, buf, 0):
+            return None
+        return (<char*>buf)[:SEAL_OVERHEAD]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -19,10 +20,13 @@ from overlay.core.addresses import IPAddress, format_address
 from overlay.core.config import AgentConfig, tap_names
 from overlay.core.control import AppliedRequest, AttachRequest, CheckRequest, DetachRequest, Refused
 from overlay.core.fdb import ForwardingTable, Vtep
+from overlay.core.keyring import Encrypted, Keyring, PeerKey
+from overlay.core.keys import encode, public_of
 from overlay.core.publishing import LeaseSweep, LocalEndpoints
 from overlay.core.registry import (
     Endpoint,
     EndpointKey,
+    Event,
     Host,
     Member,
     MemberKey,
@@ -32,6 +36,8 @@ from overlay.core.registry import (
     Schema,
     Scope,
 )
+from overlay.core.seal import OVERHEAD as SEAL_OVERHEAD
+from overlay.core.sessions import Sessions
 from overlay.core.status import AgentInfo, NetworkInfo, RegistryStatus, Status
 from overlay.core.topology import Topology
 from overlay.core.wire import mac_to_str
@@ -40,8 +46,10 @@ from overlay.fastpath.sinks import CoreSink
 from overlay.io import bridge, control, metrics
 from overlay.io.containers import Containers, read_state, state_path
 from overlay.io.dataplane import Dataplane, DataplaneError
+from overlay.io.encryption import Encryption, cpu_has_aes
 from overlay.io.etcd import FAILURES as ETCD_ERRORS
 from overlay.io.etcd import EtcdClient, EtcdError, Tls, retry
+from overlay.io.keys import KeyFileError, load_or_create
 from overlay.io.prober import ProbeError, Prober
 from overlay.io.supervisor import Supervisor
 from overlay.io.systemd import sd_notify
@@ -65,8 +73,17 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, tun_device: str = "/dev/net/tun") -> None:
         self.cfg = cfg
+        # A host that can encrypt (etcd mode, where any network may be switched to encrypted,
+        # or --encrypt) has a static key; its default MTU leaves room for the 32 bytes of sealing.
+        self.private_key: bytes | None = None
+        if cfg.etcd or cfg.encrypt:
+            try:
+                self.private_key = load_or_create(cfg.key_path)
+            except KeyFileError as e:
+                raise AgentUsageError(str(e)) from None
+        room = SEAL_OVERHEAD if self.private_key is not None else 0
         try:
-            self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(*cfg.locals)
+            self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(*cfg.locals) - room
         except TapError as e:
             raise AgentError(str(e)) from None
         except NotLocal as e:
@@ -98,6 +115,17 @@ class Agent:
         except (TapError, DataplaneError, bridge.PlumbingError, NotLocal) as e:
             self.close()
             raise (AgentUsageError if isinstance(e, NotLocal) else AgentError)(str(e)) from None
+        self.keyring: Keyring | None = None
+        if self.private_key is not None:
+            sessions = Sessions(
+                self.private_key, wall_ns=time.time_ns(), now=time.monotonic(), rng=os.urandom, aes=cpu_has_aes()
+            )
+            self.dataplane.encryption = Encryption(self.core, sessions, self.dataplane.by_family)
+            if not cfg.etcd:
+                self.dataplane.encryption.apply(
+                    [PeerKey(Vtep(ip, cfg.port), key) for ip, key in cfg.peer_keys]
+                    + ([Encrypted(cfg.vni, True)] if cfg.encrypt else [])
+                )
         self.mac = self.macs[cfg.vni]
         self.started = time.monotonic()
         self.etcd: EtcdClient | None = None
@@ -154,9 +182,16 @@ class Agent:
             local6=str(cfg.local6) if cfg.local6 else None,
             unreachable=self.topology.unreachable() if self.topology is not None else [],
         )
+        encryption = None
+        if self.dataplane.encryption is not None:
+            served = self.core.vni_encrypted
+            encryption = self.dataplane.encryption.status(
+                [v for v in self.taps if served(v)], self.keyring.without_key() if self.keyring is not None else []
+            )
         return Status(
             agent=agent,
             registry=registry,
+            encryption=encryption,
             dataplane=self.dataplane.status(),
             attachments=self.containers.list() if self.containers is not None else [],
             probes=self.prober.status() if self.prober is not None else {},
@@ -334,11 +369,19 @@ class Agent:
         assert cfg.host_id is not None
         registry = Registry(Schema(cfg.prefix))
         topology = self.topology = Topology(registry, self.table, cfg.host_id, cfg.underlay)
+        keyring = self.keyring = Keyring(cfg.host_id, cfg.underlay)
+        encryption = self.dataplane.encryption
         tls = Tls(cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key) if cfg.etcd_ca else None
+
+        def apply(events: list[Event]) -> None:
+            topology.apply(events, time.monotonic())
+            if encryption is not None:
+                encryption.apply(keyring.apply(events))
+
         self.etcd = client = EtcdClient(
             list(cfg.etcd),
             registry,
-            lambda evs: topology.apply(evs, time.monotonic()),
+            apply,
             ttl=cfg.lease_ttl,
             user=cfg.etcd_user,
             password=cfg.etcd_password,
@@ -361,6 +404,7 @@ class Agent:
                 probe_port,
                 address6=str(cfg.local6) if cfg.local6 else None,
                 underlay_family=4 if cfg.local6 and cfg.underlay.prefer == 4 else None,
+                pubkey=encode(public_of(self.private_key)) if self.private_key is not None else None,
             ),
             wait_for_old=cfg.lease_ttl + 2,
             resume=resume,

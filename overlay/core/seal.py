@@ -18,8 +18,9 @@ key of a session between two hosts (overlay/core/sessions.py makes sessions)::
 Overhead: 32 bytes over plaintext VXLAN (16 header + 16 tag).
 
 Receive rules, in order: too short -> TOO_SHORT; unknown receiver index -> AUTH_FAILED; does
-not authenticate -> AUTH_FAILED; counter seen or behind the window -> REPLAYED; else the
-VXLAN datagram goes on to wire.decode's rules. The replay window is updated only by datagrams
+not authenticate -> AUTH_FAILED; counter seen or behind the window -> REPLAYED; nothing inside
+-> a keepalive (it confirms the session; not a drop, nothing delivered); else the VXLAN
+datagram goes on to wire.decode's rules. The replay window is updated only by datagrams
 that authenticate (so forged counters cannot move it).
 """
 

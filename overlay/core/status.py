@@ -8,11 +8,12 @@ exactly its keys, nesting, types and order, and ``Status.from_json()`` reads it 
     {"agent": AgentInfo, "registry": RegistryStatus | null,
      "wakeups", "peers", "totals", "drops", "fdb", "coalesced_frames", "arp_suppressed", "nd_suppressed",   (DataplaneStatus, flat)
      "attachments": [Attachment.to_json()], "probes": {host id: ProbeStatus},
-     "probe_counters": ProbeCounters | {}}
+     "probe_counters": ProbeCounters | {}, "encryption": EncryptionStatus | null}
 
 Rules of the JSON form:
 - The dataplane's keys sit at the top level, not under a key of their own (``DataplaneStatus``
   is one value in ``Status`` because one producer fills it in).
+- ``encryption`` is null on a host without a static key (static mode without --encrypt).
 - ``registry`` is null in static mode; ``probes`` and ``probe_counters`` are ``{}`` when probing
   is off (``probe_counters`` is then ``None`` in the typed form).
 - Decoding is tolerant where the CLI always was: ``registry``, ``networks``, a network's
@@ -215,6 +216,32 @@ class ProbeCounters(msgspec.Struct, frozen=True, kw_only=True):
     errors: int
 
 
+class SessionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The session with one peer of encrypted networks (``sessions.Sessions.status``), and the
+    fast path's counters on it."""
+
+    peer: str  # its VTEP, "ip:port"
+    key: str  # keys.fingerprint of its static key
+    state: str  # "none", "handshaking" or "established"
+    age_s: float | None  # of the current session
+    rekeys: int
+    handshakes_sent: int
+    handshakes_received: int
+    tx_messages: int  # sealed on the current session
+    rx_messages: int  # opened, on every session with the peer still installed
+
+
+class EncryptionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """This host's identity and its sessions."""
+
+    pubkey: str  # base64 X25519 public key (as in hosts/<id>)
+    fingerprint: str
+    networks: list[int]  # the encrypted networks this host serves
+    sessions: list[SessionStatus]
+    without_key: list[str] = []  # hosts that publish no key: nothing is sent to them on encrypted networks
+    handshakes: dict[str, int] = {}  # sessions.Counters: sent, received, completed, rejected, limited, ...
+
+
 class Status(msgspec.Struct, frozen=True, kw_only=True):
     """One agent's whole status; see the module docstring for its JSON form."""
 
@@ -224,6 +251,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     attachments: list[dict[str, object]] = []  # Attachment.to_json() of each container attached
     probes: dict[str, ProbeStatus] = {}  # peer host id -> its path
     probe_counters: ProbeCounters | None = None  # probing off: none
+    encryption: EncryptionStatus | None = None  # no static key: none
 
     def to_json(self) -> dict[str, object]:
         """The contract's dict (README.md), key for key and in its order."""
@@ -234,6 +262,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
             "attachments": [dict(a) for a in self.attachments],
             "probes": {host: _builtins(p) for host, p in self.probes.items()},
             "probe_counters": {} if self.probe_counters is None else _builtins(self.probe_counters),
+            "encryption": None if self.encryption is None else _builtins(self.encryption),
         }
 
     @classmethod
@@ -242,7 +271,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
         which key is missing or wrong."""
         if not isinstance(obj, dict):
             raise ValueError(f"a status is a JSON object, not {type(obj).__name__}")
-        registry, counters = obj.get("registry"), obj.get("probe_counters")
+        registry, counters, encryption = obj.get("registry"), obj.get("probe_counters"), obj.get("encryption")
         return cls(
             agent=_part(obj.get("agent"), AgentInfo, "agent"),
             dataplane=_part(obj, DataplaneStatus, ""),  # its keys are the top level's
@@ -250,6 +279,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
             attachments=_part(obj.get("attachments") or [], list[dict[str, object]], "attachments"),
             probes=_part(obj.get("probes") or {}, dict[str, ProbeStatus], "probes"),
             probe_counters=_part(counters, ProbeCounters, "probe_counters") if counters else None,
+            encryption=None if encryption is None else _part(encryption, EncryptionStatus, "encryption"),
         )
 
 

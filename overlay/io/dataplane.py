@@ -32,6 +32,7 @@ from overlay.core.status import DataplaneStatus, FdbStatus, PeerTraffic, Totals,
 from overlay.core.wire import Drop, mac_to_str
 from overlay.fastpath import api as fp
 from overlay.fastpath.api import ForwardingCore, FrameBatch, from_c
+from overlay.io.encryption import Encryption
 from overlay.io.tap import NotLocal
 
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # never fragment outer packets
@@ -161,6 +162,7 @@ class Dataplane:
             core.vni_tap(vni, fd)  # received frames go to their network's TAP
         self.clock = clock
         self.udps: list[socket.socket] = []
+        self.by_family: dict[int, socket.socket] = {}  # 4, 6 -> the receiving socket (handshakes go out of it)
         self.senders: list[socket.socket] = []
         sends: dict[int, list[int]] = {4: [], 6: []}
         try:
@@ -168,6 +170,7 @@ class Dataplane:
                 if address is not None:
                     udp, senders = open_sockets(address, port)
                     self.udps.append(udp)
+                    self.by_family[address.version] = udp
                     self.senders += senders
                     sends[address.version] = [s.fileno() for s in senders]
         except (DataplaneError, NotLocal):
@@ -183,6 +186,7 @@ class Dataplane:
         self.on_fatal: Callable[[str], None] = lambda message: None
         self.on_local: Callable[[list[tuple[int, int, IPAddress | None]]], None] | None = None  # MACs behind our TAP
         self.wakeups = {"tx": 0, "tx_frames": 0, "rx": 0, "rx_frames": 0}
+        self.encryption: Encryption | None = None  # sessions of encrypted networks, when this host can encrypt
         self._loop: asyncio.AbstractEventLoop | None = None
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -193,6 +197,8 @@ class Dataplane:
         for udp in self.udps:
             loop.add_reader(udp.fileno(), self._on_udp, udp.fileno())
         self._maintenance = loop.create_task(self._maintain())
+        if self.encryption is not None:
+            self.encryption.start(loop)
 
     def _close_sockets(self) -> None:
         for s in self.udps + self.senders:
@@ -206,6 +212,8 @@ class Dataplane:
                 self._loop.remove_reader(udp.fileno())
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self.encryption is not None:
+            self.encryption.stop()
         self._close_sockets()
 
     def _on_tap(self, vni: int, fd: int) -> None:
@@ -215,6 +223,8 @@ class Dataplane:
         )
         if self.reads.io_error:
             self._fatal(f"the TAP failed ({os.strerror(self.reads.io_error)}): was it deleted?")
+        if self.encryption is not None:
+            self.encryption.after_tx()
         if self.on_local is not None:
             local = self.core.take_local()
             if local:
@@ -237,6 +247,8 @@ class Dataplane:
         if self.messages.io_error:
             self._fatal(f"the UDP socket failed: {os.strerror(self.messages.io_error)}")
             return
+        if self.encryption is not None:
+            self.encryption.after_rx()
         learned = self.core.take_learned()
         if learned:
             now = self.clock()
@@ -275,7 +287,12 @@ class Dataplane:
                 tx_frames=sum(p.tx_frames for p in peers),
                 tx_bytes=sum(p.tx_bytes for p in peers),
             ),
-            drops={d.name.lower(): drops[d] for d in Drop},
+            drops={d.name.lower(): drops[d] for d in Drop}
+            | (  # the C queue's overflow and the sessions' rate limit are one reason
+                {"handshake_limited": drops[Drop.HANDSHAKE_LIMITED] + self.encryption.sessions.counters.limited}
+                if self.encryption is not None
+                else {}
+            ),
             fdb=FdbStatus(
                 static=by_source[Source.STATIC],
                 registry=by_source[Source.REGISTRY],

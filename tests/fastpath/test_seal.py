@@ -193,3 +193,14 @@ def test_handshake_messages_are_handed_over_with_their_source_not_dropped() -> N
     assert sum(core.drops()) == 0
     receive(core, [bytes([1]) + bytes(300)])  # larger than any handshake message
     assert core.drops()[Drop.HANDSHAKE_LIMITED] == 1
+
+
+def test_a_keepalive_confirms_the_session_and_delivers_nothing() -> None:
+    sender, receiver = encrypted_core(42), encrypted_core(42)
+    assert sender.seal_keepalive(*PEER) is None  # no session yet
+    sender.tx_set(*PEER, 3, KEY, seal.AES_256_GCM)
+    keepalive = sender.seal_keepalive(*PEER)
+    assert keepalive == seal.seal(seal.AES_256_GCM, KEY, 3, 0, b"") and len(keepalive) == seal.OVERHEAD
+    receiver.rx_add(3, *PEER, KEY, seal.AES_256_GCM)
+    assert receive(receiver, [keepalive]) == [(seal.PUNTED, b"")]
+    assert receiver.take_confirmed() == [3] and sum(receiver.drops()) == 0
