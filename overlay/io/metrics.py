@@ -32,6 +32,7 @@ from overlay.core.status import (
     FDB_SOURCES,
     AgentInfo,
     DataplaneStatus,
+    EncryptionStatus,
     FdbStatus,
     ProbeCounters,
     ProbeStatus,
@@ -63,6 +64,7 @@ class StatusCollector(Collector):
         yield from self._table(s.dataplane.fdb)
         yield from self._registry(s.registry)
         yield from self._probes(s.probes, s.probe_counters)
+        yield from self._encryption(s.encryption)
 
     def _agent(self, agent: AgentInfo) -> Iterator[Metric]:
         yield InfoMetricFamily(
@@ -200,6 +202,50 @@ class StatusCollector(Collector):
                 "overlay_probe_bad", "Probe datagrams ignored as malformed, unsolicited or stale.", float(counters.bad)
             )
             yield CounterMetricFamily("overlay_probe_answered", "Probe requests answered.", float(counters.answered))
+
+    def _encryption(self, e: EncryptionStatus | None) -> Iterator[Metric]:
+        if e is None:  # a host without a static key
+            return
+        yield InfoMetricFamily(
+            "overlay_host_key", "This host's static public key.", value={"fingerprint": e.fingerprint}
+        )
+        nets = GaugeMetricFamily(
+            "overlay_network_encrypted", "1 for an encrypted network this host serves.", labels=["vni"]
+        )
+        for vni in e.networks:
+            nets.add_metric([str(vni)], 1)
+        yield nets
+        state = GaugeMetricFamily(
+            "overlay_session_state", "1 for the state of the session with a peer VTEP.", labels=["peer", "state"]
+        )
+        age = GaugeMetricFamily(
+            "overlay_session_age_seconds", "Age of the current session with a peer.", labels=["peer"]
+        )
+        rekeys = CounterMetricFamily("overlay_session_rekeys", "Rekeys of the session with a peer.", labels=["peer"])
+        tx = CounterMetricFamily(
+            "overlay_session_tx_messages", "Datagrams sealed on the current session with a peer.", labels=["peer"]
+        )
+        rx = CounterMetricFamily(
+            "overlay_session_rx_messages", "Datagrams opened on the installed sessions with a peer.", labels=["peer"]
+        )
+        for p in e.sessions:
+            for name in ("none", "handshaking", "established"):
+                state.add_metric([p.peer, name], float(p.state == name))
+            if p.age_s is not None:
+                age.add_metric([p.peer], p.age_s)
+            rekeys.add_metric([p.peer], float(p.rekeys))
+            tx.add_metric([p.peer], float(p.tx_messages))
+            rx.add_metric([p.peer], float(p.rx_messages))
+        yield from (state, age, rekeys, tx, rx)
+        handshakes = CounterMetricFamily("overlay_handshakes", "Handshake events, by kind.", labels=["kind"])
+        for kind, n in e.handshakes.items():
+            handshakes.add_metric([kind], float(n))
+        yield handshakes
+        yield GaugeMetricFamily(
+            "overlay_hosts_without_key",
+            "Registered hosts that publish no key (nothing reaches them encrypted).",
+            float(len(e.without_key)),
+        )
 
 
 def registry_for(status: StatusSource) -> CollectorRegistry:

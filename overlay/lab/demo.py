@@ -4,7 +4,8 @@ real etcd; shows that same-network pairs talk and cross-network pairs do not; th
 What an operator would do by hand, in one command:
 - the lab (overlay/lab/netns.py): hosts as network namespaces on an underlay bridge, and etcd in a
   namespace of its own (overlay/lab/etcd.py);
-- `overlay net create` for networks blue (VNI 42) and red (VNI 43);
+- `overlay net create` for networks blue (VNI 42) and red (VNI 43, encrypted: every datagram
+  between hosts sealed with the hosts' session keys, plaintext VXLAN for it refused);
 - `overlay agent` in etcd mode on every host, joined to both networks (a bridge per network);
 - two containers per host (bare network namespaces), one on each network, put there with
   `overlay attach` (addresses allocated from the network's subnet in etcd);
@@ -32,7 +33,8 @@ from pathlib import Path
 
 from overlay.lab import Lab, LabError, wait_for
 from overlay.lab import etcd as etcdlab
-
+NETWORKS = {"blue": 42, "red": 43}
+ENCRYPTED = {"red"}  # networks made with --encrypted
 NETWORKS = {"blue": 42, "red": 43}
 
 
@@ -82,6 +84,7 @@ def main(hosts: int = 3, ipv6: bool = False) -> int:
         print(f"etcd: {etcd.endpoint} in namespace {etcd.namespace} (data in {etcd.data_dir})")
         for name, vni in NETWORKS.items():
             v6 = ["--subnet6", subnet6(vni)] if ipv6 else []
+            v6 += ["--encrypted"] if name in ENCRYPTED else []
             out = lab.run(
                 1,
                 [
@@ -183,8 +186,10 @@ def main(hosts: int = 3, ipv6: bool = False) -> int:
         pairs = [(s, d) for (f, s, d) in answered if f == "IPv4"]
         same = sum(1 for (s, d) in pairs if containers[s][1] == containers[d][1])
 
-        print(f"\nhost 1: overlay host ls --etcd {etcd.endpoint}")
+        print(f"\nhost 1: overlay host ls --etcd {etcd.endpoint}   (KEY: each host's key fingerprint)")
         print(lab.run(1, [*overlay, "host", "ls", "--etcd", etcd.endpoint]).stdout)
+        print(f"host 1: overlay net ls --etcd {etcd.endpoint}")
+        print(lab.run(1, [*overlay, "net", "ls", "--etcd", etcd.endpoint]).stdout)
         print("the registry in etcd (etcdctl get --prefix /overlay/v1/networks/42):")
         for line in etcdlab.etcdctl(etcd, "get", "--prefix", "/overlay/v1/networks/42", check=True).stdout.splitlines():
             print(f"  {line}")

@@ -12,17 +12,20 @@ from typing import Any, Callable
 import pytest
 import uvloop
 from msgspec.structs import replace
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from overlay.core.status import (
     AgentInfo,
     DataplaneStatus,
+    EncryptionStatus,
     FdbStatus,
     NetworkInfo,
     PeerTraffic,
     ProbeCounters,
     ProbeStatus,
     RegistryStatus,
+    SessionStatus,
     Status,
     Totals,
     Wakeups,
@@ -224,8 +227,6 @@ QUIET = Status.from_json(
     ],
 )
 def test_a_status_missing_its_optional_parts_never_fails_a_scrape(status: Status) -> None:
-    from prometheus_client import CollectorRegistry, generate_latest
-
     registry = CollectorRegistry()
     registry.register(StatusCollector(lambda: status))
     assert samples(generate_latest(registry).decode()) is not None
@@ -314,3 +315,43 @@ def test_a_port_in_use_is_a_metrics_error_saying_where_and_what_to_do(run: Calla
                 await serve("127.0.0.1", port, lambda: STATUS)
 
     run(main())
+
+
+def test_encryption_is_scraped_per_peer_session_and_absent_without_a_key() -> None:
+    session = SessionStatus(
+        peer="198.18.0.2:4789",
+        key="6hzgkHf0",
+        state="established",
+        age_s=12.5,
+        rekeys=3,
+        handshakes_sent=4,
+        handshakes_received=1,
+        tx_messages=100,
+        rx_messages=90,
+    )
+    encryption = EncryptionStatus(
+        pubkey="x",
+        fingerprint="Bg+I8vIq",
+        networks=[42],
+        sessions=[session],
+        without_key=["h9"],
+        handshakes={"completed": 2},
+    )
+    text = generate_latest_of(replace(STATUS, encryption=encryption))
+    got = samples(text)
+    peer = (("peer", "198.18.0.2:4789"),)
+    assert got[("overlay_session_state", (("peer", "198.18.0.2:4789"), ("state", "established")))] == 1
+    assert got[("overlay_session_state", (("peer", "198.18.0.2:4789"), ("state", "none")))] == 0
+    assert got[("overlay_session_age_seconds", peer)] == 12.5
+    assert got[("overlay_session_rekeys_total", peer)] == 3
+    assert got[("overlay_session_tx_messages_total", peer)] == 100
+    assert got[("overlay_network_encrypted", (("vni", "42"),))] == 1
+    assert got[("overlay_handshakes_total", (("kind", "completed"),))] == 2
+    assert got[("overlay_hosts_without_key", ())] == 1
+    assert not any(name.startswith("overlay_session") for name, _ in samples(generate_latest_of(STATUS)))
+
+
+def generate_latest_of(status: Status) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(lambda: status))
+    return generate_latest(registry).decode()
