@@ -37,7 +37,7 @@ from overlay.core.registry import (
     Scope,
 )
 from overlay.core.seal import OVERHEAD as SEAL_OVERHEAD
-from overlay.core.sessions import Sessions
+from overlay.core.sessions import Limits, Sessions
 from overlay.core.status import AgentInfo, NetworkInfo, RegistryStatus, Status
 from overlay.core.topology import Topology
 from overlay.core.wire import mac_to_str
@@ -117,8 +117,20 @@ class Agent:
             raise (AgentUsageError if isinstance(e, NotLocal) else AgentError)(str(e)) from None
         self.keyring: Keyring | None = None
         if self.private_key is not None:
+            r = cfg.rekey_after
+            limits = Limits(
+                rekey_after_time=r,
+                responder_rekey_after_time=r * 1.25,
+                reject_after_time=r * 1.5,
+                rekey_timeout=min(5.0, r / 3),
+            )
             sessions = Sessions(
-                self.private_key, wall_ns=time.time_ns(), now=time.monotonic(), rng=os.urandom, aes=cpu_has_aes()
+                self.private_key,
+                wall_ns=time.time_ns(),
+                now=time.monotonic(),
+                rng=os.urandom,
+                aes=cpu_has_aes(),
+                limits=limits,
             )
             self.dataplane.encryption = Encryption(self.core, sessions, self.dataplane.by_family)
             if not cfg.etcd:

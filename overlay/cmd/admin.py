@@ -7,6 +7,8 @@ overlay/core/registry.py): every value is built as a registry type and written w
 does are one and the same to the agents, and ``ls`` shows what etcdctl wrote.
 
 - ``net create`` is a compare-and-create (an existing network is an error, never overwritten);
+  ``net set`` changes an existing network (``--encrypted``/``--no-encrypted``) with a
+  compare-and-set on the value it read, keeping fields it does not know (a newer tool's);
   ``net rm`` deletes the network key and everything under it (members, endpoints) in one
   transaction, and without ``--force`` only if no host is a member (checked in that transaction).
 - ``endpoint add`` writes without a lease: the endpoint is the operator's and stays until
@@ -14,6 +16,10 @@ does are one and the same to the agents, and ``ls`` shows what etcdctl wrote.
 - ``host ls``: a host key lives under its agent's lease, so present means alive; the lease's
   remaining TTL is shown. Hosts named by members or endpoints but without a key are listed as
   not alive.
+- Encryption: a network becomes encrypted (created so, or ``net set --encrypted``) only if
+  every member host publishes a ``pubkey`` (an older agent cannot encrypt and would be cut
+  off), unless ``--force``; that check and the write are one transaction, so a member that
+  joins or changes meanwhile makes the command read again.
 
 Each command validates its input first (UserError, exit 2, saying the expected form), then
 runs one ``asyncio.run``: connect (3 s per endpoint), do its reads and writes, close. etcd
@@ -386,21 +392,46 @@ def cmd_net_create(args: argparse.Namespace) -> int:
     gateway = parse_gateway(args.gateway, subnet) if args.gateway is not None else None
     subnet6 = parse_subnet6(args.subnet6) if args.subnet6 is not None else None
     gateway6 = parse_gateway(args.gateway6, subnet6, 6) if args.gateway6 is not None else None
-    network = Network(vni=vni, name=name, subnet=subnet, mtu=mtu, gateway=gateway, subnet6=subnet6, gateway6=gateway6)
+    encrypted = bool(args.encrypted)
+    network = Network(
+        vni=vni,
+        name=name,
+        subnet=subnet,
+        mtu=mtu,
+        gateway=gateway,
+        subnet6=subnet6,
+        gateway6=gateway6,
+        encrypted=encrypted,
+    )
     check(NetworkKey(vni), network)
+    if args.force and not encrypted:
+        raise UserError("--force goes with --encrypted (create it even if member hosts have no key)")
     target = Target.from_args(args)
 
     async def action(s: Session) -> None:
         key = s.schema.key(NetworkKey(vni)).encode()
         t = s.client.transactions
-        ok, _ = await s.client.transaction(
-            compare=[t.create(key) == 0], success=[t.put(key, s.schema.encode(network))], failure=[]
-        )
-        if not ok:
-            raise RunError(
+        for _ in range(RETRIES):
+            exists = RunError(
                 f"network {vni} exists ({s.schema.key(NetworkKey(vni))}): "
                 f"'overlay net ls' shows it, 'overlay net rm {vni}' removes it"
+                + (f", 'overlay net set {vni} --encrypted' encrypts it" if encrypted else "")
             )
+            guard = []
+            if encrypted and not args.force:
+                view = await read_members(s, vni)
+                if view.network is not None:
+                    raise exists
+                refuse_unkeyed(vni, view, "created encrypted")
+                guard = view.guard
+            ok, _ = await s.client.transaction(
+                compare=[t.create(key) == 0, *guard], success=[t.put(key, s.schema.encode(network))], failure=[]
+            )
+            if ok:
+                return
+            if not guard or await s.client.get(key) is not None:
+                raise exists
+        raise RunError(f"the members of network {vni} kept changing while it was being created: run the command again")
 
     run(target, action)
     data = {
@@ -411,13 +442,142 @@ def cmd_net_create(args: argparse.Namespace) -> int:
         "gateway": gateway,
         "subnet6": subnet6,
         "gateway6": gateway6,
+        "encrypted": encrypted,
     }
     emit(
         target,
         data,
-        f"created network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'}"
+        f"created {'encrypted ' if encrypted else ''}network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'}"
         f"{', gateway ' + gateway if gateway else ''}{', subnet6 ' + subnet6 if subnet6 else ''}"
         f"{', gateway6 ' + gateway6 if gateway6 else ''})",
+    )
+    return 0
+
+
+RETRIES = 5  # reads and compare-and-sets before giving up on a registry that keeps changing
+GUARD_HOSTS_MAX = 100  # per-host compares up to this many members, then one over all of hosts/ (etcd: 128 ops)
+
+
+@dataclass
+class Members:
+    """A network's definition, members and their host keys, read at one revision; ``guard``: the
+    compares that hold while none of them changed since (for the write that depends on them)."""
+
+    network: Any  # the network key's aetcd KeyValue, None if not defined
+    members: list[str]
+    unkeyed: list[str]  # members whose host value has no pubkey (or no host value at all)
+    guard: list[Any]
+
+
+async def read_members(s: Session, vni: int) -> Members:
+    from aetcd.utils import prefix_range_end
+
+    from overlay.core.registry import HostKey, MemberKey, NetworkKey
+
+    t = s.client.transactions
+    net_key = s.schema.key(NetworkKey(vni)).encode()
+    under = (s.schema.key(NetworkKey(vni)) + "/members/").encode()
+    hosts_under = f"{s.schema.prefix}/hosts/".encode()
+    _, (net, member_kvs, host_kvs) = await s.client.transaction(
+        compare=[],
+        success=[
+            t.get(net_key),
+            t.get(under, prefix_range_end(under)),
+            t.get(hosts_under, prefix_range_end(hosts_under)),
+        ],
+        failure=[],
+    )
+    seen = [kv for _, kv in [*net, *member_kvs, *host_kvs]]
+    newest = max((kv.mod_revision for kv in seen), default=0)  # anything written later is newer than this
+    members = []
+    for _, kv in member_kvs:
+        k = s.schema.parse_key(kv.key.decode(errors="replace"))
+        if isinstance(k, MemberKey):
+            members.append(k.host)
+    hosts: dict[str, Any] = {}
+    for _, kv in host_kvs:
+        k = s.schema.parse_key(kv.key.decode(errors="replace"))
+        if isinstance(k, HostKey):
+            try:
+                hosts[k.host] = s.schema.decode(k, kv.value)
+            except ValueError:
+                pass  # not a host value the agents take: as good as none
+    unkeyed = sorted(h for h in members if hosts.get(h) is None or hosts[h].pubkey is None)
+    guard = [t.mod(under, prefix_range_end(under)) < newest + 1]  # no member joined or changed
+    if len(members) <= GUARD_HOSTS_MAX:
+        guard += [t.mod(s.schema.key(HostKey(h)).encode()) < newest + 1 for h in members]
+    else:
+        guard.append(t.mod(hosts_under, prefix_range_end(hosts_under)) < newest + 1)
+    return Members(net[0][1] if net else None, sorted(members), unkeyed, guard)
+
+
+def refuse_unkeyed(vni: int, view: Members, doing: str) -> None:
+    if view.unkeyed:
+        n = len(view.unkeyed)
+        raise RunError(
+            f"network {vni} cannot be {doing}: member host{'s' if n != 1 else ''} {', '.join(view.unkeyed)} "
+            f"publish{'es' if n == 1 else ''} no pubkey (an older agent, which cannot encrypt and would lose "
+            f"the network's traffic): upgrade {'them' if n != 1 else 'it'} first, or give --force"
+        )
+
+
+def cmd_net_set(args: argparse.Namespace) -> int:
+    from overlay.core.registry import Network, NetworkKey
+
+    vni = parse_vni(args.vni)
+    if args.encrypted is None:
+        raise UserError(
+            f"nothing to change: give --encrypted or --no-encrypted, e.g. overlay net set {vni} --encrypted"
+        )
+    want: bool = args.encrypted
+    if args.force and not want:
+        raise UserError("--force goes with --encrypted (encrypt even if member hosts have no key)")
+    target = Target.from_args(args)
+
+    async def action(s: Session) -> dict[str, Any]:
+        key = s.schema.key(NetworkKey(vni))
+        t = s.client.transactions
+        for _ in range(RETRIES):
+            view = await read_members(s, vni)
+            if view.network is None:
+                raise RunError(
+                    f"network {vni} does not exist under {s.schema.prefix}: 'overlay net create {vni}' defines it"
+                )
+            try:
+                fields = json.loads(view.network.value)
+                network = s.schema.decode(NetworkKey(vni), view.network.value)
+                assert isinstance(network, Network) and isinstance(fields, dict)
+            except ValueError as e:
+                raise RunError(
+                    f"{key} holds a value agents refuse ({e}): fix it with etcdctl put, or 'overlay net rm {vni}'"
+                ) from None
+            result = {"vni": vni, "encrypted": want, "changed": network.encrypted != want, "members": view.members}
+            if not result["changed"]:
+                return result
+            if want and not args.force:
+                refuse_unkeyed(vni, view, "encrypted")
+            if want:
+                fields["encrypted"] = True
+            else:
+                fields.pop("encrypted", None)  # the plaintext form, as before encryption existed
+            raw = json.dumps(fields, separators=(",", ":")).encode()
+            s.schema.decode(NetworkKey(vni), raw)  # still a good value
+            compare = [t.mod(key.encode()) == view.network.mod_revision]
+            if want and not args.force:
+                compare += view.guard
+            ok, _ = await s.client.transaction(
+                compare=compare, success=[t.put(key.encode(), raw, view.network.lease or None)], failure=[]
+            )
+            if ok:
+                return result
+        raise RunError(f"network {vni} or its members kept changing while it was being written: run the command again")
+
+    data = run(target, action)
+    state = "encrypted" if want else "plaintext (not encrypted)"
+    emit(
+        target,
+        data,
+        f"network {vni} is now {state}" if data["changed"] else f"network {vni} is already {state}: nothing changed",
     )
     return 0
 
@@ -440,13 +600,14 @@ def cmd_net_ls(args: argparse.Namespace) -> int:
                 "subnet": net.subnet if net else None,
                 "mtu": net.mtu if net else None,
                 "subnet6": net.subnet6 if net else None,
+                "encrypted": net.encrypted if net else None,
                 "defined": net is not None,
                 "members": len(snap.members.get(vni, {})),
                 "endpoints": sum(1 for v, _ in snap.endpoints if v == vni),
             }
         )
     human = table(
-        ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "MEMBERS", "ENDPOINTS"],
+        ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "ENCRYPTED", "MEMBERS", "ENDPOINTS"],
         [
             [
                 r["vni"],
@@ -454,12 +615,13 @@ def cmd_net_ls(args: argparse.Namespace) -> int:
                 r["subnet"],
                 r["subnet6"],
                 r["mtu"],
+                None if r["encrypted"] is None else "yes" if r["encrypted"] else "no",
                 r["members"],
                 r["endpoints"],
             ]
             for r in rows
         ],
-        right={0, 4, 5, 6},
+        right={0, 4, 6, 7},
     )
     if not rows:
         human += f"\n(no networks under {target.prefix}: 'overlay net create VNI' defines one)"
@@ -520,6 +682,8 @@ def cmd_net_rm(args: argparse.Namespace) -> int:
 def cmd_host_ls(args: argparse.Namespace) -> int:
     import asyncio
 
+    from overlay.core.keys import fingerprint, parse_public
+
     target = Target.from_args(args)
 
     async def action(s: Session) -> tuple[Snapshot, dict[int, int]]:
@@ -553,10 +717,11 @@ def cmd_host_ls(args: argparse.Namespace) -> int:
                 "loss": probe.loss if probe else None,
                 "reachable": probe.reachable if probe else None,
                 "address6": host.address6 if host else None,
+                "pubkey": host.pubkey if host else None,
             }
         )
     human = table(
-        ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "RTT", "LOSS", "PATH"],
+        ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "KEY", "RTT", "LOSS", "PATH"],
         [
             [
                 r["host"],
@@ -564,6 +729,7 @@ def cmd_host_ls(args: argparse.Namespace) -> int:
                 "yes" if r["alive"] else "no",
                 (f"{r['ttl']} s" if r["ttl"] is not None else "no lease" if r["alive"] else None),
                 ",".join(map(str, r["networks"])),
+                fingerprint(parse_public(r["pubkey"])) if r["pubkey"] else None,
                 f"{r['rtt_ms']:.3f} ms" if r["rtt_ms"] is not None else None,
                 f"{r['loss']:.0%}" if r["loss"] is not None else None,
                 None if r["reachable"] is None else "ok" if r["reachable"] else "UNREACHABLE",
@@ -768,6 +934,11 @@ def _leaf(
     return p
 
 
+ENCRYPTED_HELP = (
+    "encrypt the network: every datagram between its hosts authenticated and encrypted with keys "
+    "from a handshake between the hosts' keys ('overlay key show'); plaintext VXLAN for it is dropped"
+)
+
 REGISTRY_NOTE = (
     "These commands read and write the etcd registry (DESIGN.md): the same keys and values "
     "as etcdctl put/del under the prefix, which every agent applies."
@@ -781,10 +952,12 @@ def add_commands(sub: Any) -> None:
     _, net = _group(
         sub,
         "net",
-        "define, list and remove networks (VNIs) in etcd",
+        "define, change, list and remove networks (VNIs) in etcd",
         "Networks in the etcd registry: <prefix>/networks/<vni>. " + REGISTRY_NOTE,
         "examples:\n"
         "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
+        "  overlay net create 43 --encrypted\n"
+        "  overlay net set 42 --encrypted\n"
         "  overlay net ls --etcd http://198.18.0.250:2379\n"
         "  overlay net rm 42",
     )
@@ -800,6 +973,7 @@ def add_commands(sub: Any) -> None:
         "  overlay net create 42\n"
         "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
         "  overlay net create 42 --subnet 198.19.42.0/24 --subnet6 2001:2:0:42::/64   # dual stack\n"
+        "  overlay net create 42 --encrypted   # every datagram between its hosts sealed\n"
         "  same as: etcdctl put /overlay/v1/networks/42 "
         '\'{"vni":42,"name":"blue","subnet":"198.19.42.0/24","mtu":1450}\'',
         common,
@@ -823,13 +997,44 @@ def add_commands(sub: Any) -> None:
         metavar="V6",
         help="containers' IPv6 default route on this network (an address in --subnet6; never allocated)",
     )
+    p.add_argument("--encrypted", action="store_true", help=ENCRYPTED_HELP)
+    p.add_argument("--force", action="store_true", help="with --encrypted: even if member hosts publish no pubkey")
+    p = _leaf(
+        net,
+        "set",
+        cmd_net_set,
+        "change a network: encrypt it or not",
+        "Change network VNI in place: a compare-and-set of <prefix>/networks/<vni> on the value read "
+        "(fields this tool does not know are kept). --encrypted is refused while a member host publishes "
+        "no pubkey in hosts/<id> (an older agent, which cannot encrypt: it would lose the network's "
+        "traffic), unless --force; the check and the write are one transaction. Agents apply the change "
+        "as it comes: once encrypted, plaintext VXLAN for the VNI is dropped.",
+        "examples:\n"
+        "  overlay net set 42 --encrypted\n"
+        "  overlay net set 42 --encrypted --force   # even with old agents among its members (they lose it)\n"
+        "  overlay net set 42 --no-encrypted        # back to plaintext VXLAN (RFC 7348)\n"
+        '  same as: etcdctl put /overlay/v1/networks/42 \'{"vni":42,...,"encrypted":true}\'',
+        common,
+    )
+    p.add_argument("vni", metavar="VNI", help="the network's VNI")
+    onoff = p.add_mutually_exclusive_group()
+    onoff.add_argument("--encrypted", dest="encrypted", action="store_const", const=True, help=ENCRYPTED_HELP)
+    onoff.add_argument(
+        "--no-encrypted",
+        dest="encrypted",
+        action="store_const",
+        const=False,
+        help="plaintext VXLAN again (the field is removed: the value is as before encryption existed)",
+    )
+    p.add_argument("--force", action="store_true", help="with --encrypted: even if member hosts publish no pubkey")
     _leaf(
         net,
         "ls",
         cmd_net_ls,
         "list networks",
-        "List the networks: VNI, name, subnet, subnet6, MTU, how many hosts are members and how many endpoints "
-        "it has. A VNI with members or endpoints but no definition shows as '(not defined)'.",
+        "List the networks: VNI, name, subnet, subnet6, MTU, whether it is encrypted, how many hosts are "
+        "members and how many endpoints it has. A VNI with members or endpoints but no definition shows "
+        "as '(not defined)'.",
         "examples:\n  overlay net ls\n  overlay net ls --json",
         common,
     )
@@ -861,7 +1066,9 @@ def add_commands(sub: Any) -> None:
         "ls",
         cmd_host_ls,
         "list hosts with liveness",
-        "List hosts: id, VTEP address:port, alive, the lease's remaining TTL, the networks it is a member of. "
+        "List hosts: id, VTEP address:port, alive, the lease's remaining TTL, the networks it is a member of, "
+        "KEY: the fingerprint of its public key (first 8 characters of base64(sha256(pubkey)); '-': an agent "
+        "that publishes none, which cannot join encrypted networks; --json gives the whole pubkey). "
         "A host key exists only while its agent keeps its lease alive, so a listed key means alive; when "
         "the agent dies the key goes within the lease TTL. Hosts that members or endpoints name but that "
         "have no key are listed as not alive.",

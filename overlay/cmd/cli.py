@@ -10,13 +10,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from overlay import __version__
 from overlay.cmd.errors import RunError, UserError
 from overlay.core.addresses import format_address
 from overlay.core.status import Status
 from overlay.fastpath import FastPathMissing, load
+
+if TYPE_CHECKING:
+    from overlay.io.keys import KeyFileError
 
 # --- overlay agent --------------------------------------------------------------------------
 
@@ -36,6 +39,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    if args.key_file is not None:
+        settings["key_file"] = os.path.abspath(args.key_file)  # a flag's path is from here; the file's must be absolute
     if "etcd_password" not in settings and os.environ.get("OVERLAY_ETCD_PASSWORD"):
         settings["etcd_password"] = os.environ["OVERLAY_ETCD_PASSWORD"]
     cfg = config.build(settings)
@@ -68,8 +73,12 @@ def add_agent(sub: Any) -> None:
             "--network 42 --address 198.19.42.1/24\n"
             "IPv6:    overlay agent --etcd http://[2001:2:0:1::fa]:2379 --host-id h1 --local 2001:2:0:1::1 --network 42\n"
             "dual:    overlay agent ... --local 198.18.0.1 --local6 2001:2:0:1::1   (IPv6 to peers that have it)\n"
-            'Every flag can also be a key of the --config TOML file (peer = ["198.18.0.2"]); '
-            "flags override the file."
+            "encrypted (static): overlay agent --vni 42 --local 198.18.0.1 --peer 198.18.0.2 --encrypt "
+            "--key-file /var/lib/overlay/static.key --peer-key 198.18.0.2=PUBKEY\n"
+            "           (PUBKEY: what 'overlay key show' prints on 198.18.0.2; that host lists this one's the same way)\n"
+            "encrypted (etcd):   overlay net create 42 --encrypted   (agents publish their keys themselves)\n"
+            'Every flag can also be a key of the --config TOML file (peer = ["198.18.0.2"], '
+            'peer_key = ["198.18.0.2=..."], encrypt = true); flags override the file.'
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -153,6 +162,42 @@ def add_agent(sub: Any) -> None:
         dest="probe_port",
         metavar="PORT",
         help="UDP port for probing peers' underlay RTT and loss once a second, 0 = off (default 4799)",
+    )
+    k = p.add_argument_group(
+        "encryption (each host has an X25519 key; sessions come from handshakes between host keys)"
+    )
+    k.add_argument(
+        "--key-file",
+        dest="key_file",
+        metavar="PATH",
+        help="this host's private key, created (mode 0600) on first start if missing (default "
+        "<state-dir>/<host-id>.key, static mode <state-dir>/static.key; the default state dir /run is "
+        "emptied at boot, so give a lasting path when peers list the key with --peer-key). Its public "
+        "key: 'overlay key show'",
+    )
+    k.add_argument(
+        "--encrypt",
+        dest="encrypt",
+        action="store_const",
+        const=True,
+        help="static mode: authenticate and encrypt all traffic of the VNI; every --peer needs a "
+        "--peer-key. In etcd mode a network is encrypted in the registry instead "
+        "('overlay net create VNI --encrypted', 'overlay net set VNI --encrypted')",
+    )
+    k.add_argument(
+        "--peer-key",
+        dest="peer_key",
+        metavar="ADDRESS=PUBKEY",
+        action="append",
+        help="static mode, with --encrypt: a --peer's public key (what 'overlay key show' prints on that "
+        "host, 44 base64 characters); repeat for each peer",
+    )
+    k.add_argument(
+        "--rekey-after",
+        dest="rekey_after",
+        metavar="SECONDS",
+        help="make new session keys this often while traffic flows (default 120, as WireGuard); a "
+        "session's responder rekeys at 1.25x if the initiator did not, and a session is refused at 1.5x",
     )
     e = p.add_argument_group("etcd mode (peers, flood lists and endpoints from the registry)")
     e.add_argument(
@@ -262,6 +307,27 @@ def format_status(s: Status) -> str:
             lines.append(
                 f"{host:16} {probe.address:22} {rtt:>8} {srtt:>8} {probe.loss:>6.0%}  "
                 f"{'ok' if probe.reachable else 'UNREACHABLE'}"
+            )
+    e = s.encryption
+    if e is not None:
+        nets = ", ".join(map(str, e.networks)) or "none"
+        hs = e.handshakes
+        lines += [
+            "",
+            f"encryption  key {e.fingerprint}  encrypted networks {nets}  handshakes completed "
+            f"{hs.get('completed', 0)} rejected {hs.get('rejected', 0)} rate-limited {hs.get('limited', 0)}",
+        ]
+        if e.without_key:
+            lines.append(f"  NO KEY (nothing is sent to them on encrypted networks): {', '.join(e.without_key)}")
+        if e.sessions:
+            lines.append(
+                f"  {'peer':24} {'key':9} {'state':12} {'age s':>7} {'rekeys':>7} {'sealed':>10} {'opened':>10}"
+            )
+        for session in e.sessions:
+            age = "-" if session.age_s is None else f"{session.age_s:g}"
+            lines.append(
+                f"  {session.peer:24} {session.key:9} {session.state:12} {age:>7} {session.rekeys:>7} "
+                f"{session.tx_messages:>10} {session.rx_messages:>10}"
             )
     if s.attachments:
         lines += ["", f"{'container':34} {'network':12} {'if':6} {'mac':17} {'address':18} {'host end':13}"]
@@ -424,6 +490,166 @@ def add_attach(sub: Any) -> None:
     p.set_defaults(func=cmd_detach)
 
 
+# --- overlay key ------------------------------------------------------------------------------
+
+
+def key_file_of(args: argparse.Namespace) -> Path:
+    """The key file the flags name: --key-file, else <state-dir>/<host-id>.key (static.key without
+    a host id); --config supplies what the flags leave out, as the agent reads it."""
+    from overlay.core import config
+    from overlay.core.keys import key_file_name
+    from overlay.core.registry import HOST_ID, HOST_ID_FORM
+
+    settings: dict[str, Any] = {}
+    if args.config:
+        try:
+            text = Path(args.config).read_text()
+        except OSError as e:
+            raise UserError(f"--config {args.config}: {e.strerror}") from None
+        settings = config.parse_toml(text, args.config)
+    if args.key_file is not None:
+        return Path(os.path.abspath(args.key_file))
+    if args.host_id is None and settings.get("key_file") is not None:
+        if not isinstance(settings["key_file"], str) or not settings["key_file"].startswith("/"):
+            raise UserError(f"{args.config}: key_file {settings['key_file']!r} is not an absolute file path")
+        return Path(settings["key_file"])
+    host_id = args.host_id if args.host_id is not None else settings.get("host_id") if settings.get("etcd") else None
+    if host_id is not None and (not isinstance(host_id, str) or not HOST_ID.match(host_id)):
+        raise UserError(f"--host-id {host_id!r} is not a host id: {HOST_ID_FORM}, e.g. h1")
+    state_dir = args.state_dir if args.state_dir is not None else settings.get("state_dir", config.DEFAULT_STATE_DIR)
+    if not isinstance(state_dir, str) or not state_dir:
+        raise UserError(f"--state-dir {state_dir!r} is not a directory path like /run/overlay")
+    return Path(os.path.abspath(state_dir)) / key_file_name(host_id)
+
+
+def _key_error(e: KeyFileError) -> Exception:
+    """A key file to fix (its mode, type or content) is exit 2; anything else exit 1."""
+    return UserError(str(e)) if e.kind in ("unsafe", "invalid") else RunError(str(e))
+
+
+def _print_key(args: argparse.Namespace, path: Path, private: bytes) -> None:
+    from overlay.core.keys import encode, fingerprint, public_of
+
+    public = public_of(private)
+    if args.json:
+        print(json.dumps({"key_file": str(path), "pubkey": encode(public), "fingerprint": fingerprint(public)}))
+    else:
+        print(encode(public))
+
+
+def cmd_key_show(args: argparse.Namespace) -> int:
+    from overlay.io import keys
+
+    path = key_file_of(args)
+    try:
+        private = keys.load(path)
+    except keys.KeyFileError as e:
+        if e.kind == "missing":
+            raise RunError(
+                f"{path} does not exist: the agent creates it on first start, "
+                f"or run 'overlay key generate --key-file {path}'"
+            ) from None
+        raise _key_error(e) from None
+    _print_key(args, path, private)
+    return 0
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    from overlay.io import keys
+
+    path = key_file_of(args)
+    private = keys.generate_private()
+    try:
+        keys.write(path, private, replace=args.force)
+    except keys.KeyFileError as e:
+        if e.kind == "exists":
+            raise RunError(
+                f"{path} exists: 'overlay key show' prints its public key; give --force to replace it "
+                f"with a new key (see 'overlay key generate --help' on rotating a key)"
+            ) from None
+        raise _key_error(e) from None
+    _print_key(args, path, private)
+    if not args.json:
+        print(
+            f"overlay: wrote a new private key to {path} (mode 0600); a running agent uses it once restarted",
+            file=sys.stderr,
+        )
+    return 0
+
+
+KEY_FILE_NOTE = (
+    "The key file: --key-file PATH, else <state-dir>/<host-id>.key (etcd mode), "
+    "<state-dir>/static.key (static mode), as the agent finds it; --config FILE reads "
+    "key_file, state_dir and host_id from the agent's TOML file."
+)
+
+
+def add_key(sub: Any) -> None:
+    p = sub.add_parser(
+        "key",
+        help="this host's key for encrypted networks: show its public key, or generate a new one",
+        description=(
+            "Each agent has an X25519 private key in a file of its own (mode 0600), created on first "
+            "start. Its public key is published in the registry (etcd mode: the host's pubkey, shown "
+            "by 'overlay host ls') or given to each peer with --peer-key ADDRESS=PUBKEY (static mode)."
+        ),
+        epilog="examples:\n  overlay key show\n  overlay key show --host-id h1 --state-dir /var/lib/overlay\n"
+        "  overlay key generate --key-file /var/lib/overlay/static.key",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    def show_help(_: argparse.Namespace) -> int:
+        p.print_help()
+        return 0
+
+    p.set_defaults(func=show_help)
+    actions = p.add_subparsers(title="actions", metavar="ACTION")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--config", metavar="FILE", help="the agent's TOML file: its key_file, state_dir, host_id")
+        q.add_argument(
+            "--state-dir", dest="state_dir", metavar="DIR", help="the agent's --state-dir (default /run/overlay)"
+        )
+        which = q.add_mutually_exclusive_group()
+        which.add_argument("--host-id", dest="host_id", metavar="ID", help="the agent's --host-id (etcd mode)")
+        which.add_argument("--key-file", dest="key_file", metavar="PATH", help="the key file itself")
+        q.add_argument("--json", action="store_true", help='print {"key_file", "pubkey", "fingerprint"}')
+
+    q = actions.add_parser(
+        "show",
+        help="print the public key of this host's key file",
+        description="Print the public key (44 characters of base64) of a key file; creates nothing. " + KEY_FILE_NOTE,
+        epilog="examples:\n"
+        "  overlay key show                                   # static mode, /run/overlay/static.key\n"
+        "  overlay key show --host-id h1                      # etcd mode, /run/overlay/h1.key\n"
+        "  overlay key show --config /etc/overlay/agent.toml  # whichever file that agent uses\n"
+        "static mode: what it prints on 198.18.0.1 is PUBKEY in the peers' --peer-key 198.18.0.1=PUBKEY",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(q)
+    q.set_defaults(func=cmd_key_show)
+    q = actions.add_parser(
+        "generate",
+        help="create a new private key file and print its public key",
+        description="Create a new private key file (mode 0600, its directory 0700 if new) and print its "
+        "public key. An existing key file is never overwritten without --force. " + KEY_FILE_NOTE,
+        epilog="examples:\n"
+        "  overlay key generate --key-file /var/lib/overlay/static.key\n"
+        "  overlay key generate --host-id h1 --force          # rotate h1's key\n"
+        "\n"
+        "Rotating a host's key without losing traffic: generate a new key file (--force over the old\n"
+        "one), then restart the agent. It republishes its pubkey in hosts/<host-id> under its lease\n"
+        "and peers handshake again with the new key; sessions made with the old key stay valid until\n"
+        "they expire (at most 180 s), new handshakes use the new key. In static mode the peers know\n"
+        "the key from their --peer-key: give them the new one and restart them too (traffic with a\n"
+        "peer pauses until both sides have restarted).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(q)
+    q.add_argument("--force", action="store_true", help="replace an existing key file (rotate the key)")
+    q.set_defaults(func=cmd_key_generate)
+
+
 # --- overlay lab ------------------------------------------------------------------------------
 
 
@@ -515,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and whether the fast path is built")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (add_agent, add_status, add_attach, add_lab, add_demo):
+    for add in (add_agent, add_status, add_attach, add_key, add_lab, add_demo):
         add(sub)
     from overlay.cmd import admin  # net, host, endpoint: operator commands against etcd (aetcd loaded lazily)
 

@@ -7,12 +7,19 @@ TOML keys are the long flag names (``vni``, ``local``, ``local6``, ``underlay_fa
 ``tap``, ``address``, ``port``,
 ``mtu``, ``mac``, ``source_check``, ``allow_vlan``, ``ageing``, ``max_per_vni``, and for etcd
 mode ``etcd``, ``host_id``, ``network``, ``prefix``, ``lease_ttl``); ``peer``, ``etcd`` and
-``network`` are lists; ``bridge``, ``state_dir``, ``metrics`` and ``probe_port`` in either mode.
+``network`` are lists; ``bridge``, ``state_dir``, ``metrics``, ``probe_port`` and ``key_file``
+in either mode (and ``rekey_after``); ``encrypt`` and ``peer_key`` (a list of ``"ADDRESS=PUBKEY"``) in static mode.
 A flag given on the command line replaces the file's value (``--peer``
 replaces the whole list).
 
 Two modes: static (``vni`` and ``peer``: the peers are given) and etcd (``etcd``, ``host_id``
 and ``network``: peers, flood lists and remote endpoints come from the registry).
+
+Encryption: each host has an X25519 key in ``key_file`` (default ``<state_dir>/<host_id>.key``,
+``<state_dir>/static.key`` in static mode; ``AgentConfig.key_path``). In static mode
+``encrypt`` seals all traffic of the VNI and needs every peer's public key (``peer_key``); in
+etcd mode a network is encrypted or not in the registry (``overlay net set VNI --encrypted``)
+and peers' keys come from their host values, so ``encrypt`` and ``peer_key`` are refused there.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any, Mapping
 
 from overlay.core.addresses import IPAddress, parse_address, parse_endpoint
 from overlay.core.fdb import DEFAULT_AGEING, DEFAULT_MAX_PER_VNI
+from overlay.core.keys import BadKey, key_file_name, parse_public
 from overlay.core.registry import HOST_ID, HOST_ID_FORM
 from overlay.core.underlay import UNDERLAY_FAMILIES, Underlay
 from overlay.core.wire import DEFAULT_PORT, MTU_MAX, MTU_MIN, VNI_MAX, unicast_mac
@@ -32,6 +40,7 @@ from overlay.core.wire import DEFAULT_PORT, MTU_MAX, MTU_MIN, VNI_MAX, unicast_m
 TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/', ':' or spaces
 DEFAULT_STATE_DIR = "/run/overlay"
 DEFAULT_METRICS = "127.0.0.1:9465"
+DEFAULT_REKEY_AFTER = 120.0  # WireGuard's REKEY_AFTER_TIME
 DEFAULT_PROBE_PORT = 4799  # not 4790: that is VXLAN-GPE
 
 
@@ -69,6 +78,10 @@ class AgentConfig:
     state_dir: str = DEFAULT_STATE_DIR  # where attachments are remembered across restarts
     metrics: str | None = None  # Prometheus endpoint HOST:PORT, "off"; None: the default, and best effort
     probe_port: int | None = None  # UDP port of peer probes, 0 = off; None: the default, and best effort
+    encrypt: bool = False  # static mode: seal all traffic of the VNI (etcd mode: per network, in the registry)
+    key_file: str | None = None  # the private key's file; None: <state_dir>/<host_id>.key (key_path)
+    peer_keys: tuple[tuple[IPAddress, bytes], ...] = ()
+    rekey_after: float = 120.0  # seconds: sessions are rekeyed this often (DEFAULT_REKEY_AFTER)  # static mode: (peer address, its public key)
 
     @property
     def locals(self) -> tuple[IPAddress, ...]:
@@ -88,6 +101,14 @@ class AgentConfig:
     @property
     def probe(self) -> int:
         return DEFAULT_PROBE_PORT if self.probe_port is None else self.probe_port
+
+    @property
+    def key_path(self) -> str:
+        """This host's private key file: ``key_file``, else ``<state_dir>/<host_id>.key``
+        (``<state_dir>/static.key`` in static mode)."""
+        if self.key_file is not None:
+            return self.key_file
+        return f"{self.state_dir.rstrip('/')}/{key_file_name(self.host_id)}"
 
 
 KEYS = (
@@ -119,6 +140,10 @@ KEYS = (
     "probe_port",
     "local6",
     "underlay_family",
+    "encrypt",
+    "key_file",
+    "peer_key",
+    "rekey_after",
 )
 ETCD_KEYS = (
     "etcd",
@@ -185,6 +210,18 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
                 f"peer {p} is IPv{p.version} but this host has no IPv{p.version} underlay address "
                 f"(--local {local}): give {have}, or a peer of this host's family"
             )
+    encrypt = _bool("encrypt", settings.get("encrypt", False))
+    peer_keys = _peer_keys(settings.get("peer_key"), peers)
+    if peer_keys and not encrypt and settings.get("encrypt") is None:
+        raise ConfigError(
+            "--peer-key without --encrypt: the traffic would still be plaintext; add --encrypt "
+            "(or 'encrypt = false' in the file to keep the keys unused)"
+        )
+    if encrypt:
+        keyed = {address for address, _ in peer_keys}
+        for p in peers:
+            if p not in keyed:
+                raise ConfigError(f"--encrypt: peer {p} has no --peer-key {p}=PUBKEY (its `overlay key show`)")
     return AgentConfig(
         vni=vni,
         local=local,
@@ -206,7 +243,53 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
         probe_port=_int("probe_port", settings["probe_port"], 0, 65535)
         if settings.get("probe_port") is not None
         else None,
+        encrypt=encrypt,
+        key_file=_key_file(settings["key_file"]) if settings.get("key_file") is not None else None,
+        peer_keys=peer_keys,
+        rekey_after=_positive("rekey_after", settings.get("rekey_after", DEFAULT_REKEY_AFTER)),
     )
+
+
+PEER_KEY_FORM = "ADDRESS=PUBKEY, like 198.18.0.2=<the 44 characters `overlay key show` prints on that host>"
+
+
+def _peer_keys(value: Any, peers: tuple[IPAddress, ...]) -> tuple[tuple[IPAddress, bytes], ...]:
+    """``peer_key`` items "ADDRESS=PUBKEY" -> ((address, key), ...), in the order of the peers."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"peer_key: expected a list of {PEER_KEY_FORM}; got {value!r}")
+    keys: dict[IPAddress, bytes] = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"peer_key: {item!r} is not {PEER_KEY_FORM}")
+        address_text, key_text = (part.strip() for part in item.split("=", 1))
+        try:
+            address = ipaddress.ip_address(address_text)
+        except ValueError:
+            raise ConfigError(
+                f"peer_key: {address_text!r} (before '=' in {item!r}) is not an IP address: write {PEER_KEY_FORM}"
+            ) from None
+        try:
+            key = parse_public(key_text)
+        except BadKey as e:
+            raise ConfigError(f"peer_key {address}: {key_text!r} (after the first '='): {e}") from None
+        if address not in peers:
+            listed = ", ".join(map(str, peers)) or "none given"
+            raise ConfigError(
+                f"peer_key {address}: not one of the --peer addresses ({listed}): a key is given for a peer"
+            )
+        if keys.get(address, key) != key:
+            raise ConfigError(f"peer_key {address}: given twice with different keys; keep the one it shows")
+        keys[address] = key
+    return tuple((p, keys[p]) for p in peers if p in keys)
+
+
+def _key_file(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or value.endswith("/"):
+        raise ConfigError(f"key_file: {value!r} is not an absolute file path like /var/lib/overlay/h1.key")
+    return value
 
 
 def _path(name: str, value: Any) -> str:
@@ -228,6 +311,15 @@ def _metrics(value: Any) -> str:
 def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
     if settings.get("vni") is not None or settings.get("peer"):
         raise ConfigError("--vni and --peer are for static mode; with --etcd give --network VNI (peers come from etcd)")
+    if _bool("encrypt", settings.get("encrypt", False)):
+        raise ConfigError(
+            "--encrypt is for static mode; with --etcd each network is encrypted or not in the registry: "
+            "use `overlay net create VNI --encrypted` or `overlay net set VNI --encrypted`"
+        )
+    if settings.get("peer_key"):
+        raise ConfigError(
+            "--peer-key is for static mode; with --etcd each host publishes its public key in the registry"
+        )
     endpoints = settings["etcd"]
     endpoints = [endpoints] if isinstance(endpoints, str) else endpoints
     if not isinstance(endpoints, (list, tuple)) or not all(isinstance(e, str) for e in endpoints):
@@ -258,7 +350,7 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError("--mac goes with a single --network; with several each TAP gets a random MAC")
     static = build(
         {
-            **{k: v for k, v in settings.items() if k not in ETCD_KEYS},
+            **{k: v for k, v in settings.items() if k not in ETCD_KEYS and k not in ("encrypt", "peer_key")},
             "vni": networks[0],
             "bridge": settings.get("bridge", True),
         }

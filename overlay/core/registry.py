@@ -6,10 +6,12 @@ cycles), so a registry of 300k keys does not make every collection walk it.
 
     <prefix>/networks/<vni>                      {"name": str, "vni": int, "subnet": "A.B.C.D/len", "mtu": int,
                                                   "gateway": "A.B.C.D", "subnet6": "V6/len",
-                                                  "gateway6": "V6"}                  (gateway, subnet6, gateway6 optional)
+                                                  "gateway6": "V6", "encrypted": true}
+                                                                     (gateway, subnet6, gateway6, encrypted optional)
     <prefix>/hosts/<host-id>                     {"address": "A.B.C.D" or "V6", "port": int,
-                                                  "probe_port": int, "address6": "V6"} (host's lease; address6:
-                                                                                        a dual-stack host)
+                                                  "probe_port": int, "address6": "V6",
+                                                  "pubkey": base64}  (host's lease; address6: a dual-stack host;
+                                                                      pubkey: its X25519 key, overlay/core/keys.py)
     <prefix>/networks/<vni>/members/<host-id>    {}                                             (host's lease)
     <prefix>/networks/<vni>/endpoints/<mac>      {"host": str, "ipv4": [str], "ipv6": [str]}   (owner's lease,
                                                                                                   or none if written by an operator)
@@ -23,6 +25,10 @@ the puts and deletes that happened meanwhile. A value that does not decode is re
 per (key, mod_revision) in ``rejected`` and otherwise ignored: a hostile or mistyped value is
 never fatal, and a key that held a good value keeps it until a good value or a delete comes
 (so one bad write cannot take a host or an endpoint off the overlay).
+
+The fields added for encrypted networks, a network's ``encrypted`` and a host's ``pubkey``, are
+left out of the JSON at their defaults (false, none): a plaintext network and a host without a
+key encode exactly as before, byte for byte, for agents and tools that predate them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any, Iterable, Union
 import msgspec
 
 from overlay.core.addresses import ipv4, is_ipv4
+from overlay.core.keys import parse_public
 from overlay.core.wire import MTU_MAX, MTU_MIN, VNI_MAX, mac_to_str
 
 DEFAULT_PREFIX = "/overlay/v1"
@@ -51,6 +58,7 @@ class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False
     gateway: str | None = None  # containers' default route when attached without --gateway
     subnet6: str | None = None  # dual-stack: the IPv6 subnet (a /64 to /120) addresses come from too
     gateway6: str | None = None  # containers' IPv6 default route
+    encrypted: bool = False  # every datagram between member hosts sealed (left out of the JSON when false)
 
 
 class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
@@ -59,6 +67,7 @@ class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
     probe_port: int | None = None  # UDP port answering peer probes (overlay/io/prober.py); None: not probed
     address6: str | None = None  # a dual-stack host's IPv6 underlay address (``address`` is then IPv4)
     underlay_family: int | None = None  # 4: a dual-stack host that wants IPv4 with dual-stack peers
+    pubkey: str | None = None  # base64 X25519 public key (encrypted networks); left out of the JSON when None
 
     def addresses(self) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
         """(IPv4, IPv6) underlay addresses of this host; either may be None (checked values
@@ -185,7 +194,20 @@ class Schema:
         return value
 
     def encode(self, value: Value) -> bytes:
+        """The JSON of ``value``; the encryption fields only when set (``_OPTIONAL``)."""
+        left_out = _OPTIONAL.get(type(value))
+        if left_out is not None:
+            fields = msgspec.structs.asdict(value)
+            for name in left_out:
+                if fields[name] == _DEFAULTS[name]:
+                    del fields[name]
+            return msgspec.json.encode(fields)
         return msgspec.json.encode(value)
+
+
+# Fields written only when not at their default, so values without them encode as before.
+_OPTIONAL: dict[type, tuple[str, ...]] = {Network: ("encrypted",), Host: ("pubkey",)}
+_DEFAULTS: dict[str, object] = {"encrypted": False, "pubkey": None}
 
 
 _VALUE_TYPES: dict[type, type[Value]] = {
@@ -227,6 +249,11 @@ def check(k: Key, value: Value) -> None:
         for port in (value.port, value.probe_port):
             if port is not None and not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is not 1 to 65535")
+        if value.pubkey is not None:
+            try:
+                parse_public(value.pubkey)
+            except ValueError as e:
+                raise ValueError(f"pubkey: {e}") from None
     elif isinstance(value, Allocation):
         if not HOST_ID.match(value.host):
             raise ValueError(f"host {value.host!r} is not a host id")

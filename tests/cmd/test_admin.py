@@ -118,6 +118,7 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
         "gateway": None,
         "subnet6": None,
         "gateway6": None,
+        "encrypted": False,
     }
     assert etcd.value("/networks/420") == etcd.schema.encode(Network(420, "net420")).decode()
 
@@ -134,6 +135,7 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
             "subnet": "198.19.42.0/24",
             "mtu": 1450,
             "subnet6": None,
+            "encrypted": False,
             "defined": True,
             "members": 1,
             "endpoints": 1,
@@ -144,14 +146,15 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
             "subnet": None,
             "mtu": None,
             "subnet6": None,
+            "encrypted": False,
             "defined": True,
             "members": 0,
             "endpoints": 1,
         },
     ]
     table = ok(etcd.cli("net", "ls")).splitlines()
-    assert table[0].split() == ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "MEMBERS", "ENDPOINTS"]
-    assert table[1].split() == ["42", "blue", "198.19.42.0/24", "-", "1450", "1", "1"]
+    assert table[0].split() == ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "ENCRYPTED", "MEMBERS", "ENDPOINTS"]
+    assert table[1].split() == ["42", "blue", "198.19.42.0/24", "-", "1450", "no", "1", "1"]
 
     one_line_error(etcd.cli("net", "rm", "42"), 1, "network 42 has 1 member (h1)", "--force")
     assert f"{etcd.prefix}/networks/42" in etcd.keys()
@@ -189,6 +192,7 @@ def test_net_create_with_subnet6_and_gateway6_writes_them_and_ls_shows_subnet6(e
         "gateway": None,
         "subnet6": "2001:2:0:42::/64",  # canonical (RFC 5952), as the agents read it
         "gateway6": "2001:2:0:42::1",
+        "encrypted": False,
     }
     assert (
         etcd.value("/networks/42")
@@ -341,6 +345,7 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
         "loss": None,
         "reachable": None,
         "address6": None,
+        "pubkey": None,
     }  # no agent here: no probes
     assert h9 == {
         "host": "h9",
@@ -354,11 +359,12 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
         "loss": None,
         "reachable": None,
         "address6": None,
+        "pubkey": None,
     }
     table = ok(etcd.cli("host", "ls")).splitlines()
-    assert table[0].split() == ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "RTT", "LOSS", "PATH"]
+    assert table[0].split() == ["HOST", "VTEP", "ALIVE", "TTL", "NETWORKS", "KEY", "RTT", "LOSS", "PATH"]
     cells = table[1].split()
-    assert cells[:3] == ["h1", "198.18.0.1:4789", "yes"] and cells[4:] == ["s", "42", "-", "-", "-"]
+    assert cells[:3] == ["h1", "198.18.0.1:4789", "yes"] and cells[4:] == ["s", "42", "-", "-", "-", "-"]
     assert table[2].split()[:3] == ["h9", "-", "no"]
     # The VNI has members but no definition: listed as such.
     assert etcd.json("net", "ls")[0] == {
@@ -367,6 +373,7 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
         "subnet": None,
         "mtu": None,
         "subnet6": None,
+        "encrypted": None,
         "defined": False,
         "members": 1,
         "endpoints": 1,
@@ -472,3 +479,158 @@ def test_host_ls_shows_both_vteps_of_a_dual_stack_host_and_an_ipv6_one(etcd: Etc
     assert (rows["s6"]["address"], rows["s6"]["address6"]) == ("2001:2:0:1::6", None)
     table = {line.split()[0]: line for line in ok(etcd.cli("host", "ls")).splitlines()[1:]}
     assert "198.18.0.1:4789 [2001:2:0:1::1]:4789" in table["d1"] and "[2001:2:0:1::6]:8472" in table["s6"]
+
+
+# --- encrypted networks -----------------------------------------------------------------------
+
+KEY1 = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="  # RFC 7748's public keys
+KEY2 = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="
+
+
+def put_host(etcd: Etcd, host: str, address: str, pubkey: str | None, member_of: int | None = None) -> None:
+    value: dict[str, object] = {"address": address, "port": 4789}
+    if pubkey is not None:
+        value["pubkey"] = pubkey
+    etcd.ctl("put", f"{etcd.prefix}/hosts/{host}", json.dumps(value))
+    if member_of is not None:
+        etcd.ctl("put", f"{etcd.prefix}/networks/{member_of}/members/{host}", "{}")
+
+
+@pytest.mark.etcd
+def test_net_create_encrypted_writes_the_field_and_a_plaintext_network_is_as_before(etcd: Etcd) -> None:
+    created = etcd.json("net", "create", "42", "--encrypted", "--name", "secret")
+    assert created["encrypted"] is True
+    assert etcd.value("/networks/42") == etcd.schema.encode(Network(42, "secret", encrypted=True)).decode()
+    assert json.loads(etcd.value("/networks/42"))["encrypted"] is True
+    assert "created network 43 (" in ok(etcd.cli("net", "create", "43"))
+    assert "encrypted" not in etcd.value("/networks/43")  # what older agents and tools have always read
+    assert [(r["vni"], r["encrypted"]) for r in etcd.json("net", "ls")] == [(42, True), (43, False)]
+    rows = ok(etcd.cli("net", "ls")).splitlines()
+    assert rows[0].split()[5] == "ENCRYPTED" and rows[1].split()[5] == "yes" and rows[2].split()[5] == "no"
+
+
+@pytest.mark.etcd
+def test_net_set_encrypts_only_when_every_member_has_a_key_unless_forced(etcd: Etcd) -> None:
+    one_line_error(etcd.cli("net", "set", "42", "--encrypted"), 1, "network 42 does not exist", "overlay net create 42")
+    ok(etcd.cli("net", "create", "42", "--subnet", "198.19.42.0/24"))
+    plain = etcd.value("/networks/42")
+    put_host(etcd, "h1", "198.18.0.1", KEY1, member_of=42)
+    put_host(etcd, "h2", "198.18.0.2", None, member_of=42)  # an older agent
+    etcd.ctl("put", f"{etcd.prefix}/networks/42/members/h3", "{}")  # a member without a host value
+    put_host(etcd, "h4", "198.18.0.4", None)  # not a member: not its business
+    line = one_line_error(etcd.cli("net", "set", "42", "--encrypted"), 1, "network 42 cannot be encrypted", "--force")
+    assert "member hosts h2, h3 publish no pubkey" in line and "h1" not in line and "h4" not in line
+    assert etcd.value("/networks/42") == plain  # nothing written
+
+    put_host(etcd, "h2", "198.18.0.2", KEY2)  # h2 upgraded
+    line = one_line_error(etcd.cli("net", "set", "42", "--encrypted"), 1, "member host h3 publishes no pubkey")
+    etcd.ctl("del", f"{etcd.prefix}/networks/42/members/h3")  # h3 left
+    assert etcd.json("net", "set", "42", "--encrypted") == {
+        "vni": 42,
+        "encrypted": True,
+        "changed": True,
+        "members": ["h1", "h2"],
+    }
+    assert json.loads(etcd.value("/networks/42")) == {**json.loads(plain), "encrypted": True}
+    assert "network 42 is already encrypted: nothing changed" in ok(etcd.cli("net", "set", "42", "--encrypted"))
+
+    assert "network 42 is now plaintext" in ok(etcd.cli("net", "set", "42", "--no-encrypted"))
+    assert etcd.value("/networks/42") == plain  # back to the bytes of before
+    assert etcd.json("net", "set", "42", "--no-encrypted")["changed"] is False
+
+    put_host(etcd, "h5", "198.18.0.5", None, member_of=42)
+    one_line_error(etcd.cli("net", "set", "42", "--encrypted"), 1, "member host h5 publishes no pubkey")
+    assert "network 42 is now encrypted" in ok(etcd.cli("net", "set", "42", "--encrypted", "--force"))
+    assert json.loads(etcd.value("/networks/42"))["encrypted"] is True
+
+
+@pytest.mark.etcd
+def test_net_set_keeps_the_fields_it_does_not_know_and_refuses_a_bad_value(etcd: Etcd) -> None:
+    etcd.ctl("put", f"{etcd.prefix}/networks/7", '{"vni": 7, "name": "n", "nat": true, "future": {"x": 1}}')
+    ok(etcd.cli("net", "set", "7", "--encrypted"))
+    assert json.loads(etcd.value("/networks/7")) == {
+        "vni": 7,
+        "name": "n",
+        "nat": True,
+        "future": {"x": 1},
+        "encrypted": True,
+    }
+    etcd.ctl("put", f"{etcd.prefix}/networks/8", '{"vni": 9}')
+    one_line_error(etcd.cli("net", "set", "8", "--encrypted"), 1, "holds a value agents refuse", "overlay net rm 8")
+
+
+@pytest.mark.etcd
+def test_net_create_encrypted_over_members_without_keys_needs_force(etcd: Etcd) -> None:
+    put_host(etcd, "h2", "198.18.0.2", None, member_of=44)  # joined a VNI nobody defined yet
+    one_line_error(etcd.cli("net", "create", "44", "--encrypted"), 1, "cannot be created encrypted", "h2")
+    assert etcd.keys() == [f"{etcd.prefix}/hosts/h2", f"{etcd.prefix}/networks/44/members/h2"]
+    ok(etcd.cli("net", "create", "44", "--encrypted", "--force"))
+    assert json.loads(etcd.value("/networks/44"))["encrypted"] is True
+    one_line_error(etcd.cli("net", "create", "44", "--encrypted"), 1, "network 44 exists", "overlay net set 44")
+
+
+@pytest.mark.etcd
+def test_the_member_check_and_the_write_are_one_transaction(etcd: Etcd) -> None:
+    """A member that joins, or a host value that changes, between the read and the write makes
+    the write fail (the command then reads again); an unrelated write does not."""
+    from overlay.cmd import admin
+
+    ok(etcd.cli("net", "create", "42"))
+    put_host(etcd, "h1", "198.18.0.1", KEY1, member_of=42)
+    target = admin.Target([etcd.server.endpoint], etcd.prefix)
+
+    async def attempt(s: admin.Session, meanwhile: list[str]) -> bool:
+        view = await admin.read_members(s, 42)
+        assert view.members == ["h1"] and view.unkeyed == []
+        etcd.ctl(*meanwhile)
+        t = s.client.transactions
+        key = s.schema.key(admin_network_key(42)).encode()
+        ok_, _ = await s.client.transaction(
+            compare=[t.mod(key) == view.network.mod_revision, *view.guard], success=[], failure=[]
+        )
+        return bool(ok_)
+
+    p = etcd.prefix
+    assert admin.run(target, lambda s: attempt(s, ["put", f"{p}/hosts/h9", '{"address": "198.18.0.9"}'])) is True
+    assert admin.run(target, lambda s: attempt(s, ["put", f"{p}/networks/43/members/h9", "{}"])) is True
+    assert admin.run(target, lambda s: attempt(s, ["put", f"{p}/hosts/h1", '{"address": "198.18.0.1"}'])) is False
+    put_host(etcd, "h1", "198.18.0.1", KEY1)
+    assert admin.run(target, lambda s: attempt(s, ["put", f"{p}/networks/42/members/h2", "{}"])) is False
+
+
+def admin_network_key(vni: int) -> object:
+    from overlay.core.registry import NetworkKey
+
+    return NetworkKey(vni)
+
+
+@pytest.mark.etcd
+def test_host_ls_shows_each_hosts_key_fingerprint(etcd: Etcd) -> None:
+    from overlay.core.keys import fingerprint, parse_public
+
+    put_host(etcd, "h1", "198.18.0.1", KEY1, member_of=42)
+    put_host(etcd, "h2", "198.18.0.2", None, member_of=42)
+    rows = {r["host"]: r for r in etcd.json("host", "ls")}
+    assert rows["h1"]["pubkey"] == KEY1 and rows["h2"]["pubkey"] is None
+    table = ok(etcd.cli("host", "ls")).splitlines()
+    at = table[0].index("KEY")
+    assert [line[at:].split()[0] for line in table[1:]] == [fingerprint(parse_public(KEY1)), "-"]
+    assert len(fingerprint(parse_public(KEY1))) == 8
+
+
+def test_bad_net_set_and_create_flags_are_exit_2_before_any_connection() -> None:
+    nowhere = ["--etcd", "http://127.0.0.1:9"]
+    nothing, both, force_off, force_plain, bad_vni = overlay_many(
+        ["net", "set", "42", *nowhere],
+        ["net", "set", "42", "--encrypted", "--no-encrypted", *nowhere],
+        ["net", "set", "42", "--no-encrypted", "--force", *nowhere],
+        ["net", "create", "42", "--force", *nowhere],
+        ["net", "set", "x", "--encrypted", *nowhere],
+    )
+    one_line_error(nothing, 2, "nothing to change: give --encrypted or --no-encrypted")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr and "Traceback" not in both.stderr
+    one_line_error(force_off, 2, "--force goes with --encrypted")
+    one_line_error(force_plain, 2, "--force goes with --encrypted")
+    one_line_error(bad_vni, 2, "'x' is not a VNI")
+    help_text = ok(overlay("net", "set", "--help"))
+    assert "--encrypted" in help_text and "--no-encrypted" in help_text and "pubkey" in help_text

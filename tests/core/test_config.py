@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 
 import pytest
@@ -198,3 +199,116 @@ def test_flags_override_the_files_bridge_and_metrics() -> None:
     data = parse_toml('vni = 7\nlocal = "198.18.0.1"\nbridge = true\nmetrics = "off"\n', "a.toml")
     cfg = build({**data, "bridge": False, "metrics": "127.0.0.1:9999"})
     assert cfg.bridge is False and cfg.metrics_address == ("127.0.0.1", 9999)
+
+
+# --- encryption: --encrypt, --key-file, --peer-key ----------------------------------------------
+
+KEY2 = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="  # RFC 7748's two public keys
+KEY3 = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="
+PEERS = {**BASE, "peer": ["198.18.0.2", "198.18.0.3"]}
+
+
+def test_encryption_is_off_by_default_and_the_key_file_is_in_the_state_dir() -> None:
+    static, etcd = build(BASE), build(ETCD)
+    assert (static.encrypt, static.key_file, static.peer_keys) == (False, None, ())
+    assert static.key_path == "/run/overlay/static.key" and etcd.key_path == "/run/overlay/h1.key"
+    assert build({**ETCD, "state_dir": "/var/lib/overlay/"}).key_path == "/var/lib/overlay/h1.key"
+    assert build({**ETCD, "key_file": "/etc/overlay/h1.key"}).key_path == "/etc/overlay/h1.key"
+    assert build({**BASE, "key_file": "/etc/overlay/k"}).key_file == "/etc/overlay/k"
+
+
+def test_encrypt_with_a_key_for_every_peer() -> None:
+    cfg = build({**PEERS, "encrypt": True, "peer_key": ["198.18.0.3=" + KEY3, "198.18.0.2=" + KEY2]})
+    assert cfg.encrypt is True
+    assert cfg.peer_keys == (  # in the order of the peers
+        (ipaddress.IPv4Address("198.18.0.2"), base64.b64decode(KEY2)),
+        (ipaddress.IPv4Address("198.18.0.3"), base64.b64decode(KEY3)),
+    )
+    v6 = build(
+        {
+            "vni": 1,
+            "local": "2001:2:0:1::1",
+            "peer": ["2001:2:0:1::2"],
+            "encrypt": "on",
+            "peer_key": f"2001:2:0:1:0::2={KEY2}",
+        }
+    )
+    assert v6.peer_keys == ((ipaddress.IPv6Address("2001:2:0:1::2"), base64.b64decode(KEY2)),)
+    assert build({**BASE, "encrypt": True}).encrypt is True  # no peers yet: nothing to key
+
+
+def test_toml_takes_encrypt_key_file_and_peer_key() -> None:
+    text = (
+        'vni = 7\nlocal = "198.18.0.1"\npeer = ["198.18.0.2"]\nencrypt = true\n'
+        f'key_file = "/var/lib/overlay/static.key"\npeer_key = ["198.18.0.2={KEY2}"]\n'
+    )
+    cfg = build(parse_toml(text, "a.toml"))
+    assert cfg.encrypt and cfg.key_path == "/var/lib/overlay/static.key" and len(cfg.peer_keys) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            {"encrypt": True, "peer_key": ["198.18.0.2=" + KEY2]},
+            "--encrypt: peer 198.18.0.3 has no --peer-key 198.18.0.3=PUBKEY (its `overlay key show`)",
+        ),
+        ({"encrypt": True}, "--encrypt: peer 198.18.0.2 has no --peer-key 198.18.0.2=PUBKEY"),
+        ({"encrypt": "maybe"}, "encrypt: 'maybe' is not true or false"),
+        (
+            {"encrypt": True, "peer_key": ["198.18.0.2"]},
+            "peer_key: '198.18.0.2' is not ADDRESS=PUBKEY, like 198.18.0.2=",
+        ),
+        ({"encrypt": True, "peer_key": [f"peer2={KEY2}"]}, "peer_key: 'peer2' (before '=' in "),
+        (
+            {"encrypt": True, "peer_key": ["198.18.0.2=no pe"]},
+            "peer_key 198.18.0.2: 'no pe' (after the first '='): public key is not base64",
+        ),
+        (
+            {"encrypt": True, "peer_key": ["198.18.0.2=AAAA"]},
+            "peer_key 198.18.0.2: 'AAAA' (after the first '='): public key is 3 bytes, not 32",
+        ),
+        (
+            {"encrypt": True, "peer_key": [f"198.18.0.9={KEY2}"]},
+            "peer_key 198.18.0.9: not one of the --peer addresses (198.18.0.2, 198.18.0.3)",
+        ),
+        (
+            {"encrypt": True, "peer_key": [f"198.18.0.2={KEY2}", f"198.18.0.2={KEY3}", f"198.18.0.3={KEY3}"]},
+            "peer_key 198.18.0.2: given twice with different keys",
+        ),
+        ({"encrypt": True, "peer_key": 5}, "peer_key: expected a list of ADDRESS=PUBKEY"),
+        (
+            {"peer_key": [f"198.18.0.2={KEY2}", f"198.18.0.3={KEY3}"]},
+            "--peer-key without --encrypt: the traffic would still be plaintext",
+        ),
+        (
+            {"key_file": "keys/h1.key"},
+            "key_file: 'keys/h1.key' is not an absolute file path like /var/lib/overlay/h1.key",
+        ),
+        ({"key_file": "/var/lib/overlay/"}, "key_file: '/var/lib/overlay/' is not an absolute file path"),
+        ({"key_file": 7}, "key_file: 7 is not an absolute file path"),
+    ],
+)
+def test_bad_encryption_settings_are_one_line_naming_the_bad_part(override: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build({**PEERS, **override})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_peer_keys_without_encrypt_are_kept_unused_when_encrypt_is_false() -> None:
+    cfg = build({**PEERS, "encrypt": False, "peer_key": [f"198.18.0.2={KEY2}"]})
+    assert cfg.encrypt is False and len(cfg.peer_keys) == 1
+    same = build(
+        {**PEERS, "encrypt": True, "peer_key": [f"198.18.0.2={KEY2}", f" 198.18.0.2 = {KEY2} ", f"198.18.0.3={KEY3}"]}
+    )
+    assert len(same.peer_keys) == 2  # the same key twice is one
+
+
+def test_in_etcd_mode_encryption_is_the_registrys() -> None:
+    with pytest.raises(ConfigError) as e:
+        build({**ETCD, "encrypt": True})
+    assert "use `overlay net create VNI --encrypted` or `overlay net set VNI --encrypted`" in str(e.value)
+    with pytest.raises(ConfigError, match="--peer-key is for static mode"):
+        build({**ETCD, "peer_key": [f"198.18.0.2={KEY2}"]})
+    assert build({**ETCD, "encrypt": False}).encrypt is False  # a file that says false is fine
+    assert build({**ETCD, "key_file": "/var/lib/overlay/h1.key"}).key_path == "/var/lib/overlay/h1.key"

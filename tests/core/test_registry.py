@@ -647,3 +647,81 @@ def test_overlapping_resyncs_delete_only_what_neither_read_returned() -> None:
     events += everything.finish(12)
     assert r.members(43) == ["h1"] and r.count(43) == 1
     assert not any(isinstance(e.key, (MemberKey, EndpointKey)) and e.key.vni == 43 for e in events)
+
+
+# --- encrypted networks: a network's "encrypted", a host's "pubkey" ---------------------------
+
+PUBKEY = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="  # RFC 7748 Alice's public key
+
+
+def test_a_host_pubkey_is_read_and_absent_is_none() -> None:
+    r = Registry()
+    r.snapshot(
+        [
+            kv("/hosts/h1", {"address": "198.18.0.1", "pubkey": PUBKEY}, 3),
+            kv("/hosts/h2", {"address": "198.18.0.2"}, 4),  # an older agent: no key
+        ],
+        4,
+    )
+    assert r.host("h1") == Host("198.18.0.1", pubkey=PUBKEY) and r.host("h2") == Host("198.18.0.2")
+    assert r.host("h2").pubkey is None and r.rejected == []  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("pubkey", "why"),
+    [
+        ("not base64!", "pubkey: public key is not base64"),
+        (PUBKEY[:-1], "pubkey: public key is not base64"),
+        ("AAAA", "pubkey: public key is 3 bytes, not 32"),
+        ("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "pubkey: public key is all zeros"),
+        (PUBKEY[:-2] + "p=", "not the canonical base64"),
+        (42, "Expected `str | null`"),
+        ("", "pubkey: public key is empty"),
+    ],
+)
+def test_a_malformed_pubkey_refuses_the_host_value_and_the_last_good_one_stays(pubkey: object, why: str) -> None:
+    r = Registry()
+    r.snapshot([kv("/hosts/h1", {"address": "198.18.0.1", "pubkey": PUBKEY}, 3)], 3)
+    assert r.put(*kv("/hosts/h1", {"address": "198.18.0.1", "pubkey": pubkey}, 4)) == []
+    assert r.host("h1") == Host("198.18.0.1", pubkey=PUBKEY)  # not taken off the overlay by a bad write
+    assert r.refused == 1 and len(r.rejected) == 1 and why in r.rejected[0][1], r.rejected
+    # a new host with a bad key is not taken at all, and neither is it in a snapshot
+    assert r.put(*kv("/hosts/h2", {"address": "198.18.0.2", "pubkey": pubkey}, 5)) == [] and r.host("h2") is None
+    assert Registry().snapshot([kv("/hosts/h2", {"address": "198.18.0.2", "pubkey": pubkey}, 5)], 5) == []
+    with pytest.raises(ValueError, match="pubkey|str"):
+        Schema().decode(HostKey("h1"), json.dumps({"address": "198.18.0.1", "pubkey": pubkey}).encode())
+
+
+def test_a_network_is_encrypted_or_not() -> None:
+    r = Registry()
+    r.snapshot(
+        [
+            kv("/networks/42", {"vni": 42, "encrypted": True}, 3),
+            kv("/networks/43", {"vni": 43, "encrypted": False}, 4),
+            kv("/networks/44", {"vni": 44}, 5),  # written before encryption existed
+            kv("/networks/45", {"vni": 45, "encrypted": "yes"}, 6),  # refused
+            kv("/networks/46", {"vni": 46, "encrypted": 1}, 7),  # refused: a bool, not a number
+        ],
+        7,
+    )
+    assert {v: n.encrypted for v, n in r.networks().items()} == {42: True, 43: False, 44: False}
+    assert [k for k, _ in r.rejected] == [P + "/networks/45", P + "/networks/46"] and r.refused == 2
+
+
+def test_the_new_fields_are_left_out_of_the_json_at_their_defaults() -> None:
+    s = Schema()
+    plain = b'{"vni":42,"name":"blue","subnet":null,"mtu":null,"gateway":null,"subnet6":null,"gateway6":null}'
+    assert s.encode(Network(42, "blue")) == plain  # byte for byte what it was before encryption
+    assert s.encode(Network(42, "blue", encrypted=True)) == plain[:-1] + b',"encrypted":true}'
+    host = b'{"address":"198.18.0.1","port":4789,"probe_port":null,"address6":null,"underlay_family":null}'
+    assert s.encode(Host("198.18.0.1")) == host
+    assert s.encode(Host("198.18.0.1", pubkey=PUBKEY)) == host[:-1] + b',"pubkey":"' + PUBKEY.encode() + b'"}'
+    for value, k in (
+        (Network(42, "blue", encrypted=True), NetworkKey(42)),
+        (Network(42, "blue"), NetworkKey(42)),
+        (Host("198.18.0.1", pubkey=PUBKEY), HostKey("h1")),
+        (Host("198.18.0.1"), HostKey("h1")),
+    ):
+        assert s.decode(k, s.encode(value)) == value  # type: ignore[arg-type]
+    # other values encode as they always did
+    assert s.encode(Endpoint("h1", ["198.19.42.5"])) == b'{"host":"h1","ipv4":["198.19.42.5"],"ipv6":[]}'

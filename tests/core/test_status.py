@@ -118,6 +118,26 @@ FULL: dict[str, object] = {
         },
     },
     "probe_counters": {"bad": 3, "answered": 40, "errors": 1},
+    "encryption": {
+        "pubkey": "SooY1+KUOx05kpsJTHKmEucjvk/d7KZKcO1LWtHrlwA=",
+        "fingerprint": "Bg+I8vIq",
+        "networks": [42],
+        "sessions": [
+            {
+                "peer": "198.18.0.2:4789",
+                "key": "6hzgkHf0",
+                "state": "established",
+                "age_s": 0.9,
+                "rekeys": 0,
+                "handshakes_sent": 2,
+                "handshakes_received": 1,
+                "tx_messages": 7,
+                "rx_messages": 10,
+            }
+        ],
+        "without_key": ["h9"],
+        "handshakes": {"handshakes_sent": 2, "completed": 1},
+    },
 }
 
 
@@ -241,6 +261,7 @@ def test_decoding_tolerates_the_optional_parts_missing_as_the_cli_always_did() -
         "attachments",
         "probes",
         "probe_counters",
+        "encryption",
         "coalesced_frames",
         "arp_suppressed",
         "nd_suppressed",
@@ -257,7 +278,7 @@ def test_decoding_tolerates_the_optional_parts_missing_as_the_cli_always_did() -
 
 
 def test_decoding_takes_null_and_empty_for_the_parts_a_static_agent_lacks() -> None:
-    static = {**FULL, "registry": None, "probes": {}, "probe_counters": {}, "attachments": []}
+    static = {**FULL, "registry": None, "probes": {}, "probe_counters": {}, "attachments": [], "encryption": None}
     s = Status.from_json(static)
     assert s.registry is None and s.probes == {} and s.probe_counters is None
     assert s.to_json() == static
