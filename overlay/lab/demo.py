@@ -33,9 +33,9 @@ from pathlib import Path
 
 from overlay.lab import Lab, LabError, wait_for
 from overlay.lab import etcd as etcdlab
+
 NETWORKS = {"blue": 42, "red": 43}
 ENCRYPTED = {"red"}  # networks made with --encrypted
-NETWORKS = {"blue": 42, "red": 43}
 
 
 def subnet(vni: int) -> str:
