@@ -1,6 +1,7 @@
 """The benchmark harness: overlay side by side with the bare underlay, the Linux kernel's VXLAN,
-tinc 1.0 (switch mode, without and with its cipher) and a naive Python tunnel, in one run; kernel
-VXLAN and overlay also over an IPv6 underlay (kernel6, overlay6).
+tinc 1.0 (switch mode, without and with its cipher), wireguard-go, nebula and a naive Python
+tunnel, in one run; kernel VXLAN and overlay also over an IPv6 underlay (kernel6, overlay6), and
+overlay with its encryption on (overlay-encrypted).
 
     python -m bench [--quick] [--rounds N] [--seconds S] [--only kernel,overlay,...]
 
@@ -17,26 +18,29 @@ down in turn, so drift on this shared machine hits all of them alike. Figures:
   system time from /proc; the kernel's own VXLAN runs in softirq and has no process: n/a).
 Medians over rounds, the spread (min-max) beside them, ratios to kernel VXLAN and to tinc
 without cipher measured in the same run, and of each IPv6-underlay dataplane to its IPv4 twin
-(goal: overlay6/overlay >= 0.90 in throughput, <= 1.10 in RTT). Writes bench.md, bench.json and
-bench.png under bench/results/<date>-<commit>/. Traffic stays inside the lab's namespaces;
-every load is bounded in time.
+(goal: overlay6/overlay >= 0.90 in throughput, <= 1.10 in RTT), and of overlay-encrypted to
+overlay and to the encrypted alternatives (wireguard-go, nebula, tinc with its cipher). Writes
+bench.md, bench.json and bench.png under bench/results/<date>-<commit>/. Traffic stays inside the
+lab's namespaces; every load is bounded in time.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from bench import results_dir
-from bench.lab import OVERLAY_NET, measure, setup_kernel, setup_overlay
-from overlay.lab import Lab
+from bench.lab import OVERLAY_NET, VNI, measure, setup_kernel, setup_overlay, underlay_address
+from overlay.lab import Lab, LabError, wait_for
 
 FIGURES = [  # key, label, unit, higher is better
     ("tcp_gbps", "TCP, 1 stream", "Gbit/s", True),
@@ -59,6 +63,9 @@ LABELS = {  # --only name -> what it is, in the tables
     "overlay": "overlay (IPv4 underlay)",
     "overlay6": "overlay (IPv6 underlay)",
     "overlay-etcd": "overlay, etcd mode",
+    "wireguard-go": "wireguard-go (userspace WireGuard)",
+    "nebula": "nebula, cipher aes",
+    "overlay-encrypted": "overlay, encrypted (static mode)",
 }
 IPV6_TWINS = {"kernel6": "kernel", "overlay6": "overlay"}  # a dataplane over the IPv6 underlay -> its IPv4 twin
 # The goal of issue 13 for overlay over IPv6 against overlay over IPv4 in the same run:
@@ -69,6 +76,17 @@ IPV6_GOAL = {
     "udp64_kpps": (0.90, True),
     "rtt_median_ms": (1.10, False),
 }
+ENCRYPTED = "overlay-encrypted"
+# overlay-encrypted against each of these in the same run (those that ran): ratios of TCP 1 stream
+# and UDP 64 B delivered, and the difference of the median RTTs in microseconds. "tinc" is tinc
+# with its default cipher.
+ENCRYPTED_BASES = ("overlay", "wireguard-go", "nebula", "tinc")
+ENCRYPTED_RATIOS = ("tcp_gbps", "udp64_kpps")
+PLAINTEXT = b"overlay-encrypt!"  # 16 bytes: ping's -p pattern, looked for on the underlay
+
+
+class NotEncrypted(LabError):
+    """The overlay-encrypted row's agents carried a ping in the clear on the underlay."""
 
 
 def cpu_seconds(procs: list[Any]) -> float:
@@ -106,6 +124,172 @@ def naive(lab: Lab, workdir: Path) -> Callable[[], None]:
     return setup_naive(lab)
 
 
+def wireguard(lab: Lab, workdir: Path) -> Callable[[], None]:
+    from bench.wireguard import setup_wireguard
+
+    return setup_wireguard(lab, workdir)
+
+
+def nebula(lab: Lab, workdir: Path) -> Callable[[], None]:
+    from bench.nebula import setup_nebula
+
+    return setup_nebula(lab, workdir)
+
+
+def write_key(path: Path) -> str:
+    """An X25519 private key for the agent's --key-file: 32 random bytes, base64 and a newline,
+    mode 0600. Returns the public key (base64), for the peer's --peer-key."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    raw = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # also when the file was there before with other bits
+        f.write(base64.b64encode(raw).decode() + "\n")
+    return base64.b64encode(
+        X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    ).decode()
+
+
+AGENT = [sys.executable, "-m", "overlay", "agent"]  # what the overlay rows run (bench/lab.py)
+
+
+def agent_can_encrypt() -> bool:
+    """Whether ``overlay agent --help`` offers --encrypt (the overlay-encrypted row needs it)."""
+    run = subprocess.run([*AGENT, "--help"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    return "--encrypt" in run.stdout
+
+
+def plaintext_on_wire(lab: Lab, workdir: Path, alive: Callable[[], None] = lambda: None) -> bool:
+    """Whether a ping from host 1 to host 2's overlay address crosses the underlay in the clear.
+    Once a ping answers (a deadline), 3 pings with PLAINTEXT as their payload pattern while
+    tcpdump on host 2 captures the UDP datagrams from host 1 (pcap to a pipe; immediate mode, or
+    libpcap's ring would keep the last ones from it when it is stopped), then the pattern is
+    looked for in the capture. Format agnostic: whatever the encrypted framing, the pattern must
+    not be there. LabError if the pings do not get through or tcpdump captured nothing.
+    ``alive()`` is called while waiting (it raises if the tunnel's processes died)."""
+    dst = OVERLAY_NET.format(2).split("/")[0]
+
+    def pings() -> bool:
+        alive()
+        return lab.run(1, ["ping", "-c", "1", "-W", "1", dst], check=False).returncode == 0
+
+    wait_for(pings, 20, f"ping {dst}")
+    log = workdir / "tcpdump.log"
+    filter_ = f"udp and src host {underlay_address(lab, 1)}"
+    with log.open("w") as err:
+        cap = lab.spawn(
+            2,
+            ["tcpdump", "-i", "eth0", "-n", "--immediate-mode", "-U", "-s", "0", "-c", "100", "-w", "-", filter_],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    try:
+        wait_for(lambda: cap.poll() is not None or "listening on" in log.read_text(), 10, "tcpdump on host 2")
+        if cap.poll() is not None:
+            raise LabError(f"tcpdump on host 2 exited ({cap.returncode}): {log.read_text()[-300:]}")
+        ping = lab.run(1, ["ping", "-c", "3", "-i", "0.2", "-W", "1", "-p", PLAINTEXT.hex(), dst], check=False)
+    finally:
+        if cap.poll() is None:
+            cap.terminate()  # it writes out what it holds and exits
+        try:
+            pcap, _ = cap.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            cap.kill()
+            pcap, _ = cap.communicate(timeout=5)
+    if ping.returncode != 0:
+        raise LabError(f"ping {dst} with a pattern failed: {ping.stdout[-300:]}")
+    if len(pcap) <= 24:  # a pcap file header and no packet
+        raise LabError(f"tcpdump on host 2 captured nothing of {filter_!r}")
+    return PLAINTEXT in pcap
+
+
+def overlay_encrypted(lab: Lab, workdir: Path) -> Callable[[], None]:
+    """The ``overlay`` row (static peers, IPv4 underlay, the TAP ovl0 at 198.19.42.N/24) with
+    encryption: a key per host in ``workdir`` (``write_key``: hN.key), each agent started with
+    ``--encrypt --key-file <workdir>/hN.key --peer-key <peer underlay address>=<peer public key>``.
+    Before it is measured the row checks that it encrypts (``plaintext_on_wire``): NotEncrypted
+    if a ping's payload is seen on the underlay (an agent that takes the flags but does not
+    encrypt yet must not be reported as encrypted). The teardown stops the agents by PID
+    (SIGTERM, then SIGKILL) and removes an ovl0 left behind; ``teardown.procs`` holds them (for
+    CPU accounting)."""
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    hosts = (1, 2)
+    public = {h: write_key(workdir / f"h{h}.key") for h in hosts}
+    procs: list[subprocess.Popen[Any]] = []
+    logs = {h: workdir / f"agent-h{h}.log" for h in hosts}
+
+    def teardown() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        for h in hosts:  # the agent removes its TAP when it stops; this is for a killed one
+            if lab.run(h, ["ip", "link", "show", "ovl0"], check=False).returncode == 0:
+                lab.run(h, ["ip", "link", "del", "ovl0"], check=False)
+
+    teardown.procs = procs  # type: ignore[attr-defined]
+    try:
+        for h, peer in ((1, 2), (2, 1)):
+            with logs[h].open("w") as log:
+                procs.append(
+                    lab.spawn(
+                        h,
+                        [
+                            *AGENT,
+                            "--vni",
+                            str(VNI),
+                            "--peer",
+                            str(underlay_address(lab, peer)),
+                            "--local",
+                            str(underlay_address(lab, h)),
+                            "--tap",
+                            "ovl0",
+                            "--address",
+                            OVERLAY_NET.format(h),
+                            "--encrypt",
+                            "--key-file",
+                            str(workdir / f"h{h}.key"),
+                            "--peer-key",
+                            f"{underlay_address(lab, peer)}={public[peer]}",
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                    )
+                )
+
+        def alive() -> None:
+            for h, p in zip(hosts, procs):
+                if p.poll() is not None:
+                    tail = logs[h].read_text()[-1000:]
+                    raise LabError(f"encrypting agent on host {h} exited ({p.returncode}): {tail}")
+
+        def addressed(h: int) -> bool:
+            alive()
+            return f" {OVERLAY_NET.format(h).split('/')[0]}/" in lab.run(h, ["ip", "-br", "addr"]).stdout
+
+        for h in hosts:
+            wait_for(lambda h=h: addressed(h), 20, f"encrypting agent on host {h}")
+        if plaintext_on_wire(lab, workdir, alive):
+            raise NotEncrypted(
+                f"{ENCRYPTED}: the agents took --encrypt but a ping crossed the underlay in the clear"
+                + f" (its payload {PLAINTEXT.decode()!r} seen by tcpdump on host 2): not measured"
+            )
+    except BaseException:
+        teardown()
+        raise
+    return teardown
+
+
 def dataplanes(etcd_url: Callable[[], str]) -> dict[str, Callable[[Lab, Path], Callable[[], None]]]:
     return {
         "underlay": underlay,
@@ -117,6 +301,10 @@ def dataplanes(etcd_url: Callable[[], str]) -> dict[str, Callable[[Lab, Path], C
         "overlay": lambda lab, wd: setup_overlay(lab),
         "overlay6": lambda lab, wd: setup_overlay(lab, family=6),
         "overlay-etcd": lambda lab, wd: setup_overlay(lab, etcd=etcd_url()),
+        # After the rows that were there first, so that a default run keeps their columns in place.
+        "wireguard-go": wireguard,
+        "nebula": nebula,
+        ENCRYPTED: overlay_encrypted,
     }
 
 
@@ -141,6 +329,20 @@ def run_one(
         teardown()
 
 
+def on_sigterm(pid: int) -> Callable[[int, Any], None]:
+    """A SIGTERM handler: in process ``pid``, SystemExit(143), so that the lab is torn down on the
+    way out; in a fork of it, an immediate exit. pyroute2 forks helpers (into namespaces) and
+    stops them with SIGTERM; one still in Python code when that comes would otherwise unwind its
+    copy of ``main`` and tear the lab down under the running harness."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            os._exit(143)
+        sys.exit(143)
+
+    return handler
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s: a smoke run")
@@ -149,12 +351,14 @@ def main() -> None:
     parser.add_argument(
         "--only",
         help="comma-separated dataplanes (default: all): "
-        + "underlay,kernel,kernel6,tinc-none,tinc,naive,overlay,overlay6,overlay-etcd "
-        + "(kernel6, overlay6: over the IPv6 underlay)",
+        + "underlay,kernel,kernel6,tinc-none,tinc,naive,overlay,overlay6,overlay-etcd,"
+        + "wireguard-go,nebula,overlay-encrypted "
+        + "(kernel6, overlay6: over the IPv6 underlay; overlay-encrypted: with the agent's --encrypt, "
+        + "left out of a default run when the agent has no --encrypt or the row fails)",
     )
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<commit>/)")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the lab is torn down
+    signal.signal(signal.SIGTERM, on_sigterm(os.getpid()))  # so the lab is torn down
     rounds, seconds = (1, 2) if args.quick else (args.rounds, args.seconds)
     etcd: list[Any] = []
 
@@ -170,6 +374,11 @@ def main() -> None:
     unknown = [n for n in names if n not in all_planes]
     if unknown:
         parser.error(f"unknown dataplane(s) {', '.join(unknown)}; known: {', '.join(all_planes)}")
+    if ENCRYPTED in names and not agent_can_encrypt():
+        if args.only:
+            parser.error(f"{ENCRYPTED}: `overlay agent --help` has no --encrypt (not in this agent yet)")
+        names.remove(ENCRYPTED)
+        print(f"... {ENCRYPTED} left out: `overlay agent --help` has no --encrypt yet", flush=True)
     results: dict[str, list[dict[str, float | None]]] = {n: [] for n in names}
     dual_stack = any(n in IPV6_TWINS for n in names)  # IPv6 on the underlay only when a dataplane uses it
     with (
@@ -182,13 +391,23 @@ def main() -> None:
                 # switch-side veth was not found: a pyroute2 quirk not yet understood).
                 etcd_url()
             for r in range(rounds):
-                for name in names:
+                for name in list(names):
 
                     def progress(what: str, name: str = name, r: int = r) -> None:
                         print(f"... round {r + 1}/{rounds}  {name:13}  {what}", flush=True)
 
                     progress("setting up")
-                    results[name].append(run_one(lab, all_planes[name], seconds, Path(tmp) / name, progress))
+                    try:
+                        results[name].append(run_one(lab, all_planes[name], seconds, Path(tmp) / name, progress))
+                    except (LabError, TimeoutError) as e:  # NotEncrypted, an agent that exits, ...
+                        if name != ENCRYPTED:
+                            raise
+                        if args.only:  # asked for by name: the run fails, saying why
+                            sys.exit(f"error: {e}")
+                        # A default run goes on without it (the agent's encryption is new).
+                        print(f"... {name} left out: {e}", flush=True)
+                        names.remove(name)
+                        del results[name]
         finally:
             for server in etcd:
                 server.stop()
@@ -242,6 +461,9 @@ def report(results: dict[str, list[dict[str, float | None]]], rounds: int, secon
     ipv6 = ipv6_vs_ipv4(results, med)
     if ipv6["pairs"]:
         lines += ["", *ipv6_table(ipv6, cell)]
+    encrypted = encrypted_vs(results, med)
+    if encrypted:
+        lines += ["", *encrypted_table(encrypted, rounds)]
     table = "\n".join(lines)
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +471,8 @@ def report(results: dict[str, list[dict[str, float | None]]], rounds: int, secon
     saved: dict[str, Any] = {"rounds": results, "medians": med}
     if ipv6["pairs"]:
         saved.update(labels={n: LABELS[n] for n in names}, ipv6_vs_ipv4=ipv6)
+    if encrypted:
+        saved["encrypted_vs"] = encrypted
     (out / "bench.json").write_text(json.dumps(saved, indent=2))
     chart(results, med, out / "bench.png")
     print(f"\nwritten: {out}/bench.md, bench.json, bench.png")
@@ -324,6 +548,71 @@ def ipv6_table(ipv6: dict[str, Any], cell: Callable[[str, str], str]) -> list[st
             + "; ".join(verdicts)
             + f". Overall: {overall}",
         ]
+    return lines
+
+
+def encrypted_vs(
+    results: dict[str, list[dict[str, float | None]]], med: dict[str, dict[str, float | None]]
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """overlay-encrypted against each of ENCRYPTED_BASES that ran beside it: for TCP 1 stream and
+    UDP 64 B delivered the ratio of the medians (``ratio``) and the min-max of the per-round
+    ratios, for the median RTT the difference in microseconds (``diff_us``) and its per-round
+    min-max. Empty when overlay-encrypted did not run."""
+    if ENCRYPTED not in results:
+        return {}
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for base in ENCRYPTED_BASES:
+        if base not in results:
+            continue
+        rounds = list(zip(results[ENCRYPTED], results[base]))
+        figures: dict[str, dict[str, float | None]] = {}
+        for k in ENCRYPTED_RATIOS:
+            a, b = med[ENCRYPTED].get(k), med[base].get(k)
+            per_round = [u / v for u, v in ((x.get(k), y.get(k)) for x, y in rounds) if u is not None and v]
+            figures[k] = {
+                "ratio": a / b if a is not None and b else None,
+                "round_min": min(per_round) if per_round else None,
+                "round_max": max(per_round) if per_round else None,
+            }
+        k = "rtt_median_ms"
+        a, b = med[ENCRYPTED].get(k), med[base].get(k)
+        diffs = [(u - v) * 1e3 for u, v in ((x.get(k), y.get(k)) for x, y in rounds) if u is not None and v is not None]
+        figures["rtt_median_diff_us"] = {
+            "diff_us": (a - b) * 1e3 if a is not None and b is not None else None,
+            "round_min": min(diffs) if diffs else None,
+            "round_max": max(diffs) if diffs else None,
+        }
+        out[base] = figures
+    return out
+
+
+def encrypted_table(encrypted: dict[str, dict[str, dict[str, float | None]]], rounds: int) -> list[str]:
+    """The markdown of ``encrypted_vs``: a row per dataplane overlay-encrypted is held against."""
+    lines = [
+        f"{ENCRYPTED} against overlay and the encrypted alternatives (same run; ratio of the medians,"
+        + " per-round min-max; tinc with its default cipher)",
+        "",
+        "| ratio | TCP, 1 stream | UDP 64 B delivered | RTT median difference (us) |",
+        "|---|---:|---:|---:|",
+    ]
+    for base, figures in encrypted.items():
+        cells = []
+        for k in ENCRYPTED_RATIOS:
+            f = figures[k]
+            spread = (
+                f" ({f['round_min']:.2f}-{f['round_max']:.2f})"
+                if rounds > 1 and f["round_min"] is not None and f["round_max"] is not None
+                else ""
+            )
+            cells.append("-" if f["ratio"] is None else f"{f['ratio']:.2f}{spread}")
+        d = figures["rtt_median_diff_us"]
+        spread = (
+            f" ({d['round_min']:+.0f} to {d['round_max']:+.0f})"
+            if rounds > 1 and d["round_min"] is not None and d["round_max"] is not None
+            else ""
+        )
+        cells.append("-" if d["diff_us"] is None else f"{d['diff_us']:+.0f}{spread}")
+        lines.append(f"| **{ENCRYPTED} / {base}** | " + " | ".join(cells) + " |")
     return lines
 
 
