@@ -78,6 +78,20 @@ DROP_REASONS = {
     "HANDSHAKE_LIMITED": DROP_HANDSHAKE_LIMITED,
 }
 SEAL_OVERHEAD_BYTES = SEAL_OVERHEAD
+
+
+def use_openssl_provider(bint on):
+    """Call OpenSSL's default provider directly (True, the default) or go through EVP (False)
+    for sessions keyed from now on: for the tests that hold the two paths equal."""
+    global USE_PROVIDER
+    USE_PROVIDER = on
+
+
+def openssl_provider_in_use():
+    """Whether sessions are sealed through the provider's functions directly (else EVP)."""
+    if not IMPLS_LOOKED_UP:
+        look_up_impls()
+    return USE_PROVIDER and impl_complete(&IMPLS[CIPHER_AES_256_GCM]) and impl_complete(&IMPLS[CIPHER_CHACHA20_POLY1305])
 VNET_HDR_BYTES = VNET_HLEN
 
 

@@ -85,7 +85,7 @@ cdef struct CVtep:
     Addr ip
     uint16_t port
     uint64_t rx_frames, rx_bytes, tx_frames, tx_bytes   # inner frames and their bytes
-    EVP_CIPHER_CTX* tx_ctx   # encrypted networks: the session this host seals with, or NULL
+    Aead tx                  # encrypted networks: the session this host seals with (aead_ready)
     uint32_t tx_index        # ... the peer's receiver index for it
     uint64_t tx_counter      # ... the next counter
     bint wanted              # queued for take_wanted: traffic but no session
@@ -190,11 +190,9 @@ cdef class ForwardingCore:
         hm_free(&self.local)
         hm_free(&self.rx_index)
         for i in range(self.n_vteps):
-            if self.vteps[i].tx_ctx != NULL:
-                EVP_CIPHER_CTX_free(self.vteps[i].tx_ctx)
+            aead_free(&self.vteps[i].tx)
         for i in range(self.n_rxs):
-            if self.rxs[i].ctx != NULL:
-                EVP_CIPHER_CTX_free(self.rxs[i].ctx)
+            aead_free(&self.rxs[i].aead)
         free(self.rxs)
         free(self.handshakes)
         free(self.neigh_macs)
@@ -546,17 +544,15 @@ cdef class ForwardingCore:
         or seal.CHACHA20_POLY1305), ``index`` being the peer's receiver index; counters from 0."""
         cdef Addr a
         cdef uint32_t vid
-        cdef EVP_CIPHER_CTX* ctx
+        cdef Aead aead
         if key.shape[0] != 32 or cipher not in (CIPHER_AES_256_GCM, CIPHER_CHACHA20_POLY1305):
             raise ValueError("a session key is 32 bytes of cipher 1 (AES-256-GCM) or 2 (ChaCha20-Poly1305)")
         addr_from_py(ip, &a)
         vid = self.vtep_id(&a, port)
-        ctx = cipher_context(cipher, &key[0], True)
-        if ctx == NULL:
+        if not aead_new(&aead, cipher, &key[0], True):
             raise MemoryError("OpenSSL refused the session key")
-        if self.vteps[vid].tx_ctx != NULL:
-            EVP_CIPHER_CTX_free(self.vteps[vid].tx_ctx)
-        self.vteps[vid].tx_ctx = ctx
+        aead_free(&self.vteps[vid].tx)
+        self.vteps[vid].tx = aead
         self.vteps[vid].tx_index = index
         self.vteps[vid].tx_counter = 0
 
@@ -566,23 +562,22 @@ cdef class ForwardingCore:
         cdef Slot* s
         addr_from_py(ip, &a)
         s = hm_find(&self.vtep_ids, addr_key(&a), <uint32_t>port + 1)
-        if s == NULL or self.vteps[s.value].tx_ctx == NULL:
+        if s == NULL or not aead_ready(&self.vteps[s.value].tx):
             return False
-        EVP_CIPHER_CTX_free(self.vteps[s.value].tx_ctx)
-        self.vteps[s.value].tx_ctx = NULL
+        aead_free(&self.vteps[s.value].tx)
         return True
 
     def tx_counters(self):
         """[(ip, port, receiver index, next counter)] of every VTEP with a session."""
         cdef uint32_t i
         return [(addr_to_py(&self.vteps[i].ip), self.vteps[i].port, self.vteps[i].tx_index,
-                 self.vteps[i].tx_counter) for i in range(self.n_vteps) if self.vteps[i].tx_ctx != NULL]
+                 self.vteps[i].tx_counter) for i in range(self.n_vteps) if aead_ready(&self.vteps[i].tx)]
 
     def rx_add(self, uint32_t index, ip, uint16_t port, const uint8_t[:] key, int cipher):
         """Open data datagrams with receiver index ``index`` from VTEP (ip, port) with ``key``."""
         cdef Addr a
         cdef uint32_t vid, i
-        cdef EVP_CIPHER_CTX* ctx
+        cdef Aead aead
         cdef RxSession* grown
         if key.shape[0] != 32 or cipher not in (CIPHER_AES_256_GCM, CIPHER_CHACHA20_POLY1305):
             raise ValueError("a session key is 32 bytes of cipher 1 (AES-256-GCM) or 2 (ChaCha20-Poly1305)")
@@ -590,8 +585,7 @@ cdef class ForwardingCore:
             raise KeyError(f"receiver index {index} is in use")
         addr_from_py(ip, &a)
         vid = self.vtep_id(&a, port)
-        ctx = cipher_context(cipher, &key[0], False)
-        if ctx == NULL:
+        if not aead_new(&aead, cipher, &key[0], False):
             raise MemoryError("OpenSSL refused the session key")
         for i in range(self.n_rxs):
             if not self.rxs[i].used:
@@ -600,14 +594,14 @@ cdef class ForwardingCore:
             if self.n_rxs == self.cap_rxs:
                 grown = <RxSession*>realloc(self.rxs, max(16, self.cap_rxs * 2) * sizeof(RxSession))
                 if grown == NULL:
-                    EVP_CIPHER_CTX_free(ctx)
+                    aead_free(&aead)
                     raise MemoryError()
                 self.rxs = grown
                 self.cap_rxs = max(16, self.cap_rxs * 2)
             i = self.n_rxs
             self.n_rxs += 1
         memset(&self.rxs[i], 0, sizeof(RxSession))
-        self.rxs[i].ctx = ctx
+        self.rxs[i].aead = aead
         self.rxs[i].index = index
         self.rxs[i].vtep = vid
         self.rxs[i].used = True
@@ -620,8 +614,7 @@ cdef class ForwardingCore:
         if s == NULL:
             return False
         r = &self.rxs[s.value]
-        EVP_CIPHER_CTX_free(r.ctx)
-        r.ctx = NULL
+        aead_free(&r.aead)
         r.used = False
         hm_delete(&self.rx_index, index, 1)
         return True
@@ -669,13 +662,13 @@ cdef class ForwardingCore:
 
     cdef inline bint can_seal(self, uint32_t vid) noexcept nogil:
         cdef CVtep* v = &self.vteps[vid]
-        return v.tx_ctx != NULL and v.tx_counter < REJECT_AFTER_MESSAGES
+        return aead_ready(&v.tx) and v.tx_counter < REJECT_AFTER_MESSAGES
 
     cdef inline bint seal_for(self, uint32_t vid, uint8_t* p, Py_ssize_t n) noexcept nogil:
         """Seal the n-byte VXLAN datagram at p + 16 for VTEP vid (can_seal checked)."""
         cdef CVtep* v = &self.vteps[vid]
         v.tx_counter += 1
-        return seal_in_place(v.tx_ctx, v.tx_index, v.tx_counter - 1, p, n)
+        return seal_in_place(&v.tx, v.tx_index, v.tx_counter - 1, p, n)
 
     cdef int open_datagram(self, uint8_t* p, Py_ssize_t n, const Addr* src) noexcept nogil:
         """seal.open_datagram on the n-byte data datagram at p, plus: the session's peer must be
@@ -688,7 +681,7 @@ cdef class ForwardingCore:
         if s == NULL:
             return DROP_AUTH_FAILED
         r = &self.rxs[s.value]
-        if not open_in_place(r.ctx, p, n):
+        if not open_in_place(&r.aead, p, n):
             return DROP_AUTH_FAILED
         if not replay_accept(r, le64(p + 8)):
             return DROP_REPLAYED

@@ -204,3 +204,27 @@ def test_a_keepalive_confirms_the_session_and_delivers_nothing() -> None:
     receiver.rx_add(3, *PEER, KEY, seal.AES_256_GCM)
     assert receive(receiver, [keepalive]) == [(seal.PUNTED, b"")]
     assert receiver.take_confirmed() == [3] and sum(receiver.drops()) == 0
+
+
+@given(vnis, frames(), ciphers, keys)
+def test_the_evp_fallback_seals_and_opens_exactly_as_the_direct_provider_calls(
+    vni: int, frame: bytes, cipher: int, key: bytes
+) -> None:
+    assert fp.openssl_provider_in_use()  # the default provider of Debian's OpenSSL 3
+    plain = wire.encode(vni, frame)
+    fp.use_openssl_provider(False)
+    try:
+        evp = encrypted_core(vni)
+        evp.tx_set(*PEER, 9, key, cipher)
+        evp.rx_add(9, *PEER, key, cipher)
+        assert not fp.openssl_provider_in_use()
+    finally:
+        fp.use_openssl_provider(True)
+    batch = fp.FrameBatch(1)
+    batch.put_frame(0, frame)
+    fp.encap(evp, batch, vni)
+    sealed = batch.output(0)
+    assert sealed == seal.seal(cipher, key, 9, 0, plain)
+    assert receive(evp, [sealed]) == [(0, frame)]
+    other = seal.seal(cipher, key, 9, 1, plain)
+    assert receive(evp, [other[:-1] + bytes([other[-1] ^ 1])])[0][0] == Drop.AUTH_FAILED  # the tag is checked
