@@ -152,6 +152,8 @@ cdef class ForwardingCore:
     cdef uint32_t n_wanted
     cdef uint32_t confirmed[LEARN_RING]   # receiver indexes with their first datagram (take_confirmed)
     cdef uint32_t n_confirmed
+    cdef Addr stale[LEARN_RING]           # sources of data with a receiver index we do not have (take_stale)
+    cdef uint32_t n_stale
     cdef Handshake* handshakes            # handshake messages for Python (take_handshakes)
     cdef uint32_t n_handshakes
 
@@ -643,6 +645,14 @@ cdef class ForwardingCore:
         self.n_confirmed = 0
         return out
 
+    def take_stale(self):
+        """Source addresses of data datagrams with a receiver index we do not have (counted as
+        AUTH_FAILED) since the last call: a peer that still seals with a session we lost (this
+        agent restarted); the control plane starts a handshake if the address is a peer's."""
+        out = [addr_to_py(&self.stale[i]) for i in range(self.n_stale)]
+        self.n_stale = 0
+        return out
+
     def take_handshakes(self):
         """[(message bytes, source address int)] of handshake messages received since the last
         call (at most 64: more are dropped as HANDSHAKE_LIMITED)."""
@@ -678,7 +688,10 @@ cdef class ForwardingCore:
         if n < SEAL_OVERHEAD:
             return DROP_TOO_SHORT
         s = hm_find(&self.rx_index, le32(p + 4), 1)
-        if s == NULL:
+        if s == NULL:       # the sender thinks it has a session with us: it may have outlived ours
+            if self.n_stale < LEARN_RING and (self.n_stale == 0 or not addr_eq(&self.stale[self.n_stale - 1], src)):
+                self.stale[self.n_stale] = src[0]
+                self.n_stale += 1
             return DROP_AUTH_FAILED
         r = &self.rxs[s.value]
         if not open_in_place(&r.aead, p, n):

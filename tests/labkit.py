@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 from collections import Counter
@@ -231,3 +232,95 @@ def send_hostile(lab: Lab, src: int, dst: int, address: object, junk: list[bytes
 
     wait_for(counted, 10, f"the hostile datagrams to {address} to be counted")
     return expected
+
+
+# --- encrypted networks: keys, captures, datagrams from a chosen source ----------------------
+
+
+def write_key(path: Path) -> str:
+    """A new private key in ``path`` (mode 0600, as `overlay key generate` writes one); its
+    public key as text, for another host's ``--peer-key``."""
+    from overlay.core.keys import encode, public_of
+    from overlay.io.keys import generate_private, write
+
+    private = generate_private()
+    write(path, private)
+    return encode(public_of(private))
+
+
+@contextmanager
+def capture(lab: Lab, host: int, iface: str, path: Path, pcap_filter: str) -> Iterator[Path]:
+    """tcpdump on ``iface`` of ``host`` writing a pcap to ``path``; capturing once this yields
+    (tcpdump said "listening on"), stopped by PID on exit. Immediate mode and packet-buffered
+    output, so ``pcap_frames(path)`` sees each packet as it comes."""
+    log = path.with_name(path.name + ".log")
+    with open(path, "wb") as out, open(log, "w") as err:
+        cap = lab.spawn(
+            host,
+            ["tcpdump", "-i", iface, "-n", "--immediate-mode", "-U", "-s", "0", "-w", "-", pcap_filter],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        wait_for(lambda: cap.poll() is not None or "listening on" in log.read_text(), 10, f"tcpdump on host {host}")
+        assert cap.poll() is None, f"tcpdump on host {host} exited: {log.read_text()}"
+        yield path
+    finally:
+        if cap.poll() is None:
+            cap.terminate()
+        try:
+            cap.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            cap.kill()
+            cap.wait(timeout=5)
+
+
+def pcap_frames(path: Path) -> list[bytes]:
+    """The frames of a pcap file as tcpdump writes it (a record not yet written whole is left out)."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return []
+    order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    frames, offset = [], 24
+    while offset + 16 <= len(data):
+        length = struct.unpack_from(order + "I", data, offset + 8)[0]
+        offset += 16
+        if offset + length > len(data):
+            break
+        frames.append(data[offset : offset + length])
+        offset += length
+    return frames
+
+
+def udp_in(frames: list[bytes]) -> list[tuple[str, int, str, int, bytes]]:
+    """(source, source port, destination, destination port, payload) of each IPv4 UDP datagram
+    in Ethernet frames."""
+    out = []
+    for f in frames:
+        if len(f) < 34 or f[12:14] != b"\x08\x00" or f[23] != 17:
+            continue
+        ihl = (f[14] & 0x0F) * 4
+        total = int.from_bytes(f[16:18], "big")
+        udp = f[14 + ihl : 14 + total]
+        src, dst = ".".join(map(str, f[26:30])), ".".join(map(str, f[30:34]))
+        out.append((src, int.from_bytes(udp[0:2], "big"), dst, int.from_bytes(udp[2:4], "big"), udp[8:]))
+    return out
+
+
+SEND_FROM = """
+import socket, sys
+source, address, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((source, 0))
+for hexdata in sys.argv[4:]:
+    s.sendto(bytes.fromhex(hexdata), (address, port))
+"""
+
+
+def send_from(lab: Lab, host: int, source: object, address: object, datagrams: list[bytes], port: int = 4789) -> None:
+    """Send ``datagrams`` from inside ``host`` with a UDP socket bound to ``source`` (one of its
+    addresses, any port) to ``address``:``port``."""
+    lab.run(
+        host, [sys.executable, "-c", SEND_FROM, str(source), str(address), str(port), *(d.hex() for d in datagrams)]
+    )

@@ -5,7 +5,9 @@ It moves bytes and keys, and decides nothing:
   go to ``Sessions.receive``; what Sessions wants sent goes out of the data socket of the
   peer's family (so handshakes use the same port as data);
 - VTEPs the fast path had traffic for but no session (``take_wanted``, after each send pump)
-  go to ``Sessions.want``; receiver indexes with their first datagram (``take_confirmed``)
+  go to ``Sessions.want``, and so do peers whose data came with a receiver index we do not
+  have (``take_stale``: they kept a session this host lost, e.g. by restarting; without this
+  the session would heal only when it expires); receiver indexes with their first datagram (``take_confirmed``)
   to ``Sessions.confirmed``;
 - Sessions' key changes go into the C tables (rx_add, rx_remove, tx_set, tx_clear);
 - once a second ``Sessions.tick`` with the fast path's per-peer counters (rekeys, expiry).
@@ -83,9 +85,15 @@ class Encryption:
     def after_rx(self) -> None:
         handshakes = self.core.take_handshakes()
         confirmed = self.core.take_confirmed()
-        if not handshakes and not confirmed:
+        stale = self.core.take_stale()
+        if not handshakes and not confirmed and not stale:
             return
         now = self.clock()
+        for ip in stale:
+            address = from_c(ip)
+            for peer in self.peers:  # a few peers; stale data is rare (once per lost session)
+                if peer.ip == address:
+                    self.sessions.want(peer, now)
         for data, ip in handshakes:
             self.sessions.receive(data, (from_c(ip), 0), now)
         for index in confirmed:

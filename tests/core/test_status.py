@@ -357,6 +357,11 @@ def test_format_status_prints_the_typed_status() -> None:
         "h2               198.18.0.2:4788           0.250    0.500    10%  ok",
         "h3               198.18.0.3:4788               -        -   100%  UNREACHABLE",
         "",
+        "encryption  key Bg+I8vIq  encrypted networks 42  handshakes completed 1 rejected 0 rate-limited 0",
+        "  NO KEY (nothing is sent to them on encrypted networks): h9",
+        "  peer                     key       state          age s  rekeys     sealed     opened",
+        "  198.18.0.2:4789          6hzgkHf0  established      0.9       0          7         10",
+        "",
         "container                          network      if     mac               address            host end     ",
         "netns/4026532567/eth0              blue         eth0   02:42:00:00:00:10 198.19.42.10/24    ovh1a2b3c4d5e6",
     ]

@@ -228,3 +228,13 @@ def test_the_evp_fallback_seals_and_opens_exactly_as_the_direct_provider_calls(
     assert receive(evp, [sealed]) == [(0, frame)]
     other = seal.seal(cipher, key, 9, 1, plain)
     assert receive(evp, [other[:-1] + bytes([other[-1] ^ 1])])[0][0] == Drop.AUTH_FAILED  # the tag is checked
+
+
+def test_data_for_a_session_we_do_not_have_names_its_source_once_per_burst() -> None:
+    core = encrypted_core(42, [PEER, OTHER])
+    stale = seal.seal(seal.AES_256_GCM, KEY, 12345, 0, wire.encode(42, BROADCAST))
+    assert [s for s, _ in receive(core, [stale, stale, stale])] == [Drop.AUTH_FAILED] * 3
+    assert core.take_stale() == [PEER[0]] and core.take_stale() == []
+    core.rx_add(12345, *PEER, bytes(32), seal.AES_256_GCM)  # known index, wrong key: a forgery, not stale
+    receive(core, [stale])
+    assert core.take_stale() == []

@@ -94,10 +94,15 @@ def test_attach_gives_a_working_interface_registered_in_etcd_and_detach_undoes_i
     lab = world.lab
     a = world.attach(1, "a", "blue", "--gateway", "198.19.42.254")
     b = world.attach(2, "b", "blue", "--ip", "198.19.42.77/24", "--mac", "02:42:00:00:00:77", "--ifname", "net0")
-    assert (a["vni"], a["network"], a["ifname"], a["mtu"]) == (BLUE, "blue", "eth0", 1450)
+    assert (a["vni"], a["network"], a["ifname"], a["mtu"]) == (
+        BLUE,
+        "blue",
+        "eth0",
+        1418,
+    )  # 1500 - 50 - 32: room for sealing (etcd mode)
     assert (b["address"], b["mac"], b["ifname"]) == ("198.19.42.77/24", "02:42:00:00:00:77", "net0")
     links = json.loads(lab.run(lab.container_ns("b"), ["ip", "-j", "addr", "show", "net0"]).stdout)[0]
-    assert links["address"] == "02:42:00:00:00:77" and links["mtu"] == 1450
+    assert links["address"] == "02:42:00:00:00:77" and links["mtu"] == 1418
     assert {(x["local"], x["prefixlen"]) for x in links["addr_info"] if x["family"] == "inet"} == {("198.19.42.77", 24)}
     routes = lab.run(lab.container_ns("a"), ["ip", "route", "show", "default"]).stdout
     assert "via 198.19.42.254 dev eth0" in routes
