@@ -14,6 +14,7 @@ import signal
 import time
 from pathlib import Path
 
+import msgspec
 import uvloop
 
 from overlay.core.addresses import IPAddress, format_address
@@ -21,13 +22,14 @@ from overlay.core.config import AgentConfig, tap_names
 from overlay.core.control import AppliedRequest, AttachRequest, CheckRequest, DetachRequest, Refused
 from overlay.core.fdb import ForwardingTable, Vtep
 from overlay.core.keyring import Encrypted, Keyring, PeerKey
-from overlay.core.keys import encode, public_of
+from overlay.core.keys import encode, fingerprint, public_of
 from overlay.core.publishing import LeaseSweep, LocalEndpoints
 from overlay.core.registry import (
     Endpoint,
     EndpointKey,
     Event,
     Host,
+    HostKey,
     Member,
     MemberKey,
     Network,
@@ -49,7 +51,8 @@ from overlay.io.dataplane import Dataplane, DataplaneError
 from overlay.io.encryption import Encryption, cpu_has_aes
 from overlay.io.etcd import FAILURES as ETCD_ERRORS
 from overlay.io.etcd import EtcdClient, EtcdError, Tls, retry
-from overlay.io.keys import KeyFileError, load_or_create
+from overlay.io.keys import KeyFileError, generate_private, load_or_create
+from overlay.io.keys import write as write_key
 from overlay.io.prober import ProbeError, Prober
 from overlay.io.supervisor import Supervisor
 from overlay.io.systemd import sd_notify
@@ -144,6 +147,7 @@ class Agent:
         self.containers: Containers | None = None
         self.prober: Prober | None = None
         self.topology: Topology | None = None
+        self.host: Host | None = None  # what hosts/<host-id> holds (etcd mode)
         self.supervisor: Supervisor  # made by serve(), with the loop that runs the tasks
 
     def status(self) -> Status:
@@ -236,7 +240,32 @@ class Agent:
             "check": lambda req: containers().check(CheckRequest.from_params(req)),
             "attachments": lambda req: containers().list(),
             "applied": lambda req: self._applied(AppliedRequest.from_params(req)),
+            "rotate_key": lambda req: self._rotate_key(),
         }
+
+    async def _rotate_key(self) -> dict[str, object]:
+        """The control command ``rotate_key`` (overlay key rotate): a new static key, written,
+        published and used for every handshake from now on; nothing in flight is lost
+        (core/sessions.py rules 6 and 7)."""
+        encryption = self.dataplane.encryption
+        if encryption is None or self.private_key is None:
+            raise Refused("this agent has no key: encryption is for etcd mode or --encrypt", "invalid")
+        private = generate_private()
+        try:
+            write_key(self.cfg.key_path, private, replace=True)
+        except KeyFileError as e:
+            raise Refused(f"the new key could not be written, nothing changed: {e}", "invalid") from None
+        encryption.sessions.rotate(private, time.monotonic())
+        self.private_key = private
+        public = public_of(private)
+        if self.etcd is not None and self.host is not None:
+            self.host = msgspec.structs.replace(self.host, pubkey=encode(public))
+            try:
+                await self.etcd.hold(HostKey(self.cfg.host_id or ""), self.host)
+            except ETCD_ERRORS as e:  # kept pending: written at the next successful keepalive
+                log.warning("key rotated, its publication waits for etcd (%s)", e.__class__.__name__)
+        log.info("key rotated: now %s (%s)", fingerprint(public), self.cfg.key_path)
+        return {"key_file": self.cfg.key_path, "pubkey": encode(public), "fingerprint": fingerprint(public)}
 
     async def _applied(self, req: AppliedRequest) -> dict[str, object]:
         """The control command ``applied``: wait until ``req.revision`` is in the forwarding table."""
@@ -259,7 +288,9 @@ class Agent:
         try:
             # Named after the first TAP: `overlay status --tap <it>` (or no --tap) finds the agent.
             server = await control.serve(
-                self.taps[cfg.vni].name, self._control(), privileged=frozenset({"attach", "detach", "check"})
+                self.taps[cfg.vni].name,
+                self._control(),
+                privileged=frozenset({"attach", "detach", "check", "rotate_key"}),
             )
         except control.ControlError as e:
             raise AgentError(str(e)) from None
@@ -408,16 +439,17 @@ class Agent:
             except (OSError, ValueError):
                 resume = None  # Containers.adopt says what is wrong with the file
         probe_port = self.prober.address[1] if self.prober is not None else None  # only if we answer probes
+        self.host = Host(
+            str(cfg.local),
+            cfg.port,
+            probe_port,
+            address6=str(cfg.local6) if cfg.local6 else None,
+            underlay_family=4 if cfg.local6 and cfg.underlay.prefer == 4 else None,
+            pubkey=encode(public_of(self.private_key)) if self.private_key is not None else None,
+        )
         await client.register(
             cfg.host_id,
-            Host(
-                str(cfg.local),
-                cfg.port,
-                probe_port,
-                address6=str(cfg.local6) if cfg.local6 else None,
-                underlay_family=4 if cfg.local6 and cfg.underlay.prefer == 4 else None,
-                pubkey=encode(public_of(self.private_key)) if self.private_key is not None else None,
-            ),
+            self.host,
             wait_for_old=cfg.lease_ttl + 2,
             resume=resume,
         )

@@ -577,6 +577,16 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_rotate(args: argparse.Namespace) -> int:
+    answer = _ask("rotate_key", args.tap, timeout=15.0)
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        print(answer["pubkey"])
+        print(f"overlay: the agent now uses a new key ({answer['fingerprint']}, {answer['key_file']})", file=sys.stderr)
+    return 0
+
+
 KEY_FILE_NOTE = (
     "The key file: --key-file PATH, else <state-dir>/<host-id>.key (etcd mode), "
     "<state-dir>/static.key (static mode), as the agent finds it; --config FILE reads "
@@ -637,17 +647,30 @@ def add_key(sub: Any) -> None:
         "  overlay key generate --key-file /var/lib/overlay/static.key\n"
         "  overlay key generate --host-id h1 --force          # rotate h1's key\n"
         "\n"
-        "Rotating a host's key without losing traffic: generate a new key file (--force over the old\n"
-        "one), then restart the agent. It republishes its pubkey in hosts/<host-id> under its lease\n"
-        "and peers handshake again with the new key; sessions made with the old key stay valid until\n"
-        "they expire (at most 180 s), new handshakes use the new key. In static mode the peers know\n"
-        "the key from their --peer-key: give them the new one and restart them too (traffic with a\n"
-        "peer pauses until both sides have restarted).",
+        "A running agent keeps the key it started with: to change the key of a running host without\n"
+        "losing traffic use 'overlay key rotate'. A key generated with --force over the file is used\n"
+        "from the agent's next start (its restart interrupts traffic for a moment).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common(q)
     q.add_argument("--force", action="store_true", help="replace an existing key file (rotate the key)")
     q.set_defaults(func=cmd_key_generate)
+    q = actions.add_parser(
+        "rotate",
+        help="give the running agent a new key, without losing traffic",
+        description="Ask the running agent (of this network namespace) to make a new key: it writes the key "
+        "file (the old one is replaced), publishes the new pubkey in hosts/<host-id>, and handshakes with "
+        "it from then on. Nothing is lost meanwhile: its sessions carry on; peers that see the new key "
+        "handshake with it at once and keep the old sessions until the new one works; handshakes made "
+        "to the old key are still answered for 180 s. Prints the new public key.",
+        epilog="examples:\n  overlay key rotate\n  ip netns exec h1 overlay key rotate --json\n\n"
+        "static mode: the peers know the key from their --peer-key: give them the new one (and restart\n"
+        "them) within 180 s, or traffic with them stops when the old sessions expire.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("--tap", help="the agent's first TAP, when several agents run here")
+    q.add_argument("--json", action="store_true", help='print {"key_file", "pubkey", "fingerprint"}')
+    q.set_defaults(func=cmd_key_rotate)
 
 
 # --- overlay lab ------------------------------------------------------------------------------

@@ -49,8 +49,15 @@ Transitions (t is the clock below; "drop S" = RemoveRx(S), and ClearTx first if 
    send counter moved since the last tick), or it sent rekey_after_messages (2**60) -> initiate
    (counted ``rekeys``). (c) A pending initiation unanswered for rekey_timeout is sent again
    (fresh), until rekey_attempt_time (90 s) after the first of the series; then given up.
-6. ``set_peer`` with a changed key, and ``remove_peer``, drop all the peer's sessions and its
-   pending initiation (and the key change forgets its last timestamp).
+6. ``remove_peer`` drops all the peer's sessions and its pending initiation. ``set_peer`` with
+   a changed key (a host rotating its key, or the registry naming another one) starts a
+   handshake to the new key at once and keeps the sessions made with the old one while it
+   runs, so a rotation loses no traffic; once a session with the new key is current they go
+   their usual way, and if none is within rekey_timeout they are dropped (a key the host does
+   not hold gets nothing through after that). The change forgets the peer's last timestamp.
+7. ``rotate(private)``: this host's own key changes (``overlay key rotate``). New handshakes
+   use the new key; initiations made to the old one are still answered for
+   reject_after_time (peers learn the new key from the registry meanwhile); sessions stay.
 
 Acceptance of handshake messages, in order (each failure is counted, answered never):
 - Only messages of type 1 or 2 and exactly their size (else ``rejected``).
@@ -188,6 +195,7 @@ class _Peer:
     next: _Session | None = None
     pending: _Pending | None = None
     sent_seen: int = 0  # the send counter of current at the last tick
+    key_changed_at: float | None = None  # set_peer changed the key: old sessions kept until replaced or rekey_timeout
     rekeys: int = 0
     handshakes_sent: int = 0
     handshakes_received: int = 0
@@ -213,6 +221,8 @@ class Sessions:
         limits: Limits = Limits(),
     ) -> None:
         self._identity = handshake.Identity(static_private)
+        self._old_identity: handshake.Identity | None = None  # after rotate: still answered until _old_until
+        self._old_until = 0.0
         self._rng = rng
         self._aes = aes
         self.limits = limits
@@ -245,8 +255,14 @@ class Sessions:
         if p is not None:
             if p.public == public_key:
                 return
-            self._forget(p)
-            p.public, p.last_timestamp = public_key, b""
+            t = self._t
+            p.public, p.last_timestamp = bytes(public_key), b""
+            self._abandon(p)
+            self._drop(p, p.next)  # not confirmed yet: made with the old key, never to be current
+            if p.current is None and p.previous is None:
+                return  # nothing to keep: the next want handshakes with the new key
+            p.key_changed_at = t
+            self._initiate(p, t, first_at=t)
             return
         self._peers[peer] = _Peer(peer, bytes(public_key))
         self._by_ip.setdefault(peer.ip, []).append(peer)
@@ -264,6 +280,12 @@ class Sessions:
 
     def peers(self) -> list[Vtep]:
         return list(self._peers)
+
+    def rotate(self, static_private: bytes, now: float) -> None:
+        """This host's key becomes ``static_private`` (rule 7)."""
+        t = self._advance(now)
+        self._old_identity, self._old_until = self._identity, t + self.limits.reject_after_time
+        self._identity = handshake.Identity(static_private)
 
     # --- events -----------------------------------------------------------------------------
 
@@ -397,8 +419,14 @@ class Sessions:
         try:
             initiation = handshake.respond_to(self._identity, data)
         except handshake.HandshakeError:
-            self.counters.rejected += 1
-            return
+            old = self._old_identity if t < self._old_until else None
+            try:  # made to our previous key by a peer that has not seen the new one yet
+                if old is None:
+                    raise
+                initiation = handshake.respond_to(old, data)
+            except handshake.HandshakeError:
+                self.counters.rejected += 1
+                return
         p = next((self._peers[v] for v in candidates if self._peers[v].public == initiation.remote_public), None)
         if p is None:
             self.counters.rejected += 1  # an unknown key, or a peer's key from another address
@@ -546,6 +574,15 @@ class Sessions:
             if s is not None and t - s.created >= reject:
                 self._drop(p, s)
                 self.counters.expired += 1
+        changed = p.key_changed_at
+        if changed is not None:  # rule 6: the old key's sessions, kept while the new key is tried
+            if p.current is not None and p.current.created > changed:
+                p.key_changed_at = None  # the new key works
+            elif t - changed >= self.limits.rekey_timeout:
+                p.key_changed_at = None
+                for s in (p.current, p.previous, p.next):
+                    if s is not None and s.created <= changed:
+                        self._drop(p, s)
 
     def _forget(self, p: _Peer) -> None:
         for s in (p.current, p.previous, p.next):

@@ -308,8 +308,9 @@ def test_replayed_or_altered_ciphertext_from_the_genuine_peer_is_dropped(enc: Et
 
 def test_a_host_whose_registry_key_is_an_impostors_exchanges_no_frame(enc: EtcdWorld) -> None:
     """hosts/h3 keeps its address and lease but names an impostor's key: the registry says X,
-    host 3 holds Y. Hosts 1 and 2 drop their sessions with host 3 and handshake to X, which host
-    3 cannot answer (it rejects them); nothing crosses until the genuine key is back."""
+    host 3 holds Y. Hosts 1 and 2 handshake to X at once, which host 3 cannot answer (it rejects
+    them); the sessions made with the old key are dropped when no session with X is made within
+    the rekey timeout (5 s), and nothing crosses after that until the genuine key is back."""
     lab = enc.lab
     for src, dst in ((1, 3), (3, 1), (2, 3)):
         wait_ping(lab, src, overlay_ip(dst))
@@ -326,6 +327,10 @@ def test_a_host_whose_registry_key_is_an_impostors_exchanges_no_frame(enc: EtcdW
                 lambda h=h: session(lab, h, 3).get("key") == fingerprint(parse_public(impostor)),
                 10,
                 f"host {h} to take the impostor's key for host 3",
+            )
+        for h in (1, 2):  # the old key's sessions go once X answered nothing for the rekey timeout
+            wait_for(
+                lambda h=h: session(lab, h, 3).get("state") != "established", 15, f"host {h} to drop host 3's sessions"
             )
         received_3 = {h: session(lab, 3, h)["rx_messages"] for h in (1, 2)}
         pings = {
@@ -593,3 +598,31 @@ def test_a_peer_key_that_does_not_parse_is_refused_in_one_line(tmp_path: Path, p
     result = agent_alone("--peer", "198.18.0.2", "--encrypt", "--key-file", str(key), "--peer-key", peer_key)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "peer_key" in result.stderr, result.stderr
+
+
+def test_a_running_host_rotates_its_key_without_losing_a_datagram(enc: EtcdWorld) -> None:
+    """`overlay key rotate` on host 2 while host 1 pings it 200 times: every echo answered, the
+    new key published (host ls), written to the key file, and the peers' sessions made with it."""
+    lab = enc.lab
+    for src, dst in ((1, 2), (2, 1), (3, 2)):
+        wait_ping(lab, src, overlay_ip(dst))
+    before = session(lab, 1, 2)["key"]
+    pinger = lab.spawn(
+        1, ["ping", "-n", "-c", "200", "-i", "0.02", "-W", "1", overlay_ip(2)], stdout=subprocess.PIPE, text=True
+    )
+    assert pinger.stdout is not None
+    assert pinger.stdout.readline().startswith("PING") and "bytes from" in pinger.stdout.readline()  # it runs
+    rotated = lab.run(2, [sys.executable, "-m", "overlay", "key", "rotate", "--json"], check=False, timeout=30)
+    assert rotated.returncode == 0, rotated.stderr
+    new = json.loads(rotated.stdout)
+    out, _ = pinger.communicate(timeout=60)
+    assert "200 received" in out, out
+    assert new["fingerprint"] != before
+    assert fingerprint(public_of(load(new["key_file"]))) == new["fingerprint"]  # written, mode 0600
+    assert new["fingerprint"] in enc.admin("host", "ls").stdout
+    for h in (1, 3):
+        wait_for(lambda h=h: session(lab, h, 2).get("key") == new["fingerprint"], 10, f"host {h} to know the new key")
+        wait_ping(lab, h, overlay_ip(2))
+        wait_for(
+            lambda h=h: session(lab, h, 2).get("state") == "established", 10, f"host {h}'s session with the new key"
+        )

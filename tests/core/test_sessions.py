@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from overlay.core import handshake
 from overlay.core.fdb import Vtep
-from overlay.core.handshake import AES_256_GCM, CHACHA20_POLY1305, generate_private
+from overlay.core.handshake import AES_256_GCM, CHACHA20_POLY1305, generate_private, public_key
 from overlay.core.keys import fingerprint
 from overlay.core.sessions import (
     ClearTx,
@@ -492,19 +492,64 @@ def test_a_response_nobody_asked_for_is_rejected_before_any_crypto(monkeypatch: 
     assert calls == [] and net.hosts[A].sessions.counters.rejected == 2
 
 
-def test_a_changed_key_or_a_removed_peer_drops_its_sessions() -> None:
+def test_a_removed_peer_loses_its_sessions_and_a_short_key_is_refused() -> None:
     net = established(pair())
     a = net.hosts[A]
     a.sessions.set_peer(B, net.hosts[B].public, net.now)  # the same key: nothing happens
     assert a.sessions.key_changes() == []
-    a.sessions.set_peer(B, private_of(50), net.now)
-    net.collect()
-    assert a.rx == {} and a.tx == {} and states(net, A) == {B: "none"}
     net.hosts[B].sessions.remove_peer(A, net.now)
     net.collect()
     assert net.hosts[B].rx == {} and net.hosts[B].tx == {} and states(net, B) == {}
     with pytest.raises(ValueError):
         a.sessions.set_peer(B, b"short", net.now)
+
+
+def test_a_key_the_peer_does_not_hold_gets_nothing_through_after_the_rekey_timeout() -> None:
+    net = established(pair())
+    a, b = net.hosts[A], net.hosts[B]
+    rejected = b.sessions.counters.rejected
+    a.sessions.set_peer(B, public_key(private_of(50)), net.now)  # the registry names an impostor
+    net.run()
+    assert a.tx and b.sessions.counters.rejected == rejected + 1  # tried at once; B cannot answer
+    net.advance(6, BOTH_WAYS)
+    assert a.rx == {} and B not in a.tx and states(net, A) == {B: "handshaking"}
+    assert not net.send_data(A, B)
+
+
+def test_a_host_rotating_its_key_loses_no_datagram_in_either_direction() -> None:
+    net = established(pair())
+    a, b = net.hosts[A], net.hosts[B]
+    new = private_of(60)
+    b.sessions.rotate(new, b.at(net.now))
+    net.advance(3, BOTH_WAYS)  # A does not know yet: the old sessions carry on
+    assert b.sessions.public_key == public_key(new)
+    a.sessions.set_peer(B, public_key(new), a.at(net.now))  # the registry tells A
+    net.collect()
+    for _ in range(10):  # the handshake to the new key runs while data flows
+        assert net.send_data(A, B) and net.send_data(B, A)
+        net.run()
+        net.tick()
+    assert_working(net)
+    assert a.sessions.status(net.now)[0].fingerprint == fingerprint(public_key(new))
+    net.advance(400, BOTH_WAYS)  # rekeys with the new key only, long after the old one is gone
+    assert_working(net)
+
+
+def test_an_initiation_to_a_rotated_away_key_is_answered_for_180_s_only() -> None:
+    net = pair()
+    b = net.hosts[B]
+    b.sessions.rotate(private_of(61), 0.0)  # A still has the old key
+    net.want(A, B)
+    net.run()
+    assert net.send_data(A, B) and net.send_data(B, A)
+    c = Host(C, 3)
+    net.hosts[C] = c
+    c.sessions.set_peer(B, public_key(private_of(2)), 0.0)  # B's key before the rotation
+    b.sessions.set_peer(C, c.public, 0.0)
+    net.advance(181)
+    net.want(C, B)
+    net.run()
+    assert B not in c.tx
 
 
 def test_status_shows_each_peer_its_key_fingerprint_state_age_and_tx_index() -> None:
