@@ -21,12 +21,11 @@ so). Nebula is L3 (a TUN). ``nebula -config`` runs in each namespace (no fork; k
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.tinc import stop_processes
 from overlay.lab import Lab, LabError, wait_for
 
 PORT, DEV, MTU, CIPHER = 4242, "neb0", 1300, "aes"
@@ -58,19 +57,6 @@ def _config(lab: Lab, h: int, conf: Path) -> str:
     )
 
 
-def _stop(procs: list[subprocess.Popen[Any]], timeout: float = 10) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
-
-
 def setup_nebula(lab: Lab, workdir: Path) -> Callable[[], None]:
     """Bring nebula up between hosts 1 and 2 and wait until host 1 pings 198.19.42.2 through it
     (a deadline, no sleep). Returns the teardown: it stops both nebula by PID (SIGTERM, then
@@ -81,7 +67,7 @@ def setup_nebula(lab: Lab, workdir: Path) -> Callable[[], None]:
     logs = {h: conf / f"nebula-h{h}.log" for h in HOSTS}
 
     def teardown() -> None:
-        _stop(procs)
+        stop_processes(procs)
         for h in HOSTS:  # the TUN goes with its process; this is for one that was killed
             if lab.run(h, ["ip", "link", "show", DEV], check=False).returncode == 0:
                 lab.run(h, ["ip", "link", "del", DEV], check=False)

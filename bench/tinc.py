@@ -53,7 +53,9 @@ def _write_config(lab: Lab, h: int, peer: int, cipher: bool, conf: Path) -> None
     lab.run(h, ["tincd", "-c", str(conf), "-K2048"], input="\n\n", timeout=60)
 
 
-def _stop(procs: list[subprocess.Popen[Any]], timeout: float = 10) -> None:
+def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float = 10) -> None:
+    """SIGTERM each tunnel daemon (by PID), then wait; what is still there after ``timeout`` is
+    killed. Shared by the tinc, wireguard-go and nebula rows."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -80,7 +82,7 @@ def setup_tinc(lab: Lab, cipher: bool, workdir: Path) -> Callable[[], None]:
     procs: list[subprocess.Popen[Any]] = []
 
     def teardown() -> None:
-        _stop(procs)
+        stop_processes(procs)
         for h in HOSTS:  # tincd's TAP is not persistent and goes with it; this is for a killed one
             if lab.run(h, ["ip", "link", "show", DEV], check=False).returncode == 0:
                 lab.run(h, ["ip", "link", "del", DEV], check=False)

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import socket
 import subprocess
-import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.tinc import stop_processes
 from overlay.lab import Lab, LabError, wait_for
 
 PORT, MTU = 51820, 1420
@@ -90,19 +89,6 @@ def force_socket_buffers(pid: int, size: int = BUFFER) -> int:
     return count
 
 
-def _stop(procs: list[subprocess.Popen[Any]], timeout: float = 10) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
-
-
 def _keys(lab: Lab, h: int, workdir: Path) -> tuple[Path, str]:
     """Host ``h``'s private key file (made by ``wg genkey``, mode 0600) and public key."""
     private = lab.run(h, ["wg", "genkey"]).stdout.strip()
@@ -126,7 +112,7 @@ def setup_wireguard(lab: Lab, workdir: Path) -> Callable[[], None]:
     logs = {h: workdir / f"wireguard-go-h{h}.log" for h in HOSTS}
 
     def teardown() -> None:
-        _stop(procs)
+        stop_processes(procs)
         for h in HOSTS:  # the TUN goes with its process; this is for one that was killed
             if lab.run(h, ["ip", "link", "show", devs[h]], check=False).returncode == 0:
                 lab.run(h, ["ip", "link", "del", devs[h]], check=False)

@@ -658,11 +658,12 @@ def add_key(sub: Any) -> None:
     q = actions.add_parser(
         "rotate",
         help="give the running agent a new key, without losing traffic",
-        description="Ask the running agent (of this network namespace) to make a new key: it writes the key "
-        "file (the old one is replaced), publishes the new pubkey in hosts/<host-id>, and handshakes with "
-        "it from then on. Nothing is lost meanwhile: its sessions carry on; peers that see the new key "
-        "handshake with it at once and keep the old sessions until the new one works; handshakes made "
-        "to the old key are still answered for 180 s. Prints the new public key.",
+        description="Change the key of a running host without losing traffic. The running agent (of this\n"
+        "network namespace) makes a new key, writes it to its key file (replacing the old one), publishes\n"
+        "the new pubkey in hosts/<host-id> and handshakes with it from then on. Nothing is lost meanwhile:\n"
+        "its sessions carry on; peers that see the new key handshake with it at once and keep the old\n"
+        "sessions until the new one works; handshakes made to the old key are answered for 180 s more.\n"
+        "Prints the new public key.",
         epilog="examples:\n  overlay key rotate\n  ip netns exec h1 overlay key rotate --json\n\n"
         "static mode: the peers know the key from their --peer-key: give them the new one (and restart\n"
         "them) within 180 s, or traffic with them stops when the old sessions expire.",

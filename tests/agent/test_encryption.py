@@ -112,6 +112,13 @@ class EtcdWorld:
     def state_dir(self) -> Path:
         return Path(f"/tmp/overlay-state-{self.lab.name}")
 
+    def close(self) -> None:
+        """Stop every agent still running (by PID) and remove the state dir with its keys."""
+        for proc in self.agents.values():
+            if proc.poll() is None:
+                stop_agent(proc)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
 
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdWorld]:
@@ -126,10 +133,7 @@ def enc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdWorld]:
                 r.start(h)
             yield r
         finally:
-            for proc in r.agents.values():
-                if proc.poll() is None:
-                    stop_agent(proc)
-            shutil.rmtree(r.state_dir, ignore_errors=True)
+            r.close()
 
 
 def test_an_encrypted_network_carries_ping_between_every_pair_and_100_mb_byte_identical(
@@ -529,10 +533,7 @@ def mixed(tmp_path: Path) -> Iterator[EtcdWorld]:
             lab.run(KERNEL, ["ip", "addr", "add", "198.19.43.3/24", "dev", "vx0"])
             yield r
         finally:
-            for proc in r.agents.values():
-                if proc.poll() is None:
-                    stop_agent(proc)
-            shutil.rmtree(r.state_dir, ignore_errors=True)
+            r.close()
 
 
 def test_a_plaintext_network_next_to_an_encrypted_one_still_interoperates_with_kernel_vxlan(

@@ -31,6 +31,7 @@ from tests.labkit import (
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
+MTU6 = 1500 - 70 - 32  # etcd mode: an IPv6 underlay's overhead and room for sealing (encrypted networks)
 
 
 def vtep(lab: Lab, host: int) -> str:
@@ -55,7 +56,7 @@ def test_three_hosts_on_an_ipv6_underlay_find_each_other_and_ping(lab6: tuple[La
             if src != dst:
                 wait_ping(lab, src, overlay_ip(dst))
     s = status(lab, 1)
-    assert s["agent"]["local"] == str(lab.address6(1)) and s["agent"]["mtu"] == 1500 - 70
+    assert s["agent"]["local"] == str(lab.address6(1)) and s["agent"]["mtu"] == MTU6
     fdb = {e["mac"]: e for e in status(lab, 1, cmd="fdb")}
     assert fdb["02:00:00:00:00:02"]["vtep"] == vtep(lab, 2) and fdb["02:00:00:00:00:02"]["source"] == "registry"
     assert {p["vtep"] for p in s["peers"]} >= {vtep(lab, 2), vtep(lab, 3)}
@@ -77,16 +78,16 @@ def ip6_fragments(lab: Lab, host: int) -> int:
     return int(rows["Ip6FragCreates"]) + int(rows["Ip6ReasmReqds"])
 
 
-def test_1430_bytes_cross_an_ipv6_underlay_and_1431_are_refused_never_fragmented(
+def test_the_mtu_crosses_an_ipv6_underlay_and_a_byte_more_is_refused_never_fragmented(
     lab6: tuple[Lab, etcdlab.EtcdServer],
 ) -> None:
     lab, _ = lab6
     wait_ping(lab, 1, overlay_ip(2))
     before = ip6_fragments(lab, 1) + ip6_fragments(lab, 2)
-    ok = ping(lab, 1, overlay_ip(2), count=3, size=1430 - 28, dont_fragment=True)  # a 1430-byte IP packet
+    ok = ping(lab, 1, overlay_ip(2), count=3, size=MTU6 - 28, dont_fragment=True)  # an MTU-sized IP packet
     assert ok.returncode == 0, ok.stdout
-    too_big = ping(lab, 1, overlay_ip(2), count=1, size=1431 - 28, dont_fragment=True)
-    assert too_big.returncode != 0 and "1430" in too_big.stdout + too_big.stderr
+    too_big = ping(lab, 1, overlay_ip(2), count=1, size=MTU6 + 1 - 28, dont_fragment=True)
+    assert too_big.returncode != 0 and str(MTU6) in too_big.stdout + too_big.stderr
     assert ip6_fragments(lab, 1) + ip6_fragments(lab, 2) == before
 
 

@@ -139,8 +139,9 @@ def test_key_files_are_found_as_the_agent_finds_them(tmp_path: Path) -> None:
 
 def test_key_help_teaches_rotation() -> None:
     generate = run("key", "generate", "--help").stdout
-    assert "Rotating a host's key without losing traffic" in generate and "at most 180 s" in generate
-    assert "restart the agent" in generate and "--force" in generate
+    assert "overlay key rotate" in generate and "--force" in generate and "next start" in generate
+    rotate = run("key", "rotate", "--help").stdout
+    assert "without losing traffic" in rotate and "180 s" in rotate and "--peer-key" in rotate
     show = run("key", "show", "--help").stdout
     assert "creates nothing" in show and "--state-dir" in show and "--host-id" in show
 
