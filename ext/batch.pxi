@@ -6,7 +6,7 @@ cdef enum:
     # the 64 before it are for later headers (virtio-net, UDP for raw sends).
     HEADROOM = 64 + 8
     TAILROOM = 24       # behind every frame: room for an AEAD tag (16; crypto.pxi)
-    COPY_SLOTS = 256    # encrypted floods: copies of a frame per extra VTEP, per encap call
+    COPY_SLOTS = 256    # encrypted floods: copies of a frame per VTEP, per encap call (grown for a larger flood list)
     # Table lookups of a batch run this many frames ahead of their use as prefetches: enough to
     # keep several cache misses in flight, few enough that the CPU does not drop them.
     PREFETCH_AHEAD = 16
@@ -42,8 +42,8 @@ cdef class FrameBatch:
     cdef uint8_t** out_ptr      # per output: the datagram to send (the slot's, or a sealed copy's)
     cdef uint32_t* out_len
     cdef uint8_t* enc           # per slot before decap: an encrypted datagram, placed 16 bytes early
-    cdef uint8_t* copies        # COPY_SLOTS slots for encrypted floods, allocated on first use
-    cdef Py_ssize_t n_copies
+    cdef uint8_t* copies        # copy_cap slots for encrypted floods, allocated on first use
+    cdef Py_ssize_t n_copies, copy_cap
     cdef readonly Py_ssize_t n_out
     cdef Py_ssize_t max_frame_c
     cdef IoArrays rx            # recvmmsg headers, one per slot
@@ -105,9 +105,17 @@ cdef class FrameBatch:
     cdef inline uint8_t* frame_ptr(self, Py_ssize_t i) noexcept nogil:
         return self.mem + i * self.slot_size + HEADROOM
 
-    cdef bint alloc_copies(self) noexcept nogil:
-        self.copies = <uint8_t*>aligned_alloc(64, COPY_SLOTS * self.slot_size)
-        return self.copies != NULL
+    cdef bint alloc_copies(self, Py_ssize_t need) noexcept nogil:
+        """Room for ``need`` sealed copies (at least COPY_SLOTS); only while no output points
+        into the old area (encap calls it for the first frame of a call)."""
+        cdef Py_ssize_t cap = max(need, <Py_ssize_t>COPY_SLOTS)
+        cdef uint8_t* grown = <uint8_t*>aligned_alloc(64, cap * self.slot_size)
+        if grown == NULL:
+            return False
+        free(self.copies)
+        self.copies = grown
+        self.copy_cap = cap
+        return True
 
     cdef inline uint8_t* copy_ptr(self, Py_ssize_t k) noexcept nogil:
         return self.copies + k * self.slot_size + HEADROOM
@@ -236,7 +244,11 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
             b.status[i] = DROP_NO_PEERS
             core.drop_counts[DROP_NO_PEERS] += 1
             continue
-        if n_out + fanout > b.out_capacity or (net.encrypted and fanout > 1 and b.n_copies + fanout > COPY_SLOTS):
+        if net.encrypted and fanout > 1 and n_out == 0 and fanout > b.copy_cap and not b.alloc_copies(fanout):
+            b.status[i] = DROP_OUT_OF_ROOM
+            core.drop_counts[DROP_OUT_OF_ROOM] += 1
+            continue
+        if n_out + fanout > b.out_capacity or (net.encrypted and fanout > 1 and b.n_copies + fanout > b.copy_cap):
             if n_out == 0:
                 b.status[i] = DROP_OUT_OF_ROOM
                 core.drop_counts[DROP_OUT_OF_ROOM] += 1
@@ -257,9 +269,6 @@ cdef Py_ssize_t encap_batch(ForwardingCore core, FrameBatch b, uint32_t vni,
                     core.want(vtep)                     # counted NO_SESSION; a handshake follows
                     continue
                 if fanout > 1:                          # one sealed copy per VTEP: the plaintext stays
-                    if b.copies == NULL and not b.alloc_copies():
-                        core.drop_counts[DROP_OUT_OF_ROOM] += 1
-                        continue
                     p = b.copy_ptr(b.n_copies) - VXLAN_HLEN
                     b.n_copies += 1
                     memcpy(p, f - VXLAN_HLEN, dlen)
@@ -311,9 +320,12 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
                     continue
                 st = check_header(d, b.dgram_len[i])
         elif b.dgram_len[i] and (d[0] == HS_INITIATION or d[0] == HS_RESPONSE):
-            core.punt_handshake(d, b.dgram_len[i], &b.src_ip[i])
-            b.status[i] = PUNTED
-            continue
+            if b.dgram_len[i] != (HS_INITIATION_LEN if d[0] == HS_INITIATION else HS_RESPONSE_LEN):
+                st = DROP_AUTH_FAILED                   # no handshake message has that size
+            else:
+                core.punt_handshake(d, b.dgram_len[i], &b.src_ip[i])
+                b.status[i] = PUNTED
+                continue
         else:
             st = check_header(d, b.dgram_len[i])
         if st == OK:
@@ -328,7 +340,7 @@ cdef Py_ssize_t decap_batch(ForwardingCore core, FrameBatch b, Py_ssize_t n) noe
                 st = DROP_INNER_VLAN
             else:
                 peer = core.member(&b.src_ip[i], vni)
-                if peer == NULL and core.source_check:
+                if peer == NULL and (core.source_check or b.enc[i]):  # a session proves a host, not membership
                     st = DROP_NOT_MEMBER
         b.status[i] = st
         if st != OK:

@@ -44,6 +44,8 @@ cdef enum:
     HS_INITIATION = 1       # handshake messages (overlay/core/handshake.py): handed to Python
     HS_RESPONSE = 2
     HS_MAX = 256            # the largest handshake message kept
+    HS_INITIATION_LEN = 133 # handshake.INITIATION_LEN: messages of any other size are dropped here
+    HS_RESPONSE_LEN = 77    # handshake.RESPONSE_LEN
     HS_RING = 64            # handshake messages queued between two take_handshakes calls
 
 cdef uint64_t REJECT_AFTER_MESSAGES = 0xFFFFFFFFFFFFDFFFu   # seal.REJECT_AFTER_MESSAGES: 2^64 - 2^13 - 1
@@ -96,8 +98,14 @@ cdef extern from "<openssl/provider.h>":
     ctypedef struct OSSL_PROVIDER:
         pass
     OSSL_PROVIDER* OSSL_PROVIDER_load(void* libctx, const char* name)
+    const char* OSSL_PROVIDER_get0_name(const OSSL_PROVIDER* prov)
     const OSSL_ALGORITHM* OSSL_PROVIDER_query_operation(const OSSL_PROVIDER* prov, int operation_id, int* no_cache)
     void* OSSL_PROVIDER_get0_provider_ctx(const OSSL_PROVIDER* prov)
+
+cdef extern from "<openssl/evp.h>":
+    EVP_CIPHER* EVP_CIPHER_fetch(void* libctx, const char* algorithm, const char* properties)
+    void EVP_CIPHER_free(EVP_CIPHER* c)
+    const OSSL_PROVIDER* EVP_CIPHER_get0_provider(const EVP_CIPHER* c)
 
 cdef extern from "<strings.h>":
     int strncasecmp(const char* a, const char* b, size_t n) nogil
@@ -171,8 +179,21 @@ cdef void look_up_impls() noexcept:
     cdef const OSSL_DISPATCH* d
     cdef int no_cache = 0, cipher
     cdef Impl* impl
+    cdef EVP_CIPHER* fetched
+    cdef const char* name
+    cdef bint is_default
     IMPLS_LOOKED_UP = True
     memset(IMPLS, 0, sizeof(IMPLS))
+    # Only where the library context's AES-256-GCM is the default provider's (not under a FIPS
+    # or other provider configuration): then its functions are the ones EVP would call.
+    fetched = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL)
+    if fetched == NULL:
+        return
+    name = OSSL_PROVIDER_get0_name(EVP_CIPHER_get0_provider(fetched))
+    is_default = name != NULL and strncasecmp(name, "default", 8) == 0
+    EVP_CIPHER_free(fetched)
+    if not is_default:
+        return
     prov = OSSL_PROVIDER_load(NULL, "default")
     if prov == NULL:
         return

@@ -696,12 +696,13 @@ cdef class ForwardingCore:
         r = &self.rxs[s.value]
         if not open_in_place(&r.aead, p, n):
             return DROP_AUTH_FAILED
+        if not addr_eq(&self.vteps[r.vtep].ip, src):
+            return DROP_NOT_MEMBER              # before the window: a copy from elsewhere burns no counter
         if not replay_accept(r, le64(p + 8)):
             return DROP_REPLAYED
-        if not addr_eq(&self.vteps[r.vtep].ip, src):
-            return DROP_NOT_MEMBER
         r.packets += 1
-        r.nbytes += n - SEAL_OVERHEAD - VXLAN_HLEN
+        if n > SEAL_OVERHEAD + VXLAN_HLEN:      # keepalives carry nothing
+            r.nbytes += n - SEAL_OVERHEAD - VXLAN_HLEN
         if not r.confirmed and self.n_confirmed < LEARN_RING:
             r.confirmed = True
             self.confirmed[self.n_confirmed] = r.index

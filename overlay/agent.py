@@ -87,6 +87,15 @@ class Agent:
         room = SEAL_OVERHEAD if self.private_key is not None else 0
         try:
             self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(*cfg.locals) - room
+            if cfg.mtu is not None and room and cfg.mtu > default_overlay_mtu(*cfg.locals) - room:
+                log.warning(
+                    "--mtu %d leaves no room for the %d bytes of sealing on this underlay: on encrypted "
+                    "networks frames over %d bytes are dropped (too_big); the default is %d",
+                    cfg.mtu,
+                    room,
+                    default_overlay_mtu(*cfg.locals) - room,
+                    default_overlay_mtu(*cfg.locals) - room,
+                )
         except TapError as e:
             raise AgentError(str(e)) from None
         except NotLocal as e:

@@ -61,9 +61,12 @@ Transitions (t is the clock below; "drop S" = RemoveRx(S), and ClearTx first if 
 
 Acceptance of handshake messages, in order (each failure is counted, answered never):
 - Only messages of type 1 or 2 and exactly their size (else ``rejected``).
-- Rate limit per source IP address: a token bucket (``rate`` 20/s, ``burst`` 40) in a table of
-  at most ``buckets`` (4096) entries, least recently used evicted; over it -> ``limited``, and
-  no crypto at all. The buckets are the only state an unauthenticated message can create.
+- A source address that is no peer's, or a response to no initiation of ours: ``rejected``,
+  before anything else (no bucket, no crypto).
+- Rate limit per source IP address of a peer: a token bucket (``rate`` 20/s, ``burst`` 40) in a
+  table of at most ``buckets`` (4096) entries, least recently used evicted; over it ->
+  ``limited``, and no crypto at all. The buckets (one per peer address) are the only state an
+  unauthenticated message can create.
 - INITIATION: the source address must be a known peer's VTEP address (ports may differ), mac1
   and Noise must check out, the static key inside must be that of a peer at the source address
   (else ``rejected``: unknown key, wrong address, forgery), and the timestamp greater than the
@@ -247,7 +250,8 @@ class Sessions:
     # --- peers ------------------------------------------------------------------------------
 
     def set_peer(self, peer: Vtep, public_key: bytes, now: float) -> None:
-        """Add ``peer`` with its static key, or change its key (which drops its sessions)."""
+        """Add ``peer`` with its static key, or change its key (rule 6: a handshake with the new
+        key at once, the old sessions kept until it works or rekey_timeout passes)."""
         if len(public_key) != handshake.KEY_LEN:
             raise ValueError(f"a public key is {handshake.KEY_LEN} bytes, not {len(public_key)}")
         self._advance(now)
@@ -302,7 +306,7 @@ class Sessions:
             return
         if p.next is not None and t - p.next.created < self.limits.rekey_timeout:
             return
-        self._initiate(p, t, first_at=t)
+        self._initiate(p, t, first_at=p.pending.first_at if p.pending is not None else t)  # one series
 
     def receive(self, data: bytes, source: tuple[IPAddress, int], now: float) -> None:
         """A handshake datagram from ``source`` (never raises on its content)."""
@@ -312,6 +316,11 @@ class Sessions:
             self.counters.rejected += 1
             return
         ip = _source_ip(source[0])
+        if ip not in self._by_ip or (
+            kind == handshake.RESPONSE and handshake.response_receiver(data) not in self._pending
+        ):
+            self.counters.rejected += 1  # no peer there, or no initiation of ours: no bucket, no crypto
+            return
         if not self._allow(ip, t):
             self.counters.limited += 1
             return

@@ -48,6 +48,7 @@ DATAGRAMS = 256  # datagrams split out of them per decap batch
 BUDGET = 256  # TAP reads or datagrams per readiness event, so neither direction starves the other
 MAX_READ = 65535 + 10  # the largest TAP read: an IP datagram's limit plus the virtio-net header
 MAINTENANCE_EVERY = 5.0  # seconds between ageing passes
+RX_ROOM = 64  # bytes a received frame may exceed our MTU by (seal.OVERHEAD and more)
 
 
 def slot_size(frame: int) -> int:
@@ -181,7 +182,9 @@ class Dataplane:
         self.reads = FrameBatch(READS, slot_size=slot_size(MAX_READ))
         self.frames = FrameBatch(FRAMES, slot_size=frame)
         self.messages = FrameBatch(MESSAGES, slot_size=slot_size(MAX_READ))
-        self.datagrams = FrameBatch(DATAGRAMS, slot_size=frame)
+        # Received frames may be larger than ours by the room this host keeps for sealing: a kernel
+        # vxlan peer or an older agent at MTU 1450 beside our 1418 (the bridge decides their fate).
+        self.datagrams = FrameBatch(DATAGRAMS, slot_size=slot_size(mtu + 18 + RX_ROOM))
         self.merge = FrameBatch(1, slot_size=slot_size(MAX_READ))
         self.on_fatal: Callable[[str], None] = lambda message: None
         self.on_local: Callable[[list[tuple[int, int, IPAddress | None]]], None] | None = None  # MACs behind our TAP

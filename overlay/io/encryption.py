@@ -22,6 +22,7 @@ import socket
 import time
 from typing import Callable, Mapping
 
+from overlay.core.addresses import IPAddress
 from overlay.core.fdb import Vtep
 from overlay.core.keyring import Change, Encrypted, PeerKey
 from overlay.core.keys import encode, fingerprint
@@ -56,6 +57,7 @@ class Encryption:
     ) -> None:
         self.core, self.sessions, self.sockets, self.clock = core, sessions, dict(sockets), clock
         self.peers: dict[Vtep, bytes] = {}
+        self.by_ip: dict[IPAddress, list[Vtep]] = {}  # peers by underlay address (stale reports name one)
         self.rx_peer: dict[int, Vtep] = {}  # receiver indexes installed in the fast path
         self.send_errors = 0
         self._task: asyncio.Task[None] | None = None
@@ -68,8 +70,13 @@ class Encryption:
             if isinstance(c, PeerKey):
                 if c.key is None:
                     if self.peers.pop(c.peer, None) is not None:
+                        self.by_ip[c.peer.ip].remove(c.peer)
+                        if not self.by_ip[c.peer.ip]:
+                            del self.by_ip[c.peer.ip]
                         self.sessions.remove_peer(c.peer, now)
                 else:
+                    if c.peer not in self.peers:
+                        self.by_ip.setdefault(c.peer.ip, []).append(c.peer)
                     self.peers[c.peer] = c.key
                     self.sessions.set_peer(c.peer, c.key, now)
             elif isinstance(c, Encrypted):
@@ -89,11 +96,9 @@ class Encryption:
         if not handshakes and not confirmed and not stale:
             return
         now = self.clock()
-        for ip in stale:
-            address = from_c(ip)
-            for peer in self.peers:  # a few peers; stale data is rare (once per lost session)
-                if peer.ip == address:
-                    self.sessions.want(peer, now)
+        for address in {from_c(ip) for ip in stale}:  # unauthenticated: at most one handshake per 5 s
+            for peer in self.by_ip.get(address, ()):
+                self.sessions.want(peer, now)
         for data, ip in handshakes:
             self.sessions.receive(data, (from_c(ip), 0), now)
         for index in confirmed:

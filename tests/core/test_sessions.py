@@ -607,6 +607,9 @@ def test_handshakes_over_the_rate_limit_are_counted_and_cost_no_crypto(monkeypat
 def test_the_rate_limiters_table_is_bounded_and_forgets_idle_sources() -> None:
     s = Sessions(private_of(1), wall_ns=WALL, now=0.0, rng=random.Random(0).randbytes, limits=Limits(buckets=100))
     junk = bytes([1]) + bytes(132)
+    peer_key = public_key(private_of(2))
+    for i in range(1000):  # 1000 peers' addresses (strangers get no bucket at all: the next test)
+        s.set_peer(Vtep(ipaddress.ip_address(f"2001:2:0:1::{i:x}")), peer_key, 0.0)
     for i in range(1000):
         s.receive(junk, (ipaddress.ip_address(f"2001:2:0:1::{i:x}"), 4789), 0.0)
         assert s.rate_limited_sources() <= 100
@@ -615,6 +618,15 @@ def test_the_rate_limiters_table_is_bounded_and_forgets_idle_sources() -> None:
     assert s.rate_limited_sources() == 100
     s.tick(2.0, {})  # a full bucket again is forgotten
     assert s.rate_limited_sources() == 0
+
+
+def test_a_stranger_or_an_unasked_response_gets_no_bucket_and_no_crypto() -> None:
+    net = pair()
+    b = net.hosts[B].sessions
+    for i in range(50):
+        b.receive(bytes([1]) + bytes(132), (ipaddress.ip_address(f"198.18.1.{i}"), 4789), 0.0)
+        b.receive(bytes([2]) + bytes(76), (A.ip, 4789), 0.0)  # from a peer, but answering nothing of ours
+    assert b.rate_limited_sources() == 0 and b.counters.rejected == 100 and b.counters.limited == 0
 
 
 def test_an_ipv4_mapped_source_counts_as_the_ipv4_peer() -> None:

@@ -187,12 +187,44 @@ def test_an_encrypted_flood_seals_a_copy_per_peer_and_skips_peers_without_a_sess
 
 def test_handshake_messages_are_handed_over_with_their_source_not_dropped() -> None:
     core = encrypted_core(42)
-    messages = [bytes([1]) + bytes(147), bytes([2]) + bytes(91)]
+    messages = [bytes([1]) + bytes(132), bytes([2]) + bytes(76)]  # handshake.INITIATION_LEN, RESPONSE_LEN
     assert [s for s, _ in receive(core, messages)] == [seal.PUNTED, seal.PUNTED]
     assert core.take_handshakes() == [(m, PEER[0]) for m in messages] and core.take_handshakes() == []
     assert sum(core.drops()) == 0
-    receive(core, [bytes([1]) + bytes(300)])  # larger than any handshake message
-    assert core.drops()[Drop.HANDSHAKE_LIMITED] == 1
+    receive(core, [bytes([1]) + bytes(300), bytes([2]) + bytes(132)])  # no handshake message has these sizes
+    assert core.drops()[Drop.AUTH_FAILED] == 2 and core.take_handshakes() == []
+    receive(core, [messages[0]] * 65)  # more than the queue holds between two takes
+    assert len(core.take_handshakes()) == 64 and core.drops()[Drop.HANDSHAKE_LIMITED] == 1
+
+
+def test_a_session_is_no_membership_a_sealed_datagram_from_a_non_member_is_dropped() -> None:
+    core = encrypted_core(42, [PEER])
+    core.source_check = False  # plaintext networks may turn it off; sealed datagrams are still checked
+    core.rx_add(7, *OTHER, KEY, seal.AES_256_GCM)  # a host with a session, not on network 42's flood list
+    sealed = seal.seal(seal.AES_256_GCM, KEY, 7, 0, wire.encode(42, BROADCAST))
+    assert receive(core, [sealed], src=OTHER[0]) == [(Drop.NOT_MEMBER, b"")]
+
+
+def test_a_copy_from_another_address_burns_no_counter_of_the_genuine_datagram() -> None:
+    core = encrypted_core(42, [PEER, OTHER])
+    core.rx_add(1, *PEER, KEY, seal.AES_256_GCM)
+    sealed = seal.seal(seal.AES_256_GCM, KEY, 1, 0, wire.encode(42, BROADCAST))
+    assert receive(core, [sealed], src=OTHER[0]) == [(Drop.NOT_MEMBER, b"")]
+    assert receive(core, [sealed]) == [(0, BROADCAST)]
+
+
+def test_an_encrypted_flood_to_more_than_256_peers_reaches_every_one() -> None:
+    peers = [(0xC6120000 + k, 4789) for k in range(2, 302)]
+    core = encrypted_core(42, peers)
+    for k, vtep in enumerate(peers):
+        core.tx_set(*vtep, k, KEY, seal.AES_256_GCM)
+    batch = fp.FrameBatch(2, out_capacity=1024)
+    batch.put_frame(0, BROADCAST)
+    batch.put_frame(1, BROADCAST)
+    assert fp.encap(core, batch, 42) == 1  # one frame's 300 copies this call, the next frame the next
+    assert sorted(core.vtep(v) for _, v, _ in batch.outputs()) == sorted(peers)
+    assert fp.encap(core, batch, 42, 1) == 2 and batch.n_out == 300
+    assert core.drops()[Drop.OUT_OF_ROOM] == 0
 
 
 def test_a_keepalive_confirms_the_session_and_delivers_nothing() -> None:
@@ -204,6 +236,7 @@ def test_a_keepalive_confirms_the_session_and_delivers_nothing() -> None:
     receiver.rx_add(3, *PEER, KEY, seal.AES_256_GCM)
     assert receive(receiver, [keepalive]) == [(seal.PUNTED, b"")]
     assert receiver.take_confirmed() == [3] and sum(receiver.drops()) == 0
+    assert receiver.rx_stats() == [(3, 1, 0)]  # one datagram opened, no inner bytes
 
 
 @given(vnis, frames(), ciphers, keys)
