@@ -425,6 +425,7 @@ class Sessions:
         if not candidates:
             self.counters.rejected += 1  # no peer there: no crypto, no answer
             return
+        answered_with = self._identity
         try:
             initiation = handshake.respond_to(self._identity, data)
         except handshake.HandshakeError:
@@ -433,6 +434,7 @@ class Sessions:
                 if old is None:
                     raise
                 initiation = handshake.respond_to(old, data)
+                answered_with = old
             except handshake.HandshakeError:
                 self.counters.rejected += 1
                 return
@@ -451,7 +453,9 @@ class Sessions:
         p.handshakes_received += 1
         self._expire(p, t)
         if p.pending is not None:
-            if self._identity.public > p.public:
+            # The peer breaks the tie with the key it knows for us: the one its initiation was made to
+            # (our previous key, just after a rotation), so both sides decide alike.
+            if answered_with is self._identity and self._identity.public > p.public:
                 self.counters.crossed += 1  # the peer answers ours instead
                 return
             self._abandon(p)

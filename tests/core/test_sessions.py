@@ -795,3 +795,19 @@ def test_a_peer_holds_at_most_current_previous_and_next_sessions() -> None:
     assert net.send_data(B, A)  # confirmed: A's oldest goes
     assert len(a.rx) == 2 and a.tx[B].index in b.rx
     assert_working(net)
+
+
+@pytest.mark.parametrize("rotating", [A, B])
+def test_crossing_initiations_right_after_a_rotation_still_converge(rotating: Vtep) -> None:
+    """The rotating host's peer knows only its previous key: its initiation is answered with
+    that key, and the tie is not broken with the new one (which the peer cannot check)."""
+    net = pair()
+    host, peer = net.hosts[rotating], net.hosts[B if rotating == A else A]
+    seed = next(k for k in range(70, 200) if public_key(private_of(k)) > peer.public)  # the tie goes its way
+    host.sessions.rotate(private_of(seed), host.at(net.now))
+    net.hosts[A].sessions.want(B, net.now)  # both at once: the initiations cross
+    net.hosts[B].sessions.want(A, net.now)
+    net.collect()
+    net.run()
+    net.advance(12, BOTH_WAYS)
+    assert_working(net)
