@@ -34,7 +34,8 @@ Transitions (t is the clock below; "drop S" = RemoveRx(S), and ClearTx first if 
    previous = current; current = S; InstallRx(S) then SetTx(S, keepalive). next is kept.
 3. Valid INITIATION from the peer -> if we have a pending initiation to it too (crossing) and
    our static public key is greater (as bytes), ignore it (its timestamp is still recorded;
-   counted ``crossed``): the peer, with the smaller key, answers ours. Otherwise abandon our
+   counted ``crossed``) and send ours again at once: the peer, with the smaller key, answers
+   ours (the first one may have reached it before it knew our key, and gone unanswered). Otherwise abandon our
    pending one (if any) and answer: new session S (the peer is its initiator): drop next;
    next = S; InstallRx(S); send RESPONSE. No SetTx yet: until the peer's first data on S
    arrives, the current session (if any) keeps sending, so a lost response strands nothing.
@@ -456,7 +457,11 @@ class Sessions:
             # The peer breaks the tie with the key it knows for us: the one its initiation was made to
             # (our previous key, just after a rotation), so both sides decide alike.
             if answered_with is self._identity and self._identity.public > p.public:
-                self.counters.crossed += 1  # the peer answers ours instead
+                # The peer answers ours instead; but ours may have reached it before it knew our
+                # key (both agents starting: it rejected it, silently), so ours goes again now
+                # that the peer evidently knows us, instead of after rekey_timeout.
+                self.counters.crossed += 1
+                self._initiate(p, t, first_at=p.pending.first_at)
                 return
             self._abandon(p)
         index = self._new_index()

@@ -811,3 +811,22 @@ def test_crossing_initiations_right_after_a_rotation_still_converge(rotating: Vt
     net.run()
     net.advance(12, BOTH_WAYS)
     assert_working(net)
+
+
+def test_an_initiation_sent_before_the_peer_knew_our_key_is_sent_again_when_its_own_crosses() -> None:
+    """Two agents starting: A's initiation reaches B before B knows A's key (rejected, no answer);
+    then B learns it and initiates too. A, with the greater key, ignores B's initiation and
+    sends its own again at once: a session within a round trip, not after rekey_timeout."""
+    seed_a = next(k for k in range(1, 200) if public_key(private_of(k)) > public_key(private_of(2)))
+    a, b = Host(A, seed_a), Host(B, 2)
+    net = Net({A: a, B: b})
+    a.sessions.set_peer(B, b.public, 0.0)
+    net.want(A, B)
+    net.run()  # B knows no key for A: rejected
+    assert b.sessions.counters.rejected == 1 and not a.tx
+    b.sessions.set_peer(A, a.public, 0.0)
+    net.want(B, A)
+    net.run()
+    assert a.sessions.counters.crossed == 1
+    assert net.send_data(A, B) and net.send_data(B, A)  # no clock has moved
+    assert_working(net)
