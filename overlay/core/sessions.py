@@ -24,7 +24,9 @@ session, SetTx done), ``previous`` (the one before, rx kept for packets in fligh
 one handshake of ours in flight (``pending``: an index reserved, nothing installed).
 
 Transitions (t is the clock below; "drop S" = RemoveRx(S), and ClearTx first if S is current):
-1. ``want(peer)`` (data for a peer without tx key): initiate unless there is a current session,
+1. ``want(peer)`` (data for a peer without tx key): for a peer whose key is not known yet, the
+   want is remembered (bounded; only our own fast path calls want) and ``set_peer`` initiates
+   at once when the key comes; otherwise initiate unless there is a current session,
    or a pending initiation younger than rekey_timeout (5 s), or a next younger than
    rekey_timeout (its confirmation is likely on the way). Initiate = new local index (random
    32-bit from rng, not 0, unique among installed and pending indices), new ephemeral key,
@@ -240,6 +242,7 @@ class Sessions:
         self._by_ip: dict[IPAddress, list[Vtep]] = {}
         self._rx: dict[int, Vtep] = {}  # installed local index -> peer
         self._pending: dict[int, Vtep] = {}  # local index of a pending initiation -> peer
+        self._unknown_wants: dict[Vtep, float] = {}  # VTEPs our fast path had data for before their key
         self._buckets: OrderedDict[IPAddress, tuple[float, float]] = OrderedDict()  # ip -> (tokens, at)
         self._out: list[tuple[bytes, Vtep]] = []
         self._changes: list[KeyChange] = []
@@ -271,6 +274,9 @@ class Sessions:
             return
         self._peers[peer] = _Peer(peer, bytes(public_key))
         self._by_ip.setdefault(peer.ip, []).append(peer)
+        wanted = self._unknown_wants.pop(peer, None)
+        if wanted is not None and self._t - wanted < self.limits.rekey_attempt_time:
+            self._initiate(self._peers[peer], self._t, first_at=self._t)  # traffic waited for its key
 
     def remove_peer(self, peer: Vtep, now: float) -> None:
         self._advance(now)
@@ -298,7 +304,11 @@ class Sessions:
         """The fast path has data for ``peer`` and no tx key for it."""
         t = self._advance(now)
         p = self._peers.get(peer)
-        if p is None:
+        if p is None:  # no key known yet (the registry is still coming): handshake when it is
+            self._unknown_wants.pop(peer, None)
+            self._unknown_wants[peer] = t
+            while len(self._unknown_wants) > self.limits.buckets:
+                del self._unknown_wants[next(iter(self._unknown_wants))]
             return
         self._expire(p, t)
         if p.current is not None:

@@ -165,7 +165,8 @@ def main(hosts: int = 3, ipv6: bool = False) -> int:
             pings = {
                 (family, src, dst): lab.spawn(
                     lab.container_ns(src),
-                    ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", *target(family, dst)],
+                    # 2 answers within 6 s: the first frames of an encrypted network wait for a handshake
+                    ["ping", "-n", "-c", "2", "-i", "0.2", "-w", "6", *target(family, dst)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )

@@ -830,3 +830,16 @@ def test_an_initiation_sent_before_the_peer_knew_our_key_is_sent_again_when_its_
     assert a.sessions.counters.crossed == 1
     assert net.send_data(A, B) and net.send_data(B, A)  # no clock has moved
     assert_working(net)
+
+
+def test_traffic_for_a_peer_whose_key_is_not_known_yet_handshakes_as_soon_as_it_is() -> None:
+    a, b = Host(A, 1), Host(B, 2)
+    net = Net({A: a, B: b})
+    b.sessions.set_peer(A, a.public, 0.0)
+    net.want(A, B)  # A's registry has not brought B's key yet: nothing to do but remember
+    assert net.flight == []
+    net.now = 3.0
+    a.sessions.set_peer(B, b.public, a.at(net.now))  # the key arrives: the handshake goes at once
+    net.collect()
+    net.run()
+    assert net.send_data(A, B) and net.send_data(B, A)
