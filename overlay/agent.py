@@ -86,15 +86,16 @@ class Agent:
                 raise AgentUsageError(str(e)) from None
         room = SEAL_OVERHEAD if self.private_key is not None else 0
         try:
-            self.mtu = cfg.mtu if cfg.mtu is not None else default_overlay_mtu(*cfg.locals) - room
-            if cfg.mtu is not None and room and cfg.mtu > default_overlay_mtu(*cfg.locals) - room:
+            fits = default_overlay_mtu(*cfg.locals) - room  # the underlay's MTU less VXLAN's and sealing's
+            self.mtu = cfg.mtu if cfg.mtu is not None else fits
+            if cfg.mtu is not None and room and cfg.mtu > fits:
                 log.warning(
                     "--mtu %d leaves no room for the %d bytes of sealing on this underlay: on encrypted "
                     "networks frames over %d bytes are dropped (too_big); the default is %d",
                     cfg.mtu,
                     room,
-                    default_overlay_mtu(*cfg.locals) - room,
-                    default_overlay_mtu(*cfg.locals) - room,
+                    fits,
+                    fits,
                 )
         except TapError as e:
             raise AgentError(str(e)) from None

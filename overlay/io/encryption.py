@@ -115,9 +115,12 @@ class Encryption:
         self.flush()
 
     def tick(self) -> None:
-        sent = {Vtep(from_c(ip), port): counter for ip, port, _, counter in self.core.tx_counters()}
-        self.sessions.tick(self.clock(), sent)
+        self.sessions.tick(self.clock(), self._sent())
         self.flush()
+
+    def _sent(self) -> dict[Vtep, int]:
+        """Datagrams sealed per peer on its current tx key (the fast path's counters)."""
+        return {Vtep(from_c(ip), port): counter for ip, port, _, counter in self.core.tx_counters()}
 
     def flush(self) -> None:
         """Key changes into the C tables, then the handshake messages out."""
@@ -153,7 +156,7 @@ class Encryption:
 
     def status(self, networks: list[int], without_key: list[str]) -> EncryptionStatus:
         now = self.clock()
-        tx = {Vtep(from_c(ip), port): counter for ip, port, _, counter in self.core.tx_counters()}
+        tx = self._sent()
         rx_by_index = {index: packets for index, packets, _ in self.core.rx_stats()}
         rx: dict[Vtep, int] = {}
         for index, peer in self.rx_peer.items():
