@@ -23,6 +23,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from overlay.core import ports
+from overlay.core.ports import PortSpec
+from overlay.core.registry import DNS_LABEL, DNS_LABEL_FORM
+
 KINDS = frozenset({"netns", "network", "address", "invalid", "unknown", "broken", "etcd", "permission"})
 
 
@@ -53,6 +57,8 @@ class AttachRequest:
     gateway: str | None = None
     ip6: str | None = None  # V6/len, or V6 (the network's subnet6 gives the length), or "none"
     gateway6: str | None = None
+    name: str | None = None  # a DNS label: `<name>` and `<name>.<network>` resolve to it
+    publish: tuple[PortSpec, ...] = ()  # ports of the host published onto the container's
 
     @classmethod
     def from_params(cls, params: Mapping[str, object]) -> AttachRequest:
@@ -69,7 +75,43 @@ class AttachRequest:
             ip=_text(params, "ip"),
             ip6=_text(params, "ip6"),
             gateway6=_text(params, "gateway6"),
+            name=_name(params, "name"),
+            publish=tuple(_spec(s) for s in _texts(params, "publish")),
         )
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """``overlay publish`` / ``unpublish``: ``spec`` (overlay.core.ports) on the container
+    ``target``: an attachment id, a container name, or a namespace (name, path or PID) with
+    exactly one attachment. Unpublish matches by protocol and host port (a spec's container
+    port is not needed there: ``8080`` or ``8080/udp`` is enough, and ``all`` removes every one)."""
+
+    target: str
+    spec: PortSpec | None  # None: unpublish all
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object], unpublish: bool = False) -> PublishRequest:
+        target = _required(params, "target")
+        text = _required(params, "spec")
+        if unpublish:
+            if text == "all":
+                return cls(target, None)
+            port, _, proto = text.partition("/")
+            if port.isdigit() and ":" not in text:  # HOSTPORT[/proto]: the host port to close
+                text = f"{port}:1/{proto or 'tcp'}"
+        return cls(target, _spec(text))
+
+
+@dataclass(frozen=True)
+class NetRequest:
+    """``overlay net join`` / ``net leave``: network ``net``, a name or a VNI."""
+
+    net: str
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]) -> NetRequest:
+        return cls(_required(params, "net"))
 
 
 @dataclass(frozen=True)
@@ -143,3 +185,29 @@ def _text(params: Mapping[str, object], name: str) -> str | None:
     if not isinstance(value, str):
         raise Refused(f"{name} must be a string, not {type(value).__name__}", "invalid")
     return value
+
+
+def _texts(params: Mapping[str, object], name: str) -> list[str]:
+    """A list of strings (absent: empty); one string is a list of one."""
+    value = params.get(name)
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Refused(f"{name} must be a list of strings", "invalid")
+    return list(value)
+
+
+def _spec(text: str) -> PortSpec:
+    try:
+        return ports.parse(text)
+    except ValueError as e:
+        raise Refused(str(e), "invalid") from None
+
+
+def _name(params: Mapping[str, object], name: str) -> str | None:
+    value = _text(params, name)
+    if value is not None and not DNS_LABEL.match(value):
+        raise Refused(f"--name {value!r} is not a DNS label ({DNS_LABEL_FORM})", "invalid")
+    return value.lower() if value is not None else None

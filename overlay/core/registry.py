@@ -6,14 +6,16 @@ cycles), so a registry of 300k keys does not make every collection walk it.
 
     <prefix>/networks/<vni>                      {"name": str, "vni": int, "subnet": "A.B.C.D/len", "mtu": int,
                                                   "gateway": "A.B.C.D", "subnet6": "V6/len",
-                                                  "gateway6": "V6", "encrypted": true}
-                                                                     (gateway, subnet6, gateway6, encrypted optional)
+                                                  "gateway6": "V6", "encrypted": true, "nat": bool}
+                                                                     (gateway, subnet6, gateway6, encrypted, nat optional;
+                                                                      nat: egress NAT, default on with a gateway)
     <prefix>/hosts/<host-id>                     {"address": "A.B.C.D" or "V6", "port": int,
                                                   "probe_port": int, "address6": "V6",
                                                   "pubkey": base64}  (host's lease; address6: a dual-stack host;
                                                                       pubkey: its X25519 key, overlay/core/keys.py)
     <prefix>/networks/<vni>/members/<host-id>    {}                                             (host's lease)
-    <prefix>/networks/<vni>/endpoints/<mac>      {"host": str, "ipv4": [str], "ipv6": [str]}   (owner's lease,
+    <prefix>/networks/<vni>/endpoints/<mac>      {"host": str, "ipv4": [str], "ipv6": [str],   (owner's lease,
+                                                  "name": str (a DNS label, optional)}
                                                                                                   or none if written by an operator)
     <prefix>/networks/<vni>/ipam/<address>       {"host": str, "mac": str, "owner": str}        (IPAM: an address taken,
                                                                                                   under the holder's lease)
@@ -48,6 +50,9 @@ DEFAULT_PREFIX = "/overlay/v1"
 HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAC_KEY = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}\Z")  # one spelling only: aliases would collide
 HOST_ID_FORM = "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+# A container's name (DNS, RFC 1123 label): what `<name>` and `<name>.<network>` resolve.
+DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+DNS_LABEL_FORM = "1-63 of A-Z a-z 0-9 -, not starting or ending with -"
 
 
 class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
@@ -59,6 +64,13 @@ class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False
     subnet6: str | None = None  # dual-stack: the IPv6 subnet (a /64 to /120) addresses come from too
     gateway6: str | None = None  # containers' IPv6 default route
     encrypted: bool = False  # every datagram between member hosts sealed (left out of the JSON when false)
+    nat: bool | None = None  # egress NAT through the gateway; None: on when the network has a gateway
+
+    @property
+    def masquerades(self) -> bool:
+        """Whether traffic from the subnet leaving the host is masqueraded (``nat``, else on
+        when there is a gateway: Docker's bridge default)."""
+        return self.nat if self.nat is not None else (self.gateway is not None or self.gateway6 is not None)
 
 
 class Host(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
@@ -83,6 +95,7 @@ class Endpoint(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=Fals
     host: str
     ipv4: list[str] = []
     ipv6: list[str] = []
+    name: str | None = None  # a DNS label: the container's name on its network (left out of the JSON when None)
 
 
 class Allocation(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
@@ -206,8 +219,8 @@ class Schema:
 
 
 # Fields written only when not at their default, so values without them encode as before.
-_OPTIONAL: dict[type, tuple[str, ...]] = {Network: ("encrypted",), Host: ("pubkey",)}
-_DEFAULTS: dict[str, object] = {"encrypted": False, "pubkey": None}
+_OPTIONAL: dict[type, tuple[str, ...]] = {Network: ("encrypted", "nat"), Host: ("pubkey",), Endpoint: ("name",)}
+_DEFAULTS: dict[str, object] = {"encrypted": False, "pubkey": None, "nat": None, "name": None}
 
 
 _VALUE_TYPES: dict[type, type[Value]] = {
@@ -265,6 +278,8 @@ def check(k: Key, value: Value) -> None:
                 raise ValueError(f"ipv4 {a!r} is not an IPv4 address")
         for a in value.ipv6:
             ipaddress.IPv6Address(a)
+        if value.name is not None and not DNS_LABEL.match(value.name):
+            raise ValueError(f"name {value.name!r} is not a DNS label ({DNS_LABEL_FORM})")
 
 
 SUBNET6_PREFIXES = (64, 120)  # a network's subnet6: a /64 (SLAAC-sized) down to a /120
@@ -367,14 +382,23 @@ class _EndpointEntry:
     host's id shared, addresses in tuples, no empty list of its own); ``value`` makes the
     Endpoint when asked."""
 
-    __slots__ = ("host", "ipv4", "ipv6", "mod_revision", "mark")
+    __slots__ = ("host", "ipv4", "ipv6", "mod_revision", "mark", "name")
 
-    def __init__(self, host: str, ipv4: tuple[str, ...], ipv6: tuple[str, ...], mod_revision: int, mark: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        ipv4: tuple[str, ...],
+        ipv6: tuple[str, ...],
+        mod_revision: int,
+        mark: int,
+        name: str | None = None,
+    ) -> None:
         self.host, self.ipv4, self.ipv6, self.mod_revision, self.mark = host, ipv4, ipv6, mod_revision, mark
+        self.name = name
 
     @property
     def value(self) -> Endpoint:
-        return Endpoint(self.host, list(self.ipv4), list(self.ipv6))
+        return Endpoint(self.host, list(self.ipv4), list(self.ipv6), self.name)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, (_Entry, _EndpointEntry)) and (self.value, self.mod_revision) == (
@@ -614,6 +638,7 @@ class Registry:
                 tuple(value.ipv6) if value.ipv6 else (),
                 mod_revision,
                 mark,
+                value.name,
             )
             if old is None or old.host != host:
                 if old is not None:
