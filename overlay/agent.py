@@ -18,8 +18,18 @@ import msgspec
 import uvloop
 
 from overlay.core.addresses import IPAddress, format_address
+from overlay.core.attach import resolve_network
 from overlay.core.config import AgentConfig, tap_names
-from overlay.core.control import AppliedRequest, AttachRequest, CheckRequest, DetachRequest, Refused
+from overlay.core.control import (
+    AppliedRequest,
+    AttachRequest,
+    CheckRequest,
+    DetachRequest,
+    NetRequest,
+    PublishRequest,
+    Refused,
+)
+from overlay.core.dns import Names, upstreams
 from overlay.core.fdb import ForwardingTable, Vtep
 from overlay.core.keyring import Encrypted, Keyring, PeerKey
 from overlay.core.keys import encode, fingerprint, public_of
@@ -30,6 +40,7 @@ from overlay.core.registry import (
     Event,
     Host,
     HostKey,
+    Key,
     Member,
     MemberKey,
     Network,
@@ -41,6 +52,7 @@ from overlay.core.registry import (
 from overlay.core.seal import OVERHEAD as SEAL_OVERHEAD
 from overlay.core.sessions import Limits, Sessions
 from overlay.core.status import AgentInfo, NetworkInfo, RegistryStatus, Status
+from overlay.core.status import Dns as DnsStatus
 from overlay.core.topology import Topology
 from overlay.core.wire import mac_to_str
 from overlay.fastpath.api import ForwardingCore
@@ -48,6 +60,8 @@ from overlay.fastpath.sinks import CoreSink
 from overlay.io import bridge, control, metrics
 from overlay.io.containers import Containers, read_state, state_path
 from overlay.io.dataplane import Dataplane, DataplaneError
+from overlay.io.dns import DnsServer
+from overlay.io.egress import Egress
 from overlay.io.encryption import Encryption, cpu_has_aes
 from overlay.io.etcd import FAILURES as ETCD_ERRORS
 from overlay.io.etcd import EtcdClient, EtcdError, Tls, retry
@@ -104,7 +118,11 @@ class Agent:
         self.core = ForwardingCore(allow_vlan=cfg.allow_vlan, source_check=cfg.source_check)
         self.table = ForwardingTable(CoreSink(self.core), ageing=cfg.ageing, max_per_vni=cfg.max_per_vni)
         self.taps: dict[int, Tap] = {}  # VNI -> its TAP
-        self.macs: dict[int, int] = {}  # VNI -> its TAP's MAC
+        self.macs: dict[int, int] = {}  # VNI -> its TAP's MAC (its bridge's, with a bridge)
+        self.pinned = frozenset(tap_names(cfg))  # named at start: they stay without containers
+        self.local: LocalEndpoints | None = None
+        self.egress: Egress | None = None
+        self.membership = asyncio.Lock()  # one join or leave at a time
         try:
             for vni, name in tap_names(cfg).items():
                 self.table.add_vni(vni)
@@ -196,15 +214,7 @@ class Agent:
             address=str(cfg.address) if cfg.address else None,
             source_check=cfg.source_check,
             uptime_s=round(time.monotonic() - self.started, 1),
-            networks=[
-                NetworkInfo(
-                    vni=v,
-                    tap=t.name,
-                    mac=mac_to_str(self.macs[v]),
-                    bridge=bridge.bridge_name(v) if cfg.bridge else None,
-                )
-                for v, t in self.taps.items()
-            ],
+            networks=[self._network_info(v, t) for v, t in self.taps.items()],
             local6=str(cfg.local6) if cfg.local6 else None,
             unreachable=self.topology.unreachable() if self.topology is not None else [],
         )
@@ -217,11 +227,37 @@ class Agent:
         return Status(
             agent=agent,
             registry=registry,
+            egress=self.egress.status() if self.egress is not None else None,
+            dns=self._dns_status(),
             encryption=encryption,
             dataplane=self.dataplane.status(),
             attachments=self.containers.list() if self.containers is not None else [],
             probes=self.prober.status() if self.prober is not None else {},
             probe_counters=self.prober.counters() if self.prober is not None else None,
+        )
+
+    def _network_info(self, vni: int, tap: Tap) -> NetworkInfo:
+        network = self.etcd.registry.networks().get(vni) if self.etcd is not None else None
+        return NetworkInfo(
+            vni=vni,
+            tap=tap.name,
+            mac=mac_to_str(self.macs[vni]),
+            bridge=bridge.bridge_name(vni) if self.cfg.bridge else None,
+            name=network.name if network is not None else None,
+            gateway=network.gateway if network is not None else None,
+            gateway6=network.gateway6 if network is not None else None,
+            nat=bool(network is not None and network.masquerades),
+            pinned=vni in self.pinned,
+        )
+
+    def _dns_status(self) -> DnsStatus | None:
+        egress = self.egress
+        if egress is None or egress.dns is None:
+            return None
+        return DnsStatus(
+            listening=[a for v in sorted(egress.listening) for a in egress.listening[v]],
+            upstreams=[str(u) for u in egress.dns.upstreams],
+            counters=egress.dns.status(),
         )
 
     def status_json(self) -> dict[str, object]:
@@ -251,7 +287,44 @@ class Agent:
             "attachments": lambda req: containers().list(),
             "applied": lambda req: self._applied(AppliedRequest.from_params(req)),
             "rotate_key": lambda req: self._rotate_key(),
+            "publish": lambda req: containers().publish(PublishRequest.from_params(req)),
+            "unpublish": lambda req: containers().unpublish(PublishRequest.from_params(req, unpublish=True)),
+            "net_join": lambda req: self._net_join(containers(), NetRequest.from_params(req)),
+            "net_leave": lambda req: self._net_leave(containers(), NetRequest.from_params(req)),
         }
+
+    async def _net_join(self, containers: Containers, req: NetRequest) -> dict[str, object]:
+        """The control command ``net_join`` (overlay net join)."""
+        async with containers.lock:
+            vni, network, joined = await self.join(req.net)
+        return {"vni": vni, "name": network.name or str(vni), "joined": joined}
+
+    async def _net_leave(self, containers: Containers, req: NetRequest) -> dict[str, object]:
+        """The control command ``net_leave`` (overlay net leave): refused while containers are
+        attached to it, or for a network named with --network at start."""
+        async with containers.lock:
+            served = (
+                {v: self.etcd.registry.networks().get(v) or Network(v, str(v)) for v in self.taps} if self.etcd else {}
+            )
+            try:
+                vni, network = resolve_network(req.net, {v: n for v, n in served.items()}, served)
+            except Refused:
+                return {"vni": int(req.net) if req.net.isdigit() else None, "name": req.net, "left": False}
+            if vni in self.pinned:
+                raise Refused(
+                    f"network {network.name or vni} (VNI {vni}) was named with --network at start: it stays "
+                    f"joined (restart the agent without it to leave)",
+                    "invalid",
+                )
+            users = [a.id for a in containers.attached.values() if a.vni == vni]
+            if users:
+                raise Refused(
+                    f"network {network.name or vni} (VNI {vni}) has {len(users)} container(s) attached here "
+                    f"({', '.join(sorted(users)[:3])}{', ...' if len(users) > 3 else ''}): detach them first",
+                    "invalid",
+                )
+            await self.leave(vni)
+        return {"vni": vni, "name": network.name or str(vni), "left": True}
 
     async def _rotate_key(self) -> dict[str, object]:
         """The control command ``rotate_key`` (overlay key rotate): a new static key, written,
@@ -300,7 +373,9 @@ class Agent:
             server = await control.serve(
                 self.taps[cfg.vni].name,
                 self._control(),
-                privileged=frozenset({"attach", "detach", "check", "rotate_key"}),
+                privileged=frozenset(
+                    {"attach", "detach", "check", "rotate_key", "publish", "unpublish", "net_join", "net_leave"}
+                ),
             )
         except control.ControlError as e:
             raise AgentError(str(e)) from None
@@ -360,6 +435,8 @@ class Agent:
                         "containers stay attached: the lease lives on for %d s for the next agent to resume",
                         cfg.lease_ttl,
                     )
+                if self.egress is not None:
+                    await self.egress.close(keep)
                 await self.etcd.close(revoke=not keep)
             self.dataplane.stop()
         if failure:
@@ -426,10 +503,17 @@ class Agent:
         encryption = self.dataplane.encryption
         tls = Tls(cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key) if cfg.etcd_ca else None
 
+        names = Names()
+
         def apply(events: list[Event]) -> None:
             topology.apply(events, time.monotonic())
             if encryption is not None:
                 encryption.apply(keyring.apply(events))
+            names.apply(events)
+            if self.egress is not None and any(
+                isinstance(ev.key, NetworkKey) and ev.key.vni in self.taps for ev in events
+            ):
+                self.supervisor.spawn(self._egress_quietly(), "gateway and rules")
 
         self.etcd = client = EtcdClient(
             list(cfg.etcd),
@@ -466,7 +550,7 @@ class Agent:
         # Kept alive from now: reading a large registry takes longer than the lease's TTL.
         self.supervisor.spawn(client.keepalive(), "registry keepalive")
         subnet = str(cfg.address.network) if cfg.address else None
-        local = LocalEndpoints(cfg.host_id, self.macs, cfg.address.ip if cfg.address else None)
+        local = self.local = LocalEndpoints(cfg.host_id, self.macs, cfg.address.ip if cfg.address else None)
         for vni in self.macs:
             if await client.create_if_missing(NetworkKey(vni), Network(vni, f"net{vni}", subnet, self.mtu)):
                 log.info("created network %d in etcd (it was not defined)", vni)
@@ -487,12 +571,142 @@ class Agent:
         self.supervisor.spawn(client.watch(), "registry watch")
         if cfg.bridge:
             self.containers = Containers(
-                client, registry, cfg.host_id, list(self.macs), self.mtu, Path(cfg.state_dir), self.core.local_forget
+                client,
+                registry,
+                cfg.host_id,
+                self.macs,  # live: networks joined on demand are served too
+                self.mtu,
+                Path(cfg.state_dir),
+                self.core.local_forget,
+                join=self.join,
+                emptied=self._emptied,
+                egress=self._egress,
+            )
+            self.egress = Egress(
+                self.table,
+                lambda: {v: (registry.networks().get(v), t.name) for v, t in self.taps.items()},
+                lambda: self.containers.attachments.publications() if self.containers is not None else [],
+                self.mtu,
+                DnsServer(names, _upstreams(cfg.resolv_conf)),
             )
             await self.containers.adopt()
+            await self._egress_quietly()
             if client.resumed:
                 await self._sweep(client, registry)
             self.supervisor.spawn(self.containers.reap(), "container reaper")
+
+    # --- networks on demand ---------------------------------------------------------------------
+
+    async def join(self, net: str) -> tuple[int, Network, bool]:
+        """Join network ``net`` (a name or a VNI) at run time: its TAP, bridge (and gateway),
+        membership and flood list, its part of the registry followed; (vni, definition, whether
+        it was joined now). Refused (one line) when it is not in the registry; a failure half-way
+        undoes what was done. The other networks' traffic is not touched."""
+        client = self.etcd
+        if client is None or self.topology is None or self.local is None or not self.cfg.bridge:
+            raise Refused("joining networks needs etcd mode with bridges", "invalid")
+        async with self.membership:
+            try:
+                defined = await client.network_definitions(int(net) if net.isdigit() else None)
+            except ETCD_ERRORS as e:
+                raise Refused(
+                    f"the registry (etcd) did not answer ({e.__class__.__name__}): try again", "etcd"
+                ) from None
+            known = defined | {v: client.registry.networks().get(v) or Network(v, str(v)) for v in self.taps}
+            vni, network = resolve_network(net, known, known)
+            if vni in self.taps:
+                return vni, network, False
+            if vni not in defined:
+                raise Refused(f"network {net} is not in the registry: create it with 'overlay net create'", "network")
+            name = f"{self.cfg.tap}-{vni}"
+            name = name if len(name) <= 15 else f"ovt{vni}"
+            tap: Tap | None = None
+            done: list[str] = []
+            try:
+                tap = await asyncio.to_thread(Tap.open, name)
+                mac = await asyncio.to_thread(self._plumb, vni, tap)
+                self.table.add_vni(vni)
+                self.taps[vni], self.macs[vni] = tap, mac
+                self.dataplane.add_tap(vni, tap.fd)
+                done.append("tap")
+                self.topology.serve(vni, time.monotonic())
+                await client.follow(vni)
+                done.append("follow")
+                assert self.cfg.host_id is not None
+                await client.hold(MemberKey(vni, self.cfg.host_id), Member())
+                key, endpoint = self.local.add(vni, mac)
+                await client.hold(key, endpoint)
+            except (TapError, bridge.PlumbingError) as e:
+                await self._unjoin(vni, tap, done)
+                raise Refused(f"cannot join network {network.name or vni} (VNI {vni}): {e}", "network") from None
+            except ETCD_ERRORS as e:
+                await self._unjoin(vni, tap, done)
+                raise Refused(
+                    f"the registry (etcd) did not answer ({e.__class__.__name__}): try again", "etcd"
+                ) from None
+            except BaseException:
+                await self._unjoin(vni, tap, done)
+                raise
+        log.info("joined network %s (VNI %d) on demand: tap %s", network.name or vni, vni, name)
+        await self._egress_quietly()
+        return vni, network, True
+
+    def _plumb(self, vni: int, tap: Tap) -> int:
+        """A joined network's TAP into its bridge (made if missing); the bridge's MAC."""
+        bridge.quiet_port(tap.name)
+        tap.configure(self.mtu, None, None)
+        return bridge.ensure_bridge(vni, tap.name, self.mtu, None, None)
+
+    async def _unjoin(self, vni: int, tap: Tap | None, done: list[str]) -> None:
+        """Undo a join (or do a leave): everything ``join`` made, newest first."""
+        client = self.etcd
+        assert client is not None and self.topology is not None and self.local is not None
+        assert self.cfg.host_id is not None
+        keys: list[Key] = [MemberKey(vni, self.cfg.host_id), *self.local.remove(vni)]
+        for key in keys:
+            try:
+                await client.release(key)
+            except ETCD_ERRORS as e:
+                client.forget(key)  # under our lease: it goes with it at the latest
+                log.warning("registry: could not release %s (%s)", key, e.__class__.__name__)
+        if "follow" in done:
+            await client.leave(vni)
+        self.topology.unserve(vni)
+        self.table.remove_vni(vni)  # the fast path forgets the network (and its TAP) first ...
+        if "tap" in done:
+            self.dataplane.remove_tap(vni)
+            self.taps.pop(vni, None)
+            self.macs.pop(vni, None)
+        if tap is not None:
+            tap.close()  # ... then the TAP goes
+        await asyncio.to_thread(bridge.remove_bridge_if_unused, vni)
+
+    async def leave(self, vni: int) -> None:
+        """Leave network ``vni`` (joined on demand, no container left on it)."""
+        async with self.membership:
+            tap = self.taps.get(vni)
+            if tap is None:
+                return
+            await self._unjoin(vni, tap, ["tap", "follow"])
+        log.info("left network %d: its last container here is gone", vni)
+        await self._egress_quietly()
+
+    async def _emptied(self, vni: int) -> None:
+        """A network's last container here left: leave it unless it was named at start."""
+        if vni not in self.pinned and vni in self.taps:
+            await self.leave(vni)
+
+    async def _egress(self) -> None:
+        if self.egress is not None:
+            await self.egress.apply()
+
+    async def _egress_quietly(self) -> None:
+        """Apply gateways and rules after a registry or membership change; a failure is logged
+        (it is retried with the next change)."""
+        try:
+            await self._egress()
+        except Refused as e:
+            log.warning("%s", e)
 
     async def _sweep(self, client: EtcdClient, registry: Registry) -> None:
         """After resuming the previous agent's lease: delete what it held that we do not
@@ -532,6 +746,23 @@ class Agent:
         if self.cfg.bridge:  # a bridge with containers stays: they keep talking locally
             for vni in self.taps:
                 bridge.remove_bridge_if_unused(vni)
+
+
+def _upstreams(path: str) -> list[IPAddress]:
+    """The host's resolvers (loopback ones left out: they cannot serve a container; behind
+    systemd-resolved's stub, the servers it uses)."""
+    found: list[IPAddress] = []
+    for candidate in (path, "/run/systemd/resolve/resolv.conf"):
+        try:
+            with open(candidate) as f:
+                found = list(upstreams(f.read()))
+        except OSError as e:
+            if candidate == path:
+                log.warning("cannot read %s (%s): names outside the overlay are refused", path, e.strerror)
+            continue
+        if found:
+            break
+    return found
 
 
 def run(cfg: AgentConfig) -> None:

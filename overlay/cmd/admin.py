@@ -7,12 +7,16 @@ overlay/core/registry.py): every value is built as a registry type and written w
 does are one and the same to the agents, and ``ls`` shows what etcdctl wrote.
 
 - ``net create`` is a compare-and-create (an existing network is an error, never overwritten);
-  ``net set`` changes an existing network (``--encrypted``/``--no-encrypted``) with a
-  compare-and-set on the value it read, keeping fields it does not know (a newer tool's);
+  ``net set`` changes an existing network (``--encrypted``/``--no-encrypted``, ``--nat``/
+  ``--no-nat``) with a compare-and-set on the value it read, keeping fields it does not know (a
+  newer tool's); ``"nat"`` is written only when asked for, so the default (on with a gateway)
+  holds otherwise;
   ``net rm`` deletes the network key and everything under it (members, endpoints) in one
   transaction, and without ``--force`` only if no host is a member (checked in that transaction).
 - ``endpoint add`` writes without a lease: the endpoint is the operator's and stays until
   removed. It does not overwrite an endpoint an agent holds under its lease.
+- ``net join``/``net leave`` are not registry commands: they ask the agent of this network
+  namespace over its control socket (overlay.cmd.cli's ``_ask``, as ``status`` does).
 - ``host ls``: a host key lives under its agent's lease, so present means alive; the lease's
   remaining TTL is shown. Hosts named by members or endpoints but without a key are listed as
   not alive.
@@ -402,10 +406,16 @@ def cmd_net_create(args: argparse.Namespace) -> int:
         subnet6=subnet6,
         gateway6=gateway6,
         encrypted=encrypted,
+        nat=args.nat,
     )
     check(NetworkKey(vni), network)
     if args.force and not encrypted:
         raise UserError("--force goes with --encrypted (create it even if member hosts have no key)")
+    if args.nat and gateway is None and gateway6 is None:
+        warn(
+            f"network {vni} has no --gateway: containers have no route out, so --nat has no effect "
+            f"until it has one (the gateway is where their traffic is masqueraded)"
+        )
     target = Target.from_args(args)
 
     async def action(s: Session) -> None:
@@ -443,13 +453,19 @@ def cmd_net_create(args: argparse.Namespace) -> int:
         "subnet6": subnet6,
         "gateway6": gateway6,
         "encrypted": encrypted,
+        "nat": network.masquerades,
     }
+    nat = (
+        f", egress NAT {'on' if network.masquerades else 'off'}"
+        if args.nat is not None or gateway is not None or gateway6 is not None
+        else ""
+    )
     emit(
         target,
         data,
         f"created {'encrypted ' if encrypted else ''}network {vni} ({name}, subnet {subnet or '-'}, mtu {mtu or '-'}"
         f"{', gateway ' + gateway if gateway else ''}{', subnet6 ' + subnet6 if subnet6 else ''}"
-        f"{', gateway6 ' + gateway6 if gateway6 else ''})",
+        f"{', gateway6 ' + gateway6 if gateway6 else ''}{nat})",
     )
     return 0
 
@@ -522,14 +538,18 @@ def refuse_unkeyed(vni: int, view: Members, doing: str) -> None:
 
 
 def cmd_net_set(args: argparse.Namespace) -> int:
+    import msgspec
+
     from overlay.core.registry import Network, NetworkKey
 
     vni = parse_vni(args.vni)
-    if args.encrypted is None:
+    if args.encrypted is None and args.nat is None:
         raise UserError(
-            f"nothing to change: give --encrypted or --no-encrypted, e.g. overlay net set {vni} --encrypted"
+            f"nothing to change: give --encrypted or --no-encrypted, --nat or --no-nat, "
+            f"e.g. overlay net set {vni} --encrypted"
         )
-    want: bool = args.encrypted
+    want: bool | None = args.encrypted
+    want_nat: bool | None = args.nat
     if args.force and not want:
         raise UserError("--force goes with --encrypted (encrypt even if member hosts have no key)")
     target = Target.from_args(args)
@@ -551,19 +571,32 @@ def cmd_net_set(args: argparse.Namespace) -> int:
                 raise RunError(
                     f"{key} holds a value agents refuse ({e}): fix it with etcdctl put, or 'overlay net rm {vni}'"
                 ) from None
-            result = {"vni": vni, "encrypted": want, "changed": network.encrypted != want, "members": view.members}
+            encrypting = want is not None and network.encrypted != want
+            nat_changing = want_nat is not None and network.nat != want_nat
+            after = msgspec.structs.replace(network, nat=network.nat if want_nat is None else want_nat)
+            result = {
+                "vni": vni,
+                "encrypted": network.encrypted if want is None else want,
+                "changed": encrypting or nat_changing,
+                "members": view.members,
+                "nat": after.masquerades,
+                "encryption_changed": encrypting,
+                "nat_changed": nat_changing,
+            }
             if not result["changed"]:
                 return result
-            if want and not args.force:
+            if encrypting and want and not args.force:
                 refuse_unkeyed(vni, view, "encrypted")
-            if want:
+            if encrypting and want:
                 fields["encrypted"] = True
-            else:
+            elif encrypting:
                 fields.pop("encrypted", None)  # the plaintext form, as before encryption existed
+            if nat_changing:
+                fields["nat"] = want_nat
             raw = json.dumps(fields, separators=(",", ":")).encode()
             s.schema.decode(NetworkKey(vni), raw)  # still a good value
             compare = [t.mod(key.encode()) == view.network.mod_revision]
-            if want and not args.force:
+            if encrypting and want and not args.force:
                 compare += view.guard
             ok, _ = await s.client.transaction(
                 compare=compare, success=[t.put(key.encode(), raw, view.network.lease or None)], failure=[]
@@ -573,12 +606,15 @@ def cmd_net_set(args: argparse.Namespace) -> int:
         raise RunError(f"network {vni} or its members kept changing while it was being written: run the command again")
 
     data = run(target, action)
-    state = "encrypted" if want else "plaintext (not encrypted)"
-    emit(
-        target,
-        data,
-        f"network {vni} is now {state}" if data["changed"] else f"network {vni} is already {state}: nothing changed",
-    )
+    encryption_changed, nat_changed = data.pop("encryption_changed"), data.pop("nat_changed")
+    said = []
+    if want is not None:
+        state = "encrypted" if want else "plaintext (not encrypted)"
+        said.append(f"is now {state}" if encryption_changed else f"is already {state}")
+    if want_nat is not None:
+        nat = f"egress NAT {'on' if want_nat else 'off'}"
+        said.append(f"now has {nat}" if nat_changed else f"already has {nat}")
+    emit(target, data, f"network {vni} {' and '.join(said)}{'' if data['changed'] else ': nothing changed'}")
     return 0
 
 
@@ -604,10 +640,13 @@ def cmd_net_ls(args: argparse.Namespace) -> int:
                 "defined": net is not None,
                 "members": len(snap.members.get(vni, {})),
                 "endpoints": sum(1 for v, _ in snap.endpoints if v == vni),
+                "gateway": net.gateway if net else None,
+                "gateway6": net.gateway6 if net else None,
+                "nat": net.masquerades if net else None,  # egress NAT, the default resolved
             }
         )
     human = table(
-        ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "ENCRYPTED", "MEMBERS", "ENDPOINTS"],
+        ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "ENCRYPTED", "MEMBERS", "ENDPOINTS", "GATEWAY", "NAT"],
         [
             [
                 r["vni"],
@@ -618,6 +657,8 @@ def cmd_net_ls(args: argparse.Namespace) -> int:
                 None if r["encrypted"] is None else "yes" if r["encrypted"] else "no",
                 r["members"],
                 r["endpoints"],
+                ",".join(str(g) for g in (r["gateway"], r["gateway6"]) if g),
+                None if r["nat"] is None else "on" if r["nat"] else "off",
             ]
             for r in rows
         ],
@@ -673,6 +714,40 @@ def cmd_net_rm(args: argparse.Namespace) -> int:
         data,
         f"{what} {vni} ({data['deleted_keys']} keys: {data['members']} members, {data['endpoints']} endpoints)",
     )
+    return 0
+
+
+def parse_net(text: str) -> str:
+    """NET of ``net join``/``leave``: a VNI or a network's name, as ``overlay attach --net``."""
+    t = text.strip()
+    if t.isascii() and t.isdigit():
+        return str(parse_vni(t))
+    if not t or len(t) > 63 or not t.isprintable():
+        raise UserError(f"{text!r} is not a network: give its name (e.g. blue) or its VNI (e.g. 42)")
+    return t
+
+
+def cmd_net_join(args: argparse.Namespace) -> int:
+    from overlay.cmd.cli import _ask  # the local agent's control socket, as status and attach use it
+
+    answer = _ask("net_join", args.tap, 60.0, net=parse_net(args.net))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"{'joined' if answer['joined'] else 'already joined'} network {answer['name']} (VNI {answer['vni']})")
+    return 0
+
+
+def cmd_net_leave(args: argparse.Namespace) -> int:
+    from overlay.cmd.cli import _ask
+
+    answer = _ask("net_leave", args.tap, 60.0, net=parse_net(args.net))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif answer["left"]:
+        print(f"left network {answer['name']} (VNI {answer['vni']})")
+    else:
+        print(f"network {answer['name']} (VNI {answer['vni']}) was not joined here: nothing to leave")
     return 0
 
 
@@ -939,6 +1014,26 @@ ENCRYPTED_HELP = (
     "from a handshake between the hosts' keys ('overlay key show'); plaintext VXLAN for it is dropped"
 )
 
+NAT_HELP = (
+    "egress NAT: containers' traffic leaving the overlay through the gateway is masqueraded behind the "
+    'host\'s address ("nat": true; without --nat/--no-nat nothing is written and the default holds: on '
+    "when the network has a gateway)"
+)
+
+
+def nat_flags(p: argparse.ArgumentParser) -> None:
+    onoff = p.add_mutually_exclusive_group()
+    onoff.add_argument("--nat", dest="nat", action="store_const", const=True, help=NAT_HELP)
+    onoff.add_argument(
+        "--no-nat",
+        dest="nat",
+        action="store_const",
+        const=False,
+        help='no egress NAT ("nat": false): containers\' traffic leaves with their own addresses (routed), '
+        "for underlays that route the overlay's subnets",
+    )
+
+
 REGISTRY_NOTE = (
     "These commands read and write the etcd registry (DESIGN.md): the same keys and values "
     "as etcdctl put/del under the prefix, which every agent applies."
@@ -958,8 +1053,11 @@ def add_commands(sub: Any) -> None:
         "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
         "  overlay net create 43 --encrypted\n"
         "  overlay net set 42 --encrypted\n"
+        "  overlay net create 44 --subnet 198.19.44.0/24 --gateway 198.19.44.1 --no-nat   # routed, not masqueraded\n"
         "  overlay net ls --etcd http://198.18.0.250:2379\n"
-        "  overlay net rm 42",
+        "  overlay net rm 42\n"
+        "  overlay net join blue     # this host's agent serves network blue from now on (no etcd flags: it asks the agent)\n"
+        "  overlay net leave blue",
     )
     p = _leaf(
         net,
@@ -974,6 +1072,8 @@ def add_commands(sub: Any) -> None:
         "  overlay net create 42 --name blue --subnet 198.19.42.0/24 --mtu 1450\n"
         "  overlay net create 42 --subnet 198.19.42.0/24 --subnet6 2001:2:0:42::/64   # dual stack\n"
         "  overlay net create 42 --encrypted   # every datagram between its hosts sealed\n"
+        "  overlay net create 42 --subnet 198.19.42.0/24 --gateway 198.19.42.1   # egress NAT on (the default)\n"
+        "  overlay net create 42 --subnet 198.19.42.0/24 --gateway 198.19.42.1 --no-nat\n"
         "  same as: etcdctl put /overlay/v1/networks/42 "
         '\'{"vni":42,"name":"blue","subnet":"198.19.42.0/24","mtu":1450}\'',
         common,
@@ -999,11 +1099,12 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--encrypted", action="store_true", help=ENCRYPTED_HELP)
     p.add_argument("--force", action="store_true", help="with --encrypted: even if member hosts publish no pubkey")
+    nat_flags(p)
     p = _leaf(
         net,
         "set",
         cmd_net_set,
-        "change a network: encrypt it or not",
+        "change a network: encrypt it or not, masquerade its egress or not",
         "Change network VNI in place: a compare-and-set of <prefix>/networks/<vni> on the value read "
         "(fields this tool does not know are kept). --encrypted is refused while a member host publishes "
         "no pubkey in hosts/<id> (an older agent, which cannot encrypt: it would lose the network's "
@@ -1013,6 +1114,7 @@ def add_commands(sub: Any) -> None:
         "  overlay net set 42 --encrypted\n"
         "  overlay net set 42 --encrypted --force   # even with old agents among its members (they lose it)\n"
         "  overlay net set 42 --no-encrypted        # back to plaintext VXLAN (RFC 7348)\n"
+        "  overlay net set 42 --no-nat              # containers' traffic leaves with their own addresses\n"
         '  same as: etcdctl put /overlay/v1/networks/42 \'{"vni":42,...,"encrypted":true}\'',
         common,
     )
@@ -1027,14 +1129,16 @@ def add_commands(sub: Any) -> None:
         help="plaintext VXLAN again (the field is removed: the value is as before encryption existed)",
     )
     p.add_argument("--force", action="store_true", help="with --encrypted: even if member hosts publish no pubkey")
+    nat_flags(p)
     _leaf(
         net,
         "ls",
         cmd_net_ls,
         "list networks",
         "List the networks: VNI, name, subnet, subnet6, MTU, whether it is encrypted, how many hosts are "
-        "members and how many endpoints it has. A VNI with members or endpoints but no definition shows "
-        "as '(not defined)'.",
+        "members and how many endpoints it has, its gateway(s) and whether its egress is masqueraded (NAT: "
+        "on/off, the default resolved: on when it has a gateway). A VNI with members or endpoints but no "
+        "definition shows as '(not defined)'.",
         "examples:\n  overlay net ls\n  overlay net ls --json",
         common,
     )
@@ -1053,6 +1157,42 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("vni", metavar="VNI", help="the network's VNI")
     p.add_argument("--force", action="store_true", help="remove it even while hosts are members")
+    for name, func, text, description, examples in (
+        (
+            "join",
+            cmd_net_join,
+            "make this host's agent serve a network (on demand)",
+            "Ask the agent running in this network namespace (its control socket, not etcd) to join network "
+            "NET now: it makes the network's TAP and bridge, becomes a member in the registry and serves "
+            "its distributed gateway. Joining a network joined already is not an error. 'overlay status' "
+            "shows which networks were joined at start (--network) and which on demand.",
+            "examples:\n  overlay net join blue\n  overlay net join 42 --json\n"
+            "  ip netns exec h1 overlay net join blue   # the agent of lab host h1\n"
+            "prints: joined network blue (VNI 42)   (or: already joined network blue (VNI 42))",
+        ),
+        (
+            "leave",
+            cmd_net_leave,
+            "make this host's agent stop serving a network",
+            "Ask the agent running in this network namespace (its control socket, not etcd) to leave network "
+            "NET: its membership, TAP and bridge go. What the agent cannot leave (e.g. a network with "
+            "containers attached here) it refuses in one line (exit 2). Leaving a network that is not "
+            "joined is not an error.",
+            "examples:\n  overlay net leave blue\n  overlay net leave 42 --json\nprints: left network blue (VNI 42)",
+        ),
+    ):
+        p = net.add_parser(
+            name,
+            help=text,
+            description=textwrap.fill(description, 88),
+            epilog=examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("net", metavar="NET", help="the network's name or VNI")
+        p.add_argument("--tap", help="which agent, when several run in this namespace")
+        done = "joined" if name == "join" else "left"
+        p.add_argument("--json", action="store_true", help=f'print {{"vni", "name", "{done}"}} (false: nothing to do)')
+        p.set_defaults(func=func)
 
     _, host = _group(
         sub,

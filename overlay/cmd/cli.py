@@ -152,6 +152,13 @@ def add_agent(sub: Any) -> None:
         help="where attached containers are remembered, so a restarted agent takes them back (default /run/overlay)",
     )
     p.add_argument(
+        "--resolv-conf",
+        dest="resolv_conf",
+        metavar="FILE",
+        help="the host's resolvers, where the gateways' DNS sends names outside the overlay (default "
+        "/etc/resolv.conf; loopback servers are skipped; none left: such names are REFUSED)",
+    )
+    p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics, or 'off' (default 127.0.0.1:9465; "
@@ -249,7 +256,7 @@ def _ask(cmd: str, tap: str | None, timeout: float = 5.0, **params: Any) -> Any:
     try:
         return control.request(cmd, tap, timeout, **params)
     except control.ControlError as e:
-        if e.kind in ("invalid", "address", "network", "netns"):
+        if e.kind in ("invalid", "address", "network", "netns", "unknown"):
             raise UserError(str(e)) from None
         raise RunError(str(e)) from None
 
@@ -281,6 +288,15 @@ def format_status(s: Status) -> str:
             f"last read {r.resync_keys} keys in {r.resync_s:g} s  refused {r.refused}"
             + (f"  OUT OF SCOPE {r.out_of_scope}" if r.out_of_scope else "")
         )
+    defined = [n for n in a.networks if n.name is not None]  # what the registry defines (etcd mode)
+    if defined:
+        lines += ["", f"{'network':16} {'vni':>8}  {'gateway':34} {'nat':4} joined"]
+        for n in defined:
+            gateways = " ".join(g for g in (n.gateway, n.gateway6) if g) or "-"
+            lines.append(
+                f"{str(n.name)[:16]:16} {n.vni:>8}  {gateways:34} {'on' if n.nat else 'off':4} "
+                f"{'at start (--network)' if n.pinned else 'on demand'}"
+            )
     lines += [
         "",
         f"{'peer':24} {'rx frames':>12} {'rx bytes':>14} {'tx frames':>12} {'tx bytes':>14}",
@@ -336,7 +352,44 @@ def format_status(s: Status) -> str:
                 f"{str(c['id'])[:34]:34} {str(c['network'])[:12]:12} {c['ifname']!s:6} {c['mac']!s:17} "
                 f"{(c['address'] or c.get('address6'))!s:18} {c['host_ifname']!s:13}"
             )
+            published = c.get("published")
+            extra = ([f"name {c['name']}"] if c.get("name") else []) + (
+                [f"published {', '.join(_publication(p) for p in published)}"]
+                if isinstance(published, list) and published
+                else []
+            )
+            if extra:
+                lines.append("  " + "  ".join(extra))
+    g = s.egress
+    if g is not None:
+        state = f"applied, {g.rules} rules" if g.applied else f"NOT APPLIED: {g.error or 'no reason given'}"
+        lines += ["", f"egress  nft table {g.table}  {state}"]
+        if g.error and g.applied:  # applied once, the last change failed
+            lines.append(f"  last change failed: {g.error}")
+        if g.forwarding:
+            lines.append(f"  ip forwarding turned on: {', '.join(g.forwarding)}")
+        lines += [f"  PROBLEM: {problem}" for problem in g.problems]
+    dns = s.dns
+    if dns is not None:
+        counters = "  ".join(f"{k} {v}" for k, v in dns.counters.items())
+        lines += [
+            "",
+            f"dns     listening {', '.join(dns.listening) or 'nowhere'}  upstreams {', '.join(dns.upstreams) or 'none'}",
+        ]
+        if counters:
+            lines.append(f"  {counters}")
     return "\n".join(lines)
+
+
+def _publication(p: Any, to: str | None = None) -> str:
+    """A publication (JSON) as people read it: ``0.0.0.0:8080 -> 80/tcp``, or with the
+    container's address ``to``: ``0.0.0.0:8080 -> 198.19.42.2:80/tcp``."""
+    if not isinstance(p, dict):
+        return str(p)
+    host = format_address(p.get("host_ip") or "0.0.0.0", p.get("host_port") or 0)
+    port = p.get("port", 0)
+    target = format_address(to.split("/")[0], port) if to else str(port)
+    return f"{host} -> {target}/{p.get('proto', 'tcp')}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -366,7 +419,12 @@ def cmd_fdb(args: argparse.Namespace) -> int:
 
 def add_status(sub: Any) -> None:
     for name, func, text in (
-        ("status", cmd_status, "a running agent's counters: per-peer traffic, drops by reason, forwarding-table size"),
+        (
+            "status",
+            cmd_status,
+            "a running agent's counters: per-peer traffic, drops by reason, forwarding-table size; its "
+            "networks (gateways, NAT), containers (names, published ports), egress rules and DNS",
+        ),
         ("fdb", cmd_fdb, "a running agent's forwarding table"),
     ):
         p = sub.add_parser(name, help=text, description=f"Show {text}. Asks the agent of this network namespace.")
@@ -387,8 +445,83 @@ def netns_path(target: str) -> str:
     return f"/run/netns/{target}"
 
 
+def parse_container_name(text: str) -> str:
+    """``--name``: a DNS label (the container resolves as NAME and NAME.NETWORK)."""
+    from overlay.core.registry import DNS_LABEL, DNS_LABEL_FORM
+
+    if not DNS_LABEL.match(text):
+        raise UserError(f"--name {text!r} is not a DNS label: {DNS_LABEL_FORM}, e.g. web")
+    return text
+
+
+def parse_publish(text: str, flag: str = "") -> str:
+    """A publication spec (overlay.core.ports), checked here and sent in its canonical form."""
+    from overlay.core import ports
+
+    try:
+        return str(ports.parse(text))
+    except ValueError as e:  # "publish '8080:0': port 0 is not a port (1 to 65535)"
+        raise UserError(f"{flag}{str(e).removeprefix('publish ')}" if flag else str(e)) from None
+
+
+def parse_unpublish(text: str) -> str:
+    """What ``overlay unpublish`` takes: ``all``, ``HOSTPORT[/tcp|udp]`` or a whole spec."""
+    from overlay.core import ports
+
+    t = text.strip()
+    if t.lower() == "all":
+        return "all"
+    port, _, proto = t.partition("/")
+    if port.isdigit() and ":" not in t:
+        proto = (proto or "tcp").lower()
+        if not 1 <= int(port) <= 65535 or proto not in ports.PROTOCOLS:
+            raise UserError(f"unpublish {text!r}: a host port is 1 to 65535, a protocol tcp or udp, e.g. 8080/udp")
+        return f"{int(port)}/{proto}"
+    try:
+        return str(ports.parse(t))
+    except ValueError as e:
+        raise UserError(f"un{e}; or give HOSTPORT[/tcp|udp] (e.g. 8080), or all") from None
+
+
+def publish_target(text: str) -> str:
+    """The target of publish/unpublish as the agent takes it: a namespace (name from 'ip netns',
+    path or PID) as its absolute path, as attach sends it; anything else as given (an
+    attachment id or a container's --name, which the agent looks up)."""
+    path = netns_path(text)
+    return os.path.abspath(path) if os.path.exists(path) else text
+
+
+def _who(answer: Any) -> str:
+    name, ident = answer.get("name"), answer.get("id")
+    return f"{name}, {ident}" if name else str(ident)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    spec = parse_publish(args.spec)
+    answer = _ask("publish", args.tap, 30.0, target=publish_target(args.target), spec=spec)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"published {_publication(answer['published'], answer.get('address'))} ({_who(answer)})")
+    return 0
+
+
+def cmd_unpublish(args: argparse.Namespace) -> int:
+    spec = parse_unpublish(args.spec)
+    answer = _ask("unpublish", args.tap, 30.0, target=publish_target(args.target), spec=spec)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif not answer["unpublished"]:
+        print(f"nothing was published for {answer['id']}")
+    for p in [] if args.json else answer["unpublished"]:
+        print(f"unpublished {_publication(p)} ({answer['id']})")
+    return 0
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
     path = netns_path(args.target)
+    name = parse_container_name(args.name) if args.name is not None else None
+    publish = [parse_publish(text, "--publish ") for text in args.publish or []]
     if not os.path.exists(path):
         what = "process" if args.target.isdigit() else "network namespace"
         raise UserError(
@@ -407,16 +540,31 @@ def cmd_attach(args: argparse.Namespace) -> int:
         gateway=args.gateway,
         **({"ip6": args.ip6} if args.ip6 is not None else {}),
         **({"gateway6": args.gateway6} if args.gateway6 is not None else {}),
+        **({"name": name} if name is not None else {}),
+        **({"publish": publish} if publish else {}),
     )
+    if publish and "published" not in a:
+        print(
+            "overlay: warning: the agent published no port (it predates --publish): upgrade it, "
+            "then 'overlay publish' the ports",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(a, indent=2))
     else:
         print(
-            f"attached {args.target}: {a['ifname']} {a['mac']} {a['address'] or ''}"
+            f"attached {args.target}{' as ' + a['name'] if a.get('name') else ''}: "
+            f"{a['ifname']} {a['mac']} {a['address'] or ''}"
             f"{' ' + a['address6'] if a.get('address6') else ''} on network {a['network']} "
             f"(VNI {a['vni']}), mtu {a['mtu']}{', gateway ' + a['gateway'] if a['gateway'] else ''}; "
             f"host end {a['host_ifname']}"
         )
+        for p in a.get("published") or []:
+            v6 = ":" in str(p.get("host_ip") or "") and a.get("address6")  # an IPv6 host address: to the IPv6 one
+            print(f"  published {_publication(p, a.get('address6') if v6 else a['address'] or a.get('address6'))}")
+        dns = a.get("dns")
+        if isinstance(dns, dict) and dns.get("nameservers"):
+            print(f"  dns {', '.join(dns['nameservers'])}, search {', '.join(dns.get('search') or []) or '-'}")
     return 0
 
 
@@ -447,14 +595,18 @@ def add_attach(sub: Any) -> None:
             "container with its MAC, address, MTU and default route, the other in the network's bridge "
             "on this host. The endpoint (MAC, address, this host) is registered in etcd under the agent's "
             "lease, so every host forwards to it. Without --ip an address is allocated from the network's "
-            "subnet. Asks the agent of this network namespace (etcd mode)."
+            "subnet. --name gives it a DNS name on the network, --publish forwards ports of this host to it "
+            "(also later: 'overlay publish'). Asks the agent of this network namespace (etcd mode)."
         ),
         epilog=(
             "examples:\n"
             "  overlay attach web1 --net blue                      # a namespace from 'ip netns'\n"
             "  overlay attach 4242 --net 42 --ip 198.19.42.10/24   # a process's namespace\n"
             "  overlay attach /var/run/netns/db --net red --gateway 198.19.43.1\n"
-            "  overlay attach web2 --net blue --ip6 2001:2:0:42::10/64   # dual-stack: the network has subnet6"
+            "  overlay attach web2 --net blue --ip6 2001:2:0:42::10/64   # dual-stack: the network has subnet6\n"
+            "  overlay attach web1 --net blue --name web --publish 8080:80   # web and web.blue resolve to it;\n"
+            "                                                      # the host's port 8080 goes to its port 80\n"
+            "  overlay attach db --net blue --publish 5432 --publish 198.18.0.1:5353:53/udp   # 5432: a random host port"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -471,6 +623,18 @@ def add_attach(sub: Any) -> None:
         "when it has one; 'none' for no IPv6 address)",
     )
     p.add_argument("--gateway6", metavar="V6", help="IPv6 default route (default: the network's gateway6, if set)")
+    p.add_argument(
+        "--name",
+        help="the container's name, a DNS label (letters, digits, '-'): NAME and NAME.NETWORK resolve to its "
+        "address through the DNS on the network's gateway, on every host",
+    )
+    p.add_argument(
+        "--publish",
+        metavar="SPEC",
+        action="append",
+        help="publish a port of this host onto the container's: [HOSTIP:]HOSTPORT:PORT[/tcp|udp], or "
+        "PORT[/tcp|udp] for a random free host port (printed); repeat for each port",
+    )
     p.add_argument("--tap", help="which agent, when several run in this namespace")
     p.add_argument("--json", action="store_true", help="print the attachment as JSON")
     p.set_defaults(func=cmd_attach)
@@ -488,6 +652,58 @@ def add_attach(sub: Any) -> None:
     p.add_argument("--tap", help="which agent, when several run in this namespace")
     p.add_argument("--json", action="store_true", help="print what was detached as JSON")
     p.set_defaults(func=cmd_detach)
+    target_help = (
+        "the container: an attachment id (from 'overlay status'), its --name, or its namespace "
+        "(name from 'ip netns', path or PID; a namespace of that name wins over a --name)"
+    )
+    p = sub.add_parser(
+        "publish",
+        help="publish a port of this host onto an attached container's port",
+        description=(
+            "Forward a port of this host (TCP or UDP, on every address of the host or one) to a port of a "
+            "container attached here, by destination NAT in the agent's nftables table (inet overlay); "
+            "the container's replies go back the same way. Without a host port a random free one is "
+            "chosen and printed. The publication lasts as long as the attachment (also across agent "
+            "restarts), or until 'overlay unpublish'. Asks the agent of this network namespace."
+        ),
+        epilog=(
+            "examples:\n"
+            "  overlay publish web 8080:80                  # this host's port 8080 -> the container's 80/tcp\n"
+            "  overlay publish web 80                       # a random free host port -> 80/tcp (printed)\n"
+            "  overlay publish web 198.18.0.1:5353:53/udp   # only on that address of the host\n"
+            "  overlay publish cni/c0ffee/eth0 [2001:2:0:1::1]:8443:443\n"
+            "prints: published 0.0.0.0:8080 -> 198.19.42.2:80/tcp (web, cni/c0ffee/eth0)\n"
+            "SPEC: [HOSTIP:]HOSTPORT:PORT[/tcp|udp], or [HOSTIP::]PORT[/tcp|udp]; ports 1-65535, tcp by default"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", metavar="TARGET", help=target_help)
+    p.add_argument("spec", metavar="SPEC", help="[HOSTIP:]HOSTPORT:PORT[/tcp|udp], or PORT[/tcp|udp]")
+    p.add_argument("--tap", help="which agent, when several run in this namespace")
+    p.add_argument("--json", action="store_true", help='print {"id", "name", "address", "published"}')
+    p.set_defaults(func=cmd_publish)
+    p = sub.add_parser(
+        "unpublish",
+        help="stop publishing a port onto a container (undo publish)",
+        description=(
+            "Remove publications of a container attached here: the one on a host port (HOSTPORT, tcp unless "
+            "/udp is given, or the whole spec as published), or all of them. Asks the agent of this "
+            "network namespace."
+        ),
+        epilog=(
+            "examples:\n"
+            "  overlay unpublish web 8080          # host port 8080/tcp\n"
+            "  overlay unpublish web 5353/udp\n"
+            "  overlay unpublish web 8080:80       # the spec as it was published\n"
+            "  overlay unpublish web all"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", metavar="TARGET", help=target_help)
+    p.add_argument("spec", metavar="SPEC", help="HOSTPORT[/tcp|udp], a whole spec, or all")
+    p.add_argument("--tap", help="which agent, when several run in this namespace")
+    p.add_argument("--json", action="store_true", help='print {"id", "unpublished": [...]}')
+    p.set_defaults(func=cmd_unpublish)
 
 
 # --- overlay key ------------------------------------------------------------------------------

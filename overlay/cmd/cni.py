@@ -16,7 +16,7 @@ on the agent's control socket (overlay.control) and the answer into a CNI result
 makes the interface, assigns and publishes the address, and remembers the attachment under the
 id ``cni/<container id>/<ifname>``:
 
-    ADD   -> attach(netns, net, ifname, id, ip, mac, gateway, ip6, gateway6) -> the attachment
+    ADD   -> attach(netns, net, ifname, id, ip, mac, gateway, ip6, gateway6[, name, publish]) -> the attachment
     DEL   -> detach(id)  (idempotent: nothing attached is a success)
     CHECK -> check(id)   (the agent checks the live state; here the answer is held against prevResult)
 
@@ -29,6 +29,14 @@ subnet6), "gateway6", "dns" (copied into the result). The addresses and MAC may 
 weakest first, by CNI_ARGS IP= (an address of either family, or one of each separated by a
 comma) / MAC= and by runtimeConfig "ips" (at most one address per family) / "mac" (the "ips"
 and "mac" capabilities).
+
+Reaching and being reached: runtimeConfig "portMappings" (the capability of that name, as
+podman and the portmap plugin speak it: ``{"hostPort", "containerPort", "protocol", "hostIP"}``)
+become the attachment's published ports (hostPort 0 or absent: a random free one; hostIP "" or
+absent, 0.0.0.0 or ::: every address of the host); CNI_ARGS K8S_POD_NAME (podman sets it to the
+container's name) becomes its DNS name, made a DNS label (lower case, other characters '-',
+at most 63). The result's "dns" is the config's, else the agent's (the network's gateway as
+nameserver, the network's name to search) when the network has a gateway.
 
 The result has one ``ips`` entry per address, IPv4 first ("version": "4" or "6" before CNI
 1.0.0), with its gateway, and a default route (0.0.0.0/0, ::/0) per gateway.
@@ -51,6 +59,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from overlay.core import ports
+from overlay.core.registry import DNS_LABEL
 from overlay.core.wire import mac_to_str, unicast_mac
 from overlay.io import control
 
@@ -132,6 +142,8 @@ class NetConf:
     prev_result: dict[str, Any] | None
     ip6: str | None = None  # V6/len, V6, or "none"
     gateway6: str | None = None
+    container_name: str | None = None  # its DNS name (CNI_ARGS K8S_POD_NAME, made a DNS label)
+    publish: tuple[str, ...] = ()  # runtimeConfig portMappings as publication specs (overlay.core.ports)
 
 
 # --- the pure part: environment, config, results --------------------------------------------
@@ -171,14 +183,68 @@ def parse_cni_args(text: str) -> dict[str, str]:
             )
         pairs[key] = value
     ignore = pairs.pop("IgnoreUnknown", "").lower() in ("1", "true")
-    unknown = sorted(set(pairs) - {"IP", "MAC"})
+    unknown = sorted(set(pairs) - set(KNOWN_ARGS))
     if unknown and not ignore:
         raise CniError(
             INVALID_ENVIRONMENT,
             f"CNI_ARGS: unknown {', '.join(unknown)}",
-            "overlay-cni understands IP and MAC; add IgnoreUnknown=1 to pass others",
+            "overlay-cni understands IP, MAC and K8S_POD_NAME; add IgnoreUnknown=1 to pass others",
         )
-    return {k: v for k, v in pairs.items() if k in ("IP", "MAC")}
+    return {k: v for k, v in pairs.items() if k in KNOWN_ARGS}
+
+
+KNOWN_ARGS = ("IP", "MAC", "K8S_POD_NAME")
+
+
+def dns_label(text: str) -> str | None:
+    """A container's name as a DNS label (registry.DNS_LABEL): lower case, characters other than
+    a-z, 0-9 and '-' made '-', no '-' at either end, at most 63 characters; None if nothing is left."""
+    label = re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-")[:63].rstrip("-")
+    return label if label and DNS_LABEL.match(label) else None
+
+
+def port_mappings(value: Any) -> tuple[str, ...]:
+    """runtimeConfig portMappings (the portMappings capability) as publication specs."""
+    where = "runtimeConfig portMappings"
+    form = (
+        'a list of {"hostPort": 8080, "containerPort": 80, "protocol": "tcp" or "udp", "hostIP": ""}; '
+        "hostPort 0 or absent: a random free port, hostIP empty or absent: every address of the host"
+    )
+    if not isinstance(value, list):
+        raise CniError(INVALID_CONFIG, f"{where}: {value!r} is not a list", form)
+    specs = []
+    for i, m in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(m, dict):
+            raise CniError(INVALID_CONFIG, f"{at}: {m!r} is not an object", form)
+        container, host = m.get("containerPort"), m.get("hostPort") or 0
+        proto, host_ip = m.get("protocol") or "tcp", m.get("hostIP") or ""
+        if isinstance(container, bool) or not isinstance(container, int) or not 1 <= container <= 65535:
+            raise CniError(INVALID_CONFIG, f"{at}: containerPort {container!r} is not a port (1 to 65535)", form)
+        if isinstance(host, bool) or not isinstance(host, int) or not 0 <= host <= 65535:
+            raise CniError(INVALID_CONFIG, f"{at}: hostPort {host!r} is not a port (1 to 65535, or 0: random)", form)
+        if not isinstance(proto, str) or proto.lower() not in ports.PROTOCOLS:
+            raise CniError(INVALID_CONFIG, f"{at}: protocol {proto!r} is not tcp or udp", form)
+        if not isinstance(host_ip, str):
+            raise CniError(INVALID_CONFIG, f"{at}: hostIP {host_ip!r} is not an address", form)
+        address = ""
+        if host_ip:
+            try:
+                ip = ipaddress.ip_address(host_ip)
+            except ValueError:
+                raise CniError(
+                    INVALID_CONFIG, f"{at}: hostIP {host_ip!r} is not an IPv4 or IPv6 address", form
+                ) from None
+            if not ip.is_unspecified:  # 0.0.0.0 and :: say every address, as an empty hostIP
+                address = f"[{ip}]:" if ip.version == 6 else f"{ip}:"
+        text = (
+            f"{address}{host or ''}:{container}/{proto.lower()}" if host or address else f"{container}/{proto.lower()}"
+        )
+        try:
+            specs.append(str(ports.parse(text)))
+        except ValueError as e:
+            raise CniError(INVALID_CONFIG, f"{at}: {e}", form) from None
+    return tuple(specs)
 
 
 def parse_environment(environ: Mapping[str, str], command: str) -> Invocation:
@@ -360,6 +426,7 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
         raise CniError(INVALID_CONFIG, '"runtimeConfig" must be an object')
     if runtime.get("mac") is not None:
         mac = _mac(runtime["mac"], "runtimeConfig mac")
+    publish = port_mappings(runtime["portMappings"]) if runtime.get("portMappings") is not None else ()
     if runtime.get("ips") is not None:
         ips = runtime["ips"]
         if not isinstance(ips, list):
@@ -379,7 +446,8 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
         raise CniError(
             INVALID_CONFIG, '"prevResult" must be a CNI result', "an object whose interfaces, ips and routes are lists"
         )
-    return NetConf(version, name, network, agent, ip, mac, gateway, dns, prev, ip6, gateway6)
+    pod_name = dns_label(args["K8S_POD_NAME"]) if args.get("K8S_POD_NAME") else None
+    return NetConf(version, name, network, agent, ip, mac, gateway, dns, prev, ip6, gateway6, pod_name, publish)
 
 
 def _version_before_1(version: str) -> bool:
@@ -413,8 +481,22 @@ def add_result(conf: NetConf, inv: Invocation, answer: Mapping[str, Any], host_m
     result: dict[str, Any] = {"cniVersion": conf.version, "interfaces": interfaces, "ips": ips}
     if routes:
         result["routes"] = routes
-    result["dns"] = prev.get("dns") or conf.dns or {}
+    result["dns"] = prev.get("dns") or conf.dns or agent_dns(answer)
     return result
+
+
+def agent_dns(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The result's dns from the attachment's: the network's gateway(s) as nameservers, its
+    name to search; {} when the network has no gateway (or the agent predates DNS)."""
+    dns = answer.get("dns")
+    if not isinstance(dns, dict):
+        return {}
+    out = {}
+    for key in ("nameservers", "search"):
+        values = dns.get(key)
+        if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+            out[key] = list(values)
+    return out if "nameservers" in out else {}
 
 
 def check_result(conf: NetConf, inv: Invocation, answer: Mapping[str, Any]) -> None:
@@ -566,9 +648,17 @@ def run(
                     gateway=conf.gateway,
                     ip6=conf.ip6,
                     gateway6=conf.gateway6,
+                    **({"name": conf.container_name} if conf.container_name is not None else {}),
+                    **({"publish": list(conf.publish)} if conf.publish else {}),
                 ),
                 "attach",
             )
+            if conf.publish and "published" not in answer:  # an agent that ignored them: the runtime DELs
+                raise CniError(
+                    UNSUPPORTED_FIELD,
+                    "the overlay agent does not publish ports (runtimeConfig portMappings): it predates them",
+                    "upgrade the overlay agent on this host, or run the container without published ports",
+                )
             return add_result(conf, inv, answer, answer.get("host_mac") or host_mac(answer["host_ifname"]))
         if command == "DEL":
             answer = ask("detach", tap, timeout=ATTACH_TIMEOUT, id=inv.attachment_id)

@@ -63,12 +63,13 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Union
 
 from overlay.core import ipam
 from overlay.core.addresses import IPAddress
 from overlay.core.control import AttachRequest, DetachRequest, Refused
+from overlay.core.ports import PortSpec
 from overlay.core.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
 from overlay.core.wire import mac_to_int, mac_to_str, unicast_mac
 
@@ -93,6 +94,8 @@ class Attachment:
     mtu: int
     address6: str | None = None  # V6/len; None: no IPv6 address
     gateway6: str | None = None
+    name: str | None = None  # its DNS name on the network (a label)
+    published: tuple[PortSpec, ...] = ()  # host ports published onto it (each with its host port chosen)
 
     @property
     def interface(self) -> ipaddress.IPv4Interface | None:
@@ -129,10 +132,22 @@ class Attachment:
     def endpoint(self, host: str) -> Endpoint:
         """The endpoint it is published as, on ``host``."""
         v4, v6 = self.interface, self.interface6
-        return Endpoint(host, [str(v4.ip)] if v4 else [], [str(v6.ip)] if v6 else [])
+        return Endpoint(host, [str(v4.ip)] if v4 else [], [str(v6.ip)] if v6 else [], self.name)
+
+    def target(self, spec: PortSpec) -> IPAddress | None:
+        """The address of this container that ``spec`` forwards to: of the host address's
+        family, IPv4 first when the spec has no host address; None if it has none of that family."""
+        v4, v6 = self.interface, self.interface6
+        if spec.host_ip is not None:
+            chosen = v4 if spec.host_ip.version == 4 else v6
+        else:
+            chosen = v4 or v6
+        return chosen.ip if chosen is not None else None
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["published"] = [p.to_json() for p in self.published]
+        return record
 
     @classmethod
     def from_json(cls, record: object) -> Attachment:
@@ -140,7 +155,7 @@ class Attachment:
         if not isinstance(record, dict):
             raise TypeError(f"an attachment is a JSON object, not {type(record).__name__}")
         names = [f.name for f in fields(cls)]
-        optional = ("address6", "gateway6")  # added with dual stack: older records lack them
+        optional = ("address6", "gateway6", "name", "published")  # added later: older records lack them
         missing = [n for n in names if n not in record and n not in optional]
         unknown = sorted(str(k) for k in record if k not in names)
         if missing or unknown:
@@ -154,6 +169,15 @@ class Attachment:
 
         def maybe(name: str) -> str | None:
             return None if record.get(name) is None else text(name)
+
+        def published() -> tuple[PortSpec, ...]:
+            value = record.get("published") or []
+            if not isinstance(value, list):
+                raise TypeError(f"attachment field published must be a list, not {type(value).__name__}")
+            try:
+                return tuple(PortSpec.from_json(p) for p in value)
+            except ValueError as e:
+                raise TypeError(f"attachment field published: {e}") from None
 
         def number(name: str) -> int:
             value = record[name]
@@ -174,6 +198,8 @@ class Attachment:
             number("mtu"),
             maybe("address6"),
             maybe("gateway6"),
+            maybe("name"),
+            published(),
         )
 
 
@@ -324,14 +350,14 @@ def resolve_network(name: str, networks: Mapping[int, Network], served: Collecti
     if vni is None or (vni not in networks and vni not in served):
         known = ", ".join(f"{n.name or v} ({v})" for v, n in sorted(networks.items())) or "none"
         raise Refused(
-            f"network {name!r} is unknown here: this host's agent is not on network {name} (it follows "
-            f"only its own networks: {known}); start it with --network VNI to join another, or create "
-            f"the network with 'overlay net create'",
+            f"network {name!r} is not in the registry (networks known here: {known}): create it with "
+            f"'overlay net create', or give its VNI",
             "network",
         )
     if vni not in served:
         raise Refused(
-            f"this host's agent is not on network {name} (VNI {vni}): start it with --network {vni}", "network"
+            f"this host's agent is not on network {name} (VNI {vni}): join it with 'overlay net join {vni}'",
+            "network",
         )
     return vni, networks.get(vni) or Network(vni, str(vni))
 
@@ -623,6 +649,7 @@ class Attachments:
         address: ipaddress.IPv4Interface | None,
         gateway6: ipaddress.IPv6Address | None = None,
         address6: ipaddress.IPv6Interface | None = None,
+        published: Iterable[PortSpec] = (),
     ) -> AttachPlan:
         """Attaching ``req`` as ``attachment_id`` with the candidate ``address`` and ``address6``
         (at least one of them)."""
@@ -639,6 +666,8 @@ class Attachments:
             min(network.mtu or self.mtu, self.mtu),  # never above the TAP's: the bridge would drop
             str(address6) if address6 else None,
             str(gateway6) if gateway6 and address6 else None,
+            req.name,
+            tuple(published),
         )
         claim = ClaimAddress(a.address_keys, Allocation(self.host_id, mac, attachment_id))
         if address is not None and gateway is not None and gateway not in address.network:
@@ -648,6 +677,68 @@ class Attachments:
             )
         endpoint = PublishEndpoint(a.endpoint_key, a.endpoint(self.host_id))
         return AttachPlan(a, (claim, PlugVeth(a), endpoint, SaveAttached(a)))
+
+    # --- published ports ------------------------------------------------------------------------
+
+    def target(self, text: str, netns: str | None) -> Attachment:
+        """The attachment ``overlay publish``/``unpublish`` names: an attachment id, a container
+        name, or a namespace (``netns``: its id, None if ``text`` is not one) holding exactly one
+        attachment; refused (kind "unknown", or "invalid" when several match) otherwise."""
+        if text in self.attached:
+            return self.attached[text]
+        found = [a for a in self.attached.values() if a.name is not None and a.name == text.lower()]
+        if not found and netns is not None:
+            prefix = netns_prefix(netns)
+            found = [a for a in self.attached.values() if a.id.startswith(prefix) or a.netns == text]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise Refused(
+                f"{text} names {len(found)} attachments ({', '.join(sorted(a.id for a in found))}): give the "
+                f"attachment id (overlay status lists them)",
+                "invalid",
+            )
+        raise Refused(f"no container {text!r} is attached on this host (an id, a --name or a namespace)", "unknown")
+
+    def publications(self) -> list[tuple[Attachment, PortSpec]]:
+        """Every published port on this host, with the attachment it goes to."""
+        return [(a, p) for a in self.attached.values() for p in a.published]
+
+    def check_publish(self, a: Attachment, specs: Iterable[PortSpec]) -> None:
+        """Refuse (one line) ``specs`` for ``a``: a host port published here already (by any
+        container, or twice in ``specs``), or a container without an address of the spec's
+        family. A spec without a host port (random) conflicts with nothing here."""
+        taken = {p.key: other for other, p in self.publications()}
+        for spec in specs:
+            if a.target(spec) is None:
+                family = "IPv6" if spec.host_ip is not None and spec.host_ip.version == 6 else "IPv4"
+                raise Refused(f"publish {spec}: {a.id} has no {family} address to forward to", "invalid")
+            if spec.host_port:
+                other = taken.get(spec.key)
+                if other is not None:
+                    who = f"{other.name} ({other.id})" if other.name else other.id
+                    raise Refused(
+                        f"host port {spec.host_port}/{spec.proto} is already published here, for {who}: "
+                        f"unpublish it first, or choose another",
+                        "address",
+                    )
+                taken[spec.key] = a
+
+    def with_published(self, a: Attachment, specs: Iterable[PortSpec]) -> Attachment:
+        """``a`` with ``specs`` (host ports chosen) added."""
+        return replace(a, published=(*a.published, *specs))
+
+    def unpublished(self, a: Attachment, spec: PortSpec | None) -> tuple[Attachment, list[PortSpec]]:
+        """``a`` without the publication ``spec`` names (by protocol and host port; None: all of
+        them), and what was removed; refused (kind "unknown") if nothing matches."""
+        gone = [p for p in a.published if spec is None or p.key == spec.key]
+        if not gone and spec is not None:
+            shown = ", ".join(str(p) for p in a.published) or "none"
+            raise Refused(
+                f"{a.id} has no host port {spec.host_port}/{spec.proto} published (its publications: {shown})",
+                "unknown",
+            )
+        return replace(a, published=tuple(p for p in a.published if p not in gone)), gone
 
     # --- detach and check -----------------------------------------------------------------------
 

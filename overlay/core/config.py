@@ -76,6 +76,7 @@ class AgentConfig:
     etcd_password: str | None = None
     bridge: bool = False  # a Linux bridge per network holding the TAP (default on in etcd mode)
     state_dir: str = DEFAULT_STATE_DIR  # where attachments are remembered across restarts
+    resolv_conf: str = "/etc/resolv.conf"  # the host's resolvers: the gateways' DNS forwards other names there
     metrics: str | None = None  # Prometheus endpoint HOST:PORT, "off"; None: the default, and best effort
     probe_port: int | None = None  # UDP port of peer probes, 0 = off; None: the default, and best effort
     encrypt: bool = False  # static mode: seal all traffic of the VNI (etcd mode: per network, in the registry)
@@ -136,6 +137,7 @@ KEYS = (
     "etcd_password",
     "bridge",
     "state_dir",
+    "resolv_conf",
     "metrics",
     "probe_port",
     "local6",
@@ -239,6 +241,7 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
         max_per_vni=_int("max_per_vni", settings.get("max_per_vni", DEFAULT_MAX_PER_VNI), 1, 1 << 24),
         bridge=_bool("bridge", settings.get("bridge", False)),
         state_dir=_path("state_dir", settings.get("state_dir", DEFAULT_STATE_DIR)),
+        resolv_conf=_path("resolv_conf", settings.get("resolv_conf", "/etc/resolv.conf")),
         metrics=_metrics(settings["metrics"]) if settings.get("metrics") is not None else None,
         probe_port=_int("probe_port", settings["probe_port"], 0, 65535)
         if settings.get("probe_port") is not None

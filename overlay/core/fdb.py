@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Protocol, Sequence, Union
 
 from overlay.core.addresses import IPAddress, format_address
+from overlay.core.gateway import is_gateway_mac
 from overlay.core.wire import DEFAULT_PORT, check_vni, is_multicast_mac
 
 DEFAULT_AGEING = 300.0
@@ -70,6 +71,7 @@ class Outcome(enum.Enum):
     REFUSED_CAP = "refused_cap"
     REFUSED_UNKNOWN_VNI = "refused_unknown_vni"
     REFUSED_MULTICAST = "refused_multicast"  # a group MAC is never a unicast destination
+    REFUSED_GATEWAY = "refused_gateway"  # a gateway's MAC is on every host: never learned (core/gateway.py)
 
 
 class TableSink(Protocol):
@@ -139,6 +141,7 @@ class Counters:
     expired: int = 0
     evicted: int = 0
     refused_table_full: int = 0  # the fast path's table could not take it (out of VTEP ids)
+    refused_gateway: int = 0  # frames from another host with a gateway's MAC as their source
 
 
 class ForwardingTable:
@@ -278,7 +281,11 @@ class ForwardingTable:
         return Outcome.SHADOWED if after[0] > source else outcome
 
     def learn(self, vni: int, mac: int, vtep: Vtep, now: float) -> Outcome:
-        """Frames from ``mac`` arrived from ``vtep``: learn or refresh it."""
+        """Frames from ``mac`` arrived from ``vtep``: learn or refresh it (never a gateway's
+        MAC: every host has that one on its own bridge)."""
+        if is_gateway_mac(mac):
+            self.counters.refused_gateway += 1
+            return Outcome.REFUSED_GATEWAY
         return self.put(vni, mac, vtep, Source.LEARNED, now)
 
     def touch(self, vni: int, mac: int, now: float) -> None:

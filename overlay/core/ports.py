@@ -121,6 +121,8 @@ def parse(spec: str) -> PortSpec:
             host_port, port = parts[1], parts[2]
         else:
             raise ValueError(f"publish {spec!r} is not {FORM}")
+    if host_ip is not None and host_ip.is_unspecified:
+        host_ip = None  # 0.0.0.0 or [::]: every address of the host, as Docker reads it
     try:
         return PortSpec(proto, _port(host_port, "host port") if host_port else 0, _port(port, "port"), host_ip)
     except ValueError as e:

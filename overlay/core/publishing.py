@@ -37,6 +37,18 @@ class LocalEndpoints:
         own = {str(address)} if address is not None else set()
         self.addresses: dict[tuple[int, int], set[str]] = {(vni, mac): set(own) for vni, mac in taps.items()}
 
+    def add(self, vni: int, mac: int, address: ipaddress.IPv4Address | None = None) -> tuple[EndpointKey, Endpoint]:
+        """A TAP joined at run time (network ``vni``, its bridge's ``mac``): its endpoint, to hold."""
+        self.addresses[vni, mac] = {str(address)} if address is not None else set()
+        return self.endpoint(vni, mac)
+
+    def remove(self, vni: int) -> list[EndpointKey]:
+        """Network ``vni`` was left: the endpoints of MACs seen behind its TAP, to release."""
+        gone = [k for k in self.addresses if k[0] == vni]
+        for k in gone:
+            del self.addresses[k]
+        return [EndpointKey(vni, mac) for _, mac in gone]
+
     def initial(self) -> list[tuple[EndpointKey, Endpoint]]:
         """The TAPs' own endpoints, to hold from the start."""
         return [self.endpoint(vni, mac) for vni, mac in self.addresses]

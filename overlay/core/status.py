@@ -8,7 +8,8 @@ exactly its keys, nesting, types and order, and ``Status.from_json()`` reads it 
     {"agent": AgentInfo, "registry": RegistryStatus | null,
      "wakeups", "peers", "totals", "drops", "fdb", "coalesced_frames", "arp_suppressed", "nd_suppressed",   (DataplaneStatus, flat)
      "attachments": [Attachment.to_json()], "probes": {host id: ProbeStatus},
-     "probe_counters": ProbeCounters | {}, "encryption": EncryptionStatus | null}
+     "probe_counters": ProbeCounters | {}, "encryption": EncryptionStatus | null,
+     "egress": Egress, "dns": Dns}                                       (the last two only when present)
 
 Rules of the JSON form:
 - The dataplane's keys sit at the top level, not under a key of their own (``DataplaneStatus``
@@ -23,6 +24,12 @@ Rules of the JSON form:
   ValueError naming the key.
 - Attachments are kept as the JSON objects ``Attachment.to_json()`` gives: the attachment's
   own type owns its fields.
+- Added for containers reaching out and being reached (the distributed gateway, egress NAT,
+  published ports, DNS), and left out of the JSON where absent, so an agent without them says
+  exactly what it said before, byte for byte: ``egress`` (the agent's nftables table) and
+  ``dns`` (its DNS responder) at the top level, only when the agent has them; a network's
+  ``name``, ``gateway``, ``gateway6``, ``nat`` and ``pinned`` only when set (not null, not
+  false). ``name`` is null when the agent has no definition of the network (static mode).
 """
 
 from __future__ import annotations
@@ -35,12 +42,22 @@ T = TypeVar("T")
 
 
 class NetworkInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A network (VNI) the agent serves: its TAP, the TAP's MAC, and its bridge if any."""
+    """A network (VNI) the agent serves: its TAP, the TAP's MAC, and its bridge if any; in etcd
+    mode also its definition (name, the distributed gateway's addresses, whether traffic leaving
+    through the gateway is masqueraded) and how it came to be served."""
 
     vni: int
     tap: str
     mac: str
     bridge: str | None = None
+    name: str | None = None  # networks/<vni>'s name; None: no definition (static mode, an older agent)
+    gateway: str | None = None  # the gateway address on this host's bridge (every member host has it)
+    gateway6: str | None = None
+    nat: bool = False  # egress NAT on (Network.masquerades)
+    pinned: bool = False  # named with --network at start (not joined on demand, never left by itself)
+
+
+NETWORK_OPTIONAL = ("name", "gateway", "gateway6", "nat", "pinned")  # left out of the JSON at their defaults
 
 
 class AgentInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -242,6 +259,26 @@ class EncryptionStatus(msgspec.Struct, frozen=True, kw_only=True):
     handshakes: dict[str, int] = {}  # sessions.Counters: sent, received, completed, rejected, limited, ...
 
 
+class Egress(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent's nftables table for egress NAT and published ports, and the host settings
+    they need."""
+
+    table: str = "inet overlay"  # family and name, as `nft list table inet overlay` takes them
+    applied: bool  # the last ruleset was loaded (nft -f)
+    rules: int = 0  # rules in it
+    error: str | None = None  # why the last ruleset was not applied
+    forwarding: list[str] = []  # sysctls the agent turned on (e.g. net.ipv4.ip_forward)
+    problems: list[str] = []  # what on this host may stop it working (another firewall's drop policy, ...)
+
+
+class Dns(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent's DNS responder on the gateway addresses: names from the registry."""
+
+    listening: list[str]  # "198.19.42.1:53", "[2001:2:0:42::1]:53"
+    upstreams: list[str] = []  # where names outside the overlay are asked
+    counters: dict[str, int] = {}  # queries, answered, nxdomain, forwarded, ...
+
+
 class Status(msgspec.Struct, frozen=True, kw_only=True):
     """One agent's whole status; see the module docstring for its JSON form."""
 
@@ -252,11 +289,15 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     probes: dict[str, ProbeStatus] = {}  # peer host id -> its path
     probe_counters: ProbeCounters | None = None  # probing off: none
     encryption: EncryptionStatus | None = None  # no static key: none
+    egress: Egress | None = None  # no nftables table (static mode, nothing to masquerade or publish)
+    dns: Dns | None = None  # no DNS responder
 
     def to_json(self) -> dict[str, object]:
         """The contract's dict (README.md), key for key and in its order."""
-        return {
-            "agent": _builtins(self.agent),
+        agent = _builtins(self.agent)
+        agent["networks"] = [_network_json(n) for n in self.agent.networks]
+        out: dict[str, object] = {
+            "agent": agent,
             "registry": None if self.registry is None else _builtins(self.registry),
             **_builtins(self.dataplane),
             "attachments": [dict(a) for a in self.attachments],
@@ -264,6 +305,11 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
             "probe_counters": {} if self.probe_counters is None else _builtins(self.probe_counters),
             "encryption": None if self.encryption is None else _builtins(self.encryption),
         }
+        if self.egress is not None:
+            out["egress"] = _builtins(self.egress)
+        if self.dns is not None:
+            out["dns"] = _builtins(self.dns)
+        return out
 
     @classmethod
     def from_json(cls, obj: object) -> Status:
@@ -272,6 +318,7 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
         if not isinstance(obj, dict):
             raise ValueError(f"a status is a JSON object, not {type(obj).__name__}")
         registry, counters, encryption = obj.get("registry"), obj.get("probe_counters"), obj.get("encryption")
+        egress, dns = obj.get("egress"), obj.get("dns")
         return cls(
             agent=_part(obj.get("agent"), AgentInfo, "agent"),
             dataplane=_part(obj, DataplaneStatus, ""),  # its keys are the top level's
@@ -280,6 +327,8 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
             probes=_part(obj.get("probes") or {}, dict[str, ProbeStatus], "probes"),
             probe_counters=_part(counters, ProbeCounters, "probe_counters") if counters else None,
             encryption=None if encryption is None else _part(encryption, EncryptionStatus, "encryption"),
+            egress=None if egress is None else _part(egress, Egress, "egress"),
+            dns=None if dns is None else _part(dns, Dns, "dns"),
         )
 
 
@@ -287,6 +336,15 @@ def _builtins(value: msgspec.Struct) -> dict[str, object]:
     """A Struct as a JSON object, its fields in declaration order."""
     out: object = msgspec.to_builtins(value)
     assert isinstance(out, dict)
+    return out
+
+
+def _network_json(n: NetworkInfo) -> dict[str, object]:
+    """A network as JSON: the fields added later only when set (NETWORK_OPTIONAL)."""
+    out = _builtins(n)
+    for name in NETWORK_OPTIONAL:
+        if out[name] in (None, False):
+            del out[name]
     return out
 
 

@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from overlay.core.gateway import gateway_device, gateway_port
 from overlay.core.wire import mac_to_str
 
 log = logging.getLogger("overlay.bridge")
 
 NUD_NOARP = 0x40  # 'static' in bridge fdb terms; 'permanent' would mean the bridge's own (local) address
 NTF_MASTER = 0x04
+NTF_STICKY = 0x40  # a static entry learning never moves (a gateway's MAC on its port)
 IFNAMSIZ = 15
 IFA_F_NODAD = 0x02
 AF_INET6 = socket.AF_INET6
@@ -118,6 +120,97 @@ def ensure_bridge(vni: int, tap: str, mtu: int, mac: int | None, address: ipaddr
         return int(link.get_attr("IFLA_ADDRESS").replace(":", ""), 16)
 
 
+def isolate(ifname: str) -> None:
+    """Make bridge port ``ifname`` isolated: the bridge forwards nothing between it and another
+    isolated port (the TAP and the gateway's port: core/gateway.py)."""
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        if index is None:
+            raise PlumbingError(f"cannot isolate bridge port {ifname}: it does not exist")
+        try:
+            ipr.brport("set", index=index, isolated=1)
+        except NetlinkError as e:
+            raise PlumbingError(f"cannot isolate bridge port {ifname}: {e.args[1]}") from None
+
+
+def ensure_gateway(
+    vni: int,
+    tap: str,
+    mac: int,
+    gateway: ipaddress.IPv4Interface | None,
+    gateway6: ipaddress.IPv6Interface | None,
+    mtu: int,
+) -> None:
+    """Network ``vni``'s distributed gateway on its bridge (core/gateway.py): the veth pair
+    ``ovgp<vni>`` (an isolated port, as ``tap`` becomes) / ``ovgw<vni>`` (``mac``, the gateway
+    addresses, up). Idempotent: an existing pair is brought to this state (addresses of an
+    earlier gateway removed)."""
+    port, device, bridge = gateway_port(vni), gateway_device(vni), bridge_name(vni)
+    with IPRoute() as ipr:
+        master = _index(ipr, bridge)
+        if master is None:
+            raise PlumbingError(f"bridge {bridge} is missing: cannot put network {vni}'s gateway on it")
+        try:
+            if _index(ipr, device) is None:
+                if _index(ipr, port) is not None:
+                    ipr.link("del", ifname=port)  # half a pair, left by a crash
+                ipr.link("add", ifname=port, kind="veth", peer={"ifname": device})
+            index = _index(ipr, device)
+            quiet_port(port)
+            if gateway6 is None:
+                quiet_port(device)  # no IPv6 gateway: no IPv6 chatter from it either
+            else:
+                for name, value in NO_ROUTER_ADVERTISEMENTS:
+                    _write_sysctl(_ipv6_conf(device, name), value)
+            # ARP for the gateway is answered by the gateway alone: the host answers an ARP request
+            # on an interface only for that interface's own addresses (never from the bridge's MAC).
+            for ifname in (bridge, device):
+                _write_sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/arp_ignore", "1")
+                _write_sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/arp_announce", "2")
+            ipr.link("set", index=index, address=mac_to_str(mac), mtu=mtu)
+            ipr.link("set", ifname=port, mtu=mtu, master=master, state="up")
+            wanted = {(str(g.ip), g.network.prefixlen) for g in (gateway, gateway6) if g is not None}
+            for a in ipr.get_addr(index=index):
+                have = (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                if have not in wanted and not have[0].startswith("fe80:"):
+                    ipr.addr("del", index=index, address=have[0], prefixlen=have[1])
+            for g in (gateway, gateway6):
+                if g is None:
+                    continue
+                try:
+                    flags = IFA_F_NODAD if g.version == 6 else 0
+                    ipr.addr("add", index=index, address=str(g.ip), prefixlen=g.network.prefixlen, flags=flags)
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise
+            ipr.link("set", index=index, state="up")
+            ipr.fdb(
+                "replace",
+                ifindex=_index(ipr, port),
+                lladdr=mac_to_str(mac),
+                state=NUD_NOARP,
+                flags=NTF_MASTER | NTF_STICKY,
+                master=master,
+            )
+        except NetlinkError as e:
+            raise PlumbingError(f"cannot set up network {vni}'s gateway on {bridge}: {e.args[1]}") from None
+    isolate(port)
+    isolate(tap)
+
+
+def remove_gateway(vni: int) -> bool:
+    """Remove network ``vni``'s gateway veth (both ends go together); False if there was none."""
+    return unplug(gateway_device(vni))
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise PlumbingError(f"cannot set {path} to {value} ({e.strerror}): mount /proc/sys writable") from None
+
+
 def mac_was_set(ifname: str) -> bool:
     """Whether an interface's MAC was set explicitly (NET_ADDR_SET), e.g. by us before a restart.
     From sysfs: pyroute2 does not decode IFLA_ADDR_ASSIGN_TYPE."""
@@ -148,9 +241,11 @@ def bridge_ports(vni: int) -> list[str]:
 
 
 def remove_bridge_if_unused(vni: int) -> bool:
-    """Delete network ``vni``'s bridge unless containers are still plugged into it."""
-    if bridge_ports(vni):
+    """Delete network ``vni``'s bridge (and its gateway) unless containers are still plugged
+    into it."""
+    if [p for p in bridge_ports(vni) if p != gateway_port(vni)]:
         return False
+    remove_gateway(vni)
     with IPRoute() as ipr:
         index = _index(ipr, bridge_name(vni))
         if index is not None:

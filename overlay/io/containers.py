@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Collection, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, assert_never
 
@@ -57,9 +59,10 @@ from overlay.core.attach import (
     gateways,
     require_registry,
 )
-from overlay.core.control import AttachRequest, CheckRequest, DetachRequest, Refused
-from overlay.core.registry import AddressKey, Allocation, Registry
-from overlay.io import bridge
+from overlay.core.control import AttachRequest, CheckRequest, DetachRequest, PublishRequest, Refused
+from overlay.core.ports import PortSpec
+from overlay.core.registry import AddressKey, Allocation, Network, Registry
+from overlay.io import bridge, ports
 from overlay.io.etcd import FAILURES as ETCD_ERRORS
 from overlay.io.etcd import EtcdClient
 
@@ -115,17 +118,24 @@ class Containers:
         client: EtcdClient,
         registry: Registry,
         host_id: str,
-        vnis: list[int],
+        vnis: Collection[int],
         mtu: int,
         state_dir: Path | None,
         forget_local: Callable[[int, int], object],
+        join: Callable[[str], Awaitable[object]] | None = None,
+        emptied: Callable[[int], Awaitable[object]] | None = None,
+        egress: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client, self.registry, self.host_id = client, registry, host_id
         self.state = state_path(state_dir, host_id) if state_dir else None
         self.forget_local = forget_local  # the fast path's memory of MACs seen behind our TAP
-        self.attachments = Attachments(host_id, vnis, mtu)
+        self.attachments = Attachments(host_id, vnis, mtu)  # vnis: the agent's live set (networks join and leave)
         self.lock = asyncio.Lock()  # one change at a time: IPAM picks must see each other
         self.own_netns = netns_id("/proc/self/ns/net")  # the agent's (the host's): never attached
+        self.join = join  # joins a network this host is not on (networks on demand); refuses if it cannot
+        self.emptied = emptied  # a network's last container left: the agent may leave it
+        self.egress = egress  # applies the rules (NAT, published ports) for what is attached now
+        self.reserved: dict[tuple[str, int], socket.socket] = {}  # published host ports, held
 
     @property
     def attached(self) -> dict[str, Attachment]:
@@ -135,18 +145,19 @@ class Containers:
 
     async def attach(self, req: AttachRequest) -> dict[str, object]:
         book = self.attachments
-        vni, network = book.network(req.net, self.registry.networks())
         this_id = attachment_id(req, netns_id(req.netns), self.own_netns)
-        gateway, gateway6 = gateways(req, network)
-        require_registry(self.client.connected)
         async with self.lock:
+            vni, network = await self._network(req.net)
+            gateway, gateway6 = gateways(req, network)
+            require_registry(self.client.connected)
             existing = self.attached.get(this_id)
             if existing is not None:
                 plugged = await asyncio.to_thread(bridge.exists, existing.host_ifname)
-                return book.again(existing, vni, plugged).to_json()  # asked twice: the same answer
+                return self._answer(book.again(existing, vni, plugged))  # asked twice: the same answer
             mac = book.mac(req.mac, vni, bridge.random_mac(), self.registry)
             choice = book.addresses(vni, network, req.ip, gateway, self.registry, req.ip6, gateway6)
             host_ifname = bridge.host_ifname(this_id)
+            held: list[tuple[PortSpec, socket.socket]] = []
             try:
                 while True:
                     address, address6 = choice.next()
@@ -162,19 +173,154 @@ class Containers:
                         gateway6=gateway6,
                         address6=address6,
                     )
+                    if req.publish and not held:  # checked against the first candidate's addresses
+                        book.check_publish(plan.attachment, req.publish)
+                        held = self._reserve(plan.attachment, req.publish)
+                    if held:
+                        plan = book.plan_attach(
+                            req=req,
+                            attachment_id=this_id,
+                            host_ifname=host_ifname,
+                            vni=vni,
+                            network=network,
+                            mac=mac,
+                            gateway=gateway,
+                            address=address,
+                            gateway6=gateway6,
+                            address6=address6,
+                            published=[spec for spec, _ in held],
+                        )
                     taken = await self._attach(plan)
                     if not taken:
                         break
                     choice.lost(taken)  # another host got one first: take the next
+                self._hold(held)
+                held = []
+                if plan.attachment.published:
+                    await self._apply_or_detach(plan.attachment)
             except bridge.PlumbingError as e:
                 raise Refused(str(e), e.kind) from None
             except ETCD_ERRORS as e:
                 raise _etcd_refusal(e) from None
+            finally:
+                for _, sock in held:  # not attached: the ports are free again
+                    sock.close()
+            await asyncio.to_thread(write_resolv_conf, plan.attachment, network)
         a = plan.attachment
         log.info(
-            "attached %s: %s %s on network %s (%s) via %s", a.id, a.mac, a.addresses, a.network, a.vni, a.host_ifname
+            "attached %s: %s %s on network %s (%s) via %s%s",
+            a.id,
+            a.mac,
+            a.addresses,
+            a.network,
+            a.vni,
+            a.host_ifname,
+            "".join(f", publishing {p}" for p in a.published),
         )
-        return a.to_json()
+        return self._answer(a)
+
+    def _answer(self, a: Attachment) -> dict[str, object]:
+        """An attachment's JSON as attach answers it: with the resolver its network offers."""
+        network = self.registry.networks().get(a.vni)
+        servers = [g for g in (a.gateway, a.gateway6) if g] if network is not None else []
+        dns = {"nameservers": servers, "search": [a.network]} if servers else None
+        return a.to_json() | {"dns": dns}
+
+    async def _network(self, net: str) -> tuple[int, Network]:
+        """The network ``net`` names, joined first if this host is not on it (and may join)."""
+        try:
+            return self.attachments.network(net, self.registry.networks())
+        except Refused as e:
+            if e.kind != "network" or self.join is None:
+                raise
+        await self.join(net)  # refuses (one line) when the network is not in the registry
+        return self.attachments.network(net, self.registry.networks())
+
+    # --- published ports ---------------------------------------------------------------------
+
+    def _reserve(self, a: Attachment, specs: Iterable[PortSpec]) -> list[tuple[PortSpec, socket.socket]]:
+        """Hold each host port of ``specs`` for ``a`` (a random free one where none is given);
+        all or none: a port taken frees those held before it and refuses in one line."""
+        held: list[tuple[PortSpec, socket.socket]] = []
+        try:
+            for spec in specs:
+                target = a.target(spec)
+                assert target is not None  # check_publish said so
+                family = socket.AF_INET if target.version == 4 else socket.AF_INET6
+                if spec.host_port:
+                    held.append((spec, ports.reserve(spec, family)))
+                else:
+                    sock, port = ports.reserve_random(spec, family)
+                    held.append((replace(spec, host_port=port), sock))
+        except ports.PortError as e:
+            for _, sock in held:
+                sock.close()
+            raise Refused(str(e), "address") from None
+        return held
+
+    def _hold(self, held: Iterable[tuple[PortSpec, socket.socket]]) -> None:
+        for spec, sock in held:
+            self.reserved[spec.key] = sock
+
+    def _free(self, specs: Iterable[PortSpec]) -> None:
+        for spec in specs:
+            sock = self.reserved.pop(spec.key, None)
+            if sock is not None:
+                sock.close()
+
+    async def _apply_or_detach(self, a: Attachment) -> None:
+        """The rules for ``a``'s new publications, or (they could not be applied) ``a`` detached
+        again: an attach with ``--publish`` is whole or not at all."""
+        try:
+            await self._apply()
+        except Refused:
+            await self._remove(a, unplug=True)
+            raise
+
+    async def _apply(self) -> None:
+        if self.egress is not None:
+            await self.egress()
+
+    async def publish(self, req: PublishRequest) -> dict[str, object]:
+        """Publish ``req.spec`` onto the container ``req.target``: the host port held, the state
+        file written, the rules applied; any failure leaves everything as it was."""
+        assert req.spec is not None
+        async with self.lock:
+            a = self.attachments.target(req.target, _netns_id_if_any(_as_netns(req.target)))
+            self.attachments.check_publish(a, [req.spec])
+            ((spec, sock),) = self._reserve(a, [req.spec])
+            published = self.attachments.with_published(a, [spec])
+            self._replace(published)
+            self.reserved[spec.key] = sock
+            try:
+                await self._apply()
+            except BaseException:
+                self._free([spec])
+                self._replace(a)
+                raise
+        log.info("published %s onto %s (%s)", spec, a.id, a.target(spec))
+        return {"id": a.id, "name": a.name, "address": str(a.target(spec)), "published": spec.to_json()}
+
+    async def unpublish(self, req: PublishRequest) -> dict[str, object]:
+        """Stop publishing what ``req.spec`` names (None: everything) on ``req.target``."""
+        async with self.lock:
+            a = self.attachments.target(req.target, _netns_id_if_any(_as_netns(req.target)))
+            without, gone = self.attachments.unpublished(a, req.spec)
+            self._replace(without)
+            try:
+                await self._apply()
+            except BaseException:
+                self._replace(a)
+                raise
+            self._free(gone)
+        if gone:
+            log.info("unpublished %s from %s", ", ".join(map(str, gone)), a.id)
+        return {"id": a.id, "unpublished": [p.to_json() for p in gone]}
+
+    def _replace(self, a: Attachment) -> None:
+        """``a`` in place of the attachment of its id, in memory and in the state file."""
+        self.attached[a.id] = a
+        self._save()
 
     async def _attach(self, plan: AttachPlan) -> list[IPAddress]:
         """Run ``plan``'s steps; the addresses lost to another host, if its claim was lost
@@ -312,6 +458,14 @@ class Containers:
             return
         await asyncio.to_thread(bridge.replug, a.host_ifname, bridge.bridge_name(a.vni), a.endpoint_key.mac)
         await self.client.hold(a.endpoint_key, a.endpoint(self.host_id))
+        kept = []
+        for spec in a.published:  # held again; one taken meanwhile by another program is dropped
+            try:
+                self._hold(self._reserve(a, [spec]))
+                kept.append(spec)
+            except Refused as e:
+                log.warning("not publishing %s for %s again: %s", spec, a.id, e)
+        a = replace(a, published=tuple(kept))
         self.attached[a.id] = a
         log.info("adopted %s: %s %s on network %s", a.id, a.mac, a.addresses, a.network)
 
@@ -344,6 +498,15 @@ class Containers:
         for step in self.attachments.plan_detach(a, unplug).steps:
             await self._do(step)
         log.info("detached %s: %s %s from network %s", a.id, a.mac, a.addresses, a.network)
+        await asyncio.to_thread(remove_resolv_conf, a)
+        if a.published:
+            self._free(a.published)
+            try:
+                await self._apply()
+            except Refused as e:  # the rules stay as they were: they point at nothing now
+                log.warning("the rules of %s's published ports could not be removed: %s", a.id, e)
+        if self.emptied is not None and not any(b.vni == a.vni for b in self.attached.values()):
+            await self.emptied(a.vni)
 
     def _save(self, lease: int | None = None) -> None:
         """Write the attachments atomically (a crash mid-write keeps the old file), with the
@@ -390,3 +553,51 @@ def _netns_id_if_any(path: str | None) -> str | None:
 
 def _etcd_refusal(e: BaseException) -> Refused:
     return Refused(f"the registry (etcd) did not answer ({e.__class__.__name__}): try again", "etcd")
+
+
+def _as_netns(target: str) -> str | None:
+    """``target`` as a namespace path, if it can be one (a PID, a path, or a name in /run/netns)."""
+    if target.isdigit():
+        return f"/proc/{target}/ns/net"
+    if target.startswith("/"):
+        return target
+    if "/" not in target and os.path.exists(f"/run/netns/{target}"):
+        return f"/run/netns/{target}"
+    return None
+
+
+RESOLV_MARK = "# written by overlay for its network's DNS; removed on detach\n"
+
+
+def _resolv_conf(a: Attachment) -> Path | None:
+    """Where a named namespace's resolv.conf lives (``ip netns exec`` binds it over /etc/resolv.conf)."""
+    if not a.netns.startswith("/run/netns/"):
+        return None
+    return Path("/etc/netns") / a.netns.removeprefix("/run/netns/") / "resolv.conf"
+
+
+def write_resolv_conf(a: Attachment, network: Network) -> None:
+    """Point a named namespace's resolver at its network's gateway (our DNS responder), unless
+    someone else wrote its resolv.conf."""
+    path = _resolv_conf(a)
+    servers = [g for g in (a.gateway, a.gateway6) if g]
+    if path is None or not servers:
+        return
+    try:
+        if path.exists() and not path.read_text().startswith(RESOLV_MARK):
+            return  # the operator's own: left alone
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"nameserver {s}" for s in servers] + [f"search {a.network}", "options ndots:0"]
+        path.write_text(RESOLV_MARK + "\n".join(lines) + "\n")
+    except OSError as e:
+        log.warning("cannot write %s (%s): %s resolves with the host's resolvers", path, e.strerror, a.id)
+
+
+def remove_resolv_conf(a: Attachment) -> None:
+    path = _resolv_conf(a)
+    try:
+        if path is not None and path.read_text().startswith(RESOLV_MARK):
+            path.unlink()
+            path.parent.rmdir()
+    except OSError:
+        pass

@@ -203,6 +203,21 @@ class Dataplane:
         if self.encryption is not None:
             self.encryption.start(loop)
 
+    def add_tap(self, vni: int, fd: int) -> None:
+        """Carry network ``vni`` too (joined at run time): its TAP is read from now on and frames
+        received for it go to it. The table must serve ``vni`` already (ForwardingTable.add_vni)."""
+        self.taps[vni] = fd
+        self.core.vni_tap(vni, fd)
+        if self._loop is not None:
+            self._loop.add_reader(fd, self._on_tap, vni, fd)
+
+    def remove_tap(self, vni: int) -> None:
+        """Stop carrying network ``vni`` (left at run time): its TAP is no longer read. The
+        first network's TAP stays (it is where frames of no network's TAP go)."""
+        fd = self.taps.pop(vni, None)
+        if fd is not None and self._loop is not None:
+            self._loop.remove_reader(fd)
+
     def _close_sockets(self) -> None:
         for s in self.udps + self.senders:
             s.close()

@@ -40,6 +40,8 @@ from overlay.core.registry import (
     Host,
     HostKey,
     Key,
+    Network,
+    NetworkKey,
     Registry,
     Schema,
     Scope,
@@ -530,6 +532,45 @@ class EtcdClient:
             if not response.more or not response.kvs:
                 return
             key, limit = response.kvs[-1].key + b"\0", PAGE
+
+    async def network_definitions(self, vni: int | None = None) -> dict[int, Network]:
+        """The networks defined in etcd (``networks/<vni>`` values), also those we do not follow:
+        to join one by name or VNI. With ``vni`` one key is read; without, every key under
+        ``networks/`` is listed (keys only: a join by name costs one pass over the key space,
+        not a read of every value). Values that do not decode are left out (logged)."""
+        from aetcd import rpc
+
+        client = await self.connect()
+        p = self.schema.prefix
+        if vni is not None:
+            keys = [f"{p}/networks/{vni}".encode()]
+        else:
+            keys, key, end = [], f"{p}/networks/".encode(), f"{p}/networks0".encode()
+            while True:
+                request = rpc.RangeRequest(key=key, range_end=end, limit=PAGE, keys_only=True)
+                response = await client.kvstub.Range(request, timeout=REQUEST_TIMEOUT, metadata=client.metadata)
+                keys += [
+                    kv.key
+                    for kv in response.kvs
+                    if isinstance(self.schema.parse_key(kv.key.decode(errors="replace")), NetworkKey)
+                ]
+                if not response.more or not response.kvs:
+                    break
+                key = response.kvs[-1].key + b"\0"
+        out: dict[int, Network] = {}
+        for raw in keys:
+            got = await client.get(raw)
+            k = self.schema.parse_key(raw.decode(errors="replace"))
+            if got is None or not isinstance(k, NetworkKey):
+                continue
+            try:
+                network = self.schema.decode(k, got.value)
+            except ValueError as e:
+                log.warning("etcd: ignoring %s: %s", raw.decode(errors="replace"), e)
+                continue
+            assert isinstance(network, Network)
+            out[k.vni] = network
+        return out
 
     def _hand_over(self, events: list[Event]) -> None:
         self._report()

@@ -65,6 +65,7 @@ class StatusCollector(Collector):
         yield from self._registry(s.registry)
         yield from self._probes(s.probes, s.probe_counters)
         yield from self._encryption(s.encryption)
+        yield from self._egress(s)
 
     def _agent(self, agent: AgentInfo) -> Iterator[Metric]:
         yield InfoMetricFamily(
@@ -246,6 +247,38 @@ class StatusCollector(Collector):
             "Registered hosts that publish no key (nothing reaches them encrypted).",
             float(len(e.without_key)),
         )
+
+    def _egress(self, s: Status) -> Iterator[Metric]:
+        """The way out and in: the nft table, published ports, DNS answers (where the agent has them)."""
+        if s.egress is not None:
+            yield GaugeMetricFamily(
+                "overlay_egress_applied",
+                "1 when the agent's nftables table is as the agent wants it.",
+                float(s.egress.error is None),
+            )
+            yield GaugeMetricFamily(
+                "overlay_egress_rules", "Rules in the agent's nftables table.", float(s.egress.rules)
+            )
+            yield GaugeMetricFamily(
+                "overlay_firewall_problems",
+                "Other firewalls' settings that block containers' traffic.",
+                float(len(s.egress.problems)),
+            )
+        published = GaugeMetricFamily(
+            "overlay_published_ports", "Host ports published onto containers, by protocol.", labels=["proto"]
+        )
+        counts = {"tcp": 0, "udp": 0}
+        for a in s.attachments:
+            for p in a.get("published") or []:  # type: ignore[attr-defined]
+                counts[str(p.get("proto"))] = counts.get(str(p.get("proto")), 0) + 1
+        for proto, n in counts.items():
+            published.add_metric([proto], float(n))
+        yield published
+        if s.dns is not None:
+            queries = CounterMetricFamily("overlay_dns", "DNS queries on the gateways, by outcome.", labels=["outcome"])
+            for outcome, n in sorted(s.dns.counters.items()):
+                queries.add_metric([outcome], float(n))
+            yield queries
 
 
 def registry_for(status: StatusSource) -> CollectorRegistry:

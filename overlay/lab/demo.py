@@ -12,6 +12,11 @@ What an operator would do by hand, in one command:
 - a ping between every pair of containers. Each container also gets an on-link route to the
   other network's subnet, so a cross-network ping really tries (ARP goes out) and fails only
   because the overlay keeps the networks apart;
+- the way out and in (IPv4 demo): each network has a gateway (198.19.<vni>.1, the same address
+  and MAC on every host) with egress NAT; a namespace standing for the internet (198.18.0.210 on
+  the underlay) sees a container's connection come from its host's address; a port published
+  with `overlay publish b1 8080:80` answers the internet on host 1's address; a container on
+  host 3 finds b1 by name through its gateway's DNS (`b1` and `b1.blue`);
 - `overlay host ls`, the registry as etcd holds it, one agent's status.
 Everything is removed at the end, also after an error or Ctrl-C.
 
@@ -46,6 +51,88 @@ def subnet6(vni: int) -> str:
     """A network's IPv6 subnet: 2001:2:0:<vni>::/64, the VNI's decimal digits as the group
     (mirroring 198.19.<vni>.0/24)."""
     return f"2001:2:0:{vni}::/64"
+
+
+def gateway(vni: int) -> str:
+    """A network's gateway (IPv4 demo): 198.19.<vni>.1 on every host."""
+    return f"198.19.{vni}.1"
+
+
+# A TCP server in a container or the internet: answers each connection with a label and the
+# address the connection came from (bounded: 30 s, 10 connections).
+WHOAMI = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(4)
+s.settimeout(1)
+print("listening", flush=True)
+end, served = time.monotonic() + 30, 0
+while time.monotonic() < end and served < 10:
+    try:
+        c, peer = s.accept()
+    except socket.timeout:
+        continue
+    c.sendall((sys.argv[3] + " saw " + peer[0]).encode())
+    c.close()
+    served += 1
+"""
+ASK = """
+import socket, sys
+try:
+    print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).recv(200).decode())
+except OSError as e:
+    print("no answer:", e)
+"""
+LOOKUP = """
+import sys
+import dns.message, dns.query
+try:
+    r = dns.query.udp(dns.message.make_query(sys.argv[2], "A"), sys.argv[1], timeout=3)
+    print(" ".join(rr.to_text() for a in r.answer for rr in a) or "no answer")
+except Exception as e:
+    print("no answer:", e.__class__.__name__)
+"""
+
+
+def _egress(lab: Lab, overlay: list[str], containers: dict[str, tuple[int, str, str]]) -> bool:
+    """The way out and in (module doc); whether all three worked."""
+    print("\nthe way out and in: gateways 198.19.42.1 (blue) and 198.19.43.1 (red) on every host, egress NAT")
+    internet = lab.add_service("internet", 210)
+    servers = []
+    try:
+
+        def serve(ns: str, address: str, port: int, label: str) -> None:
+            proc = lab.spawn(
+                ns, [sys.executable, "-c", WHOAMI, address, str(port), label], stdout=subprocess.PIPE, text=True
+            )
+            servers.append(proc)
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "listening":
+                raise LabError(f"a demo server in {ns} did not start")
+
+        def ask(ns: str, address: str, port: int) -> str:
+            return lab.run(ns, [sys.executable, "-c", ASK, address, str(port)], timeout=15).stdout.strip()
+
+        serve(internet, "198.18.0.210", 80, "the internet (198.18.0.210)")
+        said = ask(lab.container_ns("b2"), "198.18.0.210", 80)
+        out_ok = said.endswith(f"saw {lab.address(2)}")
+        print(f"  b2 (host 2) -> 198.18.0.210:80: {said}  (host 2's address: masqueraded)")
+        published = lab.run(1, [*overlay, "publish", "b1", "8080:80"], check=False)
+        print(f"  host 1: overlay publish b1 8080:80 -> {(published.stdout or published.stderr).strip()}")
+        serve(lab.container_ns("b1"), "0.0.0.0", 80, "b1")
+        said = ask(internet, str(lab.address(1)), 8080)
+        in_ok = said == "b1 saw 198.18.0.210"
+        print(f"  the internet -> {lab.address(1)}:8080: {said}")
+        found = lab.run(lab.container_ns("b3"), [sys.executable, "-c", LOOKUP, "198.19.42.1", "b1.blue"], timeout=15)
+        name_ok = found.stdout.strip() == containers["b1"][2]
+        print(f"  b3 (host 3) asks its gateway 198.19.42.1 for b1.blue: {found.stdout.strip()}")
+        return out_ok and in_ok and name_ok
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
 
 
 def _bare(address: str) -> str:
@@ -83,7 +170,7 @@ def main(hosts: int = 3, ipv6: bool = False) -> int:
         etcd = etcdlab.single(lab)
         print(f"etcd: {etcd.endpoint} in namespace {etcd.namespace} (data in {etcd.data_dir})")
         for name, vni in NETWORKS.items():
-            v6 = ["--subnet6", subnet6(vni)] if ipv6 else []
+            v6 = ["--subnet6", subnet6(vni)] if ipv6 else ["--gateway", gateway(vni)]
             v6 += ["--encrypted"] if name in ENCRYPTED else []
             out = lab.run(
                 1,
@@ -109,6 +196,7 @@ def main(hosts: int = 3, ipv6: bool = False) -> int:
                     str(lab.address(h)),
                     "--state-dir",
                     str(logs / "state"),
+                    *("--resolv-conf", "/dev/null"),  # no upstream resolvers: the demo asks nothing off the machine
                     *[a for vni in NETWORKS.values() for a in ("--network", str(vni))],
                 ],
                 stdout=log,
@@ -132,7 +220,7 @@ def main(hosts: int = 3, ipv6: bool = False) -> int:
             for name, vni in NETWORKS.items():
                 c = f"{name[0]}{h}"
                 ns = lab.add_container(c)
-                out = lab.run(h, [*overlay, "attach", ns, "--net", name, "--json"])
+                out = lab.run(h, [*overlay, "attach", ns, "--net", name, "--name", c, "--json"])
                 a = json.loads(out.stdout)
                 containers[c] = (h, name, _bare(a["address"]))
                 other = next(v for n, v in NETWORKS.items() if n != name)
@@ -186,6 +274,7 @@ def main(hosts: int = 3, ipv6: bool = False) -> int:
         wrong = [(f, s, d) for (f, s, d), ok in answered.items() if ok != (containers[s][1] == containers[d][1])]
         pairs = [(s, d) for (f, s, d) in answered if f == "IPv4"]
         same = sum(1 for (s, d) in pairs if containers[s][1] == containers[d][1])
+        egress_ok = True if ipv6 else _egress(lab, overlay, containers)
 
         print(f"\nhost 1: overlay host ls --etcd {etcd.endpoint}   (KEY: each host's key fingerprint)")
         print(lab.run(1, [*overlay, "host", "ls", "--etcd", etcd.endpoint]).stdout)
@@ -196,20 +285,24 @@ def main(hosts: int = 3, ipv6: bool = False) -> int:
             print(f"  {line}")
         print("\nhost 1: overlay status")
         print(lab.run(1, [*overlay, "status"]).stdout)
-        if wrong:
+        if wrong or not egress_ok:
             print(
                 "result: FAILED: "
                 + ", ".join(
-                    f"{s}->{d}{' ' + f if ipv6 else ''} {'answered' if answered[f, s, d] else 'unanswered'}"
-                    for f, s, d in wrong
+                    [
+                        f"{s}->{d}{' ' + f if ipv6 else ''} {'answered' if answered[f, s, d] else 'unanswered'}"
+                        for f, s, d in wrong
+                    ]
+                    + ([] if egress_ok else ["the way out and in (see above)"])
                 )
                 + "; removing the lab"
             )
             return 1
         both = " (over IPv4 and IPv6, on an IPv6-only underlay)" if ipv6 else ""
+        reach = "" if ipv6 else "; containers reach out, are reached on a published port and found by name"
         print(
             f"result: all {same} same-network pairs talk, all {len(pairs) - same} cross-network pairs are "
-            f"kept apart{both}; removing the lab"
+            f"kept apart{both}{reach}; removing the lab"
         )
         return 0
     except (LabError, TimeoutError, etcdlab.EtcdError) as e:

@@ -119,6 +119,7 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
         "subnet6": None,
         "gateway6": None,
         "encrypted": False,
+        "nat": False,  # no gateway: nothing to masquerade behind (the default, resolved)
     }
     assert etcd.value("/networks/420") == etcd.schema.encode(Network(420, "net420")).decode()
 
@@ -139,6 +140,9 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
             "defined": True,
             "members": 1,
             "endpoints": 1,
+            "gateway": None,
+            "gateway6": None,
+            "nat": False,
         },
         {
             "vni": 420,
@@ -150,11 +154,17 @@ def test_net_create_ls_rm_with_duplicates_and_members(etcd: Etcd) -> None:
             "defined": True,
             "members": 0,
             "endpoints": 1,
+            "gateway": None,
+            "gateway6": None,
+            "nat": False,
         },
     ]
     table = ok(etcd.cli("net", "ls")).splitlines()
-    assert table[0].split() == ["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "ENCRYPTED", "MEMBERS", "ENDPOINTS"]
-    assert table[1].split() == ["42", "blue", "198.19.42.0/24", "-", "1450", "no", "1", "1"]
+    assert table[0].split() == [
+        *["VNI", "NAME", "SUBNET", "SUBNET6", "MTU", "ENCRYPTED", "MEMBERS", "ENDPOINTS"],
+        *["GATEWAY", "NAT"],  # added last: the columns before keep their places
+    ]
+    assert table[1].split() == ["42", "blue", "198.19.42.0/24", "-", "1450", "no", "1", "1", "-", "off"]
 
     one_line_error(etcd.cli("net", "rm", "42"), 1, "network 42 has 1 member (h1)", "--force")
     assert f"{etcd.prefix}/networks/42" in etcd.keys()
@@ -193,6 +203,7 @@ def test_net_create_with_subnet6_and_gateway6_writes_them_and_ls_shows_subnet6(e
         "subnet6": "2001:2:0:42::/64",  # canonical (RFC 5952), as the agents read it
         "gateway6": "2001:2:0:42::1",
         "encrypted": False,
+        "nat": True,  # a gateway (gateway6): masqueraded by default
     }
     assert (
         etcd.value("/networks/42")
@@ -377,6 +388,9 @@ def test_host_ls_shows_a_leased_host_alive_with_its_ttl(etcd: Etcd) -> None:
         "defined": False,
         "members": 1,
         "endpoints": 1,
+        "gateway": None,
+        "gateway6": None,
+        "nat": None,
     }
 
 
@@ -530,6 +544,7 @@ def test_net_set_encrypts_only_when_every_member_has_a_key_unless_forced(etcd: E
         "encrypted": True,
         "changed": True,
         "members": ["h1", "h2"],
+        "nat": False,
     }
     assert json.loads(etcd.value("/networks/42")) == {**json.loads(plain), "encrypted": True}
     assert "network 42 is already encrypted: nothing changed" in ok(etcd.cli("net", "set", "42", "--encrypted"))
@@ -634,3 +649,187 @@ def test_bad_net_set_and_create_flags_are_exit_2_before_any_connection() -> None
     one_line_error(bad_vni, 2, "'x' is not a VNI")
     help_text = ok(overlay("net", "set", "--help"))
     assert "--encrypted" in help_text and "--no-encrypted" in help_text and "pubkey" in help_text
+
+
+# --- egress NAT: net create/set --nat, --no-nat; net ls ---------------------------------------
+
+
+@pytest.mark.etcd
+def test_net_create_writes_nat_only_when_asked_and_ls_resolves_the_default(etcd: Etcd) -> None:
+    gw = ["--subnet", "198.19.42.0/24", "--gateway", "198.19.42.1"]
+    created = etcd.json("net", "create", "42", *gw)
+    assert created["nat"] is True and "nat" not in json.loads(etcd.value("/networks/42"))  # the default holds
+    assert (
+        etcd.value("/networks/42")
+        == etcd.schema.encode(Network(42, "net42", "198.19.42.0/24", gateway="198.19.42.1")).decode()
+    )
+    assert "gateway 198.19.43.1, egress NAT off)" in ok(
+        etcd.cli("net", "create", "43", "--subnet", "198.19.43.0/24", "--gateway", "198.19.43.1", "--no-nat")
+    )
+    assert json.loads(etcd.value("/networks/43"))["nat"] is False
+    lonely = etcd.cli("net", "create", "44", "--nat")
+    assert "created network 44 (net44, subnet -, mtu -, egress NAT on)" in ok(lonely)
+    assert "warning: network 44 has no --gateway" in lonely.stderr and "--nat has no effect" in lonely.stderr
+    assert json.loads(etcd.value("/networks/44"))["nat"] is True
+    ok(etcd.cli("net", "create", "45"))
+    rows = {r["vni"]: r for r in etcd.json("net", "ls")}
+    assert [(rows[v]["gateway"], rows[v]["nat"]) for v in (42, 43, 44, 45)] == [
+        ("198.19.42.1", True),
+        ("198.19.43.1", False),
+        (None, True),
+        (None, False),
+    ]
+    table = ok(etcd.cli("net", "ls")).splitlines()
+    assert [line.split()[-2:] for line in table] == [
+        ["GATEWAY", "NAT"],
+        ["198.19.42.1", "on"],
+        ["198.19.43.1", "off"],
+        ["-", "on"],
+        ["-", "off"],
+    ]
+
+
+@pytest.mark.etcd
+def test_net_set_turns_nat_on_and_off_keeping_the_rest_of_the_value(etcd: Etcd) -> None:
+    etcd.ctl(
+        "put",
+        f"{etcd.prefix}/networks/42",
+        '{"vni": 42, "name": "blue", "subnet": "198.19.42.0/24", "gateway": "198.19.42.1", "future": 1}',
+    )
+    assert ok(etcd.cli("net", "set", "42", "--no-nat")).strip() == "network 42 now has egress NAT off"
+    assert json.loads(etcd.value("/networks/42")) == {
+        "vni": 42,
+        "name": "blue",
+        "subnet": "198.19.42.0/24",
+        "gateway": "198.19.42.1",
+        "future": 1,
+        "nat": False,
+    }
+    assert etcd.json("net", "set", "42", "--no-nat") == {
+        "vni": 42,
+        "encrypted": False,
+        "changed": False,
+        "members": [],
+        "nat": False,
+    }
+    assert "network 42 already has egress NAT off: nothing changed" in ok(etcd.cli("net", "set", "42", "--no-nat"))
+    said = ok(etcd.cli("net", "set", "42", "--nat", "--encrypted")).strip()
+    assert said == "network 42 is now encrypted and now has egress NAT on"
+    value = json.loads(etcd.value("/networks/42"))
+    assert value["nat"] is True and value["encrypted"] is True and value["future"] == 1
+    assert [r["nat"] for r in etcd.json("net", "ls")] == [True]
+
+
+def test_nat_flags_are_checked_before_any_connection_and_documented() -> None:
+    nowhere = ["--etcd", "http://127.0.0.1:9"]
+    both, force, both_set = overlay_many(
+        ["net", "create", "42", "--nat", "--no-nat", *nowhere],
+        ["net", "set", "42", "--nat", "--force", *nowhere],
+        ["net", "set", "42", "--no-nat", "--nat", *nowhere],
+    )
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr and "Traceback" not in both.stderr
+    assert both_set.returncode == 2 and "not allowed with argument" in both_set.stderr
+    one_line_error(force, 2, "--force goes with --encrypted")
+    create, set_, ls = (
+        ok(r) for r in overlay_many(["net", "create", "--help"], ["net", "set", "--help"], ["net", "ls", "--help"])
+    )
+    assert "--nat" in create and "--no-nat" in create and "--gateway 198.19.42.1 --no-nat" in create
+    assert "--no-nat" in set_ and "overlay net set 42 --no-nat" in set_
+    assert "NAT" in ls and "on when it has a gateway" in ls
+
+
+# --- net join / leave: the local agent's control socket ---------------------------------------
+
+
+class FakeControl:
+    """Stands in for overlay.io.control.request: records each request, answers from ``answers``
+    (a command's answer, or a ControlError to raise)."""
+
+    def __init__(self, **answers: Any) -> None:
+        self.answers, self.calls = answers, []
+
+    def __call__(self, cmd: str, tap: str | None = None, timeout: float = 5.0, **params: Any) -> Any:
+        self.calls.append((cmd, tap, params))
+        answer = self.answers[cmd]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from overlay.io import control
+
+    def install(**answers: Any) -> FakeControl:
+        agent = FakeControl(**answers)
+        monkeypatch.setattr(control, "request", agent)
+        return agent
+
+    return install
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from overlay.cmd.cli import main
+
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_net_join_asks_the_local_agent_and_says_what_happened(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    agent = fake(net_join={"vni": 42, "name": "blue", "joined": True})
+    assert cli(capsys, "net", "join", "blue") == (0, "joined network blue (VNI 42)\n", "")
+    assert agent.calls == [("net_join", None, {"net": "blue"})]
+    fake(net_join={"vni": 42, "name": "blue", "joined": False})
+    assert cli(capsys, "net", "join", " 42", "--tap", "ovl0")[1] == "already joined network blue (VNI 42)\n"
+    agent = fake(net_join={"vni": 42, "name": "blue", "joined": False})
+    status, out, _ = cli(capsys, "net", "join", "042", "--json")
+    assert status == 0 and json.loads(out) == {"vni": 42, "name": "blue", "joined": False}
+    assert agent.calls == [("net_join", None, {"net": "42"})]  # a VNI in its canonical spelling
+
+
+def test_net_leave_says_left_or_that_there_was_nothing_to_leave(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    agent = fake(net_leave={"vni": 43, "name": "red", "left": True})
+    assert cli(capsys, "net", "leave", "red", "--tap", "ovl0") == (0, "left network red (VNI 43)\n", "")
+    assert agent.calls == [("net_leave", "ovl0", {"net": "red"})]
+    fake(net_leave={"vni": 43, "name": "red", "left": False})
+    assert cli(capsys, "net", "leave", "43")[1] == "network red (VNI 43) was not joined here: nothing to leave\n"
+    fake(net_leave={"vni": 43, "name": "red", "left": True})
+    assert json.loads(cli(capsys, "net", "leave", "red", "--json")[1]) == {"vni": 43, "name": "red", "left": True}
+
+
+def test_net_join_and_leave_failures_are_one_line_with_the_right_exit_status(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overlay.io.control import ControlError
+
+    agent = fake(net_join={"vni": 0, "name": "x", "joined": True})
+    status, out, err = cli(capsys, "net", "join", "16777216")
+    assert (status, out) == (2, "") and err.startswith("overlay: error: '16777216' is not a VNI") and agent.calls == []
+    fake(net_join=ControlError("network 'green' is not defined: 'overlay net create' defines it", "network"))
+    assert cli(capsys, "net", "join", "green") == (
+        2,
+        "",
+        "overlay: error: network 'green' is not defined: 'overlay net create' defines it\n",
+    )
+    fake(net_leave=ControlError("network blue has containers attached here (web1): detach them first", "invalid"))
+    assert cli(capsys, "net", "leave", "blue")[0] == 2
+    fake(
+        net_join=ControlError(
+            "no overlay agent is running in this network namespace (start one with 'overlay agent')", "agent"
+        )
+    )
+    status, _, err = cli(capsys, "net", "join", "blue")
+    assert status == 1 and err.count("\n") == 1 and "no overlay agent" in err
+    fake(net_join=ControlError("the registry is unreachable: try again", "etcd"))
+    assert cli(capsys, "net", "join", "blue")[0] == 1
+
+
+def test_net_join_and_leave_help_teach_with_examples() -> None:
+    join, leave, net = (
+        ok(r) for r in overlay_many(["net", "join", "--help"], ["net", "leave", "--help"], ["net", "--help"])
+    )
+    assert "overlay net join blue" in join and "not etcd" in join and "--tap" in join and "--etcd" not in join
+    assert "joined network blue (VNI 42)" in join and "already joined" in join
+    assert "overlay net leave blue" in leave and "not etcd" in leave and "attached" in leave
+    assert "overlay net join blue" in net and "overlay net leave blue" in net

@@ -1,4 +1,6 @@
-"""The `overlay` command as a user runs it: a real process, its output and exit status."""
+"""The `overlay` command as a user runs it: a real process, its output and exit status; and, for
+the commands that ask an agent, the same in process against a stand-in for the control socket
+(what is asked, what is printed)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from overlay import __version__
 from overlay.core.keys import fingerprint, parse_private, parse_public, public_of
+from overlay.io.control import ControlError
 
 
 def run(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -186,3 +191,250 @@ def test_status_shows_the_host_key_and_each_peers_session() -> None:
     row = next(line for line in text.splitlines() if line.startswith("  198.18.0.2:4789"))
     assert row.split() == ["198.18.0.2:4789", "6hzgkHf0", "established", "0.9", "0", "7", "10"]
     assert "encryption" not in format_status(Status.from_json({**FULL, "encryption": None}))
+
+
+# --- attach --name/--publish, publish, unpublish: what is asked of the agent, what is printed ----
+
+
+class FakeControl:
+    """Stands in for overlay.io.control.request: records each request, answers from ``answers``
+    (a command's answer, or a ControlError to raise)."""
+
+    def __init__(self, **answers: object) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, str | None, dict[str, object]]] = []
+
+    def __call__(self, cmd: str, tap: str | None = None, timeout: float = 5.0, **params: object) -> object:
+        self.calls.append((cmd, tap, params))
+        answer = self.answers[cmd]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.fixture
+def agent(monkeypatch: pytest.MonkeyPatch) -> FakeControl:
+    from overlay.io import control
+
+    fake = FakeControl()
+    monkeypatch.setattr(control, "request", fake)
+    return fake
+
+
+def overlay_in_process(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from overlay.cmd.cli import main
+
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def refused_in_one_line(result: tuple[int, str, str], code: int, *words: str) -> None:
+    status, out, err = result
+    assert (status, out) == (code, ""), result
+    assert err.count("\n") == 1 and err.startswith("overlay: error: "), err
+    for w in words:
+        assert w in err, (w, err)
+
+
+PID = str(os.getpid())  # a namespace that exists: this process's
+ATTACHED = {
+    "id": f"netns/{PID}/eth0",
+    "vni": 42,
+    "network": "blue",
+    "netns": f"/proc/{PID}/ns/net",
+    "ifname": "eth0",
+    "host_ifname": "ovh1a2b3c4d5e6",
+    "mac": "02:42:00:00:00:10",
+    "address": "198.19.42.10/24",
+    "gateway": "198.19.42.1",
+    "mtu": 1450,
+    "address6": None,
+    "gateway6": None,
+    "name": "web",
+    "published": [
+        {"host_ip": None, "host_port": 8080, "port": 80, "proto": "tcp"},
+        {"host_ip": "198.18.0.1", "host_port": 49153, "port": 53, "proto": "udp"},
+    ],
+    "dns": {"nameservers": ["198.19.42.1"], "search": ["blue"]},
+}
+
+
+def test_attach_sends_the_name_and_the_publications_in_their_canonical_form(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["attach"] = ATTACHED
+    argv = ["attach", PID, "--net", "blue", "--name", "web", "--publish", "8080:80", "--publish", "198.18.0.1::53/UDP"]
+    status, out, err = overlay_in_process(capsys, *argv)
+    assert status == 0 and err == ""
+    ((cmd, tap, params),) = agent.calls
+    assert (cmd, tap, params["netns"], params["name"]) == ("attach", None, f"/proc/{PID}/ns/net", "web")
+    assert params["publish"] == ["8080:80/tcp", "198.18.0.1::53/udp"]
+    assert out.splitlines() == [
+        f"attached {PID} as web: eth0 02:42:00:00:00:10 198.19.42.10/24 on network blue (VNI 42), mtu 1450, "
+        "gateway 198.19.42.1; host end ovh1a2b3c4d5e6",
+        "  published 0.0.0.0:8080 -> 198.19.42.10:80/tcp",
+        "  published 198.18.0.1:49153 -> 198.19.42.10:53/udp",
+        "  dns 198.19.42.1, search blue",
+    ]
+
+
+def test_attach_shows_an_ipv6_publication_going_to_the_ipv6_address(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    published = [
+        {"host_ip": "2001:2:0:1::1", "host_port": 8443, "port": 443, "proto": "tcp"},
+        {"host_ip": None, "host_port": 8080, "port": 80, "proto": "tcp"},
+    ]
+    agent.answers["attach"] = {**ATTACHED, "address6": "2001:2:0:42::10/64", "published": published}
+    out = overlay_in_process(capsys, "attach", PID, "--net", "blue")[1].splitlines()
+    assert out[1:3] == [
+        "  published [2001:2:0:1::1]:8443 -> [2001:2:0:42::10]:443/tcp",
+        "  published 0.0.0.0:8080 -> 198.19.42.10:80/tcp",
+    ]
+
+
+def test_attach_without_name_or_publish_asks_exactly_as_before(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["attach"] = {**ATTACHED, "name": None, "published": [], "dns": None}
+    status, out, _ = overlay_in_process(capsys, "attach", PID, "--net", "blue")
+    assert status == 0 and "name" not in agent.calls[0][2] and "publish" not in agent.calls[0][2]
+    assert out.startswith(f"attached {PID}: eth0 ") and len(out.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--name=-web"], "--name '-web' is not a DNS label: 1-63 of A-Z a-z 0-9 -"),
+        (["--name", "web_1"], "--name 'web_1' is not a DNS label"),
+        (["--name", "x" * 64], "is not a DNS label"),
+        (["--publish", "8080:0"], "--publish '8080:0': port 0 is not a port (1 to 65535)"),
+        (["--publish", "80/sctp"], "--publish '80/sctp': protocol 'sctp' is not tcp or udp"),
+        (["--publish", "1:2:3:4"], "--publish '1:2:3:4' is not [HOSTIP:]HOSTPORT:PORT[/tcp|udp]"),
+        (
+            ["--publish", "80", "--publish", "not-a-host:1:2"],
+            "host address 'not-a-host' is not an IPv4 or IPv6 address",
+        ),
+    ],
+)
+def test_a_bad_name_or_publication_is_one_line_exit_2_and_nothing_is_asked(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str], flags: list[str], said: str
+) -> None:
+    refused_in_one_line(overlay_in_process(capsys, "attach", PID, "--net", "blue", *flags), 2, said)
+    assert agent.calls == []
+
+
+def test_attach_warns_when_the_agent_ignored_the_publications(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    older = {k: v for k, v in ATTACHED.items() if k not in ("name", "published", "dns")}
+    agent.answers["attach"] = older
+    status, out, err = overlay_in_process(capsys, "attach", PID, "--net", "blue", "--publish", "80")
+    assert status == 0 and out.startswith(f"attached {PID}: ")
+    assert err.startswith("overlay: warning: the agent published no port") and "overlay publish" in err
+
+
+PUBLISHED = {
+    "id": "cni/abc/eth0",
+    "name": "web",
+    "address": "198.19.42.2",
+    "published": {"host_ip": None, "host_port": 49153, "port": 80, "proto": "tcp"},
+}
+
+
+def test_publish_prints_the_host_port_chosen_and_whose_it_is(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["publish"] = PUBLISHED
+    assert overlay_in_process(capsys, "publish", "web", "80") == (
+        0,
+        "published 0.0.0.0:49153 -> 198.19.42.2:80/tcp (web, cni/abc/eth0)\n",
+        "",
+    )
+    assert agent.calls == [("publish", None, {"target": "web", "spec": "80/tcp"})]  # a name goes as given
+    agent.answers["publish"] = {
+        **PUBLISHED,
+        "name": None,
+        "address": "2001:2:0:42::2/64",
+        "published": {"host_ip": "2001:2:0:1::1", "host_port": 8443, "port": 443, "proto": "tcp"},
+    }
+    status, out, _ = overlay_in_process(capsys, "publish", "cni/abc/eth0", "[2001:2:0:1::1]:8443:443", "--tap", "ovl0")
+    assert out == "published [2001:2:0:1::1]:8443 -> [2001:2:0:42::2]:443/tcp (cni/abc/eth0)\n"
+    assert agent.calls[-1] == ("publish", "ovl0", {"target": "cni/abc/eth0", "spec": "[2001:2:0:1::1]:8443:443/tcp"})
+
+
+def test_publish_to_a_namespace_sends_its_path_as_attach_does(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["publish"] = PUBLISHED
+    status, out, _ = overlay_in_process(capsys, "publish", PID, "8080:80/udp", "--json")
+    assert status == 0 and json.loads(out) == PUBLISHED
+    assert agent.calls == [("publish", None, {"target": f"/proc/{PID}/ns/net", "spec": "8080:80/udp"})]
+
+
+def test_publish_refusals_are_one_line_a_users_mistake_exit_2(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused_in_one_line(overlay_in_process(capsys, "publish", "web", "99999"), 2, "port 99999 is not a port")
+    assert agent.calls == []
+    for kind in ("unknown", "address", "invalid"):
+        agent.answers["publish"] = ControlError(f"refused ({kind})", kind)
+        refused_in_one_line(overlay_in_process(capsys, "publish", "web", "80"), 2, f"refused ({kind})")
+    agent.answers["publish"] = ControlError("no overlay agent is running in this network namespace", "agent")
+    refused_in_one_line(overlay_in_process(capsys, "publish", "web", "80"), 1, "no overlay agent")
+
+
+@pytest.mark.parametrize(
+    "spec, sent",
+    [("8080", "8080/tcp"), ("5353/UDP", "5353/udp"), ("all", "all"), ("ALL", "all"), ("8080:80", "8080:80/tcp")],
+)
+def test_unpublish_takes_a_host_port_a_whole_spec_or_all(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str], spec: str, sent: str
+) -> None:
+    agent.answers["unpublish"] = {"id": "cni/abc/eth0", "unpublished": []}
+    assert overlay_in_process(capsys, "unpublish", "web", spec)[0] == 0
+    assert agent.calls == [("unpublish", None, {"target": "web", "spec": sent})]
+
+
+@pytest.mark.parametrize(
+    "spec, said",
+    [
+        ("0", "unpublish '0': a host port is 1 to 65535"),
+        ("8080/sctp", "a protocol tcp or udp"),
+        ("a:b", "or give HOSTPORT[/tcp|udp] (e.g. 8080), or all"),
+    ],
+)
+def test_a_bad_unpublish_is_one_line_exit_2(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str], spec: str, said: str
+) -> None:
+    refused_in_one_line(overlay_in_process(capsys, "unpublish", "web", spec), 2, said)
+    assert agent.calls == []
+
+
+def test_unpublish_says_what_it_removed_or_that_there_was_nothing(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gone = [
+        {"host_ip": None, "host_port": 8080, "port": 80, "proto": "tcp"},
+        {"host_ip": "198.18.0.1", "host_port": 5353, "port": 53, "proto": "udp"},
+    ]
+    agent.answers["unpublish"] = {"id": "cni/abc/eth0", "unpublished": gone}
+    assert overlay_in_process(capsys, "unpublish", "web", "all")[1].splitlines() == [
+        "unpublished 0.0.0.0:8080 -> 80/tcp (cni/abc/eth0)",
+        "unpublished 198.18.0.1:5353 -> 53/udp (cni/abc/eth0)",
+    ]
+    assert json.loads(overlay_in_process(capsys, "unpublish", "web", "all", "--json")[1])["unpublished"] == gone
+    agent.answers["unpublish"] = {"id": "cni/abc/eth0", "unpublished": []}
+    assert overlay_in_process(capsys, "unpublish", "web", "all")[1] == "nothing was published for cni/abc/eth0\n"
+
+
+def test_publish_unpublish_and_attach_help_teach_with_examples() -> None:
+    publish, unpublish, attach = (
+        run(*argv).stdout for argv in (["publish", "--help"], ["unpublish", "--help"], ["attach", "--help"])
+    )
+    assert "overlay publish web 8080:80" in publish and "random free host port" in publish
+    assert "published 0.0.0.0:8080 -> 198.19.42.2:80/tcp (web, cni/c0ffee/eth0)" in publish
+    assert "[HOSTIP:]HOSTPORT:PORT[/tcp|udp]" in publish and "--json" in publish and "--tap" in publish
+    assert "overlay unpublish web 8080" in unpublish and "overlay unpublish web all" in unpublish
+    assert "--name" in attach and "--publish SPEC" in attach and "--publish 8080:80" in attach

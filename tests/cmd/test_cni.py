@@ -492,6 +492,106 @@ def test_an_answer_that_is_not_an_attachment_is_an_io_failure() -> None:
     assert e.value.code == cni.IO_FAILURE
 
 
+# --- published ports (portMappings), the container's name, DNS ---------------------------------
+
+
+def test_port_mappings_become_publications_in_the_attach_request() -> None:
+    agent = FakeAgent({**ANSWER, "published": []})
+    mappings = [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
+        {"hostPort": 5353, "containerPort": 53, "protocol": "UDP", "hostIP": "198.18.0.1"},
+        {"containerPort": 443},  # no hostPort: a random one; no protocol: tcp
+        {"hostPort": 0, "containerPort": 22, "hostIP": "2001:2:0:1::1"},
+        {"hostPort": 9090, "containerPort": 90, "hostIP": "0.0.0.0"},  # every address, as ""
+        {"hostPort": 9091, "containerPort": 91, "protocol": "", "hostIP": "::"},
+    ]
+    run(config(runtimeConfig={"portMappings": mappings}), agent)
+    assert agent.calls[0][2]["publish"] == [
+        "8080:80/tcp",
+        "198.18.0.1:5353:53/udp",
+        "443/tcp",
+        "[2001:2:0:1::1]::22/tcp",
+        "9090:90/tcp",
+        "9091:91/tcp",
+    ]
+
+
+def test_without_port_mappings_or_a_name_the_attach_request_is_as_before() -> None:
+    agent = FakeAgent(ANSWER)
+    run(config(runtimeConfig={"portMappings": []}), agent, CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=x")
+    assert "publish" not in agent.calls[0][2] and "name" not in agent.calls[0][2]
+
+
+@pytest.mark.parametrize(
+    "mappings, said",
+    [
+        ({"hostPort": 80}, "runtimeConfig portMappings: {'hostPort': 80} is not a list"),
+        (["8080:80"], "runtimeConfig portMappings[0]: '8080:80' is not an object"),
+        ([{"hostPort": 8080}], "portMappings[0]: containerPort None is not a port (1 to 65535)"),
+        ([{"hostPort": 8080, "containerPort": 70000}], "containerPort 70000 is not a port"),
+        ([{"hostPort": "8080", "containerPort": 80}], "hostPort '8080' is not a port"),
+        ([{"hostPort": True, "containerPort": 80}], "hostPort True is not a port"),
+        ([{"containerPort": 80, "protocol": "sctp"}], "protocol 'sctp' is not tcp or udp"),
+        ([{"containerPort": 80}, {"containerPort": 80, "hostIP": "somewhere"}], "portMappings[1]: hostIP 'somewhere'"),
+    ],
+)
+def test_a_bad_port_mapping_is_invalid_config_saying_which_and_the_form(mappings: Any, said: str) -> None:
+    agent = FakeAgent(ANSWER)
+    with pytest.raises(cni.CniError) as e:
+        run(config(runtimeConfig={"portMappings": mappings}), agent)
+    assert e.value.code == cni.INVALID_CONFIG and said in e.value.msg, e.value.msg
+    assert '"containerPort": 80' in e.value.details and agent.calls == []
+
+
+def test_an_agent_that_ignores_port_mappings_fails_the_add_so_the_runtime_deletes() -> None:
+    older = FakeAgent(ANSWER)  # an attachment without "published": an agent from before publishing
+    with pytest.raises(cni.CniError) as e:
+        run(config(runtimeConfig={"portMappings": [{"hostPort": 8080, "containerPort": 80}]}), older)
+    assert e.value.code == cni.UNSUPPORTED_FIELD and "portMappings" in e.value.msg and "upgrade" in e.value.details
+
+
+@pytest.mark.parametrize(
+    "pod, name",
+    [
+        ("web", "web"),
+        ("Web_Server.1", "web-server-1"),
+        ("--db--", "db"),
+        ("a" * 70, "a" * 63),
+        ("x" * 62 + "_y", "x" * 62),  # cut at 63 and no '-' left at the end
+        ("___", None),
+        ("ünïcode", "n-code"),
+    ],
+)
+def test_the_pod_name_becomes_the_containers_dns_name(pod: str, name: str | None) -> None:
+    assert cni.dns_label(pod) == name
+    agent = FakeAgent(ANSWER)
+    run(config(), agent, CNI_ARGS=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}")
+    assert agent.calls[0][2].get("name") == name
+
+
+def test_k8s_pod_name_is_understood_without_ignore_unknown() -> None:
+    agent = FakeAgent(ANSWER)
+    run(config(), agent, CNI_ARGS="K8S_POD_NAME=web")
+    assert agent.calls[0][2]["name"] == "web"
+    with pytest.raises(cni.CniError) as e:
+        run(config(), agent, CNI_ARGS="K8S_POD_NAME=web;K8S_POD_NAMESPACE=default")
+    assert e.value.code == cni.INVALID_ENVIRONMENT and "K8S_POD_NAME" in e.value.details
+
+
+def test_the_result_dns_comes_from_the_agent_when_the_config_gives_none() -> None:
+    dns = {"nameservers": ["198.19.0.1"], "search": ["blue"]}
+    assert run(config(), FakeAgent({**ANSWER, "dns": dns}))["dns"] == dns
+    assert run(config(), FakeAgent({**ANSWER, "dns": None}))["dns"] == {}  # a network without a gateway
+    assert run(config(), FakeAgent({**ANSWER, "dns": {"nameservers": [], "search": ["blue"]}}))["dns"] == {}
+    mine = {"nameservers": ["198.18.0.53"]}
+    assert run(config(dns=mine), FakeAgent({**ANSWER, "dns": dns}))["dns"] == mine  # the operator's wins
+
+
+def test_the_shipped_conflist_asks_for_port_mappings() -> None:
+    conflist = json.loads((Path(__file__).parents[2] / "deploy/cni/10-overlay.conflist").read_text())
+    assert conflist["plugins"][0]["capabilities"] == {"mac": True, "ips": True, "portMappings": True}
+
+
 # --- against real agents: a lab with etcd, containers as namespaces ---------------------------
 
 SUBNET = ipaddress.IPv4Network(f"{overlay_ip(0)}/24")  # the agents' network 42: 198.19.0.0/24

@@ -129,17 +129,16 @@ def test_a_name_shared_by_several_networks_is_refused_asking_for_the_vni() -> No
 def test_an_unknown_network_is_refused_with_the_agents_networks() -> None:
     message = refused(lambda: resolve_network("green", {43: RED, 44: Network(44)}, [43]), "network")
     assert message == (
-        "network 'green' is unknown here: this host's agent is not on network green (it follows only its "
-        "own networks: red (43), 44 (44)); start it with --network VNI to join another, or create the "
-        "network with 'overlay net create'"
+        "network 'green' is not in the registry (networks known here: red (43), 44 (44)): create it with "
+        "'overlay net create', or give its VNI"
     )
-    assert "networks: none)" in refused(lambda: resolve_network("9", {}, [42]), "network")
+    assert "known here: none)" in refused(lambda: resolve_network("9", {}, [42]), "network")
 
 
-def test_a_network_this_host_does_not_serve_is_refused_with_the_flag_to_join_it() -> None:
+def test_a_network_this_host_does_not_serve_is_refused_with_the_command_to_join_it() -> None:
     message = refused(lambda: resolve_network("red", {42: BLUE, 43: RED}, [42]), "network")
-    assert message == "this host's agent is not on network red (VNI 43): start it with --network 43"
-    assert refused(lambda: resolve_network("43", {43: RED}, [42]), "network").endswith("--network 43")
+    assert message == "this host's agent is not on network red (VNI 43): join it with 'overlay net join 43'"
+    assert refused(lambda: resolve_network("43", {43: RED}, [42]), "network").endswith("'overlay net join 43'")
 
 
 def test_the_attachments_resolve_against_the_vnis_they_serve() -> None:
@@ -675,6 +674,8 @@ def test_an_attachments_json_has_its_fields_in_order_and_reads_back() -> None:
         "mtu",
         "address6",
         "gateway6",
+        "name",
+        "published",
     ]
     assert Attachment.from_json(A1.to_json()) == A1
     no_gateway = attachment(gateway=None)

@@ -166,3 +166,13 @@ def test_a_sink_that_refuses_leaves_the_table_as_it_was() -> None:
         t.learn(42, M2, C, now=1)
     assert vtep_of(t, M1) == A and t.lookup(42, M1).seen == 0 and t.lookup(42, M2) is None  # type: ignore[union-attr]
     assert len(t) == 1
+
+
+def test_a_gateway_mac_from_another_host_is_never_learned() -> None:
+    from overlay.core.gateway import gateway_mac
+
+    t = ForwardingTable()
+    t.add_vni(42)
+    assert t.learn(42, gateway_mac(42), A, now=0) is Outcome.REFUSED_GATEWAY
+    assert t.learn(42, gateway_mac(43), A, now=0) is Outcome.REFUSED_GATEWAY
+    assert (t.lookup(42, gateway_mac(42)), t.counters.refused_gateway) == (None, 2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from overlay.cmd.cli import format_status
-from overlay.core.status import ApplyLag, ProbeCounters, RegistryStatus, Status
+from overlay.core.status import ApplyLag, Dns, Egress, NetworkInfo, ProbeCounters, RegistryStatus, Status
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -373,3 +373,156 @@ def test_format_status_of_a_static_agent_leaves_out_registry_probes_and_containe
     assert text.split("\n")[0] == "agent  vtep 198.18.0.1:4789  mtu 1450  198.19.0.1/24  up 12.5 s  source check on"
     assert "drops  none" in text
     assert "registry" not in text.split("\n")[2] and "peer host" not in text and "container" not in text
+
+
+# --- reaching out and being reached: networks' definitions, published ports, egress, DNS ----------
+
+
+def reaching() -> dict[str, object]:
+    """FULL from an agent with the distributed gateway: networks with their definitions, a named
+    container with published ports, the nftables table and the DNS responder."""
+    obj = copy.deepcopy(FULL)
+    agent, attachments = obj["agent"], obj["attachments"]
+    assert isinstance(agent, dict) and isinstance(attachments, list)
+    blue, red = agent["networks"]
+    blue.update(name="blue", gateway="198.19.42.1", gateway6="2001:2:0:42::1", nat=True, pinned=True)
+    red.update(name="red")  # no gateway, NAT off, joined on demand: those keys are left out
+    attachments[0].update(
+        name="web",
+        published=[
+            {"host_ip": None, "host_port": 8080, "port": 80, "proto": "tcp"},
+            {"host_ip": "198.18.0.1", "host_port": 5353, "port": 53, "proto": "udp"},
+        ],
+    )
+    obj["egress"] = {
+        "table": "inet overlay",
+        "applied": True,
+        "rules": 5,
+        "error": None,
+        "forwarding": ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"],
+        "problems": ["iptables filter FORWARD policy is DROP: forwarded container traffic may be dropped"],
+    }
+    obj["dns"] = {
+        "listening": ["198.19.42.1:53", "[2001:2:0:42::1]:53"],
+        "upstreams": ["198.18.0.53:53"],
+        "counters": {"queries": 12, "answered": 9, "nxdomain": 2, "forwarded": 1},
+    }
+    return obj
+
+
+def test_a_status_with_egress_dns_and_network_definitions_round_trips_exactly() -> None:
+    obj = reaching()
+    status = Status.from_json(obj)
+    assert status.to_json() == obj and keys_in_order(status.to_json()) == keys_in_order(obj)
+    assert json.dumps(status.to_json()) == json.dumps(obj)
+    assert list(status.to_json())[-2:] == ["egress", "dns"]
+    assert Status.from_json(json.loads(json.dumps(status.to_json()))) == status
+
+
+def test_the_new_parts_read_as_the_json_says() -> None:
+    s = Status.from_json(reaching())
+    blue, red = s.agent.networks
+    assert blue == NetworkInfo(
+        vni=42,
+        tap="ovl-42",
+        mac="02:00:00:00:00:01",
+        bridge="ovbr42",
+        name="blue",
+        gateway="198.19.42.1",
+        gateway6="2001:2:0:42::1",
+        nat=True,
+        pinned=True,
+    )
+    assert (red.name, red.gateway, red.gateway6, red.nat, red.pinned) == ("red", None, None, False, False)
+    assert s.egress == Egress(
+        applied=True,
+        rules=5,
+        forwarding=["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"],
+        problems=["iptables filter FORWARD policy is DROP: forwarded container traffic may be dropped"],
+    )
+    assert s.egress.table == "inet overlay" and s.egress.error is None
+    assert s.dns is not None and s.dns.counters["queries"] == 12 and s.dns.upstreams == ["198.18.0.53:53"]
+    assert s.attachments[0]["name"] == "web"
+
+
+def test_an_agent_without_them_says_exactly_what_it_said_before() -> None:
+    s = Status.from_json(FULL)  # an older agent's status (or one with no gateway anywhere)
+    assert s.egress is None and s.dns is None and s.agent.networks[0].name is None
+    assert not s.agent.networks[0].nat and not s.agent.networks[0].pinned
+    out = s.to_json()
+    assert "egress" not in out and "dns" not in out
+    agent = out["agent"]
+    assert isinstance(agent, dict) and [list(n) for n in agent["networks"]] == [["vni", "tap", "mac", "bridge"]] * 2
+    assert json.dumps(out) == json.dumps(FULL)
+    assert Status.from_json({**FULL, "egress": None, "dns": None}) == s  # null as absent
+
+
+def test_egress_and_dns_need_only_their_key_facts() -> None:
+    s = Status.from_json(
+        {**FULL, "egress": {"applied": False, "error": "nft: command not found"}, "dns": {"listening": []}}
+    )
+    assert s.egress == Egress(applied=False, error="nft: command not found")
+    assert s.dns == Dns(listening=[])
+
+
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        ({"egress": {"rules": 1}}, "`applied` - at `$.egress`"),
+        ({"egress": {"applied": "yes"}}, "$.egress.applied"),
+        ({"egress": {"applied": True, "problems": "none"}}, "$.egress.problems"),
+        ({"dns": {"listening": "198.19.42.1:53"}}, "$.dns.listening"),
+        ({"dns": {"listening": [], "counters": {"queries": "many"}}}, "$.dns.counters[...]"),
+        ({"egress": []}, "$.egress"),
+    ],
+)
+def test_a_bad_egress_or_dns_part_is_a_value_error_naming_the_key(change: dict[str, object], where: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(where)):
+        Status.from_json({**FULL, **change})
+
+
+def test_a_bad_network_definition_is_a_value_error_naming_the_key() -> None:
+    obj = reaching()
+    agent = obj["agent"]
+    assert isinstance(agent, dict)
+    agent["networks"][1]["nat"] = "on"
+    with pytest.raises(ValueError, match=re.escape("$.agent.networks[1].nat")):
+        Status.from_json(obj)
+
+
+def test_format_status_shows_networks_published_ports_egress_and_dns() -> None:
+    lines = format_status(Status.from_json(reaching())).split("\n")
+    at = lines.index("network               vni  gateway                            nat  joined")
+    assert lines[at - 1] == "" and lines[at - 2].startswith("  applied revision 16")  # after the registry
+    assert lines[at + 1 : at + 4] == [
+        "blue                   42  198.19.42.1 2001:2:0:42::1         on   at start (--network)",
+        "red                    43  -                                  off  on demand",
+        "",  # then the peers, as before
+    ]
+    assert lines[at + 4].startswith("peer ")
+    container = next(i for i, line in enumerate(lines) if line.startswith("netns/4026532567/eth0"))
+    assert lines[container + 1] == "  name web  published 0.0.0.0:8080 -> 80/tcp, 198.18.0.1:5353 -> 53/udp"
+    assert lines[container + 2 :] == [
+        "",
+        "egress  nft table inet overlay  applied, 5 rules",
+        "  ip forwarding turned on: net.ipv4.ip_forward, net.ipv6.conf.all.forwarding",
+        "  PROBLEM: iptables filter FORWARD policy is DROP: forwarded container traffic may be dropped",
+        "",
+        "dns     listening 198.19.42.1:53, [2001:2:0:42::1]:53  upstreams 198.18.0.53:53",
+        "  queries 12  answered 9  nxdomain 2  forwarded 1",
+    ]
+
+
+def test_format_status_says_when_the_egress_rules_are_not_in_force() -> None:
+    failed = {**FULL, "egress": {"applied": False, "error": "nft -f: Error: Could not process rule"}}
+    assert "egress  nft table inet overlay  NOT APPLIED: nft -f: Error: Could not process rule" in format_status(
+        Status.from_json(failed)
+    )
+    stale = {**FULL, "egress": {"applied": True, "rules": 3, "error": "nft -f: Operation not permitted"}}
+    text = format_status(Status.from_json(stale)).split("\n")
+    assert text[-2:] == [
+        "egress  nft table inet overlay  applied, 3 rules",
+        "  last change failed: nft -f: Operation not permitted",
+    ]
+    quiet = format_status(Status.from_json({**FULL, "dns": {"listening": ["198.19.42.1:53"]}})).split("\n")
+    assert quiet[-1] == "dns     listening 198.19.42.1:53  upstreams none"
