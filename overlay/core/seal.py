@@ -48,16 +48,18 @@ _HEADER = struct.Struct("<B3xIQ")
 
 
 HANDSHAKE_TYPES = frozenset({1, 2})  # handshake.INITIATION, handshake.RESPONSE
+HANDSHAKE_SIZES = {1: 133, 2: 77}  # handshake.INITIATION_LEN, RESPONSE_LEN: any other size is auth_failed
 PUNTED = 255  # the fast path's status for a handshake message handed to the control plane
 
 
 def kind(datagram: bytes) -> str:
     """The receive path's first rule, on one port: "data" (sealed, opened by open_datagram),
-    "handshake" (to the control plane: overlay/core/sessions.py) or "vxlan" (wire.decode)."""
+    "handshake" (to the control plane: overlay/core/sessions.py), "bad_handshake" (a handshake
+    type of the wrong size: dropped as auth_failed, never handed up) or "vxlan" (wire.decode)."""
     if datagram[:1] == bytes([DATA]):
         return "data"
     if datagram and datagram[0] in HANDSHAKE_TYPES:
-        return "handshake"
+        return "handshake" if len(datagram) == HANDSHAKE_SIZES[datagram[0]] else "bad_handshake"
     return "vxlan"
 
 

@@ -85,7 +85,8 @@ class Egress:
         self.lock = asyncio.Lock()
         self.gateways: dict[int, Gateway] = {}  # what is plumbed now
         self.listening: dict[int, list[str]] = {}  # VNI -> the DNS addresses it answers on
-        self.script: str | None = None  # the table's text as applied last (None: no table of ours)
+        self.script: str | None = ""  # the table's text as applied last (None: no table of ours; "": unknown,
+        # a table a crashed agent left behind is removed by the first apply that wants none)
         self.rules = 0
         self.error: str | None = None
         self.turned_on: list[str] = []  # forwarding sysctls this agent turned on
@@ -143,6 +144,9 @@ class Egress:
 
     async def _remove_table(self) -> None:
         if self.script is None:
+            return
+        if self.script == "" and nft.available() is not None:  # no nft here: nothing can be left over
+            self.script = None
             return
         try:
             await asyncio.to_thread(nft.remove)
@@ -244,7 +248,7 @@ class Egress:
     def status(self) -> EgressStatus:
         return EgressStatus(
             table=f"{nat.FAMILY} {nat.TABLE}",
-            applied=self.script is not None,
+            applied=bool(self.script),
             rules=self.rules,
             error=self.error,
             forwarding=list(self.turned_on),

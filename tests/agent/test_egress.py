@@ -179,6 +179,14 @@ def test_a_container_reaches_the_outside_through_its_hosts_gateway_seen_as_the_h
     assert mac_to_str(gateway_mac(BLUE)) not in keys
     egress = status(lab, 2, TAP)["egress"]
     assert egress["applied"] and egress["table"] == "inet overlay" and egress["error"] is None
+    # An operator turns NAT off: every host's table follows the registry.
+    world.overlay(1, "net", "set", "42", "--no-nat", "--etcd", world.etcd.endpoint)
+
+    def masquerades(host: int) -> bool:
+        return "198.19.42.0/24" in lab.run(host, ["nft", "list", "chain", "inet", "overlay", "postrouting"]).stdout
+
+    wait_for(lambda: not masquerades(2) and not masquerades(1), 5, "NAT off on every host")
+    assert world.ask(ns, "198.18.0.210", 7000).startswith("failed")  # its own address: no way back
 
 
 def test_a_published_port_answers_from_outside_the_host_and_its_containers_and_unpublish_closes_it(
@@ -320,3 +328,18 @@ def test_the_agents_stop_removes_its_table_and_leaves_other_tables_as_they_were(
     assert lab.run(1, ["nft", "list", "table", "inet", "other"]).stdout == other
     assert forwarding == "1"
     assert lab.run(1, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"  # as it was before the agent
+
+
+def test_a_firewall_that_drops_forwarded_traffic_is_named_at_start_with_the_fix(world: World) -> None:
+    lab = world.lab
+    assert stop_agent(world.agents[1]) == 0
+    lab.run(1, ["nft", "add", "table", "ip", "filter"])
+    lab.run(
+        1, ["nft", "add", "chain", "ip", "filter", "FORWARD", "{ type filter hook forward priority 0; policy drop; }"]
+    )
+    world.start(1)
+    log = world.tmp / f"agent-{lab.name}-h1-{TAP}.log"
+    wait_for(lambda: "drops forwarded traffic" in log.read_text(), 10, "the agent's warning about table ip filter")
+    line = next(x for x in log.read_text().splitlines() if "drops forwarded traffic" in x)
+    assert "ip filter" in line and "FORWARD" in line and "-i ovgw+ -j ACCEPT" in line
+    assert status(lab, 1, TAP)["egress"]["problems"]

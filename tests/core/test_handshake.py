@@ -313,3 +313,10 @@ def test_truncated_extended_or_overwritten_messages_are_rejected_with_handshake_
             respond_to(BOB, damaged)
         else:
             complete(initiator, damaged)
+
+
+def test_the_seal_references_handshake_sizes_are_the_handshakes() -> None:
+    assert seal.HANDSHAKE_SIZES == {
+        handshake.INITIATION: handshake.INITIATION_LEN,
+        handshake.RESPONSE: handshake.RESPONSE_LEN,
+    }

@@ -95,6 +95,8 @@ FULL: dict[str, object] = {
             "mtu": 1450,
             "address6": "2001:2:0:42::10/64",
             "gateway6": None,
+            "name": None,
+            "published": [],
         }
     ],
     "probes": {

@@ -53,6 +53,8 @@ def reference_receive(datagram: bytes, vnis: set[int], allow_vlan: bool) -> Deco
     k = seal.kind(datagram)
     if k == "handshake":
         return seal.PUNTED
+    if k == "bad_handshake":
+        return Drop.AUTH_FAILED
     if k == "data":
         return seal.open_datagram({}, datagram)[0] or Drop.AUTH_FAILED
     return wire.decode(datagram, vnis, allow_vlan)

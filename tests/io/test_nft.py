@@ -351,7 +351,7 @@ def world(request) -> Iterator[World]:
     path, _, extra = request.param.partition("+")
     if extra and nft.sysctl(BRIDGE_NF) is None:
         pytest.skip("br_netfilter is not loaded here")
-    with new_lab(hosts=1, prefix="nat") as lab:
+    with new_lab(hosts=1, prefix="n") as lab:  # short: interface names carry the lab's name
         yield World(lab, path, bridge_netfilter=bool(extra)).up()
 
 
