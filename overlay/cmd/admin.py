@@ -366,6 +366,7 @@ def endpoint_json(vni: int, mac: int, ep: Endpoint, lease: int) -> dict[str, Any
         "ipv6": list(ep.ipv6),
         "lease": lease_str(lease),
         "static": not lease,
+        "ports": list(ep.ports),  # exposed ports, "80/tcp" (attach --expose, CNI portMappings)
     }
 
 
@@ -848,9 +849,17 @@ def cmd_endpoint_ls(args: argparse.Namespace) -> int:
     snap: Snapshot = run(target, action)
     rows = [endpoint_json(v, mac, ep, lease) for (v, mac), (ep, lease) in sorted(snap.endpoints.items())]
     human = table(
-        ["VNI", "MAC", "HOST", "IPV4", "IPV6", "LEASE"],
+        ["VNI", "MAC", "HOST", "IPV4", "IPV6", "LEASE", "PORTS"],
         [
-            [r["vni"], r["mac"], r["host"], ",".join(r["ipv4"]), ",".join(r["ipv6"]), r["lease"] or "static"]
+            [
+                r["vni"],
+                r["mac"],
+                r["host"],
+                ",".join(r["ipv4"]),
+                ",".join(r["ipv6"]),
+                r["lease"] or "static",
+                ",".join(r["ports"]),
+            ]
             for r in rows
         ],
         right={0},
@@ -1233,8 +1242,9 @@ def add_commands(sub: Any) -> None:
         "ls",
         cmd_endpoint_ls,
         "list endpoints",
-        "List endpoints: VNI, MAC, owning host, IPv4 and IPv6 addresses, and the lease that holds it "
-        "(an agent's) or 'static' (an operator's).",
+        "List endpoints: VNI, MAC, owning host, IPv4 and IPv6 addresses, the lease that holds it "
+        "(an agent's) or 'static' (an operator's), and the ports its container exposes (PORTS, e.g. "
+        "80/tcp,53/udp: 'overlay attach --expose', CNI portMappings; '-' when none).",
         "examples:\n  overlay endpoint ls\n  overlay endpoint ls --net 42 --json",
         common,
     )

@@ -353,10 +353,15 @@ def format_status(s: Status) -> str:
                 f"{(c['address'] or c.get('address6'))!s:18} {c['host_ifname']!s:13}"
             )
             published = c.get("published")
-            extra = ([f"name {c['name']}"] if c.get("name") else []) + (
-                [f"published {', '.join(_publication(p) for p in published)}"]
-                if isinstance(published, list) and published
-                else []
+            exposed = c.get("exposed")
+            extra = (
+                ([f"name {c['name']}"] if c.get("name") else [])
+                + ([f"exposes {', '.join(map(str, exposed))}"] if isinstance(exposed, list) and exposed else [])
+                + (
+                    [f"published {', '.join(_publication(p) for p in published)}"]
+                    if isinstance(published, list) and published
+                    else []
+                )
             )
             if extra:
                 lines.append("  " + "  ".join(extra))
@@ -423,7 +428,7 @@ def add_status(sub: Any) -> None:
             "status",
             cmd_status,
             "a running agent's counters: per-peer traffic, drops by reason, forwarding-table size; its "
-            "networks (gateways, NAT), containers (names, published ports), egress rules and DNS",
+            "networks (gateways, NAT), containers (names, exposed and published ports), egress rules and DNS",
         ),
         ("fdb", cmd_fdb, "a running agent's forwarding table"),
     ):
@@ -464,6 +469,16 @@ def parse_publish(text: str, flag: str = "") -> str:
         raise UserError(f"{flag}{str(e).removeprefix('publish ')}" if flag else str(e)) from None
 
 
+def parse_expose(text: str) -> str:
+    """``--expose``: a port the container serves (overlay.core.ports), sent as "PORT/proto"."""
+    from overlay.core import ports
+
+    try:
+        return ports.parse_exposed(text)
+    except ValueError as e:  # "expose '80/sctp': protocol 'sctp' is not tcp or udp (PORT[/tcp|udp], ...)"
+        raise UserError(f"--{e}") from None
+
+
 def parse_unpublish(text: str) -> str:
     """What ``overlay unpublish`` takes: ``all``, ``HOSTPORT[/tcp|udp]`` or a whole spec."""
     from overlay.core import ports
@@ -497,12 +512,35 @@ def _who(answer: Any) -> str:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    spec = parse_publish(args.spec)
-    answer = _ask("publish", args.tap, 30.0, target=publish_target(args.target), spec=spec)
+    if args.all and args.spec is not None:
+        raise UserError(f"give a SPEC ({args.spec}) or --all (every port the container exposes), not both")
+    if not args.all and args.spec is None:
+        raise UserError(
+            "say what to publish: a SPEC (e.g. 8080:80, or 80 for a random host port), "
+            "or --all for every port the container exposes"
+        )
+    target = publish_target(args.target)
+    if args.all:
+        try:
+            answer = _ask("publish", args.tap, 30.0, target=target, all=True)
+        except UserError as e:
+            if str(e) == "missing spec":  # an agent from before --all read the request as one without a spec
+                raise UserError(
+                    "the agent does not know 'publish --all' (it predates exposed ports): upgrade it, "
+                    "or publish each port with 'overlay publish TARGET PORT'"
+                ) from None
+            raise
+    else:
+        answer = _ask("publish", args.tap, 30.0, target=target, spec=parse_publish(args.spec))
     if args.json:
         print(json.dumps(answer, indent=2))
-    else:
-        print(f"published {_publication(answer['published'], answer.get('address'))} ({_who(answer)})")
+        return 0
+    published = answer["published"]
+    entries = published if isinstance(published, list) else [published]  # --all: a list, one per port
+    if not entries:
+        print(f"nothing was published for {_who(answer)}: it exposes no port that is not published yet")
+    for p in entries:
+        print(f"published {_publication(p, answer.get('address'))} ({_who(answer)})")
     return 0
 
 
@@ -522,6 +560,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     path = netns_path(args.target)
     name = parse_container_name(args.name) if args.name is not None else None
     publish = [parse_publish(text, "--publish ") for text in args.publish or []]
+    expose = list(dict.fromkeys(parse_expose(text) for text in args.expose or []))
     if not os.path.exists(path):
         what = "process" if args.target.isdigit() else "network namespace"
         raise UserError(
@@ -542,7 +581,14 @@ def cmd_attach(args: argparse.Namespace) -> int:
         **({"gateway6": args.gateway6} if args.gateway6 is not None else {}),
         **({"name": name} if name is not None else {}),
         **({"publish": publish} if publish else {}),
+        **({"expose": expose} if expose else {}),
     )
+    if expose and "exposed" not in a:
+        print(
+            "overlay: warning: the agent recorded no exposed port (it predates --expose): upgrade it, "
+            "then attach the container again to record them",
+            file=sys.stderr,
+        )
     if publish and "published" not in a:
         print(
             "overlay: warning: the agent published no port (it predates --publish): upgrade it, "
@@ -559,6 +605,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
             f"(VNI {a['vni']}), mtu {a['mtu']}{', gateway ' + a['gateway'] if a['gateway'] else ''}; "
             f"host end {a['host_ifname']}"
         )
+        if a.get("exposed"):
+            print(f"  exposes {', '.join(map(str, a['exposed']))}")
         for p in a.get("published") or []:
             v6 = ":" in str(p.get("host_ip") or "") and a.get("address6")  # an IPv6 host address: to the IPv6 one
             print(f"  published {_publication(p, a.get('address6') if v6 else a['address'] or a.get('address6'))}")
@@ -596,7 +644,9 @@ def add_attach(sub: Any) -> None:
             "on this host. The endpoint (MAC, address, this host) is registered in etcd under the agent's "
             "lease, so every host forwards to it. Without --ip an address is allocated from the network's "
             "subnet. --name gives it a DNS name on the network, --publish forwards ports of this host to it "
-            "(also later: 'overlay publish'). Asks the agent of this network namespace (etcd mode)."
+            "(also later: 'overlay publish'), --expose records the ports it serves in its endpoint (for "
+            "'overlay endpoint ls', and 'overlay publish TARGET --all' publishes them). Asks the agent of "
+            "this network namespace (etcd mode)."
         ),
         epilog=(
             "examples:\n"
@@ -606,7 +656,9 @@ def add_attach(sub: Any) -> None:
             "  overlay attach web2 --net blue --ip6 2001:2:0:42::10/64   # dual-stack: the network has subnet6\n"
             "  overlay attach web1 --net blue --name web --publish 8080:80   # web and web.blue resolve to it;\n"
             "                                                      # the host's port 8080 goes to its port 80\n"
-            "  overlay attach db --net blue --publish 5432 --publish 198.18.0.1:5353:53/udp   # 5432: a random host port"
+            "  overlay attach db --net blue --publish 5432 --publish 198.18.0.1:5353:53/udp   # 5432: a random host port\n"
+            "  overlay attach web1 --net blue --name web --expose 80 --expose 53/udp   # prints: exposes 80/tcp, 53/udp\n"
+            "  overlay publish web --all                           # later: each exposed port on a random host port"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -635,8 +687,15 @@ def add_attach(sub: Any) -> None:
         help="publish a port of this host onto the container's: [HOSTIP:]HOSTPORT:PORT[/tcp|udp], or "
         "PORT[/tcp|udp] for a random free host port (printed); repeat for each port",
     )
+    p.add_argument(
+        "--expose",
+        metavar="PORT[/tcp|udp]",
+        action="append",
+        help="a port the container serves (tcp by default), recorded in its endpoint in the registry "
+        "(not published: 'overlay publish TARGET --all' does that); repeat for each port",
+    )
     p.add_argument("--tap", help="which agent, when several run in this namespace")
-    p.add_argument("--json", action="store_true", help="print the attachment as JSON")
+    p.add_argument("--json", action="store_true", help='print the attachment as JSON (with "exposed": ["80/tcp"])')
     p.set_defaults(func=cmd_attach)
     p = sub.add_parser(
         "detach",
@@ -663,8 +722,10 @@ def add_attach(sub: Any) -> None:
             "Forward a port of this host (TCP or UDP, on every address of the host or one) to a port of a "
             "container attached here, by destination NAT in the agent's nftables table (inet overlay); "
             "the container's replies go back the same way. Without a host port a random free one is "
-            "chosen and printed. The publication lasts as long as the attachment (also across agent "
-            "restarts), or until 'overlay unpublish'. Asks the agent of this network namespace."
+            "chosen and printed. --all publishes every port the container exposes (attach --expose, CNI "
+            "portMappings) and has not published yet, each on a random free host port. The publication "
+            "lasts as long as the attachment (also across agent restarts), or until 'overlay unpublish'. "
+            "Asks the agent of this network namespace."
         ),
         epilog=(
             "examples:\n"
@@ -672,15 +733,28 @@ def add_attach(sub: Any) -> None:
             "  overlay publish web 80                       # a random free host port -> 80/tcp (printed)\n"
             "  overlay publish web 198.18.0.1:5353:53/udp   # only on that address of the host\n"
             "  overlay publish cni/c0ffee/eth0 [2001:2:0:1::1]:8443:443\n"
+            "  overlay publish web --all                    # every exposed port, each on a random host port\n"
             "prints: published 0.0.0.0:8080 -> 198.19.42.2:80/tcp (web, cni/c0ffee/eth0)\n"
+            "        (--all: one such line per port published)\n"
             "SPEC: [HOSTIP:]HOSTPORT:PORT[/tcp|udp], or [HOSTIP::]PORT[/tcp|udp]; ports 1-65535, tcp by default"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("target", metavar="TARGET", help=target_help)
-    p.add_argument("spec", metavar="SPEC", help="[HOSTIP:]HOSTPORT:PORT[/tcp|udp], or PORT[/tcp|udp]")
+    p.add_argument(
+        "spec", metavar="SPEC", nargs="?", help="[HOSTIP:]HOSTPORT:PORT[/tcp|udp], or PORT[/tcp|udp] (or --all)"
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="instead of SPEC: every exposed port not published yet, each on a random free host port",
+    )
     p.add_argument("--tap", help="which agent, when several run in this namespace")
-    p.add_argument("--json", action="store_true", help='print {"id", "name", "address", "published"}')
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"id", "name", "address", "published"}; with --all "published" is a list, one per port',
+    )
     p.set_defaults(func=cmd_publish)
     p = sub.add_parser(
         "unpublish",

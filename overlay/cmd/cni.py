@@ -16,7 +16,7 @@ on the agent's control socket (overlay.control) and the answer into a CNI result
 makes the interface, assigns and publishes the address, and remembers the attachment under the
 id ``cni/<container id>/<ifname>``:
 
-    ADD   -> attach(netns, net, ifname, id, ip, mac, gateway, ip6, gateway6[, name, publish]) -> the attachment
+    ADD   -> attach(netns, net, ifname, id, ip, mac, gateway, ip6, gateway6[, name, publish, expose]) -> the attachment
     DEL   -> detach(id)  (idempotent: nothing attached is a success)
     CHECK -> check(id)   (the agent checks the live state; here the answer is held against prevResult)
 
@@ -33,7 +33,8 @@ and "mac" capabilities).
 Reaching and being reached: runtimeConfig "portMappings" (the capability of that name, as
 podman and the portmap plugin speak it: ``{"hostPort", "containerPort", "protocol", "hostIP"}``)
 become the attachment's published ports (hostPort 0 or absent: a random free one; hostIP "" or
-absent, 0.0.0.0 or ::: every address of the host); CNI_ARGS K8S_POD_NAME (podman sets it to the
+absent, 0.0.0.0 or ::: every address of the host), and each mapping's containerPort/protocol one
+of the ports it exposes (its endpoint's "ports" in the registry); CNI_ARGS K8S_POD_NAME (podman sets it to the
 container's name) becomes its DNS name, made a DNS label (lower case, other characters '-',
 at most 63). The result's "dns" is the config's, else the agent's (the network's gateway as
 nameserver, the network's name to search) when the network has a gateway.
@@ -144,6 +145,7 @@ class NetConf:
     gateway6: str | None = None
     container_name: str | None = None  # its DNS name (CNI_ARGS K8S_POD_NAME, made a DNS label)
     publish: tuple[str, ...] = ()  # runtimeConfig portMappings as publication specs (overlay.core.ports)
+    expose: tuple[str, ...] = ()  # the portMappings' container ports, "80/tcp" (overlay.core.ports.parse_exposed)
 
 
 # --- the pure part: environment, config, results --------------------------------------------
@@ -245,6 +247,12 @@ def port_mappings(value: Any) -> tuple[str, ...]:
         except ValueError as e:
             raise CniError(INVALID_CONFIG, f"{at}: {e}", form) from None
     return tuple(specs)
+
+
+def exposed_ports(publish: tuple[str, ...]) -> tuple[str, ...]:
+    """The container ports of publication specs (``port_mappings``) as exposed ports, "80/tcp",
+    each once, in the order first mapped."""
+    return tuple(dict.fromkeys(f"{spec.port}/{spec.proto}" for spec in map(ports.parse, publish)))
 
 
 def parse_environment(environ: Mapping[str, str], command: str) -> Invocation:
@@ -447,7 +455,22 @@ def netconf(conf: Mapping[str, Any], version: str, args: Mapping[str, str]) -> N
             INVALID_CONFIG, '"prevResult" must be a CNI result', "an object whose interfaces, ips and routes are lists"
         )
     pod_name = dns_label(args["K8S_POD_NAME"]) if args.get("K8S_POD_NAME") else None
-    return NetConf(version, name, network, agent, ip, mac, gateway, dns, prev, ip6, gateway6, pod_name, publish)
+    return NetConf(
+        version,
+        name,
+        network,
+        agent,
+        ip,
+        mac,
+        gateway,
+        dns,
+        prev,
+        ip6,
+        gateway6,
+        pod_name,
+        publish,
+        exposed_ports(publish),
+    )
 
 
 def _version_before_1(version: str) -> bool:
@@ -650,6 +673,7 @@ def run(
                     gateway6=conf.gateway6,
                     **({"name": conf.container_name} if conf.container_name is not None else {}),
                     **({"publish": list(conf.publish)} if conf.publish else {}),
+                    **({"expose": list(conf.expose)} if conf.expose else {}),
                 ),
                 "attach",
             )

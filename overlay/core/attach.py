@@ -69,7 +69,7 @@ from typing import Union
 from overlay.core import ipam
 from overlay.core.addresses import IPAddress
 from overlay.core.control import AttachRequest, DetachRequest, Refused
-from overlay.core.ports import PortSpec
+from overlay.core.ports import PortSpec, exposed_spec, parse_exposed
 from overlay.core.registry import AddressKey, Allocation, Endpoint, EndpointKey, Network, Registry
 from overlay.core.wire import mac_to_int, mac_to_str, unicast_mac
 
@@ -96,6 +96,7 @@ class Attachment:
     gateway6: str | None = None
     name: str | None = None  # its DNS name on the network (a label)
     published: tuple[PortSpec, ...] = ()  # host ports published onto it (each with its host port chosen)
+    exposed: tuple[str, ...] = ()  # the ports it serves, "80/tcp" (its endpoint's "ports")
 
     @property
     def interface(self) -> ipaddress.IPv4Interface | None:
@@ -132,7 +133,7 @@ class Attachment:
     def endpoint(self, host: str) -> Endpoint:
         """The endpoint it is published as, on ``host``."""
         v4, v6 = self.interface, self.interface6
-        return Endpoint(host, [str(v4.ip)] if v4 else [], [str(v6.ip)] if v6 else [], self.name)
+        return Endpoint(host, [str(v4.ip)] if v4 else [], [str(v6.ip)] if v6 else [], self.name, list(self.exposed))
 
     def target(self, spec: PortSpec) -> IPAddress | None:
         """The address of this container that ``spec`` forwards to: of the host address's
@@ -147,6 +148,7 @@ class Attachment:
     def to_json(self) -> dict[str, object]:
         record = {f.name: getattr(self, f.name) for f in fields(self)}
         record["published"] = [p.to_json() for p in self.published]
+        record["exposed"] = list(self.exposed)
         return record
 
     @classmethod
@@ -155,7 +157,7 @@ class Attachment:
         if not isinstance(record, dict):
             raise TypeError(f"an attachment is a JSON object, not {type(record).__name__}")
         names = [f.name for f in fields(cls)]
-        optional = ("address6", "gateway6", "name", "published")  # added later: older records lack them
+        optional = ("address6", "gateway6", "name", "published", "exposed")  # added later: older records lack them
         missing = [n for n in names if n not in record and n not in optional]
         unknown = sorted(str(k) for k in record if k not in names)
         if missing or unknown:
@@ -179,6 +181,15 @@ class Attachment:
             except ValueError as e:
                 raise TypeError(f"attachment field published: {e}") from None
 
+        def exposed() -> tuple[str, ...]:
+            value = record.get("exposed") or []
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise TypeError("attachment field exposed must be a list of strings")
+            try:
+                return tuple(parse_exposed(p) for p in value)
+            except ValueError as e:
+                raise TypeError(f"attachment field exposed: {e}") from None
+
         def number(name: str) -> int:
             value = record[name]
             if not isinstance(value, int) or isinstance(value, bool):
@@ -200,6 +211,7 @@ class Attachment:
             maybe("gateway6"),
             maybe("name"),
             published(),
+            exposed(),
         )
 
 
@@ -668,6 +680,7 @@ class Attachments:
             str(gateway6) if gateway6 and address6 else None,
             req.name,
             tuple(published),
+            tuple(dict.fromkeys([*req.expose, *(f"{p.port}/{p.proto}" for p in req.publish)])),
         )
         claim = ClaimAddress(a.address_keys, Allocation(self.host_id, mac, attachment_id))
         if address is not None and gateway is not None and gateway not in address.network:
@@ -723,6 +736,20 @@ class Attachments:
                         "address",
                     )
                 taken[spec.key] = a
+
+    def unpublished_exposed(self, a: Attachment) -> list[PortSpec]:
+        """``publish --all``: a random-host-port publication for each port ``a`` exposes that is
+        not published yet; refused (one line) when it exposes none, or all are published."""
+        if not a.exposed:
+            raise Refused(
+                f"{a.id} exposes no ports: attach it with --expose PORT[/proto] (or publish one port by hand)",
+                "invalid",
+            )
+        done = {f"{p.port}/{p.proto}" for p in a.published}
+        todo = [exposed_spec(e) for e in a.exposed if e not in done]
+        if not todo:
+            raise Refused(f"every port {a.id} exposes is published already ({', '.join(a.exposed)})", "invalid")
+        return todo
 
     def with_published(self, a: Attachment, specs: Iterable[PortSpec]) -> Attachment:
         """``a`` with ``specs`` (host ports chosen) added."""

@@ -59,6 +59,7 @@ class AttachRequest:
     gateway6: str | None = None
     name: str | None = None  # a DNS label: `<name>` and `<name>.<network>` resolve to it
     publish: tuple[PortSpec, ...] = ()  # ports of the host published onto the container's
+    expose: tuple[str, ...] = ()  # ports the container serves, "80/tcp" (recorded in its endpoint)
 
     @classmethod
     def from_params(cls, params: Mapping[str, object]) -> AttachRequest:
@@ -77,6 +78,7 @@ class AttachRequest:
             gateway6=_text(params, "gateway6"),
             name=_name(params, "name"),
             publish=tuple(_spec(s) for s in _texts(params, "publish")),
+            expose=tuple(dict.fromkeys(_exposed(s) for s in _texts(params, "expose"))),
         )
 
 
@@ -84,15 +86,20 @@ class AttachRequest:
 class PublishRequest:
     """``overlay publish`` / ``unpublish``: ``spec`` (overlay.core.ports) on the container
     ``target``: an attachment id, a container name, or a namespace (name, path or PID) with
-    exactly one attachment. Unpublish matches by protocol and host port (a spec's container
+    exactly one attachment. ``publish --all`` (``"all": true``, no spec) publishes every
+    exposed port not published yet, each on a random free host port. Unpublish matches by protocol and host port (a spec's container
     port is not needed there: ``8080`` or ``8080/udp`` is enough, and ``all`` removes every one)."""
 
     target: str
-    spec: PortSpec | None  # None: unpublish all
+    spec: PortSpec | None  # None: unpublish all; publish every exposed port (``all``)
 
     @classmethod
     def from_params(cls, params: Mapping[str, object], unpublish: bool = False) -> PublishRequest:
         target = _required(params, "target")
+        if not unpublish and params.get("all") is True:
+            if _text(params, "spec") is not None:
+                raise Refused("give a port to publish or --all, not both", "invalid")
+            return cls(target, None)
         text = _required(params, "spec")
         if unpublish:
             if text == "all":
@@ -202,6 +209,13 @@ def _texts(params: Mapping[str, object], name: str) -> list[str]:
 def _spec(text: str) -> PortSpec:
     try:
         return ports.parse(text)
+    except ValueError as e:
+        raise Refused(str(e), "invalid") from None
+
+
+def _exposed(text: str) -> str:
+    try:
+        return ports.parse_exposed(text)
     except ValueError as e:
         raise Refused(str(e), "invalid") from None
 

@@ -3,7 +3,7 @@ no sockets, no event loop, no clock (overlay/io/dns.py is the shell that moves t
 
 ``Names`` follows the registry (``apply`` its events, O(1) per event whatever the size of the
 fleet): networks give a name and subnets, endpoints with a ``name`` give that name's
-addresses. ``answer(query, vni, names, have_upstream, ...)`` decides what a query that arrived
+addresses and exposed ports. ``answer(query, vni, names, have_upstream, ...)`` decides what a query that arrived
 on network ``vni``'s gateway (the asker's network) gets: a ``Reply`` (its wire bytes), a
 ``Forward`` (the io sends the query as it is to the host's upstream resolvers) or a ``Drop``
 (counted by reason, never answered).
@@ -37,6 +37,23 @@ The rules, in the order they are applied:
     each named endpoint holding the address (``<name>.`` when the network's name is not a
     label); none: NXDOMAIN; another type of a name that has a PTR: NODATA. Partial reverse
     names (a zone, not an address) are not ours.
+  * SRV (RFC 2782): ``_<service>._<proto>.<name>`` and ``_<service>._<proto>.<name>.<network>``
+    (this network's name), ``<proto>`` tcp or udp, ``<service>`` a service name of ``SERVICES``
+    (a small fixed table that follows the IANA service names: ``_http``, ``_postgresql``,
+    ``_domain``, ``_memcache``; software without an IANA name, Kafka, NATS, gRPC, is asked by
+    number) or the port number itself (``_8080._tcp.web``, canonical decimal 1-65535). The name
+    exists when an endpoint of ``<name>`` on this network holding an address exposes that port
+    (the registry's ``ports``, ``"8080/tcp"``): SRV (or ANY) gets one record, priority 0, weight
+    0, that port, target ``<name>.<network>.`` in lower case (``<name>.`` when the network's name
+    is not a label; two endpoints of one name give one target, so one record), and the target's A
+    and AAAA records (all of ``<name>``'s addresses, as an A query gets them) in the additional
+    section; another type: NODATA. When no such endpoint exposes that port over that protocol
+    (``<name>`` known or not), or the service is not in the table, the SRV name does not exist:
+    NXDOMAIN (an SRV owner is a name of its own; a container that does not offer the service has
+    no such name, whatever its other names). ``_<proto>.<name>`` and
+    ``_<proto>.<name>.<network>`` are empty non-terminals (NODATA) when ``<name>`` offers a port
+    over ``<proto>``, else NXDOMAIN (so a resolver minimising names, RFC 9156, goes on to the SRV
+    name). These forms are ours, answered and never forwarded, whatever ``<name>``.
   A network's name is its DNS domain when it is a label of 1-63 of A-Z a-z 0-9 _ -; any other
   name (empty, dotted, spaces) gives no ``<name>.<network>`` form. An endpoint name that is not
   a DNS label (registry.DNS_LABEL) and addresses that do not parse are left out.
@@ -45,7 +62,9 @@ The rules, in the order they are applied:
 - Size: with EDNS the reply carries an OPT (version 0, payload 1232, no options, no DO) and
   fits the client's payload clamped to 512..1232 (no IP fragments); without, 512 bytes. A UDP
   answer that does not fit is sent without answers and with the TC bit (the client asks again
-  over TCP); over TCP the limit is 65535.
+  over TCP); over TCP the limit is 65535. Additional records (an SRV target's addresses) go in
+  by whole RRsets, A then AAAA, each only if it still fits; one left out sets no TC (RFC 2181
+  9: the client asks the target's addresses itself).
 
 Replies are built by hand (the layout is RFC 1035 4.1, a dozen lines): dnspython's message
 parser and renderer cost ~180 us a query on the bench machine, this ~10 us; names are parsed
@@ -58,7 +77,7 @@ import ipaddress
 import re
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, TypeVar
 
 import dns.exception
 import dns.name
@@ -76,7 +95,7 @@ MAX_UPSTREAMS = 3  # as glibc's MAXNS
 # Header flag bits and codes (RFC 1035 4.1.1, RFC 6891)
 QR, AA, TC, RD, RA, CD = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080, 0x0010
 RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5, "BADVERS": 16}
-T_A, T_NS, T_PTR, T_AAAA, T_OPT, T_IXFR, T_AXFR, T_ANY = 1, 2, 12, 28, 41, 251, 252, 255
+T_A, T_NS, T_PTR, T_AAAA, T_SRV, T_OPT, T_IXFR, T_AXFR, T_ANY = 1, 2, 12, 28, 33, 41, 251, 252, 255
 T_META = frozenset({0, T_OPT, 249, 250})  # none, OPT, TKEY, TSIG: never a question
 C_IN, C_ANY = 1, 255
 
@@ -85,6 +104,42 @@ _HEADER = struct.Struct("!HHHHHH")
 _RR = struct.Struct("!HHIH")  # type, class, ttl, rdlength after an owner name
 _IN_ADDR, _IP6, _ARPA = b"in-addr", b"ip6", b"arpa"
 _HEX = frozenset(b"0123456789abcdef")
+
+# Well-known services of SRV names, by their IANA service names (the Service Name and Transport
+# Protocol Port Number Registry, RFC 6335), lower case; any other port is asked by number.
+SERVICES: dict[str, int] = {
+    "ssh": 22,
+    "smtp": 25,
+    "domain": 53,
+    "http": 80,
+    "kerberos": 88,
+    "pop3": 110,
+    "ntp": 123,
+    "imap": 143,
+    "ldap": 389,
+    "https": 443,
+    "submission": 587,
+    "ldaps": 636,
+    "imaps": 993,
+    "pop3s": 995,
+    "ms-sql-s": 1433,
+    "mqtt": 1883,
+    "nfs": 2049,
+    "etcd-client": 2379,
+    "etcd-server": 2380,
+    "mysql": 3306,
+    "sip": 5060,
+    "xmpp-client": 5222,
+    "postgresql": 5432,
+    "amqps": 5671,
+    "amqp": 5672,
+    "redis": 6379,
+    "http-alt": 8080,
+    "memcache": 11211,
+    "mongodb": 27017,
+}
+_SERVICES = {b"_" + k.encode(): v for k, v in SERVICES.items()}
+_PROTOS = {b"_tcp": b"tcp", b"_udp": b"udp"}
 
 
 # --- outcomes ------------------------------------------------------------------------------------
@@ -149,22 +204,27 @@ _Subnet = tuple[int, int] | None  # (network address, host bits) of a subnet, as
 
 
 class _Named:
-    """One named endpoint as the index holds it: its name (as written and lower-cased) and its
-    addresses packed (4 or 16 bytes, what an A or AAAA record carries)."""
+    """One named endpoint as the index holds it: its name (as written and lower-cased), its
+    addresses packed (4 or 16 bytes, what an A or AAAA record carries) and the ports it offers
+    by SRV, (b"tcp" or b"udp", port) each once (none without an address: nothing to point at)."""
 
-    __slots__ = ("name", "key", "v4", "v6")
+    __slots__ = ("name", "key", "v4", "v6", "services")
 
-    def __init__(self, name: str, v4: tuple[bytes, ...], v6: tuple[bytes, ...]) -> None:
+    def __init__(
+        self, name: str, v4: tuple[bytes, ...], v6: tuple[bytes, ...], services: tuple[tuple[bytes, int], ...] = ()
+    ) -> None:
         self.name, self.key, self.v4, self.v6 = name, name.lower().encode(), v4, v6
+        self.services = services if v4 or v6 else ()
 
 
 class Names:
     """The names of the registry's endpoints by network, kept from its events (``apply``).
 
     Only endpoints with a name are held. Per network a name maps to the endpoints that carry it
-    (by MAC) and each address to the endpoints holding it, so a put, a delete, a rename or a
-    move costs the endpoint's own addresses and nothing more; a network's rename costs O(1)
-    (reverse answers read the network's current name)."""
+    (by MAC), each address to the endpoints holding it and each (name, protocol, port) and
+    (name, protocol) to the endpoints offering it, so a put, a delete, a rename, a move or a
+    change of ports costs the endpoint's own addresses and ports and nothing more; a network's
+    rename costs O(1) (reverse answers and SRV targets read the network's current name)."""
 
     def __init__(self) -> None:
         self._nets: dict[int, _Net] = {}
@@ -172,6 +232,8 @@ class Names:
         self._endpoints: dict[tuple[int, int], _Named] = {}  # (vni, mac) -> the named endpoint
         self._by_name: dict[tuple[int, bytes], dict[int, _Named]] = {}  # (vni, name) -> mac -> endpoint
         self._by_address: dict[tuple[int, bytes], dict[int, _Named]] = {}  # (vni, packed address) -> ...
+        self._by_service: dict[tuple[int, bytes, bytes, int], dict[int, _Named]] = {}  # (vni, name, proto, port)
+        self._by_proto: dict[tuple[int, bytes, bytes], dict[int, _Named]] = {}  # (vni, name, proto) -> ...
 
     def __len__(self) -> int:
         """Named endpoints held."""
@@ -205,6 +267,13 @@ class Names:
             return None
         v4, v6 = packed
         return [ipaddress.IPv4Address(a) for a in v4], [ipaddress.IPv6Address(a) for a in v6]
+
+    def services(self, vni: int, name: str) -> list[str]:
+        """The ports ``name`` offers by SRV on network ``vni`` ("80/tcp", sorted by protocol and
+        port): those its endpoints that hold an address expose."""
+        owners = self._by_name.get((vni, name.lower().encode()), {})
+        found = {(proto, port) for e in owners.values() for proto, port in e.services}
+        return [f"{port}/{proto.decode()}" for proto, port in sorted(found)]
 
     def pointers(self, vni: int, address: IPAddress) -> list[str]:
         """The names (``<name>.<network>.``) of the named endpoints of network ``vni`` holding
@@ -266,10 +335,14 @@ class Names:
             return  # unnamed endpoints have no DNS name (and no PTR)
         v4 = tuple(dict.fromkeys(ipaddress.IPv4Address(a).packed for a in value.ipv4 if is_ipv4(a)))
         v6 = tuple(dict.fromkeys(p for p in map(_packed6, value.ipv6) if p is not None))
-        named = self._endpoints[vni, mac] = _Named(value.name, v4, v6)
+        services = tuple(dict.fromkeys(p for p in map(_exposed, value.ports) if p is not None))
+        named = self._endpoints[vni, mac] = _Named(value.name, v4, v6, services)
         self._by_name.setdefault((vni, named.key), {})[mac] = named
         for a in (*v4, *v6):
             self._by_address.setdefault((vni, a), {})[mac] = named
+        for proto, port in named.services:
+            self._by_service.setdefault((vni, named.key, proto, port), {})[mac] = named
+            self._by_proto.setdefault((vni, named.key, proto), {})[mac] = named
 
     def _drop_endpoint(self, vni: int, mac: int) -> None:
         named = self._endpoints.pop((vni, mac), None)
@@ -278,13 +351,36 @@ class Names:
         _unlink(self._by_name, (vni, named.key), mac)
         for a in (*named.v4, *named.v6):
             _unlink(self._by_address, (vni, a), mac)
+        for proto, port in named.services:
+            _unlink(self._by_service, (vni, named.key, proto, port), mac)
+            owners = self._by_proto.get((vni, named.key, proto))
+            if owners is not None and mac in owners:  # once per protocol: several ports share it
+                _unlink(self._by_proto, (vni, named.key, proto), mac)
 
 
-def _unlink(index: dict[tuple[int, bytes], dict[int, _Named]], key: tuple[int, bytes], mac: int) -> None:
+_K = TypeVar("_K")
+
+
+def _unlink(index: dict[_K, dict[int, _Named]], key: _K, mac: int) -> None:
     owners = index[key]
     del owners[mac]
     if not owners:
         del index[key]
+
+
+def _exposed(text: str) -> tuple[bytes, int] | None:
+    """(b"tcp" or b"udp", port) of an exposed port as the registry writes it ("80/tcp"), None
+    for one that does not parse (the registry checks them; the index does not rely on it)."""
+    number, _, proto = text.partition("/")
+    if (
+        proto not in ("tcp", "udp")
+        or not (number.isascii() and number.isdigit())
+        or number[0] == "0"
+        or len(number) > 5
+    ):
+        return None
+    port = int(number)
+    return (proto.encode(), port) if port <= 65535 else None
 
 
 def _packed6(text: str) -> bytes | None:
@@ -364,6 +460,9 @@ def _answer(query: bytes, vni: int, names: Names, have_upstream: bool, source: I
         return _reply(q, "REFUSED", have_upstream, limit, authoritative=False)
     labels = [label.lower() for label in q.name.labels[:-1]]
     n = len(labels)
+    service = _service(labels, net.domain)
+    if service is not None:
+        return _srv(q, vni, names, net, have_upstream, limit, *service)
     if n == 1:
         packed = names._packed(vni, labels[0])
         if packed is None:
@@ -388,6 +487,64 @@ def _answer(query: bytes, vni: int, names: Names, have_upstream: bool, source: I
     if not have_upstream:
         return _reply(q, "REFUSED", have_upstream, limit, authoritative=False)
     return Forward(q.id, q.flags, q.question)
+
+
+def _service(labels: list[bytes], domain: bytes | None) -> tuple[bytes, bytes, int | None] | None:
+    """(name, protocol, port) of an SRV name ``_<service>._<proto>.<name>[.<network>]`` (labels
+    lower-cased, root left out; port 0: a service not in the table), (name, protocol, None) of
+    ``_<proto>.<name>[.<network>]``; None for any other name."""
+    n = len(labels)
+    if n == 4 and domain is not None and labels[3] == domain:
+        labels = labels[:3]
+    elif n == 3 and labels[1] not in _PROTOS and domain is not None and labels[2] == domain:
+        labels = labels[:2]  # _<proto>.<name>.<network> (_<service>._<proto>.<name> has the protocol second)
+    elif n not in (2, 3):
+        return None
+    if len(labels) == 3 and labels[1] in _PROTOS and labels[0][:1] == b"_":
+        return labels[2], _PROTOS[labels[1]], _port(labels[0])
+    if len(labels) == 2 and labels[0] in _PROTOS and labels[1][:1] != b"_":
+        return labels[1], _PROTOS[labels[0]], None
+    return None
+
+
+def _port(label: bytes) -> int:
+    """The port an SRV service label (``_http``, ``_8080``) stands for; 0 when none."""
+    digits = label[1:]
+    if digits.isdigit() and len(digits) <= 5 and digits[:1] != b"0":
+        port = int(digits)
+        return port if port <= 65535 else 0
+    return _SERVICES.get(label, 0)
+
+
+def _srv(
+    q: _Query,
+    vni: int,
+    names: Names,
+    net: _Net,
+    have_upstream: bool,
+    limit: int,
+    name: bytes,
+    proto: bytes,
+    port: int | None,
+) -> Reply:
+    if port is None:  # _<proto>.<name>: there when the name offers a port over the protocol
+        return _reply(q, "NOERROR" if (vni, name, proto) in names._by_proto else "NXDOMAIN", have_upstream, limit)
+    if (vni, name, proto, port) not in names._by_service:
+        return _reply(q, "NXDOMAIN", have_upstream, limit)
+    if q.qtype not in (T_SRV, T_ANY):
+        return _reply(q, "NOERROR", have_upstream, limit)
+    target = bytes((len(name),)) + name + (bytes((len(net.domain),)) + net.domain if net.domain is not None else b"")
+    rdata = struct.pack("!HHH", 0, 0, port) + target + b"\x00"
+    # The additional records are owned by the target: a pointer to it in the SRV's rdata (RFC 1035 4.1.4).
+    owner = struct.pack("!H", 0xC000 | (_HEADER.size + len(q.question) + 2 + _RR.size + 6))
+    additional = []
+    packed = names._packed(vni, name)
+    assert packed is not None  # an endpoint offering a service holds the name
+    for rtype, rrset in zip((T_A, T_AAAA), packed):
+        if rrset:
+            blob = b"".join(owner + _RR.pack(rtype, C_IN, TTL, len(a)) + a for a in rrset)
+            additional.append((len(rrset), blob))
+    return _reply(q, "NOERROR", have_upstream, limit, [(T_SRV, rdata)], additional=additional)
 
 
 def _addresses(qtype: int, v4: list[bytes], v6: list[bytes]) -> list[tuple[int, bytes]]:
@@ -464,15 +621,24 @@ def _reply(
     records: Sequence[tuple[int, bytes]] = (),
     *,
     authoritative: bool = True,
+    additional: Sequence[tuple[int, bytes]] = (),
 ) -> Reply:
+    """``records``: (type, rdata) owned by the question's name; ``additional``: whole RRsets,
+    (records, their wire form), each put in only if it still fits."""
     code = RCODES[rcode]
     flags = QR | (q.flags & (RD | CD)) | (code & 0xF) | (AA if authoritative else 0) | (RA if have_upstream else 0)
     opt = b"\x00" + struct.pack("!HHBBHH", T_OPT, OUR_PAYLOAD, code >> 4, 0, 0, 0) if q.edns >= 0 else b""
     body = b"".join(b"\xc0\x0c" + _RR.pack(t, C_IN, TTL, len(rdata)) + rdata for t, rdata in records)
-    head = _HEADER.pack(q.id, flags, 1, len(records), 0, 1 if opt else 0)
-    wire = head + q.question + body + opt
-    if len(wire) <= limit:
-        return Reply(wire, rcode, len(records))
+    size = _HEADER.size + len(q.question) + len(body) + len(opt)
+    extra, arcount = [], 1 if opt else 0
+    for count, rrset in additional:
+        if size + len(rrset) <= limit:
+            extra.append(rrset)
+            size += len(rrset)
+            arcount += count
+    if size <= limit:
+        head = _HEADER.pack(q.id, flags, 1, len(records), 0, arcount)
+        return Reply(head + q.question + body + b"".join(extra) + opt, rcode, len(records))
     head = _HEADER.pack(q.id, flags | TC, 1, 0, 0, 1 if opt else 0)
     return Reply(head + q.question + opt, rcode, 0, truncated=True)
 

@@ -22,6 +22,7 @@ from overlay.core.addresses import IPAddress
 
 PROTOCOLS = ("tcp", "udp")
 FORM = "[HOSTIP:]HOSTPORT:PORT[/tcp|udp], or PORT[/tcp|udp] for a random host port (e.g. 8080:80)"
+EXPOSE_FORM = "PORT[/tcp|udp], e.g. 80 or 53/udp"
 
 
 @dataclass(frozen=True, order=True)
@@ -88,6 +89,25 @@ def _address(text: str) -> IPAddress:
         return ipaddress.ip_address(text.strip("[]"))
     except ValueError:
         raise ValueError(f"host address {text!r} is not an IPv4 or IPv6 address") from None
+
+
+def parse_exposed(text: str) -> str:
+    """An exposed port (``attach --expose``, an endpoint's ``ports``) in its one spelling,
+    "PORT/proto" ("80/tcp"); ValueError with a one-line message saying the form."""
+    port, _, proto = text.strip().partition("/")
+    proto = (proto or "tcp").lower()
+    if proto not in PROTOCOLS:
+        raise ValueError(f"expose {text!r}: protocol {proto!r} is not tcp or udp ({EXPOSE_FORM})")
+    try:
+        return f"{_port(port, 'port')}/{proto}"
+    except ValueError as e:
+        raise ValueError(f"expose {text!r}: {e} ({EXPOSE_FORM})") from None
+
+
+def exposed_spec(exposed: str) -> PortSpec:
+    """The publication of an exposed port on a random host port (``publish --all``)."""
+    port, proto = exposed.split("/")
+    return PortSpec(proto, 0, int(port))
 
 
 def parse(spec: str) -> PortSpec:

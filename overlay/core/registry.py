@@ -15,7 +15,8 @@ cycles), so a registry of 300k keys does not make every collection walk it.
                                                                       pubkey: its X25519 key, overlay/core/keys.py)
     <prefix>/networks/<vni>/members/<host-id>    {}                                             (host's lease)
     <prefix>/networks/<vni>/endpoints/<mac>      {"host": str, "ipv4": [str], "ipv6": [str],   (owner's lease,
-                                                  "name": str (a DNS label, optional)}
+                                                  "name": str (a DNS label, optional),
+                                                  "ports": ["80/tcp", ...] (exposed, optional)}
                                                                                                   or none if written by an operator)
     <prefix>/networks/<vni>/ipam/<address>       {"host": str, "mac": str, "owner": str}        (IPAM: an address taken,
                                                                                                   under the holder's lease)
@@ -53,6 +54,8 @@ HOST_ID_FORM = "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
 # A container's name (DNS, RFC 1123 label): what `<name>` and `<name>.<network>` resolve.
 DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 DNS_LABEL_FORM = "1-63 of A-Z a-z 0-9 -, not starting or ending with -"
+_EXPOSED = re.compile(r"^[1-9][0-9]{0,4}/(tcp|udp)\Z")  # an endpoint's exposed port, one spelling
+MAX_PORTS = 256  # exposed ports per endpoint
 
 
 class Network(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
@@ -96,6 +99,7 @@ class Endpoint(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=Fals
     ipv4: list[str] = []
     ipv6: list[str] = []
     name: str | None = None  # a DNS label: the container's name on its network (left out of the JSON when None)
+    ports: list[str] = []  # exposed ports, "80/tcp" (DNS SRV; left out of the JSON when empty)
 
 
 class Allocation(msgspec.Struct, forbid_unknown_fields=False, frozen=True, gc=False):
@@ -219,8 +223,12 @@ class Schema:
 
 
 # Fields written only when not at their default, so values without them encode as before.
-_OPTIONAL: dict[type, tuple[str, ...]] = {Network: ("encrypted", "nat"), Host: ("pubkey",), Endpoint: ("name",)}
-_DEFAULTS: dict[str, object] = {"encrypted": False, "pubkey": None, "nat": None, "name": None}
+_OPTIONAL: dict[type, tuple[str, ...]] = {
+    Network: ("encrypted", "nat"),
+    Host: ("pubkey",),
+    Endpoint: ("name", "ports"),
+}
+_DEFAULTS: dict[str, object] = {"encrypted": False, "pubkey": None, "nat": None, "name": None, "ports": []}
 
 
 _VALUE_TYPES: dict[type, type[Value]] = {
@@ -280,6 +288,11 @@ def check(k: Key, value: Value) -> None:
             ipaddress.IPv6Address(a)
         if value.name is not None and not DNS_LABEL.match(value.name):
             raise ValueError(f"name {value.name!r} is not a DNS label ({DNS_LABEL_FORM})")
+        if len(value.ports) > MAX_PORTS:
+            raise ValueError(f"{len(value.ports)} ports: at most {MAX_PORTS}")
+        for exposed in value.ports:
+            if not _EXPOSED.match(exposed) or not 1 <= int(exposed.split("/")[0]) <= 65535:
+                raise ValueError(f"port {exposed!r} is not PORT/tcp or PORT/udp with PORT 1 to 65535")
 
 
 SUBNET6_PREFIXES = (64, 120)  # a network's subnet6: a /64 (SLAAC-sized) down to a /120
@@ -382,7 +395,7 @@ class _EndpointEntry:
     host's id shared, addresses in tuples, no empty list of its own); ``value`` makes the
     Endpoint when asked."""
 
-    __slots__ = ("host", "ipv4", "ipv6", "mod_revision", "mark", "name")
+    __slots__ = ("host", "ipv4", "ipv6", "mod_revision", "mark", "name", "ports")
 
     def __init__(
         self,
@@ -392,13 +405,14 @@ class _EndpointEntry:
         mod_revision: int,
         mark: int,
         name: str | None = None,
+        ports: tuple[str, ...] = (),
     ) -> None:
         self.host, self.ipv4, self.ipv6, self.mod_revision, self.mark = host, ipv4, ipv6, mod_revision, mark
-        self.name = name
+        self.name, self.ports = name, ports
 
     @property
     def value(self) -> Endpoint:
-        return Endpoint(self.host, list(self.ipv4), list(self.ipv6), self.name)
+        return Endpoint(self.host, list(self.ipv4), list(self.ipv6), self.name, list(self.ports))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, (_Entry, _EndpointEntry)) and (self.value, self.mod_revision) == (
@@ -639,6 +653,7 @@ class Registry:
                 mod_revision,
                 mark,
                 value.name,
+                tuple(value.ports) if value.ports else (),
             )
             if old is None or old.host != host:
                 if old is not None:

@@ -284,22 +284,29 @@ class Containers:
     async def publish(self, req: PublishRequest) -> dict[str, object]:
         """Publish ``req.spec`` onto the container ``req.target``: the host port held, the state
         file written, the rules applied; any failure leaves everything as it was."""
-        assert req.spec is not None
         async with self.lock:
             a = self.attachments.target(req.target, _netns_id_if_any(_as_netns(req.target)))
-            self.attachments.check_publish(a, [req.spec])
-            ((spec, sock),) = self._reserve(a, [req.spec])
-            published = self.attachments.with_published(a, [spec])
-            self._replace(published)
-            self.reserved[spec.key] = sock
+            wanted = [req.spec] if req.spec is not None else self.attachments.unpublished_exposed(a)
+            self.attachments.check_publish(a, wanted)
+            held = self._reserve(a, wanted)  # all or none
+            specs = [spec for spec, _ in held]
+            self._replace(self.attachments.with_published(a, specs))
+            self._hold(held)
             try:
                 await self._apply()
             except BaseException:
-                self._free([spec])
+                self._free(specs)
                 self._replace(a)
                 raise
-        log.info("published %s onto %s (%s)", spec, a.id, a.target(spec))
-        return {"id": a.id, "name": a.name, "address": str(a.target(spec)), "published": spec.to_json()}
+        log.info("published %s onto %s", ", ".join(map(str, specs)), a.id)
+        target = a.target(specs[0])
+        shown = [spec.to_json() for spec in specs]
+        return {
+            "id": a.id,
+            "name": a.name,
+            "address": str(target),
+            "published": shown if req.spec is None else shown[0],
+        }
 
     async def unpublish(self, req: PublishRequest) -> dict[str, object]:
         """Stop publishing what ``req.spec`` names (None: everything) on ``req.target``."""

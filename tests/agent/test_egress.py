@@ -343,3 +343,48 @@ def test_a_firewall_that_drops_forwarded_traffic_is_named_at_start_with_the_fix(
     line = next(x for x in log.read_text().splitlines() if "drops forwarded traffic" in x)
     assert "ip filter" in line and "FORWARD" in line and "-i ovgw+ -j ACCEPT" in line
     assert status(lab, 1, TAP)["egress"]["problems"]
+
+
+def test_exposed_ports_are_published_all_at_once_and_found_by_srv_and_detach_removes_them(world: World) -> None:
+    """Issue "exposed ports": an exposed port shows in endpoint ls; publish --all maps two
+    exposed ports to two distinct high ports that answer the outside; an SRV query from another
+    host's container gives the target and port; detaching removes all of it."""
+    lab = world.lab
+    svc = world.attach(1, "svc", "blue", "--name", "svc", "--expose", "80", "--expose", "8081/tcp")
+    assert svc["exposed"] == ["80/tcp", "8081/tcp"]
+    rows = json.loads(world.overlay(1, "endpoint", "ls", "--etcd", world.etcd.endpoint, "--json").stdout)
+    assert any(r.get("ports") == ["80/tcp", "8081/tcp"] for r in rows)
+    world.serve(lab.container_ns("svc"), "0.0.0.0", 80, "svc80")
+    world.serve(lab.container_ns("svc"), "0.0.0.0", 8081, "svc8081")
+    out = world.overlay(1, "publish", "svc", "--all").stdout.strip().splitlines()
+    ports = sorted(int(line.split()[1].rsplit(":", 1)[1]) for line in out)
+    assert len(ports) == 2 and ports[0] != ports[1] and all(p >= 1024 for p in ports)
+    h1 = str(lab.address(1))
+    answers = sorted(world.ask(world.outside, h1, p).split()[0] for p in ports)
+    assert answers == ["svc80", "svc8081"]
+    again = world.overlay(1, "publish", "svc", "--all", check=False)
+    assert again.returncode == 2 and "published already" in again.stderr
+    world.attach(3, "client", "blue")
+    client = lab.container_ns("client")
+    wait_for(lambda: "svc.blue." in world.dig(client, "198.19.42.1", "_http._tcp.svc", "SRV"), 5, "svc's SRV on h3")
+    assert world.dig(client, "198.19.42.1", "_http._tcp.svc.blue", "SRV") == "NOERROR 0 0 80 svc.blue."
+    assert world.dig(client, "198.19.42.1", "_8081._tcp.svc", "SRV").endswith(" 8081 svc.blue.")
+    assert world.dig(client, "198.19.42.1", "_https._tcp.svc", "SRV").startswith("NXDOMAIN")
+    world.overlay(1, "detach", lab.container_ns("svc"))
+    assert all(world.ask(world.outside, h1, p).startswith("failed") for p in ports)
+    rows = json.loads(world.overlay(1, "endpoint", "ls", "--etcd", world.etcd.endpoint, "--json").stdout)
+    assert not any(r.get("ports") for r in rows)
+    wait_for(lambda: world.dig(client, "198.19.42.1", "_http._tcp.svc", "SRV").startswith("NXDOMAIN"), 5, "SRV gone")
+
+
+def test_bad_exposed_ports_are_refused_in_one_line(world: World) -> None:
+    lab = world.lab
+    for args, said in [
+        (("attach", lab.add_container("e1"), "--net", "blue", "--expose", "70000"), "70000"),
+        (("attach", lab.add_container("e2"), "--net", "blue", "--expose", "80/sctp"), "sctp"),
+    ]:
+        result = world.overlay(1, *args, check=False)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and said in result.stderr
+    world.attach(1, "plain", "blue")
+    nothing = world.overlay(1, "publish", lab.container_ns("plain"), "--all", check=False)
+    assert nothing.returncode == 2 and "exposes no ports" in nothing.stderr

@@ -275,7 +275,9 @@ def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None
 
     # etcdctl put of a schema value: `endpoint ls` shows it as if the command had added it.
     etcd.ctl(
-        "put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:bb", '{"host": "h3", "ipv4": ["198.19.42.20"]}'
+        "put",
+        f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:bb",
+        '{"host": "h3", "ipv4": ["198.19.42.20"], "name": "web", "ports": ["80/tcp", "53/udp"]}',
     )
     etcd.ctl("put", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:cc", '{"host": 7}')  # bad: skipped, warned
     r = etcd.cli("endpoint", "ls", "--net", "42", "--json")
@@ -288,6 +290,7 @@ def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None
             "ipv6": ["fd00::a"],
             "lease": None,
             "static": True,
+            "ports": [],
         },
         {
             "vni": 42,
@@ -297,19 +300,22 @@ def test_endpoint_add_ls_rm_and_etcdctl_put_del_are_the_same(etcd: Etcd) -> None
             "ipv6": [],
             "lease": None,
             "static": True,
+            "ports": ["80/tcp", "53/udp"],  # exposed (attach --expose, CNI portMappings)
         },
     ]
     assert "ignoring" in r.stderr and "02:00:00:00:00:cc" in r.stderr
     etcd.ctl("del", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:cc")
     table = ok(etcd.cli("endpoint", "ls")).splitlines()
-    assert table[0].split() == ["VNI", "MAC", "HOST", "IPV4", "IPV6", "LEASE"]
-    assert table[2].split() == ["42", "02:00:00:00:00:bb", "h3", "198.19.42.20", "-", "static"]
+    assert table[0].split() == ["VNI", "MAC", "HOST", "IPV4", "IPV6", "LEASE", "PORTS"]  # PORTS added last
+    assert table[1].split()[-2:] == ["static", "-"]  # none exposed
+    assert table[2].split() == ["42", "02:00:00:00:00:bb", "h3", "198.19.42.20", "-", "static", "80/tcp,53/udp"]
 
     # etcdctl del and `endpoint rm` both take it away.
     etcd.ctl("del", f"{etcd.prefix}/networks/42/endpoints/02:00:00:00:00:bb")
     assert [e["mac"] for e in etcd.json("endpoint", "ls")] == ["02:00:00:00:00:aa"]
     removed = etcd.json("endpoint", "rm", "--net", "42", "--mac", "02-00-00-00-00-AA")
     assert removed["mac"] == "02:00:00:00:00:aa" and removed["host"] == "h2" and removed["static"] is True
+    assert removed["ports"] == []
     assert etcd.keys() == [f"{etcd.prefix}/networks/42"]
     one_line_error(
         etcd.cli("endpoint", "rm", "--net", "42", "--mac", "02:00:00:00:00:aa"),
@@ -452,8 +458,10 @@ def test_help_teaches_with_examples() -> None:
         ["host", "ls", "--help"],
         ["endpoint", "add", "--help"],
         ["endpoint", "rm", "--help"],
+        ["endpoint", "ls", "--help"],
     )
-    top, net, create, host, add, rm = (ok(r) for r in results)
+    top, net, create, host, add, rm, ls = (ok(r) for r in results)
+    assert "PORTS" in ls and "--expose" in ls and "portMappings" in ls
     assert all(w in top for w in ("net", "host", "endpoint"))
     assert "overlay net create 42 --name blue --subnet 198.19.42.0/24" in net
     assert "--subnet A.B.C.D/LEN" in create and "etcdctl put /overlay/v1/networks/42" in create
@@ -833,3 +841,20 @@ def test_net_join_and_leave_help_teach_with_examples() -> None:
     assert "joined network blue (VNI 42)" in join and "already joined" in join
     assert "overlay net leave blue" in leave and "not etcd" in leave and "attached" in leave
     assert "overlay net join blue" in net and "overlay net leave blue" in net
+
+
+def test_an_endpoints_json_carries_its_exposed_ports() -> None:
+    from overlay.cmd.admin import endpoint_json
+
+    ep = Endpoint("h1", ["198.19.42.2"], [], "web", ["80/tcp", "53/udp"])
+    assert endpoint_json(42, 0x020000000002, ep, 0x694D7B1F2A6C7C0A) == {
+        "vni": 42,
+        "mac": "02:00:00:00:00:02",
+        "host": "h1",
+        "ipv4": ["198.19.42.2"],
+        "ipv6": [],
+        "lease": "694d7b1f2a6c7c0a",
+        "static": False,
+        "ports": ["80/tcp", "53/udp"],
+    }
+    assert endpoint_json(42, 0x020000000002, Endpoint("h1"), 0)["ports"] == []

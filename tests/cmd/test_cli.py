@@ -438,3 +438,166 @@ def test_publish_unpublish_and_attach_help_teach_with_examples() -> None:
     assert "[HOSTIP:]HOSTPORT:PORT[/tcp|udp]" in publish and "--json" in publish and "--tap" in publish
     assert "overlay unpublish web 8080" in unpublish and "overlay unpublish web all" in unpublish
     assert "--name" in attach and "--publish SPEC" in attach and "--publish 8080:80" in attach
+
+
+# --- exposed ports: attach --expose, publish --all, status ---------------------------------------
+
+
+def test_attach_sends_the_exposed_ports_in_their_one_spelling_and_shows_them(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["attach"] = {**ATTACHED, "published": [], "exposed": ["80/tcp", "53/udp"]}
+    argv = [
+        "attach",
+        PID,
+        "--net",
+        "blue",
+        "--name",
+        "web",
+        "--expose",
+        "80",
+        "--expose",
+        "53/UDP",
+        "--expose",
+        "80/tcp",
+    ]
+    status, out, err = overlay_in_process(capsys, *argv)
+    assert status == 0 and err == ""
+    ((cmd, _, params),) = agent.calls
+    assert cmd == "attach" and params["expose"] == ["80/tcp", "53/udp"]  # each once, as the registry spells it
+    assert "publish" not in params
+    assert out.splitlines()[1:] == ["  exposes 80/tcp, 53/udp", "  dns 198.19.42.1, search blue"]
+    status, out, _ = overlay_in_process(capsys, *argv, "--json")
+    assert status == 0 and json.loads(out)["exposed"] == ["80/tcp", "53/udp"]
+
+
+def test_attach_shows_exposed_ports_before_the_publications(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["attach"] = {**ATTACHED, "exposed": ["80/tcp"], "dns": None}
+    out = overlay_in_process(capsys, "attach", PID, "--net", "blue", "--expose", "80", "--publish", "8080:80")[1]
+    assert agent.calls[0][2]["expose"] == ["80/tcp"] and agent.calls[0][2]["publish"] == ["8080:80/tcp"]
+    assert out.splitlines()[1:] == [
+        "  exposes 80/tcp",
+        "  published 0.0.0.0:8080 -> 198.19.42.10:80/tcp",
+        "  published 198.18.0.1:49153 -> 198.19.42.10:53/udp",
+    ]
+
+
+def test_attach_without_expose_sends_none_and_shows_none(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["attach"] = {**ATTACHED, "exposed": []}
+    status, out, err = overlay_in_process(capsys, "attach", PID, "--net", "blue")
+    assert status == 0 and err == "" and "expose" not in agent.calls[0][2] and "exposes" not in out
+
+
+@pytest.mark.parametrize(
+    "port, said",
+    [
+        ("80/sctp", "--expose '80/sctp': protocol 'sctp' is not tcp or udp (PORT[/tcp|udp], e.g. 80 or 53/udp)"),
+        ("0", "--expose '0': port 0 is not a port (1 to 65535) (PORT[/tcp|udp]"),
+        ("70000/udp", "--expose '70000/udp': port 70000 is not a port"),
+        ("http", "--expose 'http': port 'http' is not a port"),
+        ("8080:80", "--expose '8080:80'"),
+    ],
+)
+def test_a_bad_expose_is_one_line_exit_2_and_nothing_is_asked(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str], port: str, said: str
+) -> None:
+    refused_in_one_line(overlay_in_process(capsys, "attach", PID, "--net", "blue", "--expose", port), 2, said)
+    assert agent.calls == []
+
+
+def test_attach_warns_when_the_agent_ignored_the_exposed_ports(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["attach"] = ATTACHED  # no "exposed": an agent from before --expose
+    status, out, err = overlay_in_process(capsys, "attach", PID, "--net", "blue", "--expose", "80")
+    assert status == 0 and out.startswith(f"attached {PID} as web: ")
+    assert err.count("\n") == 1 and err.startswith("overlay: warning: the agent recorded no exposed port")
+
+
+PUBLISHED_ALL = {
+    "id": "cni/abc/eth0",
+    "name": "web",
+    "address": "198.19.42.2",
+    "published": [
+        {"host_ip": None, "host_port": 49153, "port": 80, "proto": "tcp"},
+        {"host_ip": None, "host_port": 49154, "port": 53, "proto": "udp"},
+    ],
+}
+
+
+def test_publish_all_asks_for_every_exposed_port_and_prints_one_line_each(
+    agent: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent.answers["publish"] = PUBLISHED_ALL
+    assert overlay_in_process(capsys, "publish", "web", "--all") == (
+        0,
+        "published 0.0.0.0:49153 -> 198.19.42.2:80/tcp (web, cni/abc/eth0)\n"
+        "published 0.0.0.0:49154 -> 198.19.42.2:53/udp (web, cni/abc/eth0)\n",
+        "",
+    )
+    assert agent.calls == [("publish", None, {"target": "web", "all": True})]  # no spec at all
+    status, out, _ = overlay_in_process(capsys, "publish", PID, "--all", "--json", "--tap", "ovl0")
+    assert status == 0 and json.loads(out) == PUBLISHED_ALL
+    assert agent.calls[-1] == ("publish", "ovl0", {"target": f"/proc/{PID}/ns/net", "all": True})
+
+
+def test_publish_all_with_nothing_left_says_so(agent: FakeControl, capsys: pytest.CaptureFixture[str]) -> None:
+    agent.answers["publish"] = {**PUBLISHED_ALL, "name": None, "published": []}
+    status, out, _ = overlay_in_process(capsys, "publish", "cni/abc/eth0", "--all")
+    assert status == 0 and out == (
+        "nothing was published for cni/abc/eth0: it exposes no port that is not published yet\n"
+    )
+
+
+def test_publish_needs_a_spec_or_all_but_not_both(agent: FakeControl, capsys: pytest.CaptureFixture[str]) -> None:
+    refused_in_one_line(overlay_in_process(capsys, "publish", "web", "80", "--all"), 2, "give a SPEC (80) or --all")
+    refused_in_one_line(overlay_in_process(capsys, "publish", "web"), 2, "say what to publish", "--all")
+    assert agent.calls == []
+
+
+def test_publish_all_refusals_are_one_line(agent: FakeControl, capsys: pytest.CaptureFixture[str]) -> None:
+    said = "cni/abc/eth0 exposes no ports: attach it with --expose PORT[/proto] (or publish one port by hand)"
+    agent.answers["publish"] = ControlError(said, "invalid")
+    refused_in_one_line(overlay_in_process(capsys, "publish", "web", "--all"), 2, said)
+    agent.answers["publish"] = ControlError("every port cni/abc/eth0 exposes is published already (80/tcp)", "invalid")
+    refused_in_one_line(overlay_in_process(capsys, "publish", "web", "--all"), 2, "published already (80/tcp)")
+    agent.answers["publish"] = ControlError("missing spec", "invalid")  # an agent from before --all
+    refused_in_one_line(overlay_in_process(capsys, "publish", "web", "--all"), 2, "does not know 'publish --all'")
+    agent.answers["publish"] = ControlError("missing spec", "invalid")  # without --all: the agent's own words
+    refused_in_one_line(overlay_in_process(capsys, "publish", "web", "80"), 2, "missing spec")
+
+
+def test_status_shows_each_containers_exposed_ports_beside_its_name_and_publications() -> None:
+    import copy
+
+    from overlay.cmd.cli import format_status
+    from overlay.core.status import Status
+    from tests.core.test_status import FULL
+
+    full = copy.deepcopy(FULL)
+    attachments = full["attachments"]
+    assert isinstance(attachments, list)
+    attachments[0].update(
+        name="web",
+        exposed=["80/tcp", "53/udp"],
+        published=[{"host_ip": None, "host_port": 8080, "port": 80, "proto": "tcp"}],
+    )
+    lines = format_status(Status.from_json(full)).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(str(attachments[0]["id"])))
+    assert lines[at + 1] == "  name web  exposes 80/tcp, 53/udp  published 0.0.0.0:8080 -> 80/tcp"
+    attachments[0].update(name=None, exposed=["80/tcp"], published=[])
+    lines = format_status(Status.from_json(full)).splitlines()
+    assert lines[at + 1] == "  exposes 80/tcp"
+    attachments[0].update(exposed=[])
+    assert "exposes" not in format_status(Status.from_json(full))
+
+
+def test_expose_and_publish_all_help_teach_with_examples() -> None:
+    publish, attach = (run(*argv).stdout for argv in (["publish", "--help"], ["attach", "--help"]))
+    assert "overlay publish web --all" in publish and "--all" in publish and "one such line per port" in publish
+    assert "--expose PORT[/tcp|udp]" in attach and "--expose 80 --expose 53/udp" in attach
+    assert "exposes 80/tcp, 53/udp" in attach and "overlay publish web --all" in attach

@@ -514,12 +514,29 @@ def test_port_mappings_become_publications_in_the_attach_request() -> None:
         "9090:90/tcp",
         "9091:91/tcp",
     ]
+    assert agent.calls[0][2]["expose"] == ["80/tcp", "53/udp", "443/tcp", "22/tcp", "90/tcp", "91/tcp"]
+
+
+def test_port_mappings_expose_each_container_port_once() -> None:
+    agent = FakeAgent({**ANSWER, "published": []})
+    mappings = [
+        {"hostPort": 8080, "containerPort": 80},
+        {"hostPort": 8081, "containerPort": 80, "protocol": "tcp"},  # a second host port, one container port
+        {"hostPort": 5353, "containerPort": 53, "protocol": "udp"},
+        {"hostPort": 5354, "containerPort": 53, "protocol": "tcp"},  # another protocol: another port
+    ]
+    run(config(runtimeConfig={"portMappings": mappings}), agent)
+    params = agent.calls[0][2]
+    assert params["publish"] == ["8080:80/tcp", "8081:80/tcp", "5353:53/udp", "5354:53/tcp"]
+    assert params["expose"] == ["80/tcp", "53/udp", "53/tcp"]
+    assert cni.exposed_ports(()) == () and cni.exposed_ports(("198.18.0.1::53/udp",)) == ("53/udp",)
 
 
 def test_without_port_mappings_or_a_name_the_attach_request_is_as_before() -> None:
     agent = FakeAgent(ANSWER)
     run(config(runtimeConfig={"portMappings": []}), agent, CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=x")
     assert "publish" not in agent.calls[0][2] and "name" not in agent.calls[0][2]
+    assert "expose" not in agent.calls[0][2]
 
 
 @pytest.mark.parametrize(

@@ -676,6 +676,7 @@ def test_an_attachments_json_has_its_fields_in_order_and_reads_back() -> None:
         "gateway6",
         "name",
         "published",
+        "exposed",
     ]
     assert Attachment.from_json(A1.to_json()) == A1
     no_gateway = attachment(gateway=None)
@@ -932,3 +933,19 @@ def test_a_record_saved_before_dual_stack_still_loads_as_ipv4_only() -> None:
     assert "address6 must be a string, not int" in str(
         pytest.raises(TypeError, Attachment.from_json, {**old, "address6": 6}).value
     )
+
+
+def test_publish_all_takes_every_exposed_port_not_published_yet_and_refuses_when_there_is_none() -> None:
+    from dataclasses import replace as copy
+
+    from overlay.core.ports import PortSpec
+
+    book = Attachments(HOST, [42], 1450)
+    bare = copy(A1, exposed=())
+    assert "exposes no ports" in refused(lambda: book.unpublished_exposed(bare), "invalid")
+    web = copy(A1, exposed=("80/tcp", "53/udp"), published=(PortSpec("tcp", 8080, 80),))
+    assert book.unpublished_exposed(web) == [PortSpec("udp", 0, 53)]
+    done = copy(web, published=(PortSpec("tcp", 8080, 80), PortSpec("udp", 5353, 53)))
+    assert "published already" in refused(lambda: book.unpublished_exposed(done), "invalid")
+    assert Attachment.from_json(web.to_json()) == web
+    assert web.endpoint(HOST).ports == ["80/tcp", "53/udp"]

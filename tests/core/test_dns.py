@@ -15,11 +15,12 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.reversename
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from overlay.core.dns import (
     MAX_UDP_QUERY,
+    SERVICES,
     TTL,
     Drop,
     Forward,
@@ -46,10 +47,13 @@ def red() -> Network:
     return Network(RED, "red", "198.19.43.0/24", gateway="198.19.43.1")
 
 
-def ep(name: str | None, *addresses: str, host: str = "h1") -> Endpoint:
+def ep(name: str | None, *addresses: str, host: str = "h1", ports: tuple[str, ...] = ()) -> Endpoint:
     v4 = [a for a in addresses if ":" not in a]
     v6 = [a for a in addresses if ":" in a]
-    return Endpoint(host, v4, v6, name)
+    return Endpoint(host, v4, v6, name, list(ports))
+
+
+WEB_PORTS = ("80/tcp", "8080/tcp", "53/udp")
 
 
 def world() -> Names:
@@ -58,10 +62,10 @@ def world() -> Names:
         [
             Put(NetworkKey(BLUE), blue()),
             Put(NetworkKey(RED), red()),
-            Put(EndpointKey(BLUE, 1), ep("web", "198.19.42.5", "2001:2:0:42::5")),
+            Put(EndpointKey(BLUE, 1), ep("web", "198.19.42.5", "2001:2:0:42::5", ports=WEB_PORTS)),
             Put(EndpointKey(BLUE, 2), ep("only6", "2001:2:0:42::6")),
             Put(EndpointKey(BLUE, 3), ep(None, "198.19.42.7")),  # unnamed
-            Put(EndpointKey(RED, 4), ep("db", "198.19.43.5")),
+            Put(EndpointKey(RED, 4), ep("db", "198.19.43.5", ports=("5432/tcp",))),
         ]
     )
     return names
@@ -90,6 +94,15 @@ def ask(
 
 def records(m: dns.message.Message) -> set[str]:
     return {rd.to_text() for rrset in m.answer for rd in rrset}
+
+
+def additional(m: dns.message.Message) -> set[str]:
+    """The additional section but the OPT: "owner TYPE address" each."""
+    return {
+        f"{rrset.name.to_text().lower()} {dns.rdatatype.to_text(rrset.rdtype)} {rd.to_text()}"
+        for rrset in m.additional
+        for rd in rrset
+    }
 
 
 # --- names of this network ------------------------------------------------------------------
@@ -222,6 +235,195 @@ def test_two_endpoints_on_one_address_give_one_ptr_each() -> None:
     names = world()
     names.apply([Put(EndpointKey(BLUE, 8), ep("alias", "198.19.42.5"))])
     assert records(ask(names, "5.42.19.198.in-addr.arpa", "PTR")[1]) == {"web.blue.", "alias.blue."}
+
+
+# --- SRV: a service's port by name ---------------------------------------------------------
+
+WEB_ADDITIONAL = {"web.blue. A 198.19.42.5", "web.blue. AAAA 2001:2:0:42::5"}
+
+
+def test_srv_by_service_name_gives_the_exposed_port_and_the_targets_addresses() -> None:
+    out, m = ask(world(), "_http._tcp.web", "SRV")
+    assert out.rcode == "NOERROR" and out.answers == 1 and not out.truncated
+    assert m.flags & dns.flags.AA and records(m) == {"0 0 80 web.blue."}
+    assert m.answer[0].ttl == TTL == 5 and m.answer[0].rdtype == dns.rdatatype.SRV
+    assert additional(m) == WEB_ADDITIONAL and all(rrset.ttl == 5 for rrset in m.additional)
+    _, m = ask(world(), "_http._tcp.web.blue", "SRV", edns=0)
+    assert records(m) == {"0 0 80 web.blue."} and additional(m) == WEB_ADDITIONAL and m.edns == 0
+
+
+def test_srv_by_port_number_and_over_udp_and_case_insensitively_with_the_askers_spelling() -> None:
+    names = world()
+    assert records(ask(names, "_8080._tcp.web", "SRV")[1]) == {"0 0 8080 web.blue."}
+    assert records(ask(names, "_80._tcp.web.blue", "SRV")[1]) == {"0 0 80 web.blue."}
+    assert records(ask(names, "_domain._udp.web", "SRV")[1]) == {"0 0 53 web.blue."}
+    assert records(ask(names, "_53._udp.web", "SRV")[1]) == {"0 0 53 web.blue."}
+    _, m = ask(names, "_HTTP._Tcp.WeB.BLUE", "SRV")
+    assert records(m) == {"0 0 80 web.blue."} and m.answer[0].name.to_text() == "_HTTP._Tcp.WeB.BLUE."
+    assert additional(m) == WEB_ADDITIONAL
+    assert records(ask(names, "_http-alt._tcp.web", "SRV")[1]) == {"0 0 8080 web.blue."}  # 8080's IANA name
+
+
+def test_srv_target_is_bare_when_the_networks_name_is_not_a_label() -> None:
+    names = world()
+    names.apply([Put(NetworkKey(BLUE), Network(BLUE, "my blue.net", "198.19.42.0/24", subnet6="2001:2:0:42::/64"))])
+    _, m = ask(names, "_http._tcp.web", "SRV")
+    assert records(m) == {"0 0 80 web."}
+    assert additional(m) == {"web. A 198.19.42.5", "web. AAAA 2001:2:0:42::5"}
+    assert isinstance(answer(query("_http._tcp.web.blue", "SRV"), BLUE, names, True, source=ASKER), Forward)
+
+
+def test_srv_for_a_port_not_exposed_an_unknown_service_or_an_unknown_name_is_nxdomain() -> None:
+    names = world()
+    names.apply([Put(EndpointKey(BLUE, 7), ep("ghost", ports=("80/tcp",)))])  # exposes, holds no address
+    for qname in (
+        "_ssh._tcp.web",  # a known name, the port not exposed
+        "_http._udp.web",  # exposed over TCP only
+        "_domain._tcp.web.blue",  # over UDP only
+        "_9999._tcp.web",
+        "_nope._tcp.web",  # not in the table
+        "_dns._udp.web",  # the IANA name is "domain"
+        "_080._tcp.web",  # not canonical
+        "_0._tcp.web",
+        "_65536._tcp.web",
+        "__http._tcp.web",
+        "_._tcp.web",
+        "_http._tcp.nope",
+        "_http._tcp.nope.blue",
+        "_http._tcp.ghost",  # nothing to point at
+        "_postgresql._tcp.db",  # red's: networks are isolated
+        "_postgresql._tcp.db.red",
+        "_http._tcp.web.red",
+    ):
+        for rdtype in ("SRV", "A", "ANY"):
+            out, m = ask(names, qname, rdtype)
+            assert out.rcode == "NXDOMAIN" and m.flags & dns.flags.AA and not m.additional, (qname, rdtype)
+    _, m = ask(names, "_postgresql._tcp.db.red", "SRV", vni=RED, source=V4("198.19.43.9"))
+    assert records(m) == {"0 0 5432 db.red."} and additional(m) == {"db.red. A 198.19.43.5"}
+
+
+def test_another_type_of_an_srv_name_is_nodata_and_any_gives_the_srv() -> None:
+    names = world()
+    for rdtype in ("A", "AAAA", "TXT", "PTR", "MX"):
+        out, m = ask(names, "_http._tcp.web", rdtype)
+        assert out.rcode == "NOERROR" and out.answers == 0 and not m.answer and not m.additional, rdtype
+    _, m = ask(names, "_http._tcp.web", "ANY")
+    assert records(m) == {"0 0 80 web.blue."} and additional(m) == WEB_ADDITIONAL
+    assert ask(names, "web", "SRV")[0].answers == 0  # the name itself has no SRV: NODATA
+
+
+def test_the_protocol_label_is_an_empty_non_terminal_when_the_name_offers_a_port_over_it() -> None:
+    names = world()
+    for qname in ("_tcp.web", "_tcp.web.blue", "_udp.WEB", "_udp.web.blue"):
+        out, m = ask(names, qname, "SRV")
+        assert out.rcode == "NOERROR" and not m.answer and m.flags & dns.flags.AA, qname
+    names.apply([Put(EndpointKey(BLUE, 1), ep("web", "198.19.42.5", ports=("80/tcp",)))])
+    for qname in ("_udp.web", "_udp.web.blue", "_tcp.nope", "_tcp.nope.blue", "_tcp.only6", "_tcp.db.red"):
+        assert ask(names, qname, "SRV")[0].rcode == "NXDOMAIN", qname
+
+
+def test_names_that_only_look_like_srv_names_follow_the_other_rules() -> None:
+    names = world()
+    for qname in ("_sctp.web", "_http._sctp.web", "http._tcp.web", "_http._tcp.web.example", "_http._tcp.a.web"):
+        assert isinstance(answer(query(qname, "SRV"), BLUE, names, True, source=ASKER), Forward), qname
+    for qname in ("_tcp._x.blue", "x._tcp.web.blue", "_http._tcp.web.x.blue"):
+        assert ask(names, qname, "SRV")[0].rcode == "NXDOMAIN", qname
+    out, m = ask(names, "_http._tcp.web", "SRV", upstream=False)
+    assert out.rcode == "NOERROR" and records(m) == {"0 0 80 web.blue."}  # ours: answered without upstreams
+
+
+def test_every_service_of_the_table_is_found_by_its_iana_name() -> None:
+    assert all(k == k.lower() and DNS_LABEL.match(k) for k in SERVICES)
+    assert SERVICES["http"] == 80 and SERVICES["postgresql"] == 5432 and SERVICES["domain"] == 53
+    names = world()
+    names.apply(
+        [Put(EndpointKey(BLUE, 5), ep("all", "198.19.42.20", ports=tuple(f"{p}/tcp" for p in SERVICES.values())))]
+    )
+    for service, port in SERVICES.items():
+        assert records(ask(names, f"_{service}._tcp.all", "SRV")[1]) == {f"0 0 {port} all.blue."}, service
+
+
+def test_two_endpoints_of_one_name_give_one_srv_and_all_the_names_addresses() -> None:
+    names = world()
+    names.apply([Put(EndpointKey(BLUE, 9), ep("web", "198.19.42.9", host="h2", ports=("80/tcp",)))])
+    _, m = ask(names, "_http._tcp.web", "SRV")
+    assert records(m) == {"0 0 80 web.blue."} and len(m.answer[0]) == 1
+    assert additional(m) == WEB_ADDITIONAL | {"web.blue. A 198.19.42.9"}
+    assert additional(ask(names, "_8080._tcp.web", "SRV")[1]) == WEB_ADDITIONAL | {"web.blue. A 198.19.42.9"}
+    names.apply([Deleted(EndpointKey(BLUE, 1), ep("web"))])
+    assert ask(names, "_8080._tcp.web", "SRV")[0].rcode == "NXDOMAIN"  # the one that exposed it went
+    assert additional(ask(names, "_http._tcp.web", "SRV")[1]) == {"web.blue. A 198.19.42.9"}
+    assert names.services(BLUE, "WEB") == ["80/tcp"]
+
+
+def test_port_changes_renames_moves_and_deletes_are_answered_at_once() -> None:
+    names = world()
+    assert names.services(BLUE, "web") == ["80/tcp", "8080/tcp", "53/udp"]
+    names.apply([Put(EndpointKey(BLUE, 1), ep("web", "198.19.42.5", "2001:2:0:42::5", ports=("443/tcp",)))])
+    assert ask(names, "_http._tcp.web", "SRV")[0].rcode == "NXDOMAIN"
+    assert ask(names, "_udp.web", "SRV")[0].rcode == "NXDOMAIN"
+    assert records(ask(names, "_https._tcp.web", "SRV")[1]) == {"0 0 443 web.blue."}
+    names.apply([Put(EndpointKey(BLUE, 1), ep("web", "198.19.42.50", ports=("443/tcp",)))])  # moved
+    assert additional(ask(names, "_https._tcp.web", "SRV")[1]) == {"web.blue. A 198.19.42.50"}
+    names.apply([Put(EndpointKey(BLUE, 1), ep("api", "198.19.42.50", ports=("443/tcp",)))])  # renamed
+    assert ask(names, "_https._tcp.web", "SRV")[0].rcode == "NXDOMAIN" and names.services(BLUE, "web") == []
+    assert records(ask(names, "_https._tcp.api", "SRV")[1]) == {"0 0 443 api.blue."}
+    names.apply([Put(NetworkKey(BLUE), Network(BLUE, "Navy", "198.19.42.0/24"))])  # the target follows
+    _, m = ask(names, "_https._tcp.api.navy", "SRV")
+    assert records(m) == {"0 0 443 api.navy."} and additional(m) == {"api.navy. A 198.19.42.50"}
+    names.apply([Put(EndpointKey(BLUE, 1), ep("api", ports=("443/tcp",)))])  # its addresses gone
+    assert ask(names, "_https._tcp.api", "SRV")[0].rcode == "NXDOMAIN" and names.services(BLUE, "api") == []
+    names.apply([Put(EndpointKey(BLUE, 1), ep("api", "198.19.42.51", ports=("443/tcp",)))])
+    names.apply([Deleted(EndpointKey(BLUE, 1), ep("api"))])
+    assert ask(names, "_https._tcp.api", "SRV")[0].rcode == "NXDOMAIN" and ask(names, "_tcp.api")[0].rcode == "NXDOMAIN"
+    assert all(k[0] == RED for k in names._by_service) and all(k[0] == RED for k in names._by_proto)
+
+
+def test_ports_that_do_not_parse_are_left_out() -> None:
+    names = world()
+    bad = ("80", "80/sctp", "080/tcp", "0/tcp", "65536/tcp", "99999999/tcp", "/tcp", "８０/tcp", "80/TCP", "7" * 5000)
+    names.apply([Put(EndpointKey(BLUE, 1), ep("web", "198.19.42.5", ports=(*bad, "81/tcp", "81/tcp")))])
+    assert names.services(BLUE, "web") == ["81/tcp"]
+    assert records(ask(names, "_81._tcp.web", "SRV")[1]) == {"0 0 81 web.blue."}
+
+
+def many_serving(count: int, *, v6: bool = False) -> Names:
+    names = world()
+    names.apply(
+        [
+            Put(EndpointKey(BLUE, 100 + i), ep("web", f"198.19.42.{10 + i}", host="h2", ports=("80/tcp",)))
+            for i in range(count)
+        ]
+    )
+    return names
+
+
+def test_srv_additional_records_go_in_by_whole_rrsets_while_they_fit_and_never_truncate() -> None:
+    names = many_serving(40)  # 41 A records, 16 bytes each: over 512
+    out, m = ask(names, "_http._tcp.web", "SRV")
+    assert not out.truncated and not m.flags & dns.flags.TC and records(m) == {"0 0 80 web.blue."}
+    assert additional(m) == {"web.blue. AAAA 2001:2:0:42::5"} and len(out.wire) <= 512  # the A RRset left out
+    out, m = ask(names, "_http._tcp.web", "SRV", edns=0, payload=1232)
+    assert len([a for a in additional(m) if " A " in a]) == 41 and len(out.wire) <= 1232
+    names = many_serving(100)  # 101 A records: over 1232
+    out, m = ask(names, "_http._tcp.web", "SRV", edns=0, payload=4096)
+    assert not out.truncated and additional(m) == {"web.blue. AAAA 2001:2:0:42::5"} and m.edns == 0
+    assert len(out.wire) <= 1232
+    out, m = ask(many_serving(1000), "_http._tcp.web", "SRV", tcp=True)
+    assert len(additional(m)) == 248  # 247 A (.5 and .10 .. .255) and the AAAA
+    names = world()
+    names.apply(
+        [Put(EndpointKey(BLUE, 1), ep("web", *(f"2001:2:0:42::{i:x}" for i in range(1, 40)), ports=("80/tcp",)))]
+    )
+    out, m = ask(names, "_http._tcp.web", "SRV")
+    assert records(m) == {"0 0 80 web.blue."} and not m.additional and not out.truncated  # 39 AAAA: none fit
+
+
+def test_the_srv_target_is_uncompressed_and_the_additional_owner_points_at_it() -> None:
+    out, _ = ask(world(), "_http._tcp.web", "SRV")
+    target = b"\x03web\x04blue\x00"
+    at = out.wire.index(b"\x00\x00\x00\x00\x00\x50" + target)  # priority, weight, port 80, the name in full
+    assert out.wire.count(struct.pack("!H", 0xC000 | (at + 6))) == 2  # the A and the AAAA records' owners
 
 
 # --- everything else ------------------------------------------------------------------------
@@ -364,7 +566,11 @@ def test_random_bytes_never_raise(data: bytes) -> None:
 @given(st.data())
 def test_a_valid_query_with_bytes_changed_never_raises(data: st.DataObject) -> None:
     wire = bytearray(
-        query(data.draw(st.sampled_from(["web", "web.blue", "5.42.19.198.in-addr.arpa", "x.com"])), edns=0)
+        query(
+            data.draw(st.sampled_from(["web", "web.blue", "5.42.19.198.in-addr.arpa", "x.com", "_http._tcp.web.blue"])),
+            data.draw(st.sampled_from(["A", "SRV"])),
+            edns=0,
+        )
     )
     for _ in range(data.draw(st.integers(1, 4))):
         wire[data.draw(st.integers(0, len(wire) - 1))] = data.draw(st.integers(0, 255))
@@ -492,6 +698,7 @@ ENDPOINT_NAMES = ["web", "WEB", "db", "x-1", None, "bad_name", "blue"]
 NETWORK_NAMES = ["blue", "Blue", "red", "", "my net", "web"]
 ADDRESSES4 = ["198.19.42.5", "198.19.42.6", "198.19.43.5", "10.0.0.1"]
 ADDRESSES6 = ["2001:2:0:42::5", "2001:2:0:43::5"]
+PORTS = ["80/tcp", "80/udp", "8080/tcp", "53/udp", "5432/tcp"]
 SUBNETS = {BLUE: ("198.19.42.0/24", "2001:2:0:42::/64"), RED: ("198.19.43.0/24", None)}
 
 events_strategy = st.lists(
@@ -503,12 +710,13 @@ events_strategy = st.lists(
         ),
         st.builds(lambda vni: Deleted(NetworkKey(vni), Network(vni)), st.sampled_from([BLUE, RED])),
         st.builds(
-            lambda vni, mac, name, v4, v6: Put(EndpointKey(vni, mac), Endpoint("h1", v4, v6, name)),
+            lambda vni, mac, name, v4, v6, ports: Put(EndpointKey(vni, mac), Endpoint("h1", v4, v6, name, ports)),
             st.sampled_from([BLUE, RED]),
             st.sampled_from(MACS),
             st.sampled_from(ENDPOINT_NAMES),
             st.lists(st.sampled_from(ADDRESSES4), max_size=3),
             st.lists(st.sampled_from(ADDRESSES6), max_size=2),
+            st.lists(st.sampled_from(PORTS), max_size=3),
         ),
         st.builds(
             lambda vni, mac: Deleted(EndpointKey(vni, mac), Endpoint("h1")),
@@ -567,8 +775,65 @@ class Oracle:
             return "NOERROR" if len(labels) == 1 and labels[0] == domain else "NXDOMAIN"
         return "NXDOMAIN" if labels[-1] in domains else "forward"
 
+    def offers(self, vni: int, name: str, proto: str, port: int | None) -> bool:
+        """Whether an endpoint of ``name`` holding an address exposes ``port`` (None: any) over ``proto``."""
+        return any(
+            e.name.lower() == name  # type: ignore[union-attr]
+            and (e.ipv4 or e.ipv6)
+            and any(p.split("/")[1] == proto and port in (None, int(p.split("/")[0])) for p in e.ports)
+            for e in self.named(vni)
+        )
+
+    def services(self, vni: int, name: str) -> list[str]:
+        found = {p for e in self.named(vni) if e.name.lower() == name and (e.ipv4 or e.ipv6) for p in e.ports}  # type: ignore[union-attr]
+        return sorted(found, key=lambda p: (p.split("/")[1], int(p.split("/")[0])))
+
+    def srv(
+        self, vni: int, name: str, proto: str, port: int | None, suffix: str | None
+    ) -> tuple[str, set[str], set[str]]:
+        """rcode, answers and additional records of an SRV query for ``_<port>._<proto>.<name>[.<suffix>]``
+        (port None: ``_<proto>.<name>[.<suffix>]``) from ``vni``."""
+        net = self.networks[vni]
+        domain = net.name.lower() if net.name and " " not in net.name else None
+        if suffix is not None and suffix != domain:
+            domains = {n.name.lower() for n in self.networks.values() if n.name and " " not in n.name}
+            return "NXDOMAIN" if suffix in domains else "forward", set(), set()
+        if not self.offers(vni, name, proto, port):
+            return "NXDOMAIN", set(), set()
+        if port is None:
+            return "NOERROR", set(), set()
+        target = f"{name}.{domain}." if domain is not None else f"{name}."
+        found = self.addresses(vni, name)
+        assert found is not None
+        extra = {f"{target} A {a}" for a in found[0]} | {f"{target} AAAA {a}" for a in found[1]}
+        return "NOERROR", {f"0 0 {port} {target}"}, extra
+
+
+SRV_QUERIES = [  # (qname, name, proto, port or None for _<proto>.<name>, the network label or None)
+    ("_http._tcp.web", "web", "tcp", 80, None),
+    ("_80._udp.WEB", "web", "udp", 80, None),
+    ("_http._tcp.web.blue", "web", "tcp", 80, "blue"),
+    ("_8080._tcp.db.red", "db", "tcp", 8080, "red"),
+    ("_domain._udp.x-1.blue", "x-1", "udp", 53, "blue"),
+    ("_postgresql._tcp.blue", "blue", "tcp", 5432, None),
+    ("_ssh._tcp.web.web", "web", "tcp", 22, "web"),
+    ("_tcp.web", "web", "tcp", None, None),
+    ("_udp.db.red", "db", "udp", None, "red"),
+    ("_tcp.x-1.blue", "x-1", "tcp", None, "blue"),
+]
+
 
 @given(events_strategy, st.integers(1, 5))
+@example(  # a port change, then the addresses taken away, then a rename (what random runs may miss)
+    [
+        Put(NetworkKey(BLUE), blue()),
+        Put(EndpointKey(BLUE, 1), Endpoint("h1", ["198.19.42.5"], [], "web", ["80/tcp", "53/udp"])),
+        Put(EndpointKey(BLUE, 1), Endpoint("h1", ["198.19.42.5"], [], "web", ["8080/tcp"])),
+        Put(EndpointKey(BLUE, 2), Endpoint("h1", [], [], "web", ["80/tcp", "53/udp"])),
+        Put(EndpointKey(BLUE, 1), Endpoint("h1", ["198.19.42.5"], [], "db", ["8080/tcp"])),
+    ],
+    5,
+)
 def test_the_index_equals_a_brute_force_search_after_any_events(events: list[Event], batches: int) -> None:
     names, oracle = Names(), Oracle()
     step = max(1, len(events) // batches)
@@ -593,6 +858,19 @@ def test_the_index_equals_a_brute_force_search_after_any_events(events: list[Eve
             out = answer(query(qname), vni, names, True)
             got_rcode = "forward" if isinstance(out, Forward) else out.rcode  # type: ignore[union-attr]
             assert got_rcode == oracle.rcode(vni, qname), (vni, qname)
+        for name in {n.lower() for n in ENDPOINT_NAMES if n}:
+            assert names.services(vni, name) == oracle.services(vni, name), (vni, name)
+        for qname, name, proto, port, suffix in SRV_QUERIES:
+            rcode, want_records, want_additional = oracle.srv(vni, name, proto, port, suffix)
+            out = answer(query(qname, "SRV"), vni, names, True)
+            if rcode == "forward":
+                assert isinstance(out, Forward), (vni, qname)
+                continue
+            assert isinstance(out, Reply) and out.rcode == rcode, (vni, qname)
+            m = dns.message.from_wire(out.wire)
+            assert records(m) == want_records and additional(m) == want_additional, (vni, qname)
+            a = answer(query(qname, "A"), vni, names, True)
+            assert isinstance(a, Reply) and a.rcode == rcode and a.answers == 0, (vni, qname)
     assert len(names) == sum(len(oracle.named(v)) for v in (BLUE, RED))
 
 

@@ -97,6 +97,7 @@ FULL: dict[str, object] = {
             "gateway6": None,
             "name": None,
             "published": [],
+            "exposed": [],
         }
     ],
     "probes": {

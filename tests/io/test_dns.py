@@ -119,7 +119,7 @@ def names(web: str = "198.19.42.5") -> Names:
     n.apply(
         [
             Put(NetworkKey(VNI), Network(VNI, "blue", "198.19.42.0/24", gateway=str(GW), subnet6="2001:2:0:42::/64")),
-            Put(EndpointKey(VNI, 1), Endpoint("h1", [web], ["2001:2:0:42::5"], "web")),
+            Put(EndpointKey(VNI, 1), Endpoint("h1", [web], ["2001:2:0:42::5"], "web", ["80/tcp"])),
         ]
     )
     return n
@@ -254,6 +254,28 @@ def test_names_are_answered_over_udp_and_tcp_on_ipv4_and_ipv6(world: World, run:
             assert addresses(m) == {"web.blue."}
             s = server.status()
             assert s["queries"] == 5 and s["answered"] == 5 and s["tcp_connections"] == 2 and s["listening"] == 2
+        finally:
+            await server.close()
+
+    run(main())
+
+
+def test_srv_gives_a_services_port_with_the_targets_addresses_over_udp(world: World, run: Any) -> None:
+    async def main() -> None:
+        server = DnsServer(names(), [])
+        try:
+            await server.serve(VNI, GW, device="gw42")
+            m = await ask(world, "_http._tcp.web", "SRV")
+            assert m.rcode() == dns.rcode.NOERROR and m.flags & dns.flags.AA
+            assert addresses(m) == {"0 0 80 web.blue."} and m.answer[0].ttl == 5
+            assert {(r.name.to_text(), rd.to_text()) for r in m.additional for rd in r} == {
+                ("web.blue.", "198.19.42.5"),
+                ("web.blue.", "2001:2:0:42::5"),
+            }
+            m = await ask(world, "_8080._tcp.web.blue", "SRV")  # a port web does not expose
+            assert m.rcode() == dns.rcode.NXDOMAIN
+            s = server.status()
+            assert s["queries"] == 2 and s["answered"] == 1 and s["nxdomain"] == 1
         finally:
             await server.close()
 
