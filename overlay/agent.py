@@ -8,6 +8,7 @@ kernel removes it. Errors a user can fix arrive here as AgentError with a one-li
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import msgspec
 import uvloop
 
-from overlay.core.addresses import IPAddress, format_address
+from overlay.core.addresses import IPAddress, format_address, parse_endpoint
 from overlay.core.attach import resolve_network
 from overlay.core.config import AgentConfig, tap_names
 from overlay.core.control import (
@@ -33,8 +34,10 @@ from overlay.core.dns import Names, upstreams
 from overlay.core.fdb import ForwardingTable, Vtep
 from overlay.core.keyring import Encrypted, Keyring, PeerKey
 from overlay.core.keys import encode, fingerprint, public_of
+from overlay.core.nat import Guard
 from overlay.core.publishing import LeaseSweep, LocalEndpoints
 from overlay.core.registry import (
+    Deleted,
     Endpoint,
     EndpointKey,
     Event,
@@ -123,6 +126,7 @@ class Agent:
         self.local: LocalEndpoints | None = None
         self.egress: Egress | None = None
         self.membership = asyncio.Lock()  # one join or leave at a time
+        self.names: Names | None = None  # the DNS responders' view of the registry (etcd mode)
         try:
             for vni, name in tap_names(cfg).items():
                 self.table.add_vni(vni)
@@ -503,7 +507,7 @@ class Agent:
         encryption = self.dataplane.encryption
         tls = Tls(cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key) if cfg.etcd_ca else None
 
-        names = Names()
+        names = self.names = Names()
 
         def apply(events: list[Event]) -> None:
             topology.apply(events, time.monotonic())
@@ -588,6 +592,9 @@ class Agent:
                 lambda: self.containers.attachments.publications() if self.containers is not None else [],
                 self.mtu,
                 DnsServer(names, _upstreams(cfg.resolv_conf)),
+                guards=self._guards(),
+                underlay=list(cfg.locals),
+                forwarding_file=Path(cfg.state_dir) / f"{cfg.host_id}.forwarding",
             )
             await self.containers.adopt()
             await self._egress_quietly()
@@ -630,8 +637,8 @@ class Agent:
                 self.dataplane.add_tap(vni, tap.fd)
                 done.append("tap")
                 self.topology.serve(vni, time.monotonic())
+                done.append("follow")  # first: a follow that fails half-way is undone too
                 await client.follow(vni)
-                done.append("follow")
                 assert self.cfg.host_id is not None
                 await client.hold(MemberKey(vni, self.cfg.host_id), Member())
                 key, endpoint = self.local.add(vni, mac)
@@ -650,6 +657,20 @@ class Agent:
         log.info("joined network %s (VNI %d) on demand: tap %s", network.name or vni, vni, name)
         await self._egress_quietly()
         return vni, network, True
+
+    def _guards(self) -> list[Guard]:
+        """What containers must never reach through the host: every host's VXLAN and probe
+        ports, and the etcd endpoints (core/nat.py Guard)."""
+        out = [Guard("udp", self.cfg.port)]
+        if self.prober is not None:
+            out.append(Guard("udp", self.prober.address[1]))
+        for endpoint in self.cfg.etcd:
+            host, port = parse_endpoint(endpoint)
+            try:
+                out.append(Guard("tcp", port, ipaddress.ip_address(host)))
+            except ValueError:
+                out.append(Guard("tcp", port))  # a name: the port everywhere
+        return out
 
     def _plumb(self, vni: int, tap: Tap) -> int:
         """A joined network's TAP into its bridge (made if missing); the bridge's MAC."""
@@ -670,6 +691,11 @@ class Agent:
                 client.forget(key)  # under our lease: it goes with it at the latest
                 log.warning("registry: could not release %s (%s)", key, e.__class__.__name__)
         if "follow" in done:
+            if self.names is not None:  # its names go with it (leaving drops keys without events)
+                registry = client.registry
+                gone: list[Event] = [Deleted(k, v) for k, v in registry.endpoints(vni).items()]
+                network = registry.networks().get(vni)
+                self.names.apply(gone + ([Deleted(NetworkKey(vni), network)] if network is not None else []))
             await client.leave(vni)
         self.topology.unserve(vni)
         self.table.remove_vni(vni)  # the fast path forgets the network (and its TAP) first ...
@@ -680,6 +706,7 @@ class Agent:
         if tap is not None:
             tap.close()  # ... then the TAP goes
         await asyncio.to_thread(bridge.remove_bridge_if_unused, vni)
+        await self._egress_quietly()  # its gateway, DNS and rules go (and a retried join plumbs them anew)
 
     async def leave(self, vni: int) -> None:
         """Leave network ``vni`` (joined on demand, no container left on it)."""
@@ -688,8 +715,7 @@ class Agent:
             if tap is None:
                 return
             await self._unjoin(vni, tap, ["tap", "follow"])
-        log.info("left network %d: its last container here is gone", vni)
-        await self._egress_quietly()
+        log.info("left network %d", vni)
 
     async def _emptied(self, vni: int) -> None:
         """A network's last container here left: leave it unless it was named at start."""
@@ -707,6 +733,10 @@ class Agent:
             await self._egress()
         except Refused as e:
             log.warning("%s", e)
+        except Exception as e:  # plumbing or sockets: one network's gateway must not stop the agent
+            log.warning(
+                "gateways and rules not fully applied (%s: %s); the next change tries again", e.__class__.__name__, e
+            )
 
     async def _sweep(self, client: EtcdClient, registry: Registry) -> None:
         """After resuming the previous agent's lease: delete what it held that we do not

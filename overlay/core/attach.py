@@ -723,9 +723,17 @@ class Attachments:
         family. A spec without a host port (random) conflicts with nothing here."""
         taken = {p.key: other for other, p in self.publications()}
         for spec in specs:
-            if a.target(spec) is None:
+            target = a.target(spec)
+            if target is None:
                 family = "IPv6" if spec.host_ip is not None and spec.host_ip.version == 6 else "IPv4"
                 raise Refused(f"publish {spec}: {a.id} has no {family} address to forward to", "invalid")
+            if (a.gateway if target.version == 4 else a.gateway6) is None:
+                raise Refused(
+                    f"publish {spec}: {a.id} has no {'IPv4' if target.version == 4 else 'IPv6'} gateway, so its "
+                    f"answers could not come back through the host: create network {a.network} with a gateway "
+                    f"(overlay net create --gateway), or attach with --gateway",
+                    "invalid",
+                )
             if spec.host_port:
                 other = taken.get(spec.key)
                 if other is not None:

@@ -179,15 +179,19 @@ def _target(p: Published) -> str:
     return f"dnat ip to {p.address}:{p.spec.port}"
 
 
-def _dnat(p: Published, output: bool) -> str:
+def _dnat(p: Published, output: bool, gateways: Sequence[IPAddress] = ()) -> str:
+    """A publication's DNAT. A wildcard one never takes what is sent to a gateway address
+    (``gateways``): those are the networks' own (their DNS on port 53, for one)."""
     ip = _ip(p.address.version)
+    own = sorted((g for g in gateways if g.version == p.address.version), key=int)
+    spared = f" {ip} daddr != {{ {', '.join(map(str, own))} }}" if own else ""
     if p.spec.host_ip is not None:
         match = f"{ip} daddr {p.spec.host_ip}"
     elif output:
         loopback = "127.0.0.0/8" if p.address.version == 4 else "::1"
-        match = f"fib daddr type local {ip} daddr != {loopback}"
+        match = f"fib daddr type local {ip} daddr != {loopback}{spared}"
     else:
-        match = f"meta nfproto ipv{p.address.version} fib daddr type local"
+        match = f"meta nfproto ipv{p.address.version} fib daddr type local{spared}"
     return f'{match} {p.spec.proto} dport {p.spec.host_port} counter {_target(p)} comment "{comment(p.owner)}"'
 
 
@@ -205,8 +209,26 @@ class Chain:
     rules: tuple[str, ...]
 
 
+@dataclass(frozen=True, order=True)
+class Guard:
+    """A port of the underlay that containers never reach through the host's routing (where
+    egress NAT would make them speak as the host): the VXLAN and probe ports of every host
+    (``address`` None), the registry's etcd endpoints. Locally generated traffic is not touched."""
+
+    proto: str  # "tcp" or "udp"
+    port: int
+    address: IPAddress | None = None
+
+    def rule(self) -> str:
+        to = "" if self.address is None else f"{_ip(self.address.version)} daddr {self.address} "
+        return f"iifname {OURS} {to}{self.proto} dport {self.port} counter drop"
+
+
 def chains(
-    networks: Iterable[GatewayNet], published: Iterable[Published], forward_only_ours: bool = False
+    networks: Iterable[GatewayNet],
+    published: Iterable[Published],
+    forward_only_ours: bool = False,
+    guards: Iterable[Guard] = (),
 ) -> list[Chain]:
     """The table's chains, as the module docstring says."""
     nets = sorted((n for n in networks if n.has_gateway), key=lambda n: n.vni)
@@ -227,7 +249,9 @@ def chains(
         for net in nets
         for end in ("daddr", "saddr")
     ]
-    forward = ["ct status dnat accept"] + [_isolation(net) for net in nets]
+    forward = [g.rule() for g in sorted(set(guards), key=lambda g: (g.proto, g.port, str(g.address)))]
+    forward += ["ct status dnat accept"] + [_isolation(net) for net in nets]
+    own = [a for net in nets for a in (net.gateway, net.gateway6) if a is not None]
     if forward_only_ours:
         forward.append(f"iifname != {OURS} oifname != {OURS} drop")
     return [
@@ -236,9 +260,9 @@ def chains(
         Chain(
             "prerouting",
             "type nat hook prerouting priority dstnat; policy accept;",
-            tuple(_dnat(p, False) for p in pubs),
+            tuple(_dnat(p, False, own) for p in pubs),
         ),
-        Chain("output", "type nat hook output priority -100; policy accept;", tuple(_dnat(p, True) for p in pubs)),
+        Chain("output", "type nat hook output priority -100; policy accept;", tuple(_dnat(p, True, own) for p in pubs)),
         Chain("forward", "type filter hook forward priority filter; policy accept;", tuple(forward)),
     ]
 
@@ -260,9 +284,14 @@ def render(table: Sequence[Chain]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ruleset(networks: Iterable[GatewayNet], published: Iterable[Published], forward_only_ours: bool = False) -> str:
+def ruleset(
+    networks: Iterable[GatewayNet],
+    published: Iterable[Published],
+    forward_only_ours: bool = False,
+    guards: Iterable[Guard] = (),
+) -> str:
     """The whole ``nft -f`` script for these networks and publications (module docstring)."""
-    return render(chains(networks, published, forward_only_ours))
+    return render(chains(networks, published, forward_only_ours, guards))
 
 
 def removal() -> str:

@@ -61,7 +61,7 @@ from overlay.core.attach import (
 )
 from overlay.core.control import AttachRequest, CheckRequest, DetachRequest, PublishRequest, Refused
 from overlay.core.ports import PortSpec
-from overlay.core.registry import AddressKey, Allocation, Network, Registry
+from overlay.core.registry import DNS_LABEL, AddressKey, Allocation, Network, Registry
 from overlay.io import bridge, ports
 from overlay.io.etcd import FAILURES as ETCD_ERRORS
 from overlay.io.etcd import EtcdClient
@@ -144,23 +144,48 @@ class Containers:
     # --- control commands ------------------------------------------------------------------
 
     async def attach(self, req: AttachRequest) -> dict[str, object]:
-        book = self.attachments
         this_id = attachment_id(req, netns_id(req.netns), self.own_netns)
         async with self.lock:
-            vni, network = await self._network(req.net)
-            gateway, gateway6 = gateways(req, network)
-            require_registry(self.client.connected)
-            existing = self.attached.get(this_id)
-            if existing is not None:
-                plugged = await asyncio.to_thread(bridge.exists, existing.host_ifname)
-                return self._answer(book.again(existing, vni, plugged))  # asked twice: the same answer
-            mac = book.mac(req.mac, vni, bridge.random_mac(), self.registry)
-            choice = book.addresses(vni, network, req.ip, gateway, self.registry, req.ip6, gateway6)
-            host_ifname = bridge.host_ifname(this_id)
-            held: list[tuple[PortSpec, socket.socket]] = []
+            vni, network, joined = await self._network(req.net)
             try:
-                while True:
-                    address, address6 = choice.next()
+                return await self._attach_to(req, this_id, vni, network)
+            except BaseException:
+                if joined and self.emptied is not None and not any(a.vni == vni for a in self.attached.values()):
+                    await self.emptied(vni)  # joined for this container alone: left again
+                raise
+
+    async def _attach_to(self, req: AttachRequest, this_id: str, vni: int, network: Network) -> dict[str, object]:
+        """attach, once its network is joined (under the lock)."""
+        book = self.attachments
+        gateway, gateway6 = gateways(req, network)
+        require_registry(self.client.connected)
+        existing = self.attached.get(this_id)
+        if existing is not None:
+            plugged = await asyncio.to_thread(bridge.exists, existing.host_ifname)
+            return self._answer(book.again(existing, vni, plugged))  # asked twice: the same answer
+        mac = book.mac(req.mac, vni, bridge.random_mac(), self.registry)
+        choice = book.addresses(vni, network, req.ip, gateway, self.registry, req.ip6, gateway6)
+        host_ifname = bridge.host_ifname(this_id)
+        held: list[tuple[PortSpec, socket.socket]] = []
+        try:
+            while True:
+                address, address6 = choice.next()
+                plan = book.plan_attach(
+                    req=req,
+                    attachment_id=this_id,
+                    host_ifname=host_ifname,
+                    vni=vni,
+                    network=network,
+                    mac=mac,
+                    gateway=gateway,
+                    address=address,
+                    gateway6=gateway6,
+                    address6=address6,
+                )
+                if req.publish and not held:  # checked against the first candidate's addresses
+                    book.check_publish(plan.attachment, req.publish)
+                    held = self._reserve(plan.attachment, req.publish)
+                if held:
                     plan = book.plan_attach(
                         req=req,
                         attachment_id=this_id,
@@ -172,40 +197,24 @@ class Containers:
                         address=address,
                         gateway6=gateway6,
                         address6=address6,
+                        published=[spec for spec, _ in held],
                     )
-                    if req.publish and not held:  # checked against the first candidate's addresses
-                        book.check_publish(plan.attachment, req.publish)
-                        held = self._reserve(plan.attachment, req.publish)
-                    if held:
-                        plan = book.plan_attach(
-                            req=req,
-                            attachment_id=this_id,
-                            host_ifname=host_ifname,
-                            vni=vni,
-                            network=network,
-                            mac=mac,
-                            gateway=gateway,
-                            address=address,
-                            gateway6=gateway6,
-                            address6=address6,
-                            published=[spec for spec, _ in held],
-                        )
-                    taken = await self._attach(plan)
-                    if not taken:
-                        break
-                    choice.lost(taken)  # another host got one first: take the next
-                self._hold(held)
-                held = []
-                if plan.attachment.published:
-                    await self._apply_or_detach(plan.attachment)
-            except bridge.PlumbingError as e:
-                raise Refused(str(e), e.kind) from None
-            except ETCD_ERRORS as e:
-                raise _etcd_refusal(e) from None
-            finally:
-                for _, sock in held:  # not attached: the ports are free again
-                    sock.close()
-            await asyncio.to_thread(write_resolv_conf, plan.attachment, network)
+                taken = await self._attach(plan)
+                if not taken:
+                    break
+                choice.lost(taken)  # another host got one first: take the next
+            self._hold(held)
+            held = []
+            if plan.attachment.published:
+                await self._apply_or_detach(plan.attachment)
+        except bridge.PlumbingError as e:
+            raise Refused(str(e), e.kind) from None
+        except ETCD_ERRORS as e:
+            raise _etcd_refusal(e) from None
+        finally:
+            for _, sock in held:  # not attached: the ports are free again
+                sock.close()
+        await asyncio.to_thread(write_resolv_conf, plan.attachment, network)
         a = plan.attachment
         log.info(
             "attached %s: %s %s on network %s (%s) via %s%s",
@@ -226,15 +235,16 @@ class Containers:
         dns = {"nameservers": servers, "search": [a.network]} if servers else None
         return a.to_json() | {"dns": dns}
 
-    async def _network(self, net: str) -> tuple[int, Network]:
-        """The network ``net`` names, joined first if this host is not on it (and may join)."""
+    async def _network(self, net: str) -> tuple[int, Network, bool]:
+        """The network ``net`` names, joined first if this host is not on it (and may join);
+        whether it was joined for this."""
         try:
-            return self.attachments.network(net, self.registry.networks())
+            return (*self.attachments.network(net, self.registry.networks()), False)
         except Refused as e:
             if e.kind != "network" or self.join is None:
                 raise
         await self.join(net)  # refuses (one line) when the network is not in the registry
-        return self.attachments.network(net, self.registry.networks())
+        return (*self.attachments.network(net, self.registry.networks()), True)
 
     # --- published ports ---------------------------------------------------------------------
 
@@ -249,9 +259,16 @@ class Containers:
                 family = socket.AF_INET if target.version == 4 else socket.AF_INET6
                 if spec.host_port:
                     held.append((spec, ports.reserve(spec, family)))
-                else:
+                    continue
+                taken = set(self.reserved) | {s.key for s, _ in held}
+                for _ in range(16):  # the kernel may pick a port published here on another address or family
                     sock, port = ports.reserve_random(spec, family)
-                    held.append((replace(spec, host_port=port), sock))
+                    if (spec.proto, port) not in taken:
+                        held.append((replace(spec, host_port=port), sock))
+                        break
+                    sock.close()
+                else:
+                    raise ports.PortError(f"no free random {spec.proto} port that is not published here already")
         except ports.PortError as e:
             for _, sock in held:
                 sock.close()
@@ -448,8 +465,16 @@ class Containers:
         self._save()
 
     async def _adopt(self, a: Attachment) -> None:
-        if a.vni not in self.attachments.served or not await asyncio.to_thread(bridge.exists, a.host_ifname):
-            log.info("not adopting %s: its network or veth is gone", a.id)
+        if not await asyncio.to_thread(bridge.exists, a.host_ifname):
+            log.info("not adopting %s: its veth is gone", a.id)
+            return
+        if a.vni not in self.attachments.served and self.join is not None:
+            try:  # a network joined on demand by the last run: joined again first
+                await self.join(str(a.vni))
+            except Refused as e:
+                log.warning("not adopting %s: cannot join its network %s again: %s", a.id, a.vni, e)
+        if a.vni not in self.attachments.served:
+            log.info("not adopting %s: its network %s is not served", a.id, a.vni)
             return
         allocation = Allocation(self.host_id, a.mac, a.id)
         for key in a.address_keys:  # IPv4, then IPv6
@@ -468,8 +493,9 @@ class Containers:
         kept = []
         for spec in a.published:  # held again; one taken meanwhile by another program is dropped
             try:
-                self._hold(self._reserve(a, [spec]))
-                kept.append(spec)
+                held = self._reserve(a, [spec])
+                self._hold(held)
+                kept += [s for s, _ in held]
             except Refused as e:
                 log.warning("not publishing %s for %s again: %s", spec, a.id, e)
         a = replace(a, published=tuple(kept))
@@ -594,7 +620,8 @@ def write_resolv_conf(a: Attachment, network: Network) -> None:
         if path.exists() and not path.read_text().startswith(RESOLV_MARK):
             return  # the operator's own: left alone
         path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [f"nameserver {s}" for s in servers] + [f"search {a.network}", "options ndots:0"]
+        search = [f"search {a.network}"] if DNS_LABEL.match(a.network) else []  # a name from the registry: checked
+        lines = [f"nameserver {s}" for s in servers] + search + ["options ndots:0"]
         path.write_text(RESOLV_MARK + "\n".join(lines) + "\n")
     except OSError as e:
         log.warning("cannot write %s (%s): %s resolves with the host's resolvers", path, e.strerror, a.id)

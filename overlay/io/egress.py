@@ -11,10 +11,15 @@ be (core/nat.py for the rules, core/gateway.py for the plumbing) and changes onl
   changes: it is the new one or, when nft refuses, still the old one (the caller is refused in
   one line and undoes its change);
 - IP forwarding: turned on (``net.ipv4.ip_forward``; ``net.ipv6.conf.all.forwarding`` for a
-  gateway6) only once a network has a gateway, and only if it was off; the table then also
-  drops forwarded traffic that is not a gateway's (core/nat.py ``forward_only_ours``), so the
-  host forwards nothing it did not forward before except its containers'. What was turned on is
-  turned off again with the table.
+  gateway6) only once a network has a gateway, only if it was off, and only after the table is
+  in, which then also drops forwarded traffic that is not a gateway's (core/nat.py
+  ``forward_only_ours``), so the host forwards nothing it did not forward before except its
+  containers' (nft missing or refusing: forwarding stays off). What was turned on is remembered
+  in a file beside the state file (a restarted agent keeps the guard) and turned off again with
+  the table;
+- containers never reach the underlay's VXLAN and probe ports or the etcd endpoints through the
+  host (``guards``: egress NAT would make them speak as the host), and no gateway is plumbed
+  whose subnet holds an underlay address of this host or overlaps another network's.
 ``close(keep)`` removes the table (and restores forwarding) unless containers stay attached
 after the agent (``keep``: they keep their way out until the next agent takes over).
 """
@@ -23,10 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from overlay.core import nat
+from overlay.core.addresses import IPAddress
 from overlay.core.attach import Attachment
 from overlay.core.control import Refused
 from overlay.core.dns import Names
@@ -75,8 +83,14 @@ class Egress:
         publications: Callable[[], list[tuple[Attachment, PortSpec]]],
         mtu: int,
         dns: DnsServer | None,
+        guards: Sequence[nat.Guard] = (),
+        underlay: Sequence[IPAddress] = (),
+        forwarding_file: Path | None = None,
     ) -> None:
         self.table = table
+        self.guards = list(guards)  # underlay ports containers never reach through the host (nat.Guard)
+        self.underlay = list(underlay)  # this host's underlay addresses: no gateway subnet may hold one
+        self.forwarding_file = forwarding_file  # which sysctls an earlier run of this agent turned on
         self.networks = networks  # served VNI -> (its definition, its TAP's name)
         self.publications = publications
         self.mtu = mtu
@@ -89,7 +103,7 @@ class Egress:
         # a table a crashed agent left behind is removed by the first apply that wants none)
         self.rules = 0
         self.error: str | None = None
-        self.turned_on: list[str] = []  # forwarding sysctls this agent turned on
+        self.turned_on: list[str] = self._remembered()  # forwarding sysctls this agent (or its last run) turned on
         self.problems: list[str] = []
         self._warned = False
 
@@ -98,15 +112,14 @@ class Egress:
         if the table could not be replaced (it is then as it was)."""
         async with self.lock:
             served = self.networks()
-            wanted = {vni: gateway_of(net) for vni, (net, _) in served.items()}
-            wanted = {vni: g for vni, g in wanted.items() if g != (None, None)}
+            wanted = self._sane({vni: gateway_of(net) for vni, (net, _) in served.items()})
             for vni in [v for v in self.gateways if v not in wanted]:
                 await self._unplumb(vni, served)
             for vni, g in wanted.items():
                 if self.gateways.get(vni) != g:
                     await self._plumb(vni, g, served[vni][1])
-            if wanted:
-                await asyncio.to_thread(self._forwarding, {6} if any(g[1] for g in wanted.values()) else set())
+            families = ({4} | ({6} if any(g[1] for g in wanted.values()) else set())) if wanted else set()
+            to_turn_on = await asyncio.to_thread(self._off, families)
             nets = [
                 nat.GatewayNet(
                     vni,
@@ -125,8 +138,10 @@ class Egress:
             ]
             if not nets and not published:
                 await self._remove_table()
-            else:
-                await self._replace(nat.ruleset(nets, published, forward_only_ours=bool(self.turned_on)))
+            else:  # the table first (with its guard when forwarding was off), then forwarding
+                guarded = bool(self.turned_on or to_turn_on)
+                await self._replace(nat.ruleset(nets, published, forward_only_ours=guarded, guards=self.guards))
+                await asyncio.to_thread(self._turn_on, to_turn_on)
             if wanted and not self._warned:
                 self._warned = True
                 await asyncio.to_thread(self._check_firewalls)
@@ -147,6 +162,7 @@ class Egress:
             return
         if self.script == "" and nft.available() is not None:  # no nft here: nothing can be left over
             self.script = None
+            await asyncio.to_thread(self._restore_forwarding)
             return
         try:
             await asyncio.to_thread(nft.remove)
@@ -206,18 +222,72 @@ class Egress:
             return
         self.listening[vni] = [f"[{a}]:53" if a.version == 6 else f"{a}:53" for a in addresses]
 
-    def _forwarding(self, families: set[int]) -> None:
-        for family in {4} | families:
-            name = FORWARDING[family]
-            if name in self.turned_on:
+    def _sane(self, wanted: dict[int, Gateway]) -> dict[int, Gateway]:
+        """The gateways to plumb: none whose subnet holds one of this host's underlay addresses
+        or overlaps another network's gateway subnet (a registry mistake would otherwise take
+        over the host's routes): those are left out, and logged."""
+        out: dict[int, Gateway] = {}
+        for vni, g in sorted(wanted.items()):
+            if g == (None, None):
                 continue
+            nets = [x.network for x in g if x is not None]
+            clash = next((str(a) for a in self.underlay for n in nets if a in n), None)
+            if clash is None:
+                clash = next(
+                    (f"network {v}'s" for v, h in out.items() for n in nets for x in h if x and x.network.overlaps(n)),
+                    None,
+                )
+            if clash is not None:
+                log.warning("network %d: no gateway: its subnet holds %s addresses or overlaps them", vni, clash)
+                continue
+            out[vni] = g
+        return out
+
+    def _off(self, families: set[int]) -> list[str]:
+        """The forwarding sysctls of ``families`` that are off now (to turn on once the table
+        with its guard is in)."""
+        out = []
+        for family in sorted(families):
+            name = FORWARDING[family]
             try:
-                if nft.sysctl(name) == "0":
-                    nft.set_sysctl(name, "1")
-                    self.turned_on.append(name)
-                    log.info("%s turned on for the gateways (and off again when the agent's table goes)", name)
+                if name not in self.turned_on and nft.sysctl(name) == "0":
+                    out.append(name)
+            except nft.NftError as e:
+                log.warning("cannot read %s: %s", name, e)
+        return out
+
+    def _turn_on(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                nft.set_sysctl(name, "1")
             except nft.NftError as e:
                 log.warning("cannot turn on %s: %s; containers cannot reach out", name, e)
+                continue
+            self.turned_on.append(name)
+            log.info("%s turned on for the gateways (and off again when the agent's table goes)", name)
+        if names:
+            self._remember()
+
+    def _remembered(self) -> list[str]:
+        try:
+            if self.forwarding_file is None:
+                return []
+            names = json.loads(self.forwarding_file.read_text())
+        except (OSError, ValueError):
+            return []
+        return [n for n in names if n in FORWARDING.values()] if isinstance(names, list) else []
+
+    def _remember(self) -> None:
+        if self.forwarding_file is None:
+            return
+        try:
+            if self.turned_on:
+                self.forwarding_file.parent.mkdir(parents=True, exist_ok=True)
+                self.forwarding_file.write_text(json.dumps(self.turned_on))
+            else:
+                self.forwarding_file.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot write %s (%s): a restarted agent may not turn forwarding off", self.forwarding_file, e)
 
     def _restore_forwarding(self) -> None:
         for name in self.turned_on:
@@ -226,6 +296,7 @@ class Egress:
             except nft.NftError as e:
                 log.warning("cannot turn %s back off: %s", name, e)
         self.turned_on = []
+        self._remember()
 
     def _check_firewalls(self) -> None:
         try:

@@ -711,9 +711,8 @@ class EtcdClient:
 
     async def follow(self, vni: int) -> None:
         """Follow network ``vni`` too: read its range, then watch it (joining a network)."""
-        if vni in self.scope:
-            return
-        assert self.scope.vnis is not None, "following every network already"
+        if self.scope.vnis is None or vni in self.scope.vnis:
+            return  # followed already (or every network is)
         self.scope = self.registry.scope = Scope(self.scope.hosts, self.scope.vnis | {vni})
         (r,) = self.ranges(Scope(hosts=False, vnis=frozenset({vni})))
         await self.snapshot(self._scope_of(r))

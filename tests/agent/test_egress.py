@@ -388,3 +388,29 @@ def test_bad_exposed_ports_are_refused_in_one_line(world: World) -> None:
     world.attach(1, "plain", "blue")
     nothing = world.overlay(1, "publish", lab.container_ns("plain"), "--all", check=False)
     assert nothing.returncode == 2 and "exposes no ports" in nothing.stderr
+
+
+def test_a_container_on_a_network_joined_on_demand_is_taken_back_by_a_restarted_agent(world: World) -> None:
+    lab = world.lab
+    r = world.attach(1, "r", "red", "--publish", "8090:80")  # red joined on demand
+    world.serve(lab.container_ns("r"), "0.0.0.0", 80, "r")
+    h1 = str(lab.address(1))
+    assert world.ask(world.outside, h1, 8090) == "r 198.18.0.210"
+    assert stop_agent(world.agents[1]) == 0  # the container stays: so does its lease
+    world.start(1)
+    wait_for(lambda: RED in world.networks(1), 10, "red joined again for its container")
+    adopted = {a["id"]: a for a in status(lab, 1, TAP)["attachments"]}
+    assert adopted[r["id"]]["published"] == r["published"]
+    keys = etcdlab.etcdctl(world.etcd, "get", "--prefix", "--keys-only", f"/overlay/v1/networks/{RED}/ipam/").stdout
+    assert bare(r) in keys  # its address still held: no other host can take it
+    assert world.ask(world.outside, h1, 8090) == "r 198.18.0.210"
+
+
+def test_containers_never_reach_the_underlays_vxlan_port_through_the_hosts_nat(world: World) -> None:
+    lab = world.lab
+    world.attach(1, "c", "blue")
+    send = "import socket\nfor _ in range(5): socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'\\x08' + bytes(15), ('198.18.0.2', 4789))"
+    lab.run(lab.container_ns("c"), [sys.executable, "-c", send])
+    forward = lab.run(1, ["nft", "list", "chain", "inet", "overlay", "forward"]).stdout
+    line = next(x for x in forward.splitlines() if "udp dport 4789" in x)
+    assert int(line.split("packets")[1].split()[0]) >= 5  # dropped on h1: h2 never sees h1's address send them

@@ -115,10 +115,12 @@ def test_traffic_between_containers_is_never_natted():
 def test_a_publication_without_host_ip_dnats_every_local_address_in_prerouting_and_output():
     script = nat.ruleset([BLUE], [pub("8080:80", "198.19.42.2")])
     assert rules(script, "prerouting") == [
-        'meta nfproto ipv4 fib daddr type local tcp dport 8080 counter dnat ip to 198.19.42.2:80 comment "att-1"'
-    ]
+        "meta nfproto ipv4 fib daddr type local ip daddr != { 198.19.42.1 } tcp dport 8080 counter "
+        'dnat ip to 198.19.42.2:80 comment "att-1"'
+    ]  # never what is sent to a gateway (its DNS on 53, for one)
     assert rules(script, "output") == [
-        'fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 counter dnat ip to 198.19.42.2:80 comment "att-1"'
+        "fib daddr type local ip daddr != 127.0.0.0/8 ip daddr != { 198.19.42.1 } tcp dport 8080 counter "
+        'dnat ip to 198.19.42.2:80 comment "att-1"'
     ]
 
 
@@ -136,7 +138,8 @@ def test_an_ipv6_publication_dnats_to_the_bracketed_address():
     ]
     wildcard = nat.ruleset([DUAL], [pub("8443:443", "2001:2:0:44::2", 44)])
     assert rules(wildcard, "prerouting") == [
-        'meta nfproto ipv6 fib daddr type local tcp dport 8443 counter dnat ip6 to [2001:2:0:44::2]:443 comment "att-1"'
+        "meta nfproto ipv6 fib daddr type local ip6 daddr != { 2001:2:0:44::1 } tcp dport 8443 counter "
+        'dnat ip6 to [2001:2:0:44::2]:443 comment "att-1"'
     ]
     assert "ip6 daddr != ::1" in rules(wildcard, "output")[0]
 
@@ -420,3 +423,16 @@ def test_firewall_problems_never_crash_on_an_unexpected_shape(garbage):
 def test_firewall_problems_reads_the_json_nft_prints():
     text = json.dumps(docker())
     assert nat.firewall_problems(json.loads(text), None) == nat.firewall_problems(docker(), None)
+
+
+def test_guards_keep_containers_off_the_underlays_vxlan_probe_and_etcd_ports():
+    from ipaddress import ip_address
+
+    guards = [nat.Guard("udp", 4789), nat.Guard("udp", 4799), nat.Guard("tcp", 2379, ip_address("198.18.0.250"))]
+    forward = rules(nat.ruleset([BLUE], [], guards=guards), "forward")
+    assert forward[:3] == [
+        'iifname { "ovgw*", "ovbr*" } ip daddr 198.18.0.250 tcp dport 2379 counter drop',
+        'iifname { "ovgw*", "ovbr*" } udp dport 4789 counter drop',
+        'iifname { "ovgw*", "ovbr*" } udp dport 4799 counter drop',
+    ]
+    assert forward[3] == "ct status dnat accept"
