@@ -414,3 +414,38 @@ def test_containers_never_reach_the_underlays_vxlan_port_through_the_hosts_nat(w
     forward = lab.run(1, ["nft", "list", "chain", "inet", "overlay", "forward"]).stdout
     line = next(x for x in forward.splitlines() if "udp dport 4789" in x)
     assert int(line.split("packets")[1].split()[0]) >= 5  # dropped on h1: h2 never sees h1's address send them
+
+
+def test_ipv6_containers_reach_out_are_reached_and_found_through_the_ipv6_gateway(tmp_path: Path) -> None:
+    """Dual stack: a network with gateway6 NATs its IPv6 containers to the host's IPv6
+    underlay address, publishes onto their IPv6 address, and answers AAAA over IPv6."""
+    with new_lab_with_etcd(hosts=2, prefix="x6", dual_stack=True) as (lab, etcd):
+        w = World(lab, etcd, tmp_path)
+        try:
+            w.overlay(
+                1,
+                *("net", "create", str(BLUE), "--name", "blue", "--subnet", "198.19.42.0/24"),
+                *("--gateway", "198.19.42.1", "--subnet6", "2001:2:0:42::/64", "--gateway6", "2001:2:0:42::1"),
+                *("--etcd", etcd.endpoint),
+            )
+            for h in (1, 2):
+                w.start(h)
+            outside6 = str(lab.address6("outside"))
+            c2 = w.attach(2, "c2", "blue", "--name", "c2")
+            ns = lab.container_ns("c2")
+            six = c2["address6"].split("/")[0]
+            wait_for(
+                lambda: "tentative" not in lab.run(ns, ["ip", "-6", "addr", "show", "dev", "eth0"]).stdout, 10, "DAD"
+            )
+            w.serve(w.outside, outside6, 7000, "outside")
+            assert w.ask(ns, outside6, 7000) == f"outside {lab.address6(2)}"  # masqueraded to h2's IPv6 address
+            w.overlay(2, "publish", "c2", f"[{lab.address6(2)}]:8086:80")
+            w.serve(ns, "::", 80, "c2")
+            assert w.ask(w.outside, str(lab.address6(2)), 8086) == f"c2 {outside6}"
+            w.attach(1, "c1", "blue")
+            c1 = lab.container_ns("c1")
+            wait_for(lambda: w.dig(c1, "2001:2:0:42::1", "c2", "AAAA") == f"NOERROR {six}", 5, "c2's AAAA over IPv6")
+            forwarding = lab.run(2, ["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout.strip()
+            assert forwarding == "1"
+        finally:
+            w.close()
