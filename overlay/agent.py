@@ -683,6 +683,8 @@ class Agent:
         client = self.etcd
         assert client is not None and self.topology is not None and self.local is not None
         assert self.cfg.host_id is not None
+        if "tap" in done:
+            self.dataplane.remove_tap(vni)  # first: no frame read from it may publish an endpoint again
         keys: list[Key] = [MemberKey(vni, self.cfg.host_id), *self.local.remove(vni)]
         for key in keys:
             try:
@@ -700,7 +702,6 @@ class Agent:
         self.topology.unserve(vni)
         self.table.remove_vni(vni)  # the fast path forgets the network (and its TAP) first ...
         if "tap" in done:
-            self.dataplane.remove_tap(vni)
             self.taps.pop(vni, None)
             self.macs.pop(vni, None)
         if tap is not None:

@@ -136,6 +136,7 @@ class Containers:
         self.emptied = emptied  # a network's last container left: the agent may leave it
         self.egress = egress  # applies the rules (NAT, published ports) for what is attached now
         self.reserved: dict[tuple[str, int], socket.socket] = {}  # published host ports, held
+        self.stale_rules = False  # a detached container's published ports are still in the table
 
     @property
     def attached(self) -> dict[str, Attachment]:
@@ -515,6 +516,13 @@ class Containers:
         was deleted without a detach)."""
         while True:
             await asyncio.sleep(REAP_EVERY)
+            if self.stale_rules:  # a detach's DNAT could not be removed: until it is, try again
+                async with self.lock:
+                    try:
+                        await self._apply()
+                        self.stale_rules = False
+                    except Refused:
+                        pass
             for a in list(self.attached.values()):
                 if not await asyncio.to_thread(bridge.exists, a.host_ifname):
                     async with self.lock:
@@ -536,8 +544,9 @@ class Containers:
             self._free(a.published)
             try:
                 await self._apply()
-            except Refused as e:  # the rules stay as they were: they point at nothing now
-                log.warning("the rules of %s's published ports could not be removed: %s", a.id, e)
+            except Refused as e:  # the rules point at nothing now: the reaper tries again
+                self.stale_rules = True
+                log.warning("the rules of %s's published ports could not be removed yet: %s", a.id, e)
         if self.emptied is not None and not any(b.vni == a.vni for b in self.attached.values()):
             await self.emptied(a.vni)
 

@@ -18,9 +18,10 @@ Who can send what:
   and port), and a reply counts only if its id and question match (``core.dns.matches``);
   anything else is counted and ignored. An upstream that is one of our own gateway addresses
   is never asked (a loop).
-- Load: at most ``max_inflight`` forwarded queries at once (over that: REFUSED, counted as
-  ``refused_overload``), at most ``max_tcp`` TCP connections (more are closed at once,
-  ``tcp_refused``), each closed after ``tcp_idle`` seconds without a whole query (slow
+- Load: at most ``max_inflight`` forwarded queries at once, and ``per_network_inflight`` (a
+  quarter) per network (over either: REFUSED, counted as ``refused_overload``: one network's
+  containers cannot starve the others'), at most ``max_tcp`` TCP connections, and
+  ``per_network_tcp`` (a quarter) per network (more are closed at once, ``tcp_refused``), each closed after ``tcp_idle`` seconds without a whole query (slow
   senders included). TCP frames are a 2-byte length and the message; a frame cut short is
   dropped as ``tcp_short`` and ends the connection, as does any dropped query. A connection's
   queries are answered in turn (a forwarded one holds the next until it is answered).
@@ -120,6 +121,8 @@ class DnsServer:
         max_tcp: int = MAX_TCP,
         tcp_idle: float = TCP_IDLE,
         port: int = PORT,
+        per_network_inflight: int = MAX_INFLIGHT // 4,
+        per_network_tcp: int = MAX_TCP // 4,
     ) -> None:
         self.names = names
         self.upstreams = list(upstreams)
@@ -135,6 +138,10 @@ class DnsServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0
         self._tcp_open = 0
+        self._inflight_of: Counter[int] = Counter()  # per network (VNI)
+        self._tcp_of: Counter[int] = Counter()
+        self.per_network_inflight = min(per_network_inflight, max_inflight)
+        self.per_network_tcp = min(per_network_tcp, max_tcp)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -223,17 +230,21 @@ class DnsServer:
                     except OSError:
                         self.counters["send_errors"] += 1
 
-            self._forward_later(out, data, send)
+            self._forward_later(out, data, send, proto.vni)
         else:
             self.counters[f"dropped_{out.reason}"] += 1
 
-    def _forward_later(self, fwd: Forward, data: bytes, send: Send) -> None:
-        if self._inflight >= self.max_inflight:
+    def _overloaded(self, vni: int) -> bool:
+        return self._inflight >= self.max_inflight or self._inflight_of[vni] >= self.per_network_inflight
+
+    def _forward_later(self, fwd: Forward, data: bytes, send: Send, vni: int) -> None:
+        if self._overloaded(vni):
             self.counters["refused_overload"] += 1
             send(failure(fwd, "REFUSED"))
             return
         self._inflight += 1
-        task = asyncio.get_running_loop().create_task(self._forward(fwd, data, send, tcp=False))
+        self._inflight_of[vni] += 1
+        task = asyncio.get_running_loop().create_task(self._forward(fwd, data, send, vni, tcp=False))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -242,11 +253,12 @@ class DnsServer:
     async def _connection(
         self, vni: int, listener: _Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if self._tcp_open >= self.max_tcp:
+        if self._tcp_open >= self.max_tcp or self._tcp_of[vni] >= self.per_network_tcp:
             self.counters["tcp_refused"] += 1
             writer.close()
             return
         self._tcp_open += 1
+        self._tcp_of[vni] += 1
         self.counters["tcp_connections"] += 1
         listener.connections.add(writer)
         source = _source(writer.get_extra_info("peername") or ("0.0.0.0", 0))
@@ -272,13 +284,14 @@ class DnsServer:
                 if isinstance(out, Reply):
                     self._count(out)
                     wire = out.wire
-                elif self._inflight >= self.max_inflight:
+                elif self._overloaded(vni):
                     self.counters["refused_overload"] += 1
                     wire = failure(out, "REFUSED")
                 else:
                     self._inflight += 1
+                    self._inflight_of[vni] += 1
                     got: list[bytes] = []
-                    await self._forward(out, data, got.append, tcp=True)
+                    await self._forward(out, data, got.append, vni, tcp=True)
                     wire = got[0]
                 writer.write(len(wire).to_bytes(2, "big") + wire)
                 async with asyncio.timeout(self.tcp_idle):
@@ -287,12 +300,13 @@ class DnsServer:
             return
         finally:
             self._tcp_open -= 1
+            self._tcp_of[vni] -= 1
             listener.connections.discard(writer)
             writer.close()
 
     # --- forwarding -----------------------------------------------------------------------------
 
-    async def _forward(self, fwd: Forward, data: bytes, send: Send, *, tcp: bool) -> None:
+    async def _forward(self, fwd: Forward, data: bytes, send: Send, vni: int, *, tcp: bool) -> None:
         """Ask the upstreams in turn; send their reply or SERVFAIL. Holds one in-flight slot."""
         self.counters["forwarded"] += 1
         try:
@@ -320,6 +334,7 @@ class DnsServer:
             send(failure(fwd, "SERVFAIL"))
         finally:
             self._inflight -= 1
+            self._inflight_of[vni] -= 1
 
     def _count(self, out: Reply) -> None:
         if out.truncated:

@@ -149,8 +149,13 @@ class Egress:
     async def _replace(self, script: str) -> None:
         if script == self.script:
             return
+        applying = asyncio.ensure_future(asyncio.to_thread(nft.apply, script))
         try:
-            await asyncio.to_thread(nft.apply, script)
+            try:
+                await asyncio.shield(applying)
+            except asyncio.CancelledError:  # the agent stops: hold the lock until nft is done,
+                await asyncio.wait([applying])  # so close() cannot remove the table before it lands
+                raise
         except nft.NftError as e:
             self.error = str(e)
             raise Refused(f"the agent's nftables table could not be updated, nothing changed: {e}", "invalid") from None

@@ -506,3 +506,22 @@ def test_queries_over_the_in_flight_bound_are_refused(world: World, run: Any) ->
                 await server.close()
 
     run(main())
+
+
+def test_one_network_cannot_take_more_than_its_share_of_queries_in_flight(world: World, run: Any) -> None:
+    async def main() -> None:
+        _, opened = await upstream(MUTE, "mute")
+        server = DnsServer(names(), [MUTE], timeout=1.0, max_inflight=8, per_network_inflight=1)
+        with closing(*opened):
+            try:
+                await server.serve(VNI, GW)
+                first = asyncio.create_task(ask(world, "slow.example"))
+                await asyncio.sleep(0.2)
+                m = await ask(world, "other.example")  # the host's total has room: this network has none
+                assert m.rcode() == dns.rcode.REFUSED and server.status()["refused_overload"] == 1
+                assert server.status()["inflight"] == 1
+                assert (await first).rcode() == dns.rcode.SERVFAIL
+            finally:
+                await server.close()
+
+    run(main())
