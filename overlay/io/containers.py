@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Awaitable, Collection, Iterable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, assert_never
 
@@ -171,7 +172,8 @@ class Containers:
         try:
             while True:
                 address, address6 = choice.next()
-                plan = book.plan_attach(
+                plan_of = partial(
+                    book.plan_attach,
                     req=req,
                     attachment_id=this_id,
                     host_ifname=host_ifname,
@@ -183,23 +185,11 @@ class Containers:
                     gateway6=gateway6,
                     address6=address6,
                 )
+                plan = plan_of(published=[spec for spec, _ in held])
                 if req.publish and not held:  # checked against the first candidate's addresses
                     book.check_publish(plan.attachment, req.publish)
                     held = self._reserve(plan.attachment, req.publish)
-                if held:
-                    plan = book.plan_attach(
-                        req=req,
-                        attachment_id=this_id,
-                        host_ifname=host_ifname,
-                        vni=vni,
-                        network=network,
-                        mac=mac,
-                        gateway=gateway,
-                        address=address,
-                        gateway6=gateway6,
-                        address6=address6,
-                        published=[spec for spec, _ in held],
-                    )
+                    plan = plan_of(published=[spec for spec, _ in held])
                 taken = await self._attach(plan)
                 if not taken:
                     break
