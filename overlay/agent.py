@@ -64,6 +64,9 @@ from overlay.io import bridge, control, metrics
 from overlay.io.containers import Containers, read_state, state_path
 from overlay.io.dataplane import Dataplane, DataplaneError
 from overlay.io.dns import DnsServer
+from overlay.io.docker import DockerPlugin, DockerPluginError
+from overlay.io.docker import serve as serve_docker
+from overlay.io.docker import socket_path as docker_socket
 from overlay.io.egress import Egress
 from overlay.io.encryption import Encryption, cpu_has_aes
 from overlay.io.etcd import FAILURES as ETCD_ERRORS
@@ -180,6 +183,8 @@ class Agent:
         self.prober: Prober | None = None
         self.topology: Topology | None = None
         self.host: Host | None = None  # what hosts/<host-id> holds (etcd mode)
+        self.docker: DockerPlugin | None = None  # Docker's network and IPAM drivers (--docker-plugin)
+        self.docker_server: asyncio.AbstractServer | None = None
         self.supervisor: Supervisor  # made by serve(), with the loop that runs the tasks
 
     def status(self) -> Status:
@@ -424,6 +429,12 @@ class Agent:
             sd_notify("STOPPING=1")
         finally:
             server.close()  # first: no attach may start while we stop
+            if self.docker_server is not None:
+                self.docker_server.close()
+                try:
+                    docker_socket(cfg.docker_plugin_dir, cfg.docker_plugin or "").unlink()
+                except OSError:
+                    pass
             await self.supervisor.stop()
             if self.prober is not None:
                 await self.prober.stop()
@@ -597,6 +608,8 @@ class Agent:
                 forwarding_file=Path(cfg.state_dir) / f"{cfg.host_id}.forwarding",
             )
             await self.containers.adopt()
+            if cfg.docker_plugin is not None:
+                await self._serve_docker(client, self.containers)
             await self._egress_quietly()
             if client.resumed:
                 await self._sweep(client, registry)
@@ -657,6 +670,27 @@ class Agent:
         log.info("joined network %s (VNI %d) on demand: tap %s", network.name or vni, vni, name)
         await self._egress_quietly()
         return vni, network, True
+
+    async def _serve_docker(self, client: EtcdClient, containers: Containers) -> None:
+        """--docker-plugin: take back Docker's networks and claims, then serve the drivers."""
+        cfg = self.cfg
+        assert cfg.host_id is not None and cfg.docker_plugin is not None
+
+        async def unused(vni: int) -> None:  # a Docker network removed: leave unless still used
+            async with containers.lock:
+                if not any(a.vni == vni for a in containers.attached.values()):
+                    await self._emptied(vni)
+
+        plugin = self.docker = DockerPlugin(
+            client, containers, cfg.host_id, self.mtu, Path(cfg.state_dir), self.join, unused
+        )
+        await plugin.adopt()
+        path = docker_socket(cfg.docker_plugin_dir, cfg.docker_plugin)
+        try:
+            self.docker_server = await serve_docker(path, plugin.handlers())
+        except DockerPluginError as e:
+            raise AgentError(str(e)) from None
+        log.info("docker: serving the network and IPAM drivers %r on %s", cfg.docker_plugin, path)
 
     def _guards(self) -> list[Guard]:
         """What containers must never reach through the host: every host's VXLAN and probe
@@ -720,8 +754,8 @@ class Agent:
 
     async def _emptied(self, vni: int) -> None:
         """A network's last container here left: leave it unless it was named at start."""
-        if vni not in self.pinned and vni in self.taps:
-            await self.leave(vni)
+        if vni not in self.pinned and vni in self.taps and not (self.docker is not None and self.docker.uses(vni)):
+            await self.leave(vni)  # a Docker network on it keeps it joined
 
     async def _egress(self) -> None:
         if self.egress is not None:

@@ -41,6 +41,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
             settings[key] = value
     if args.key_file is not None:
         settings["key_file"] = os.path.abspath(args.key_file)  # a flag's path is from here; the file's must be absolute
+    if args.docker_plugin_dir is not None:
+        settings["docker_plugin_dir"] = os.path.abspath(args.docker_plugin_dir)  # as --key-file: from here
     if "etcd_password" not in settings and os.environ.get("OVERLAY_ETCD_PASSWORD"):
         settings["etcd_password"] = os.environ["OVERLAY_ETCD_PASSWORD"]
     cfg = config.build(settings)
@@ -243,6 +245,21 @@ def add_agent(sub: Any) -> None:
         dest="etcd_password",
         metavar="PASSWORD",
         help="etcd password; better in the TOML file or OVERLAY_ETCD_PASSWORD than on the command line",
+    )
+    e.add_argument(
+        "--docker-plugin",
+        dest="docker_plugin",
+        metavar="NAME",
+        nargs="?",
+        const="overlay",
+        help="serve Docker's remote network and IPAM drivers as plugin NAME (default overlay): "
+        "docker network create -d NAME --ipam-driver NAME --subnet S -o vni=N",
+    )
+    e.add_argument(
+        "--docker-plugin-dir",
+        dest="docker_plugin_dir",
+        metavar="DIR",
+        help="where the plugin's socket NAME.sock goes (default /run/docker/plugins, where Docker looks)",
     )
     p.set_defaults(func=cmd_agent)
 

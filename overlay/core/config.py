@@ -8,7 +8,7 @@ TOML keys are the long flag names (``vni``, ``local``, ``local6``, ``underlay_fa
 ``mtu``, ``mac``, ``source_check``, ``allow_vlan``, ``ageing``, ``max_per_vni``, and for etcd
 mode ``etcd``, ``host_id``, ``network``, ``prefix``, ``lease_ttl``); ``peer``, ``etcd`` and
 ``network`` are lists; ``bridge``, ``state_dir``, ``metrics``, ``probe_port`` and ``key_file``
-in either mode (and ``rekey_after``); ``encrypt`` and ``peer_key`` (a list of ``"ADDRESS=PUBKEY"``) in static mode.
+in either mode (and ``rekey_after``); ``docker_plugin`` and ``docker_plugin_dir`` in etcd mode; ``encrypt`` and ``peer_key`` (a list of ``"ADDRESS=PUBKEY"``) in static mode.
 A flag given on the command line replaces the file's value (``--peer``
 replaces the whole list).
 
@@ -37,6 +37,7 @@ from overlay.core.registry import HOST_ID, HOST_ID_FORM
 from overlay.core.underlay import UNDERLAY_FAMILIES, Underlay
 from overlay.core.wire import DEFAULT_PORT, MTU_MAX, MTU_MIN, VNI_MAX, unicast_mac
 
+PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a Docker plugin name: its socket's file name
 TAP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/', ':' or spaces
 DEFAULT_STATE_DIR = "/run/overlay"
 DEFAULT_METRICS = "127.0.0.1:9465"
@@ -82,6 +83,8 @@ class AgentConfig:
     encrypt: bool = False  # static mode: seal all traffic of the VNI (etcd mode: per network, in the registry)
     key_file: str | None = None  # the private key's file; None: <state_dir>/<host_id>.key (key_path)
     peer_keys: tuple[tuple[IPAddress, bytes], ...] = ()
+    docker_plugin: str | None = None  # etcd mode: serve Docker's remote network and IPAM drivers under this name
+    docker_plugin_dir: str = "/run/docker/plugins"  # where Docker looks for plugin sockets (<name>.sock)
     rekey_after: float = 120.0  # seconds: sessions are rekeyed this often (DEFAULT_REKEY_AFTER)  # static mode: (peer address, its public key)
 
     @property
@@ -146,6 +149,8 @@ KEYS = (
     "key_file",
     "peer_key",
     "rekey_after",
+    "docker_plugin",
+    "docker_plugin_dir",
 )
 ETCD_KEYS = (
     "etcd",
@@ -181,6 +186,11 @@ def build(settings: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError(
             "--network and --host-id are for etcd mode: give --etcd http://HOST:2379 too "
             "(or use --vni and --peer for static mode)"
+        )
+    if settings.get("docker_plugin") is not None:
+        raise ConfigError(
+            "--docker-plugin is for etcd mode (networks and addresses come from the registry): give --etcd, "
+            "--host-id and --network too"
         )
     if settings.get("vni") is None:
         raise ConfigError("no VNI: give --vni N (0 to 16777215) or 'vni = N' in the config file")
@@ -311,6 +321,26 @@ def _metrics(value: Any) -> str:
     return value
 
 
+DOCKER_KEYS = ("docker_plugin", "docker_plugin_dir")
+
+
+def _docker(settings: Mapping[str, Any], bridge: bool) -> dict[str, Any]:
+    """``docker_plugin`` (a name: its socket is ``<docker_plugin_dir>/<name>.sock``) and its dir."""
+    name = settings.get("docker_plugin")
+    directory = settings.get("docker_plugin_dir")
+    if name is None:
+        if directory is not None:
+            raise ConfigError("--docker-plugin-dir goes with --docker-plugin")
+        return {}
+    if not isinstance(name, str) or not PLUGIN_NAME.match(name):
+        raise ConfigError(
+            f"docker_plugin: {name!r} is not a plugin name (letters, digits, '_', '.', '-', at most 64, e.g. overlay)"
+        )
+    if not bridge:
+        raise ConfigError("--docker-plugin needs the bridges (leave out bridge = false)")
+    return {"docker_plugin": name, "docker_plugin_dir": _path("docker_plugin_dir", directory or "/run/docker/plugins")}
+
+
 def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
     if settings.get("vni") is not None or settings.get("peer"):
         raise ConfigError("--vni and --peer are for static mode; with --etcd give --network VNI (peers come from etcd)")
@@ -353,7 +383,11 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError("--mac goes with a single --network; with several each TAP gets a random MAC")
     static = build(
         {
-            **{k: v for k, v in settings.items() if k not in ETCD_KEYS and k not in ("encrypt", "peer_key")},
+            **{
+                k: v
+                for k, v in settings.items()
+                if k not in ETCD_KEYS and k not in ("encrypt", "peer_key", *DOCKER_KEYS)
+            },
             "vni": networks[0],
             "bridge": settings.get("bridge", True),
         }
@@ -389,6 +423,7 @@ def _build_etcd(settings: Mapping[str, Any]) -> AgentConfig:
             **tls,
             "etcd_user": settings.get("etcd_user"),
             "etcd_password": settings.get("etcd_password"),
+            **_docker(settings, static.bridge),
         }
     )
 

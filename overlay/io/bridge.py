@@ -506,3 +506,31 @@ def problems(p: Plug) -> list[str]:
             if value != "0":
                 found.append(f"the container's net.ipv6.conf.{p.ifname}.{name} is {value or 'unreadable'}, not 0")
     return found
+
+
+def plug_for_engine(host_ifname: str, peer_ifname: str, bridge_ifname: str, mac: int, mtu: int) -> None:
+    """A veth pair for a container engine (Docker): the host end a port of the bridge, the other
+    end ``peer_ifname`` left in this namespace, down, with the container's MAC and MTU, for the
+    engine to move into its container and give its address. All or nothing; a pair left over by
+    a crash is made anew."""
+    for name in (host_ifname, peer_ifname):
+        if not 1 <= len(name) <= IFNAMSIZ or "/" in name:
+            raise PlumbingError(f"{name!r} is not a valid interface name (1 to 15 characters, no '/')", "invalid")
+    with IPRoute() as ipr:
+        bridge = _index(ipr, bridge_ifname)
+        if bridge is None:
+            raise PlumbingError(f"bridge {bridge_ifname} is missing: is the agent running?")
+        try:
+            for name in (host_ifname, peer_ifname):
+                if _index(ipr, name) is not None:
+                    ipr.link("del", ifname=name)
+            ipr.link("add", ifname=host_ifname, kind="veth", peer={"ifname": peer_ifname})
+            try:
+                ipr.link("set", ifname=peer_ifname, address=mac_to_str(mac), mtu=mtu)
+                ipr.link("set", ifname=host_ifname, mtu=mtu)
+                _enslave(ipr, host_ifname, bridge, mac)
+            except BaseException:
+                ipr.link("del", ifname=host_ifname)
+                raise
+        except NetlinkError as e:
+            raise PlumbingError(f"cannot make the veth {host_ifname}/{peer_ifname}: {e.args[1]}") from None
