@@ -143,19 +143,32 @@ def import_busybox_image(engine: Dockerd | Podman, tag: str = IMAGE) -> str:
 # --- processes and mounts, by PID and by path ---------------------------------------------------
 
 
-def _pids_with(marker: str) -> list[int]:
-    """PIDs whose command line contains ``marker`` (a workdir path unique to one engine)."""
+def _pids_with(marker: str, programs: tuple[str, ...] = ("containerd",)) -> list[int]:
+    """PIDs of ``programs`` (their executable's name starts with one: containerd and its shims)
+    whose command line contains ``marker`` (a workdir path unique to one engine). Only those:
+    an agent given a path under the workdir (its plugin directory) is not the engine's."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(entry))
+                argv = f.read().split(b"\0")
         except OSError:
-            pass
+            continue
+        name = os.path.basename(argv[0]).decode(errors="replace") if argv else ""
+        if marker.encode() in b"\0".join(argv) and name.startswith(programs):
+            found.append(int(entry))
     return [p for p in found if p != os.getpid()]
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting for its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _kill(pids: list[int], sig: int = signal.SIGKILL) -> None:
@@ -195,7 +208,7 @@ def _remove_cgroup(name: str) -> None:
     left = _cgroup_pids(name)
     _kill(left)
     for pid in left:
-        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 5, f"process {pid} to exit")
+        wait_for(lambda pid=pid: _gone(pid), 5, f"process {pid} to exit")
     for top in glob.glob("/sys/fs/cgroup/*/") + ["/sys/fs/cgroup/"]:
         root = os.path.join(top, name.strip("/"))
         if not os.path.isdir(root):
@@ -326,7 +339,7 @@ class Dockerd:
         leftovers = _pids_with(marker)  # containerd, containerd-shim-runc-v2 (by their -address)
         _kill(leftovers)
         for pid in leftovers:
-            wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 5, f"process {pid} to exit")
+            wait_for(lambda pid=pid: _gone(pid), 5, f"process {pid} to exit")
         _unmount_under(self.workdir)
         _remove_cgroup(self.cgroup_parent)
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -503,7 +516,7 @@ class Podman:
             self.cli("rm", "-a", "-f", "-t", "0", timeout=60, check=False)
         except subprocess.TimeoutExpired:
             pass
-        _kill(_pids_with(str(self.workdir)))  # conmon, by its -b/--exit-dir under the workdir
+        _kill(_pids_with(str(self.workdir), ("conmon", "podman")))  # conmon, by its -b/--exit-dir under the workdir
         _unmount_under(self.workdir)
         if not _cgroup_pids("libpod_parent"):  # podman's default parent, shared by every podman
             _remove_cgroup("/libpod_parent")
