@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -227,8 +228,13 @@ def test_a_three_member_cluster_losing_a_member_keeps_the_agents_working(labs: L
             argv = etcd_agent_argv(lab, h, endpoints, "--lease-ttl", str(TTL))
             start_agent(lab, h, [], log_dir=tmp_path, argv=argv)
         wait_ping(lab, 1, overlay_ip(2))
-        members[0].kill()  # the first endpoint: the one the agents connected to
-        survivors = members[1:]
+        # The member h1's agent is connected to (the first endpoint, unless it was slow to answer
+        # when the agent started): from the agent's established connection to port 2379.
+        conns = lab.run(1, ["ss", "-Htn", "state", "established", "( dport = :2379 )"]).stdout
+        peers = {line.split()[-1].rsplit(":", 1)[0].strip("[]") for line in conns.splitlines() if line.strip()}
+        used = next((m for m in members if urlsplit(m.endpoint).hostname in peers), members[0])
+        used.kill()
+        survivors = [m for m in members if m is not used]
         wait_for(lambda: etcdlab.leader(survivors) is not None, 20, "a leader among the survivors")
         etcdlab.etcdctl(survivors, "put", f"{P}/networks/{VNI}/endpoints/{GHOST}", '{"host": "h2"}', check=True)
         wait_for(
