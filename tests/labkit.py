@@ -29,7 +29,10 @@ def new_lab(hosts: int = 3, prefix: str = "t", *, ipv6: bool = False, dual_stack
     run (``prefix``, the pid, a counter), torn down afterwards, also when the test fails. The
     ``labs`` fixture (tests/conftest.py) gives the same per test. ``ipv6``: an IPv6-only
     underlay (2001:2:0:1::N/64), ``dual_stack``: both (overlay/lab/netns.py, the address plan)."""
-    name = f"{prefix}{os.getpid() % 100000}x{next(_numbers)}"
+    n = next(_numbers)
+    name = f"{prefix}{os.getpid() % 100000}x{n}"
+    if len(name) > 10:  # interface names carry it with up to 5 more characters (15 at most)
+        name = f"{prefix}{os.getpid() % 1000}x{n}"
     with Lab(name, hosts=hosts, ipv6=ipv6, dual_stack=dual_stack) as lab:
         yield lab
 

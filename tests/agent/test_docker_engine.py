@@ -139,7 +139,7 @@ class World:
 def world(tmp_path: Path) -> Iterator[World]:
     # the dockerds' workdirs are short paths (their unix sockets must fit in 108 bytes); the
     # agents' logs and state stay in tmp_path for a failed run's reader
-    with new_lab_with_etcd(hosts=2, prefix="dke") as (lab, etcd):
+    with new_lab_with_etcd(hosts=2, prefix="d") as (lab, etcd):
         work = Path(tempfile.mkdtemp(prefix="ovl-dk-"))
         w = World(lab, etcd, tmp_path)
         try:

@@ -419,7 +419,7 @@ def test_containers_never_reach_the_underlays_vxlan_port_through_the_hosts_nat(w
 def test_ipv6_containers_reach_out_are_reached_and_found_through_the_ipv6_gateway(tmp_path: Path) -> None:
     """Dual stack: a network with gateway6 NATs its IPv6 containers to the host's IPv6
     underlay address, publishes onto their IPv6 address, and answers AAAA over IPv6."""
-    with new_lab_with_etcd(hosts=2, prefix="x6", dual_stack=True) as (lab, etcd):
+    with new_lab_with_etcd(hosts=2, prefix="y", dual_stack=True) as (lab, etcd):
         w = World(lab, etcd, tmp_path)
         try:
             w.overlay(

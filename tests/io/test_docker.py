@@ -130,7 +130,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    with new_lab_with_etcd(hosts=2, prefix="dk") as (lab, etcd):
+    with new_lab_with_etcd(hosts=2, prefix="q") as (lab, etcd):
         w = World(lab, etcd, tmp_path)
         for h in (1, 2):
             w.start(h)
